@@ -1,0 +1,1 @@
+"""Sampling, FID/KID (torch-fidelity), no-reference quality scores (pyiqa), Pareto utilities."""

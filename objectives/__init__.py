@@ -1,0 +1,1 @@
+"""Loss terms, one file each, and the registry that builds an Objective from config."""

@@ -1,0 +1,1 @@
+"""Entry points, presets, the search space, and selection of the champion."""

@@ -1,0 +1,76 @@
+"""The committed digits assets meet their quality bars, recomputed from the files (not read from the cards)."""
+
+import json
+
+import pytest
+import torch
+
+from eval.degradations import HELDOUT_FAMILY, TRAIN_FAMILY
+from eval.digits_classifier import FEATURE_EXTRACTOR_NAME, confident_fraction, load_digits_classifier
+from eval.fidelity import fidelity_metrics
+from eval.quality import load_quality_model, quality_spearman
+from eval.sampling import sample_images
+from trainers.data import DigitsDataset
+from trainers.models import load_base_model
+
+
+@pytest.fixture(scope="module")
+def heldout01():
+    return (DigitsDataset("heldout").images + 1) / 2
+
+
+def test_classifier_accuracy(digits_assets):
+    model = load_digits_classifier(digits_assets / "classifier.safetensors")
+    heldout = DigitsDataset("heldout")
+    with torch.no_grad():
+        accuracy = (model(heldout.images).argmax(1) == heldout.labels).float().mean().item()
+    assert accuracy >= 0.97
+    card = json.loads((digits_assets / "classifier.json").read_text())
+    assert card["figures"]["heldout_accuracy"] == pytest.approx(accuracy, abs=1e-3)
+
+
+def test_quality_model_through_pyiqa_ranks_training_degradations(digits_assets, heldout01):
+    model = load_quality_model({"arch": "cnniqa", "weights": str(digits_assets / "quality_cnniqa.safetensors")})
+    assert type(model.net.metric.net).__name__ == "CNNIQA"  # the real pyiqa architecture
+    assert model.lower_better is False
+    assert quality_spearman(model, heldout01, TRAIN_FAMILY) >= 0.9
+
+
+def test_heldout_quality_model_ranks_its_own_family(digits_assets, heldout01):
+    model = load_quality_model({"arch": "digits_heldout_iqa", "weights": str(digits_assets / "heldout_iqa.safetensors")})
+    assert type(model.net).__name__ != "CNNIQA"
+    assert quality_spearman(model, heldout01, HELDOUT_FAMILY) >= 0.9
+
+
+@pytest.fixture(scope="module")
+def base_figures(digits_assets, heldout01):
+    """200 DDIM-50 samples from the base model, and 200 images of pure noise, on both yardsticks."""
+    classifier_path = digits_assets / "classifier.safetensors"
+    classifier = load_digits_classifier(classifier_path)
+    base = load_base_model(digits_assets / "base")
+    samples = sample_images(base.unet, base.scheduler.config, 200, steps=50, seed=1)
+    noise = torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    train01 = (DigitsDataset("train").images + 1) / 2
+
+    def fid(x, ref):
+        return fidelity_metrics(x, ref, FEATURE_EXTRACTOR_NAME, str(classifier_path), kid=False)["fid"]
+
+    return {
+        "samples": {"confident": confident_fraction(classifier, samples), "fid": fid(samples, heldout01)},
+        "noise": {"confident": confident_fraction(classifier, noise), "fid": fid(noise, heldout01)},
+        "real_fid": fid(heldout01, train01),
+    }
+
+
+def test_base_model_generates_digits(base_figures, digits_assets):
+    card = json.loads((digits_assets / "base" / "card.json").read_text())["figures"]
+    assert card["confident_fraction"] >= 0.8  # the bar, on 1,000 samples, when the asset was made
+    assert base_figures["samples"]["confident"] >= 0.75  # re-measured on 200 other samples: same model, some sampling noise
+    assert card["classifier_fid_samples_vs_heldout"] > 0 and card["classifier_fid_heldout_vs_train"] > 0
+
+
+def test_pure_noise_scores_far_worse_on_both_figures(base_figures):
+    samples, noise = base_figures["samples"], base_figures["noise"]
+    assert noise["confident"] < samples["confident"] / 2
+    assert noise["fid"] > 5 * samples["fid"]
+    assert base_figures["real_fid"] < samples["fid"] < noise["fid"]

@@ -1,0 +1,7 @@
+"""The per-worker training loop, model and data loading, the Ray Train wrapper, checkpoints."""
+
+import logging
+
+# peft imports bitsandbytes, which warns on every CPU start that an optional 4-bit kernel package is
+# missing. We never run 4-bit kernels; the warning only hides the messages that matter.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -1,0 +1,207 @@
+"""The run configuration: plain dataclasses, validated once at the edge.
+
+Every field has a default and a comment. `Config.from_dict` rejects unknown keys and wrong types
+with a one-line `ConfigError` naming the dotted field (`train.steps: expected int, got 'ten'`),
+so a typo fails before any model is loaded, let alone before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+def resolve_path(path: str) -> str:
+    """Relative paths in presets name files of this project (`assets/digits/...`): they are looked up
+    under the project root first, then under the working directory. Hub ids pass through unchanged."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if (PROJECT_ROOT / p).exists():
+        return str(PROJECT_ROOT / p)
+    return str(p.resolve()) if p.exists() else path
+
+
+@dataclass
+class ModelConfig:
+    base: str = "assets/digits/base"  # a local diffusers folder or a hub id (google/ddpm-cifar10-32)
+    finetune: str = "full"  # "full": every UNet weight trains; "lora": adapters only (trainer issue)
+
+    def validate(self, prefix):
+        _choice(f"{prefix}finetune", self.finetune, ("full", "lora"))
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # "digits" (bundled), "folder" (path = image folder), "hf" (path = dataset name or save_to_disk folder)
+    path: str = ""
+    split: str = "train"
+    image_column: str = "image"  # hf only: the column holding PIL images
+    resolution: int = 16
+    channels: int = 1
+
+    def validate(self, prefix):
+        _choice(f"{prefix}source", self.source, ("digits", "folder", "hf"))
+        if self.source != "digits" and not self.path:
+            raise ConfigError(f"{prefix}path: required when {prefix}source is {self.source!r}")
+        _positive(f"{prefix}resolution", self.resolution)
+        _choice(f"{prefix}channels", self.channels, (1, 3))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    batch_size: int = 64  # per worker
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    seed: int = 0
+    output_dir: str = "runs/digits"  # checkpoints and the resolved config go here
+
+    def validate(self, prefix):
+        _positive(f"{prefix}steps", self.steps)
+        _positive(f"{prefix}batch_size", self.batch_size)
+        _positive(f"{prefix}learning_rate", self.learning_rate)
+        _non_negative(f"{prefix}weight_decay", self.weight_decay)
+        _non_negative(f"{prefix}grad_clip", self.grad_clip)
+
+
+@dataclass
+class EvalConfig:
+    samples: int = 500  # images generated per evaluation
+    sampling_steps: list[int] = field(default_factory=lambda: [25])  # one row of figures per step count
+    sampler: str = "ddim"
+    reference: str = "digits:heldout"  # "digits:heldout" or an image folder
+    feature_extractor: str = "digits-classifier"  # torch-fidelity extractor name (inception-v3-compat online)
+    feature_extractor_weights: str = "assets/digits/classifier.safetensors"  # only for extractors that need local weights
+    quality: Any = field(default_factory=lambda: {"arch": "cnniqa", "weights": "assets/digits/quality_cnniqa.safetensors"})
+    aesthetic: Any = field(default_factory=lambda: {"arch": "digits_heldout_iqa", "weights": "assets/digits/heldout_iqa.safetensors"})
+
+    def validate(self, prefix):
+        _positive(f"{prefix}samples", self.samples)
+        if not self.sampling_steps or any(not isinstance(s, int) or s < 1 for s in self.sampling_steps):
+            raise ConfigError(f"{prefix}sampling_steps: expected a non-empty list of positive ints, got {self.sampling_steps!r}")
+        for name in ("quality", "aesthetic"):
+            spec = getattr(self, name)
+            if not (isinstance(spec, str) or (isinstance(spec, dict) and {"arch", "weights"} <= set(spec))):
+                raise ConfigError(f"{prefix}{name}: expected a pyiqa metric name or {{arch, weights}}, got {spec!r}")
+
+
+@dataclass
+class Config:
+    preset: str = "digits"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # term name -> weight or {weight, ...options}; validated by the objectives registry when built
+    objective: dict = field(default_factory=lambda: {"denoise": 1.0})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        from objectives.registry import ObjectiveError, validate_objective
+
+        config = _build(cls, data, "")
+        try:
+            validate_objective(config.objective)
+        except ObjectiveError as error:
+            raise ConfigError(str(error)) from None
+        config.resolve_paths()
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolve_paths(self) -> None:
+        self.model.base = resolve_path(self.model.base)
+        if self.data.source == "folder" or (self.data.source == "hf" and self.data.path.startswith((".", "/", "~"))):
+            self.data.path = resolve_path(self.data.path)
+        if not self.eval.reference.startswith("digits:"):
+            self.eval.reference = resolve_path(self.eval.reference)
+        if self.eval.feature_extractor_weights:
+            self.eval.feature_extractor_weights = resolve_path(self.eval.feature_extractor_weights)
+        for name in ("quality", "aesthetic"):
+            spec = getattr(self.eval, name)
+            if isinstance(spec, dict):
+                setattr(self.eval, name, {**spec, "weights": resolve_path(spec["weights"])})
+
+
+def _build(cls, data, prefix):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(f"{prefix}{name}", hints[name], value) for name, value in data.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def _coerce(name, hint, value):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{name}.")
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected int, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(name, option, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: {value!r} matches none of {hint}")
+    raise ConfigError(f"{name}: unsupported type {hint}")  # a schema bug, not a user error
+
+
+def _choice(name, value, options):
+    if value not in options:
+        raise ConfigError(f"{name}: expected one of {', '.join(map(repr, options))}, got {value!r}")
+
+
+def _positive(name, value):
+    if value <= 0:
+        raise ConfigError(f"{name}: must be > 0, got {value!r}")
+
+
+def _non_negative(name, value):
+    if value < 0:
+        raise ConfigError(f"{name}: must be >= 0, got {value!r}")

@@ -1,0 +1,94 @@
+"""Base diffusion models: the tiny digits UNet, and loading/saving in diffusers layout.
+
+A base model is a diffusers folder (`model_index.json`, `unet/`, `scheduler/`) or a hub id such as
+`google/ddpm-cifar10-32`; both go through `DiffusionPipeline.from_pretrained`. Weights are written as
+safetensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+
+# The digits base model: ~1.1M parameters, 16x16 grayscale, one attention level at 8x8.
+DIGITS_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+# squaredcos_cap_v2 (improved DDPM) rather than linear: at 16x16 the linear schedule destroys the
+# image too early, wasting most timesteps on pure noise.
+DIGITS_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+
+@dataclass
+class BaseModel:
+    """A denoiser and the noise scheduler it was trained with."""
+
+    unet: torch.nn.Module
+    scheduler: DDPMScheduler
+
+    @property
+    def channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def resolution(self) -> int:
+        size = self.unet.config.sample_size
+        return size if isinstance(size, int) else size[0]
+
+
+def build_digits_unet(**overrides) -> UNet2DModel:
+    """A freshly initialized digits UNet; `overrides` replace entries of `DIGITS_UNET_CONFIG`."""
+    return UNet2DModel(**{**DIGITS_UNET_CONFIG, **overrides})
+
+
+def build_digits_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**DIGITS_SCHEDULER_CONFIG)
+
+
+def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") -> BaseModel:
+    """Load a pixel-space diffusion pipeline from a local diffusers folder or a hub id.
+
+    Local folders must exist and hold `model_index.json`; anything else is treated as a hub id, which
+    needs network access (offline, `from_pretrained` fails with its own error, re-raised with the id).
+    """
+    source = str(path_or_id)
+    local = Path(source)
+    looks_local = local.is_absolute() or source.startswith((".", "~")) or local.exists()
+    if looks_local:
+        if not local.is_dir():
+            raise FileNotFoundError(f"base model folder does not exist: {local}")
+        if not (local / "model_index.json").is_file():
+            raise FileNotFoundError(f"base model folder has no model_index.json (not a diffusers pipeline): {local}")
+    try:
+        # use_safetensors=None: prefer safetensors, accept .bin only for hub models that ship nothing else
+        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None)
+    except (OSError, ValueError) as error:
+        # offline, or neither a folder nor a hub id: diffusers' message is long; keep its first line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"could not load base model {source!r}: {first}") from None
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
+        raise ValueError(f"base model {source!r} has no unet/scheduler (got {type(pipe).__name__})")
+    unet = pipe.unet.to(device)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return BaseModel(unet=unet, scheduler=scheduler)
+
+
+def save_base_model(model: BaseModel, path: str | Path) -> Path:
+    """Write a `DDPMPipeline` folder in diffusers layout, weights as safetensors."""
+    path = Path(path)
+    DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
