@@ -8,7 +8,7 @@ Specs:
 - "musiq", "topiq_nr", "clipiqa", "laion_aes", ...: any pyiqa metric; pyiqa downloads its weights.
 - {"arch": "cnniqa", "weights": "path.safetensors"}: a pyiqa architecture built by
   `pyiqa.create_metric(arch, pretrained=None)` with our weights loaded into it. We load the weights
-  ourselves because pyiqa's loader unpickles (`torch.load(weights_only=False)`); a `.pth`
+  ourselves because pyiqa's loader unpickles (it loads with `weights_only=False`); a `.pth`
   file is read with `weights_only=True`.
 - {"arch": "digits_heldout_iqa", "weights": ...}: the held-out digits quality model (its own
   architecture, below), the "aesthetic" axis of the digits preset.
