@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -9,6 +10,20 @@ import yaml
 from trainers.config import Config, ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML implements YAML 1.1, where `1e-4` (no decimal point) is a string. YAML 1.2, and every
+    user typing a learning rate or a term weight, mean a number; resolve it so for every value."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def preset_names() -> list[str]:
@@ -25,7 +40,7 @@ def read_preset(name_or_path: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"preset file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"preset {path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -40,7 +55,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
         try:
-            value = yaml.safe_load(raw)
+            value = _load_yaml(raw)
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: value is not valid YAML") from None
         node = data

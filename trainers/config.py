@@ -166,12 +166,6 @@ def _coerce(name, hint, value):
             raise ConfigError(f"{name}: expected int, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, str):
-            # YAML 1.1 (PyYAML) reads "1e-4" (no decimal point) as a string; a float field takes it.
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{name}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)

@@ -50,6 +50,8 @@ def test_overrides_parse_yaml_values_and_promote_bare_weights():
     assert config.eval.sampling_steps == [4, 25] and config.train.steps == 7
     # YAML 1.1 reads 1e-4 as a string; a float field still takes it
     assert load_config("digits", ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
+    # ...and so does a term weight, which no typed field guards
+    assert load_config("digits", ["objective.denoise=1e-3"]).objective["denoise"] == 1e-3
 
 
 def test_unknown_preset_and_bad_yaml(tmp_path):
