@@ -1,7 +1,13 @@
-"""The step's shared context: what every term may read, each piece computed at most once.
+"""The step's shared context: what every term may read, each expensive piece computed at most once.
 
-Terms read attributes; expensive ones (the trainable model's prediction, the one-step x0 estimate)
-are `cached_property`s, so the first term that needs one pays for it and the rest reuse it.
+Terms read attributes and call methods; the expensive results (the trainable model's prediction, the
+frozen base's prediction, one-step x0 estimates, a sampled x0, VAE decodes) are cached on the
+context, so the first term that needs one pays for it and the rest reuse it. A context lives for one
+optimizer step.
+
+Spaces: `x0`, `noise`, `x_t` and every `*x0*` result are in the model's space (pixels in [-1, 1], or
+latents for latent models). `image(x)` maps model space to pixels in [-1, 1], decoding through the
+VAE inside the graph when there is one; quality models then take `(image + 1) / 2`.
 """
 
 from __future__ import annotations
@@ -11,17 +17,46 @@ from functools import cached_property
 
 import torch
 
+from objectives.term import OptionError, check_t_range, check_t_range_fits
+
+
+def x0_from_prediction(prediction, x_t, t, scheduler) -> torch.Tensor:
+    """The Tweedie (one-step) estimate of x0 from a model output of the scheduler's prediction type."""
+    alphas = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.dim() - 1))).to(prediction.dtype)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
+    if kind == "v_prediction":
+        return alphas.sqrt() * x_t - (1 - alphas).sqrt() * prediction
+    if kind == "sample":
+        return prediction
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
 
 @dataclass(eq=False)
 class StepContext:
-    """x0, noise, x_t: `[N, C, H, W]`, images in [-1, 1]; t: `[N]` integer timesteps."""
+    """x0, noise: `[N, C, H, W]` in model space; t: `[N]` integer timesteps."""
 
-    model: torch.nn.Module  # the trainable denoiser
-    scheduler: object  # diffusers DDPMScheduler (alphas_cumprod, prediction_type)
+    model: torch.nn.Module  # the trainable denoiser; called as model(x_t, t, **conditioning).sample
+    scheduler: object  # diffusers DDPMScheduler: alphas_cumprod, config.prediction_type
     x0: torch.Tensor
     noise: torch.Tensor
     t: torch.Tensor
     conditioning: dict = field(default_factory=dict)  # e.g. encoder_hidden_states for text models
+    base: torch.nn.Module | None = None  # the frozen base denoiser, same call signature (LoRA: the model with adapters disabled)
+    vae: torch.nn.Module | None = None  # latent models: AutoencoderKL; None for pixel models
+    encode_prompt: object = None  # latent text models: prompts -> conditioning dict (for prompt selection)
+    generator: torch.Generator | None = None  # draws inside terms (t', sampler noise): reproducible per step
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # -- the step's own forward passes ------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
 
     @cached_property
     def x_t(self) -> torch.Tensor:
@@ -32,6 +67,123 @@ class StepContext:
         """The trainable model's output at (x_t, t): one forward pass shared by every term."""
         return self.model(self.x_t, self.t, **self.conditioning).sample
 
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+    @cached_property
+    def base_prediction(self) -> torch.Tensor:
+        """The frozen base model's output at the same (x_t, t, conditioning); no graph (it is a target)."""
+        if self.base is None:
+            raise ValueError("this objective needs the frozen base model, but the context has none")
+        with torch.no_grad():
+            return self.base(self.x_t, self.t, **self.conditioning).sample
+
+    @cached_property
+    def x0_estimate(self) -> torch.Tensor:
+        """One-step (Tweedie) x0 from the shared prediction at the step's own t; carries gradients."""
+        return x0_from_prediction(self.prediction, self.x_t, self.t, self.scheduler)
+
+    # -- shared generated x0, keyed by how it was made --------------------------------------------
+    def draw(self, *shape, low=0, high=None, integers=False) -> torch.Tensor:
+        """Random numbers from the step's generator (CPU, then moved): the same step draws the same."""
+        if integers:
+            return torch.randint(low, high, shape, generator=self.generator).to(self.x0.device)
+        return torch.randn(shape, generator=self.generator).to(self.x0.device, self.x0.dtype)
+
+    def one_step(self, t_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """One-step x0 with gradients. With no t_range (or one covering every timestep) it is the
+        step's own estimate, sharing the denoise forward; otherwise t is drawn uniformly from
+        [lo, hi) with the step's x0 and noise, one extra forward shared by every term asking for
+        the same range (ACPO scores clean estimates only at low t, where Tweedie is sharp)."""
+        if t_range is None or (t_range[0] <= 0 and t_range[1] >= self.num_train_timesteps):
+            return self.x0_estimate
+        key = ("one_step", tuple(t_range))
+        if key not in self._cache:
+            t = self.draw(len(self.x0), low=t_range[0], high=t_range[1], integers=True)
+            x_t = self.scheduler.add_noise(self.x0, self.noise, t)
+            prediction = self.model(x_t, t, **self.conditioning).sample
+            self._cache[key] = x0_from_prediction(prediction, x_t, t, self.scheduler)
+        return self._cache[key]
+
+    def sampled(self, steps: int, feedback_steps: int, sampler: str = "ddim", prompts: tuple[str, ...] | None = None) -> torch.Tensor:
+        """x0 sampled from pure noise in `steps` sampler steps, gradients kept only through the last
+        `feedback_steps` of them (truncated backprop: ReFL, DRaFT-K). The earlier steps run without
+        a graph, so memory is that of `feedback_steps` forwards. `prompts` (text models) replaces the
+        batch's conditioning with the encoded prompts, one image per prompt."""
+        key = ("sampled", steps, feedback_steps, sampler, prompts)
+        if key not in self._cache:
+            from eval.sampling import make_sampler
+
+            conditioning = self.conditioning if prompts is None else self.encode_prompt(list(prompts))
+            n = len(self.x0) if prompts is None else len(prompts)
+            scheduler = make_sampler(self.scheduler.config, sampler)
+            scheduler.set_timesteps(steps)
+            x = self.draw(n, *self.x0.shape[1:]) * scheduler.init_noise_sigma
+            for i, t in enumerate(scheduler.timesteps):
+                with torch.set_grad_enabled(i >= steps - feedback_steps):
+                    model_input = scheduler.scale_model_input(x, t)
+                    output = self.model(model_input, t.to(x.device).expand(n), **conditioning).sample
+                    x = scheduler.step(output, t, x).prev_sample
+            self._cache[key] = x
+        return self._cache[key]
+
+    def generated(self, source: "X0Source") -> torch.Tensor:
+        """The x0 a feedback term scores, made the way its `X0Source` says (shared by equal sources)."""
+        if source.kind == "one_step":
+            return self.one_step(source.t_range)
+        return self.sampled(source.sampling_steps, source.feedback_steps, source.sampler)
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] for a model-space tensor; latent models decode through the VAE with
+        gradients, once per tensor per step."""
+        if self.vae is None:
+            return x
+        key = ("image", id(x))
+        if key not in self._cache:
+            scale = getattr(self.vae.config, "scaling_factor", 1.0)
+            self._cache[key] = (x, self.vae.decode(x / scale).sample)  # keep x alive so its id stays unique
+        return self._cache[key][1]
+
+    def base_features(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The frozen base model's mid-block activations at (x_t, t); differentiable w.r.t. x_t."""
+        if self.base is None:
+            raise ValueError("this objective needs the frozen base model, but the context has none")
+        network = getattr(self.base, "module", self.base)  # AdaptersDisabled wraps the model
+        captured = {}
+        handle = network.mid_block.register_forward_hook(lambda _m, _i, out: captured.setdefault("features", out))
+        try:
+            self.base(x_t, t, **self.conditioning)
+        finally:
+            handle.remove()
+        return captured["features"]
+
+
+@dataclass(frozen=True)
+class X0Source:
+    """How a feedback term gets its clean image: `one_step` (Tweedie at t in `t_range`) or `sampled`
+    (`sampling_steps` sampler steps from noise, gradients through the last `feedback_steps`)."""
+
+    kind: str = "one_step"
+    t_range: tuple[int, int] | None = None
+    sampling_steps: int = 20
+    feedback_steps: int = 1
+    sampler: str = "ddim"
+
+    @classmethod
+    def from_options(cls, x0="one_step", t_range=None, sampling_steps=20, feedback_steps=1, sampler="ddim") -> "X0Source":
+        """Validated construction; errors are `OptionError`s naming the option."""
+        from eval.sampling import SAMPLERS
+
+        if x0 not in ("one_step", "sampled"):
+            raise OptionError("x0", f"expected 'one_step' or 'sampled', got {x0!r}")
+        t_range = check_t_range(t_range)
+        if t_range is not None and x0 == "sampled":
+            raise OptionError("t_range", "only applies to x0: one_step")
+        for name, value in (("sampling_steps", sampling_steps), ("feedback_steps", feedback_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptionError(name, f"expected an integer >= 1, got {value!r}")
+        if feedback_steps > sampling_steps:
+            raise OptionError("feedback_steps", f"{feedback_steps} is more than sampling_steps ({sampling_steps})")
+        if sampler not in SAMPLERS:
+            raise OptionError("sampler", f"expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        return cls(x0, t_range, sampling_steps, feedback_steps, sampler)
+
+    def check(self, num_train_timesteps: int) -> None:
+        check_t_range_fits(self.t_range, num_train_timesteps)

@@ -6,15 +6,14 @@ from __future__ import annotations
 import torch
 
 from objectives.context import StepContext
+from objectives.term import require_number
 
 
 class Denoise:
     name = "denoise"
 
     def __init__(self, min_snr_gamma: float = 0.0):
-        if min_snr_gamma < 0:
-            raise ValueError(f"min_snr_gamma must be >= 0, got {min_snr_gamma}")
-        self.min_snr_gamma = min_snr_gamma  # 0 disables min-SNR weighting
+        self.min_snr_gamma = require_number("min_snr_gamma", min_snr_gamma)  # 0 disables min-SNR weighting
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         """Per-sample loss `[N]`: mean squared error against the target of the model's prediction type."""

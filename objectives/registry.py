@@ -1,6 +1,7 @@
 """Build an Objective from config: `{term_name: weight}` or `{term_name: {weight: w, **options}}`.
 
-The registry is a plain dict; a new term is a new file plus one line here.
+The registry is a plain dict; a new term is a new file plus one line here. See `objectives/term.py`
+for what a term is.
 """
 
 from __future__ import annotations
@@ -9,19 +10,35 @@ import inspect
 
 import torch
 
+from objectives.adversarial import Adversarial
+from objectives.aesthetic import Aesthetic
+from objectives.anchor import Anchor
 from objectives.context import StepContext
 from objectives.denoise import Denoise
+from objectives.lpips_x0 import LpipsX0
+from objectives.nr_iqa import NrIqa
+from objectives.pefl import Pefl
+from objectives.self_perceptual import SelfPerceptual
+from objectives.term import BuildEnv, ObjectiveError, OptionError
 
-TERMS = {"denoise": Denoise}
-
-
-class ObjectiveError(ValueError):
-    """A bad objective config; the message names the field (`objective.denoise.weight`)."""
+TERMS = {
+    "denoise": Denoise,
+    "anchor": Anchor,
+    "nr_iqa": NrIqa,
+    "lpips_x0": LpipsX0,
+    "self_perceptual": SelfPerceptual,
+    "pefl": Pefl,
+    "aesthetic": Aesthetic,
+    "adversarial": Adversarial,
+}
+# Terms that read ctx.base: the trainer builds (or, with LoRA, exposes) the frozen base only for these.
+NEEDS_BASE = {"anchor", "self_perceptual"}
 
 
 class Objective:
-    """weights x terms. Returns the total (a scalar, mean over the batch) and each term's mean, so
-    the loop logs what moved. Reduction happens here, once; terms return per-sample losses."""
+    """weights x terms. `__call__` returns the total (a scalar: each term's mean over the batch,
+    weighted and summed, the one place where losses are reduced) and every logged part: the term's
+    unweighted mean, and `term/part` for terms made of named parts."""
 
     def __init__(self, terms: dict[str, tuple[float, object]]):
         self.terms = terms
@@ -29,14 +46,45 @@ class Objective:
     def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, parts = 0.0, {}
         for name, (weight, term) in self.terms.items():
-            value = term(ctx).mean()
+            value = term(ctx)
+            if isinstance(value, dict):
+                for part, per_sample in value.items():
+                    parts[f"{name}/{part}"] = per_sample.mean().detach()
+                value = sum(value.values())
+            value = value.mean()
             parts[name] = value.detach()
             total = total + weight * value
         return total, parts
 
+    @property
+    def needs_base(self) -> bool:
+        return bool(NEEDS_BASE & set(self.terms))
+
+    def _with(self, method: str):
+        return [(name, term) for name, (_, term) in self.terms.items() if hasattr(term, method)]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters of terms' own modules that the model's optimizer trains (the Cas-DM head)."""
+        return [p for _, term in self._with("trainable_parameters") for p in term.trainable_parameters()]
+
+    def update(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """After the model's optimizer step: terms with optimizers of their own take theirs."""
+        logged = {}
+        for name, term in self._with("update"):
+            logged.update({f"{name}/{k}": v for k, v in term.update(ctx).items()})
+        return logged
+
+    def state_dict(self) -> dict:
+        return {name: term.state_dict() for name, term in self._with("state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, term in self._with("load_state_dict"):
+            if name in state:
+                term.load_state_dict(state[name])
+
 
 def _term_options(spec: dict, prefix: str):
-    """Check names, weights and option names (cheap: builds nothing); yields (name, weight, options)."""
+    """Check names, weights and option names; yields (name, weight, options)."""
     if not isinstance(spec, dict) or not spec:
         raise ObjectiveError(f"{prefix}: expected a non-empty mapping of term name -> weight or options")
     for name, options in spec.items():
@@ -53,17 +101,27 @@ def _term_options(spec: dict, prefix: str):
         yield name, float(weight), options
 
 
+def _construct(name: str, options: dict, prefix: str, env: BuildEnv | None):
+    """The term, validated (and set up when `env` is given); every failure names its field."""
+    try:
+        term = TERMS[name](**options)
+        if env is not None and hasattr(term, "setup"):
+            term.setup(env)
+        return term
+    except OptionError as error:
+        raise ObjectiveError(f"{prefix}.{name}.{error.option}: {error.message}") from None
+    except (TypeError, ValueError, FileNotFoundError) as error:
+        raise ObjectiveError(f"{prefix}.{name}: {error}") from None
+
+
 def validate_objective(spec: dict, prefix: str = "objective") -> None:
-    """Fail on a bad objective config before anything is loaded (called when the config is)."""
-    for _ in _term_options(spec, prefix):
-        pass
+    """Fail on a bad objective config before anything is loaded (called when the config is):
+    constructing a term checks its options, files and metric names but loads no model."""
+    for name, _, options in _term_options(spec, prefix):
+        _construct(name, options, prefix, env=None)
 
 
-def build_objective(spec: dict, prefix: str = "objective") -> Objective:
-    terms = {}
-    for name, weight, options in _term_options(spec, prefix):
-        try:
-            terms[name] = (weight, TERMS[name](**options))
-        except (TypeError, ValueError) as error:
-            raise ObjectiveError(f"{prefix}.{name}: {error}") from None
-    return Objective(terms)
+def build_objective(spec: dict, env: BuildEnv | None = None, prefix: str = "objective") -> Objective:
+    """Construct every term and build its helpers on `env.device` (default: CPU, pixel digits)."""
+    env = env or BuildEnv()
+    return Objective({name: (weight, _construct(name, options, prefix, env)) for name, weight, options in _term_options(spec, prefix)})

@@ -112,11 +112,11 @@ class Config:
         from objectives.registry import ObjectiveError, validate_objective
 
         config = _build(cls, data, "")
+        config.resolve_paths()  # before the objective check, which looks for its weight files
         try:
             validate_objective(config.objective)
         except ObjectiveError as error:
             raise ConfigError(str(error)) from None
-        config.resolve_paths()
         return config
 
     def to_dict(self) -> dict:
@@ -134,6 +134,17 @@ class Config:
             spec = getattr(self.eval, name)
             if isinstance(spec, dict):
                 setattr(self.eval, name, {**spec, "weights": resolve_path(spec["weights"])})
+        self.objective = _resolve_option_paths(self.objective)
+
+
+# Objective options that name files: `weights` (quality models, networks) and `prompts` given as a path.
+_PATH_OPTIONS = {"weights", "prompts"}
+
+
+def _resolve_option_paths(options):
+    if isinstance(options, dict):
+        return {k: resolve_path(v) if k in _PATH_OPTIONS and isinstance(v, str) else _resolve_option_paths(v) for k, v in options.items()}
+    return options
 
 
 def _build(cls, data, prefix):

@@ -18,7 +18,9 @@ from eval.evaluate import Evaluator
 from eval.quality import load_quality_model
 from objectives.context import StepContext
 from objectives.registry import build_objective
+from objectives.term import BuildEnv
 from trainers.config import Config, ConfigError
+from trainers.lora import AdaptersDisabled, add_lora
 from trainers.data import DigitsDataset, HFImageDataset, ImageFolderDataset, images_only
 from trainers.models import BaseModel, load_base_model, save_base_model
 
@@ -71,15 +73,23 @@ def train(config: Config, report=print_report) -> dict:
     if base.channels != config.data.channels or base.resolution != config.data.resolution:
         raise ConfigError(f"data: base model takes {base.channels}x{base.resolution}x{base.resolution} images, "
                           f"data.channels/resolution say {config.data.channels}x{config.data.resolution}")
-    objective = build_objective(config.objective)
+    env = BuildEnv(device=device, model_channels=base.channels, image_channels=base.channels,
+                   num_train_timesteps=base.scheduler.config.num_train_timesteps)
+    objective = build_objective(config.objective, env)
     evaluator = build_evaluator(config.eval, config.data, device)
     dataset = build_dataset(config.data)
 
-    # The frozen base stays untouched (it is the reference point, and later the anchor);
-    # the trainable model starts as an exact copy.
+    # The frozen base stays untouched (it is the reference point and the anchor); the trainable
+    # model starts as an exact copy. With LoRA the copy carries adapters and the base is the same
+    # network with adapters disabled, so only one set of base weights is held.
     base.unet.requires_grad_(False).eval()
     model = copy.deepcopy(base.unet).requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    frozen = base.unet
+    if config.model.finetune == "lora":
+        model = add_lora(model)
+        frozen = AdaptersDisabled(model)
+    parameters = [p for p in model.parameters() if p.requires_grad] + objective.trainable_parameters()
+    optimizer = torch.optim.AdamW(parameters, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
 
     before = evaluator(base.unet, base.scheduler.config)
     report({"step": 0, **before})
@@ -90,7 +100,7 @@ def train(config: Config, report=print_report) -> dict:
         x0 = next(batches).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.randint(0, num_timesteps, (len(x0),), generator=generator).to(device)
-        ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t)
+        ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t, base=frozen, generator=generator)
         loss, parts = objective(ctx)
         if not math.isfinite(loss.item()):
             bad = [name for name, value in parts.items() if not torch.isfinite(value)]
@@ -98,8 +108,9 @@ def train(config: Config, report=print_report) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(parameters, config.train.grad_clip)
         optimizer.step()
+        parts.update(objective.update(ctx))  # e.g. the adversarial discriminator's own step
         if step % 50 == 0 or step == config.train.steps:
             report({"step": step, "loss": loss.item(), **{f"loss/{k}": v.item() for k, v in parts.items()}})
 

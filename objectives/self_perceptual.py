@@ -1,0 +1,33 @@
+"""self_perceptual (Lin & Yang 2024, arXiv 2401.00110, "Diffusion Model with Perceptual Loss"):
+the frozen diffusion model itself is the perceptual network.
+
+Re-noise the predicted x0 and the true x0 to a random t' with the *same* noise, run both through the
+frozen base model, and compare its mid-block features. Identical x0 give identical features, so the
+loss is 0 exactly when the prediction is right; the target side carries no graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from objectives.context import StepContext
+from objectives.term import BuildEnv, check_t_range, check_t_range_fits
+
+
+class SelfPerceptual:
+    name = "self_perceptual"
+
+    def __init__(self, t_range=None):
+        self.t_range = check_t_range(t_range)  # where t' is drawn; default every timestep
+
+    def setup(self, env: BuildEnv) -> None:
+        check_t_range_fits(self.t_range, env.num_train_timesteps)
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        lo, hi = self.t_range or (0, ctx.num_train_timesteps)
+        t_prime = ctx.draw(len(ctx.x0), low=lo, high=hi, integers=True)
+        noise = ctx.draw(*ctx.x0.shape)  # one noise for both sides: only x0 differs
+        predicted = ctx.base_features(ctx.scheduler.add_noise(ctx.x0_estimate, noise, t_prime), t_prime)
+        with torch.no_grad():
+            target = ctx.base_features(ctx.scheduler.add_noise(ctx.x0, noise, t_prime), t_prime)
+        return (predicted.float() - target.float()).pow(2).flatten(1).mean(dim=1)

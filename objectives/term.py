@@ -1,0 +1,68 @@
+"""The Term interface, written down once.
+
+A term is a small class, one per file:
+
+- `__init__(**options)`: hyperparameters only, validated at once (cheap: loads nothing), raising
+  `OptionError(option, message)`; the registry turns that into `objective.<term>.<option>: message`.
+- `setup(env)`: optional; builds the frozen helpers it needs (quality model, feature network) once,
+  on `env.device`, and any trainable state. Called when the objective is built, so a bad file or
+  metric fails then, not at step 1,000.
+- `__call__(ctx) -> [N]` per-sample loss (lower is better), or a dict of named `[N]` parts that the
+  objective sums and logs separately. No reduction, no optimizer logic.
+
+Terms with trainable state expose it (duck-typed, all optional):
+- `trainable_parameters()`: parameters the trainer's optimizer updates with the model (Cas-DM head);
+- `update(ctx)`: a step of the term's own optimizer after the model's step (the discriminator);
+- `state_dict()` / `load_state_dict(state)`: what a checkpoint must hold to resume the term exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ObjectiveError(ValueError):
+    """A bad objective config; the message names the field (`objective.nr_iqa.t_range: ...`)."""
+
+
+class OptionError(ValueError):
+    """A bad option of one term; `option` is its name (`t_range`, `rewards.color.weight`)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option, self.message = option, message
+
+
+@dataclass
+class BuildEnv:
+    """What a term may need to know when it builds its helpers."""
+
+    device: str = "cpu"
+    model_channels: int = 1  # channels of x0 in model space (latent channels for latent models)
+    image_channels: int = 1  # channels of decoded images
+    num_train_timesteps: int = 1000
+    text_conditioned: bool = False  # the model takes encoder_hidden_states (prompts can be chosen)
+
+
+def require_number(option: str, value, minimum: float = 0.0, allow_none: bool = False):
+    """A number >= minimum (not a bool); `None` passes through when allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise OptionError(option, f"expected a number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def check_t_range(value, option: str = "t_range"):
+    """`[lo, hi]` integer timesteps, 0 <= lo < hi (the upper bound is checked against the model at build)."""
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or not 0 <= value[0] < value[1]):
+        raise OptionError(option, f"expected [lo, hi] integers with 0 <= lo < hi, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+def check_t_range_fits(value, num_train_timesteps: int, option: str = "t_range") -> None:
+    if value is not None and value[1] > num_train_timesteps:
+        raise OptionError(option, f"upper end {value[1]} exceeds the model's {num_train_timesteps} timesteps")

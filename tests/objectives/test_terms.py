@@ -1,0 +1,336 @@
+"""Every loss term on tiny models with the digits stand-ins: gradients go where they should, the
+special cases hold exactly, and shared pieces are computed once."""
+
+import copy
+
+import pytest
+import torch
+
+from eval.quality import QualityModel, load_quality_model
+from objectives.context import StepContext
+from objectives.registry import TERMS, ObjectiveError, build_objective, validate_objective
+from objectives.term import BuildEnv
+from trainers.data import DigitsDataset, images_only
+from trainers.lora import AdaptersDisabled, add_lora
+from trainers.models import build_digits_scheduler, build_digits_unet
+
+
+class Counting(torch.nn.Module):
+    """Wraps a module; records whether grad was enabled at each forward call."""
+
+    def __init__(self, module, attribute=None):
+        super().__init__()
+        self.module, self.grad_modes = module, []
+
+    @property
+    def calls(self):
+        return len(self.grad_modes)
+
+    def forward(self, *args, **kwargs):
+        self.grad_modes.append(torch.is_grad_enabled())
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+@pytest.fixture(scope="module")
+def specs(digits_assets):
+    cnniqa = {"arch": "cnniqa", "weights": str(digits_assets / "quality_cnniqa.safetensors")}
+    heldout = {"arch": "digits_heldout_iqa", "weights": str(digits_assets / "heldout_iqa.safetensors")}
+    network = {"network": "digits-classifier", "weights": str(digits_assets / "classifier.safetensors")}
+    return {"cnniqa": cnniqa, "heldout": heldout, "network": network}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return images_only(DigitsDataset("train"))[:6]
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return build_digits_unet(block_out_channels=(8, 16, 16), norm_num_groups=4)
+
+
+def make_context(model, base, x0, seed=0, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, 1000, (len(x0),), generator=generator)
+    return StepContext(model=model, scheduler=kwargs.pop("scheduler", build_digits_scheduler()), x0=x0, noise=noise, t=t,
+                       base=base, generator=generator, **kwargs)
+
+
+def term_specs(specs):
+    return {
+        "denoise": {},
+        "anchor": {},
+        "nr_iqa": {"metric": specs["cnniqa"], "t_range": [0, 400]},
+        "nr_iqa_sampled": {"metric": specs["cnniqa"], "x0": "sampled", "sampling_steps": 3, "feedback_steps": 1},
+        "lpips_x0": {"metric": specs["network"]},
+        "self_perceptual": {},
+        "pefl": {"network": specs["network"]},
+        "aesthetic": {"rewards": {"sharp": {"model": specs["cnniqa"]}, "clean": {"model": specs["heldout"], "weight": 0.5}}},
+        "adversarial": {"discriminator": specs["cnniqa"], "x0": "one_step", "t_range": [0, 500]},
+    }
+
+
+@pytest.mark.parametrize("case", ["denoise", "anchor", "nr_iqa", "nr_iqa_sampled", "lpips_x0", "self_perceptual", "pefl", "aesthetic", "adversarial"])
+def test_every_term_is_finite_and_trains_only_what_it_should(case, specs, digits):
+    base = tiny_unet().requires_grad_(False)
+    model = copy.deepcopy(base).requires_grad_(True)
+    with torch.no_grad():  # the trainable model has drifted a little, so the anchor is not at its 0
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    name = case.removesuffix("_sampled")
+    objective = build_objective({name: {"weight": 1.0, **term_specs(specs)[case]}})
+    term = objective.terms[name][1]
+    ctx = make_context(model, base, digits)
+    total, parts = objective(ctx)
+    assert torch.isfinite(total) and all(torch.isfinite(v) for v in parts.values())
+    total.backward()
+
+    own = objective.trainable_parameters()
+    model_grads = [p.grad for p in model.parameters()]
+    if name == "lpips_x0":  # the metric trains the cascaded head only
+        assert all(g is None or not g.any() for g in model_grads)
+        assert own and any(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
+    else:
+        assert any(g is not None and g.abs().sum() > 0 for g in model_grads)
+    frozen = list(base.parameters())
+    for attribute in ("quality", "network", "distance", "discriminator"):
+        helper = getattr(term, attribute, None)
+        if isinstance(helper, torch.nn.Module):
+            frozen += list(helper.parameters())
+    for model_ in getattr(term, "models", {}).values():
+        frozen += list(model_.parameters())
+    assert frozen or name in ("denoise",)
+    assert all(p.grad is None for p in frozen), "a frozen helper received a gradient"
+
+
+def test_shared_pieces_are_computed_once_per_step(specs, digits):
+    base, model = Counting(tiny_unet().requires_grad_(False)), Counting(tiny_unet(1))
+    s = term_specs(specs)
+    objective = build_objective({"denoise": 1.0, "anchor": 0.5, "nr_iqa": {"metric": specs["cnniqa"]}, "pefl": s["pefl"],
+                                 "lpips_x0": s["lpips_x0"], "self_perceptual": 0.1, "aesthetic": s["aesthetic"]})
+    objective(make_context(model, base, digits))
+    assert model.calls == 1  # denoise, anchor, nr_iqa, pefl, lpips_x0, self_perceptual and aesthetic share it
+    assert base.calls == 3  # anchor's prediction once; self_perceptual's two feature passes
+
+    model.grad_modes.clear()
+    objective = build_objective({"denoise": 1.0, "nr_iqa": s["nr_iqa"], "pefl": {**s["pefl"], "t_range": [0, 400]},
+                                 "aesthetic": {**s["aesthetic"], "t_range": [0, 400]}})
+    objective(make_context(model, None, digits))
+    assert model.calls == 2  # the step's own t, plus one forward at t in [0, 400) shared by three terms
+
+    model.grad_modes.clear()
+    sampled = {"x0": "sampled", "sampling_steps": 4, "feedback_steps": 2}
+    objective = build_objective({"nr_iqa": {"metric": specs["cnniqa"], **sampled},
+                                 "aesthetic": {**s["aesthetic"], **sampled}})
+    objective(make_context(model, None, digits))
+    assert model.grad_modes == [False, False, True, True]  # one sampling run, graph only in the last 2 steps
+
+
+def test_a_vae_decode_happens_once_per_tensor(specs, digits):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=1, block_out_channels=(8,), norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).requires_grad_(False)
+    decodes = []
+    original = vae.decode
+    vae.decode = lambda z, *a, **k: (decodes.append(1), original(z, *a, **k))[1]
+    model = tiny_unet()
+    objective = build_objective({"nr_iqa": {"metric": specs["cnniqa"]}, "aesthetic": term_specs(specs)["aesthetic"],
+                                 "pefl": term_specs(specs)["pefl"]})
+    total, _ = objective(make_context(model, None, digits, vae=vae))
+    total.backward()
+    assert len(decodes) == 2  # the shared x0 estimate once, the real x0 once
+    assert any(p.grad is not None for p in model.parameters())  # gradients pass through the decoder
+
+
+def test_anchor_is_zero_for_the_base_and_grows_with_divergence(digits):
+    base = tiny_unet().requires_grad_(False)
+    anchor = TERMS["anchor"]()
+    values = []
+    for scale in (0.0, 1e-3, 1e-2, 1e-1):
+        model = copy.deepcopy(base)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=generator))
+        values.append(anchor(make_context(model, base, digits)).mean().item())
+    assert values[0] == 0.0
+    assert values[0] < values[1] < values[2] < values[3]
+
+
+def test_lora_base_is_the_model_with_adapters_disabled_bit_for_bit(digits):
+    base = tiny_unet().requires_grad_(False).eval()
+    model = add_lora(copy.deepcopy(base)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # as after some training
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([1, 10, 500, 999])
+    with torch.no_grad():
+        reference, adapted = base(x, t).sample, model(x, t).sample
+        disabled = AdaptersDisabled(model)(x, t).sample
+        again = model(x, t).sample
+    assert torch.equal(disabled, reference)
+    assert not torch.allclose(adapted, reference)
+    assert torch.equal(again, adapted)  # adapters are back on afterwards
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n in dict(model.named_parameters()) if "lora_" in n}
+    ctx = make_context(model.train(), AdaptersDisabled(model), digits)
+    loss = TERMS["anchor"]()(ctx).mean()
+    loss.backward()
+    assert loss > 0 and all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+class ImageAsPrediction(torch.nn.Module):
+    """A "model" whose prediction (type `sample`) is a learnable image: gradient steps on the image."""
+
+    def __init__(self, images):
+        super().__init__()
+        self.image = torch.nn.Parameter(images.clone())
+
+    def forward(self, x_t, t, **_):
+        return type("Out", (), {"sample": self.image})()
+
+
+def _sample_scheduler():
+    scheduler = build_digits_scheduler()
+    scheduler.register_to_config(prediction_type="sample")
+    return scheduler
+
+
+def _blurred(digits):
+    from eval.degradations import degrade
+
+    return degrade((digits + 1) / 2, "gaussian_blur", torch.full((len(digits),), 0.7), torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_nr_iqa_gradient_steps_raise_the_quality_score(specs, digits):
+    term = build_objective({"nr_iqa": {"metric": specs["cnniqa"]}}).terms["nr_iqa"][1]
+    model = ImageAsPrediction(_blurred(digits))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    scores = []
+    for _ in range(15):
+        loss = term(make_context(model, None, digits, scheduler=_sample_scheduler())).mean()
+        scores.append(-loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert scores[-1] > scores[0] + 0.05
+
+
+def test_nr_iqa_follows_a_lower_is_better_metric(specs, digits):
+    term = build_objective({"nr_iqa": {"metric": specs["cnniqa"]}}).terms["nr_iqa"][1]
+    cnniqa = term.quality
+
+    class Badness(torch.nn.Module):  # lower is better: minus the quality score
+        def forward(self, x):
+            return -cnniqa.net(x)
+
+    term.quality = QualityModel("badness", Badness(), lower_better=True, in_channels=3)
+    model = ImageAsPrediction(_blurred(digits))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    with torch.no_grad():
+        start = term.quality((model.image + 1) / 2).mean().item()
+    for _ in range(15):
+        loss = term(make_context(model, None, digits, scheduler=_sample_scheduler())).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        end = term.quality((model.image + 1) / 2).mean().item()
+    assert end < start - 0.05  # optimized downwards, as the metric asks
+
+
+def test_nr_iqa_hinge_stops_at_the_target(specs, digits):
+    model = ImageAsPrediction(digits)
+    scheduler = _sample_scheduler()
+    quality = load_quality_model(specs["cnniqa"])
+    with torch.no_grad():
+        scores = quality((digits + 1) / 2)
+    low = build_objective({"nr_iqa": {"metric": specs["cnniqa"], "target": float(scores.min()) - 0.01}}).terms["nr_iqa"][1]
+    high = build_objective({"nr_iqa": {"metric": specs["cnniqa"], "target": float(scores.max()) + 0.01}}).terms["nr_iqa"][1]
+    assert (low(make_context(model, None, digits, scheduler=scheduler)) == 0).all()
+    assert (high(make_context(model, None, digits, scheduler=scheduler)) > 0).all()
+
+
+def test_self_perceptual_is_zero_for_a_perfect_x0(digits):
+    base = tiny_unet().requires_grad_(False)
+    term = TERMS["self_perceptual"]()
+    exact = make_context(ImageAsPrediction(digits), base, digits, scheduler=_sample_scheduler())
+    assert term(exact).abs().max().item() == 0.0
+    off = make_context(ImageAsPrediction(digits + 0.3), base, digits, scheduler=_sample_scheduler())
+    assert (term(off) > 0).all()
+
+
+def test_adversarial_discriminator_learns_real_from_generated(specs, digits):
+    real = images_only(DigitsDataset("train"))[:32]
+    term = build_objective({"adversarial": {"discriminator": specs["cnniqa"], "learning_rate": 1e-3, "x0": "one_step"}}).terms["adversarial"][1]
+    model = tiny_unet()  # untrained: its one-step x0 is not a digit
+
+    def accuracy(ctx):
+        with torch.no_grad():
+            fake = (ctx.image(ctx.generated(term.source)) + 1) / 2
+            return 0.5 * ((term.logits((real + 1) / 2) > 0).float().mean() + (term.logits(fake) <= 0).float().mean()).item()
+
+    before = accuracy(make_context(model, None, real, seed=100))
+    for step in range(40):
+        term.update(make_context(model, None, real, seed=step))
+    after = accuracy(make_context(model, None, real, seed=100))
+    assert before < 0.85 and after > 0.95  # measured: 0.78 -> 1.0 (it starts as a quality model, not a detector)
+    state = term.state_dict()  # weights and optimizer state round-trip
+    clone = build_objective({"adversarial": {"discriminator": specs["cnniqa"], "x0": "one_step"}}).terms["adversarial"][1]
+    clone.load_state_dict(state)
+    assert accuracy(make_context(model, None, real, seed=100)) == pytest.approx(after)
+
+
+def test_objective_logs_every_term_and_part(specs, digits):
+    objective = build_objective({"denoise": 1.0, "aesthetic": term_specs(specs)["aesthetic"], "pefl": term_specs(specs)["pefl"]})
+    _, parts = objective(make_context(tiny_unet(), None, digits))
+    assert {"denoise", "aesthetic", "aesthetic/sharp", "aesthetic/clean", "pefl", "pefl/feature", "pefl/style"} == set(parts)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"anchor": -1.0}, r"objective.anchor.weight: expected a number >= 0"),
+    ({"perceptual": 1.0}, r"objective.perceptual: unknown term"),
+    ({"nr_iqa": {"metric": "not_a_metric"}}, r"objective.nr_iqa.metric: unknown pyiqa metric 'not_a_metric'"),
+    ({"nr_iqa": {"metric": "musiq", "t_range": [400, 0]}}, r"objective.nr_iqa.t_range: expected \[lo, hi\]"),
+    ({"nr_iqa": {"metric": "musiq", "t_range": [0]}}, r"objective.nr_iqa.t_range"),
+    ({"nr_iqa": {"metric": "musiq", "x0": "sampled", "sampling_steps": 2, "feedback_steps": 3}}, r"objective.nr_iqa.feedback_steps"),
+    ({"nr_iqa": {"metric": {"arch": "cnniqa", "weights": "missing.safetensors"}}}, r"objective.nr_iqa.metric.weights: file not found"),
+    ({"pefl": {"network": "resnet9000"}}, r"objective.pefl.network: unknown network"),
+    ({"aesthetic": {"rewards": {}}}, r"objective.aesthetic.rewards"),
+    ({"aesthetic": {"rewards": {"color": {"model": "musiq", "weight": -1}}}}, r"objective.aesthetic.rewards.color.weight"),
+    ({"aesthetic": {"rewards": {"color": {"model": "musiq"}}, "prompts": ["a cat"]}}, r"objective.aesthetic.prompts: .*x0: sampled"),
+    ({"adversarial": {"discriminator": "musiq", "learning_rate": 0}}, r"objective.adversarial.learning_rate"),
+])
+def test_bad_terms_fail_at_validation_naming_the_field(spec, message):
+    with pytest.raises(ObjectiveError, match=message):
+        validate_objective(spec)
+
+
+def test_t_range_beyond_the_schedule_fails_when_built(specs):
+    with pytest.raises(ObjectiveError, match=r"objective.nr_iqa.t_range: upper end 2000 exceeds the model's 1000"):
+        build_objective({"nr_iqa": {"metric": specs["cnniqa"], "t_range": [0, 2000]}}, BuildEnv(num_train_timesteps=1000))
+
+
+def test_prompts_need_a_text_model(specs, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red digit\na blue digit\n")
+    spec = {"aesthetic": {"rewards": {"c": {"model": specs["cnniqa"]}}, "x0": "sampled", "prompts": str(prompts)}}
+    validate_objective(spec)
+    with pytest.raises(ObjectiveError, match=r"objective.aesthetic.prompts: the base model is not text-conditioned"):
+        build_objective(spec, BuildEnv(text_conditioned=False))
+
+
+def test_bad_objective_in_a_config_fails_at_load(specs):
+    from trainers.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match=r"objective.nr_iqa.metric: unknown pyiqa metric"):
+        Config.from_dict({"objective": {"denoise": 1.0, "nr_iqa": {"metric": "nope"}}})

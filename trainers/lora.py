@@ -1,0 +1,55 @@
+"""LoRA through peft, on any diffusers UNet (UNet2DModel has no adapter mixin, so peft injects the
+layers directly), and the frozen base as "the same network with its adapters disabled".
+
+The anchor needs the base model's prediction; with LoRA the base weights never change, so turning
+the adapters off reproduces the base exactly (bit for bit) without holding a second copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+# Attention projections (what SD LoRAs adapt) plus the ResNet convolutions: the digits UNet has a
+# single attention level, so attention-only LoRA would barely move it.
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+
+
+def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None, targets=DEFAULT_TARGETS) -> torch.nn.Module:
+    """Inject LoRA adapters in place; afterwards only adapter weights require grad. lora_B starts at
+    zero, so the adapted model starts equal to the base."""
+    unet.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets)), unet)
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    return unet
+
+
+def adapter_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter weights: what a LoRA checkpoint stores."""
+    return {name: p.detach().clone() for name, p in unet.named_parameters() if "lora_" in name}
+
+
+class AdaptersDisabled(torch.nn.Module):
+    """Calls `module` with every LoRA layer bypassed: the frozen base, sharing the base weights."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        if not self.layers:
+            raise ValueError("AdaptersDisabled: the model has no LoRA layers")
+
+    def forward(self, *args, **kwargs):
+        trainable = {id(p): p.requires_grad for p in self.module.parameters()}
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            for layer in self.layers:
+                layer.enable_adapters(True)
+            # peft's enable/disable toggles requires_grad on adapters; put back exactly what it was
+            for p in self.module.parameters():
+                p.requires_grad_(trainable[id(p)])
