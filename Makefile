@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # The main job on the embedded default (offline digits preset).
 demo: $(STAMP)
-	$(VENV)/bin/acpo train --preset digits
+	$(VENV)/bin/acpo train --preset digits --set train.cpus_per_worker=2
 
 test: $(STAMP)
 	$(PY) -m pytest -q

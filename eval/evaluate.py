@@ -27,14 +27,16 @@ class Evaluator:
     sampler: str = "ddim"
     seed: int = 0  # the same noise for every checkpoint: differences come from the weights alone
     device: str = "cpu"
+    prompts: tuple[str, ...] = ()  # text models: cycled over the samples
 
     @torch.no_grad()
-    def __call__(self, unet, scheduler_config) -> dict[str, float]:
+    def __call__(self, unet, scheduler_config, vae=None, encode_prompt=None) -> dict[str, float]:
         """Metrics keyed `fid@25`, `aesthetic@25`, ... for every step count; `fid` and `aesthetic`
         (the sweep's two objectives) are those at the first step count."""
         metrics = {}
         for steps in self.sampling_steps:
-            images = sample_images(unet, scheduler_config, self.samples, steps=steps, sampler=self.sampler, seed=self.seed, device=self.device)
+            images = sample_images(unet, scheduler_config, self.samples, steps=steps, sampler=self.sampler, seed=self.seed,
+                                   device=self.device, vae=vae, encode_prompt=encode_prompt, prompts=list(self.prompts))
             fidelity = fidelity_metrics(images, self.reference, self.feature_extractor, self.feature_extractor_weights, device=self.device)
             metrics[f"fid@{steps}"] = fidelity["fid"]
             metrics[f"kid@{steps}"] = fidelity["kid"]

@@ -28,11 +28,16 @@ def sample_images(
     seed: int = 0,
     batch_size: int = 250,
     device: str | torch.device = "cpu",
+    vae: torch.nn.Module | None = None,
+    encode_prompt=None,
+    prompts: list[str] | None = None,
 ) -> torch.Tensor:
     """Generate `num_images` images in [0, 1] with `steps` sampler steps (eta = 0 for DDIM).
 
     The noise of image i depends only on (seed, i // batch_size): two calls with the same seed give
-    the same images, which is what makes evaluations of two checkpoints comparable.
+    the same images, which is what makes evaluations of two checkpoints comparable. Latent models
+    pass their `vae` (latents are decoded at the end); text models pass `encode_prompt` and
+    `prompts`, cycled over the images.
     """
     if steps < 1:
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
@@ -46,12 +51,17 @@ def sample_images(
         n = min(batch_size, num_images - start)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
         x = torch.randn(n, config.in_channels, size, size, generator=generator).to(device)
+        conditioning = {}
+        if encode_prompt is not None and prompts:
+            conditioning = encode_prompt([prompts[(start + i) % len(prompts)] for i in range(n)])
         scheduler.set_timesteps(steps)
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(x, t)
-            eps = unet(model_input, t.to(device).expand(n)).sample
+            eps = unet(model_input, t.to(device).expand(n), **conditioning).sample
             x = scheduler.step(eps, t, x).prev_sample
+        if vae is not None:
+            x = vae.decode(x / vae.config.scaling_factor).sample
         out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
     unet.train(was_training)
     return torch.cat(out)

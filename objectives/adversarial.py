@@ -67,9 +67,11 @@ class Adversarial:
             real = (ctx.image(ctx.x0) + 1) / 2
         return F.softplus(-self.logits(real)) + F.softplus(self.logits(fake))
 
-    def update(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+    def update(self, ctx: StepContext, sync=None) -> dict[str, torch.Tensor]:
         loss = self.discriminator_loss(ctx).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sync is not None:
+            sync(list(self.discriminator.parameters()))
         self.optimizer.step()
         return {"discriminator": loss.detach()}

@@ -67,11 +67,12 @@ class Objective:
         """Parameters of terms' own modules that the model's optimizer trains (the Cas-DM head)."""
         return [p for _, term in self._with("trainable_parameters") for p in term.trainable_parameters()]
 
-    def update(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """After the model's optimizer step: terms with optimizers of their own take theirs."""
+    def update(self, ctx: StepContext, sync=None) -> dict[str, torch.Tensor]:
+        """After the model's optimizer step: terms with optimizers of their own take theirs.
+        `sync(parameters)` averages their gradients across workers (None: one worker)."""
         logged = {}
         for name, term in self._with("update"):
-            logged.update({f"{name}/{k}": v for k, v in term.update(ctx).items()})
+            logged.update({f"{name}/{k}": v for k, v in term.update(ctx, sync).items()})
         return logged
 
     def state_dict(self) -> dict:

@@ -12,7 +12,8 @@ A term is a small class, one per file:
 
 Terms with trainable state expose it (duck-typed, all optional):
 - `trainable_parameters()`: parameters the trainer's optimizer updates with the model (Cas-DM head);
-- `update(ctx)`: a step of the term's own optimizer after the model's step (the discriminator);
+- `update(ctx, sync)`: a step of the term's own optimizer after the model's step (the discriminator),
+  calling `sync(parameters)` between its backward and its step so workers stay identical;
 - `state_dict()` / `load_state_dict(state)`: what a checkpoint must hold to resume the term exactly.
 """
 

@@ -1,6 +1,7 @@
 """The `acpo` command line.
 
-    acpo train  [--preset digits] [--set key=value ...] [--dry-run]   one fine-tuning run
+    acpo train  [--preset digits] [--set key=value ...] [--workers N] [--local] [--dry-run]
+                                                                      one fine-tuning run (Ray Train)
     acpo assets build [--out assets/digits] [--quick]                 re-create the digits stand-ins
 
 Bad input ends with one line on stderr naming the field or file, exit status 2.
@@ -25,18 +26,27 @@ def _add_config_args(parser):
 def cmd_train(args) -> int:
     from sweeps.config import load_config
 
-    config = load_config(args.preset, args.overrides)
+    overrides = list(args.overrides) + ([f"train.workers={args.workers}"] if args.workers else [])
+    config = load_config(args.preset, overrides)
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    from trainers.loop import train
+    from trainers.loop import evaluate_base, train
 
-    result = train(config)
-    keys = [k for k in result["before"] if "@" in k]
+    before = evaluate_base(config)
+    if args.local:  # the same loop in this process: one worker, no Ray (for debugging)
+        result = train(config)
+        after, checkpoint = result["metrics"], result["checkpoint"]
+    else:
+        from trainers.ray_train import run_training
+
+        result = run_training(config)
+        after, checkpoint = result.metrics, result.checkpoint.path
+    keys = [k for k in before if "@" in k]
     print(f"\n{'metric':<16}{'base':>12}{'fine-tuned':>12}")
     for key in keys:
-        print(f"{key:<16}{result['before'][key]:>12.4f}{result['after'][key]:>12.4f}")
-    print(f"\ncheckpoint: {result['checkpoint']}")
+        print(f"{key:<16}{before[key]:>12.4f}{after[key]:>12.4f}")
+    print(f"\nstep {after['step']}, checkpoint: {checkpoint}")
     if config.preset == "digits":
         print("(digits preset: FID/KID in the digits classifier's feature space, quality/aesthetic from the project's stand-in models)")
     return 0
@@ -60,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="run one fine-tuning from a preset")
     _add_config_args(train)
+    train.add_argument("--workers", type=int, default=0, help="data-parallel Ray Train workers (default: train.workers)")
+    train.add_argument("--local", action="store_true", help="run the loop in this process, without Ray")
     train.set_defaults(func=cmd_train)
 
     assets = sub.add_parser("assets", help="the digits preset's stand-in models")
@@ -77,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     from objectives.registry import ObjectiveError
     from trainers.config import ConfigError
 
+    from trainers.ray_train import TrainingError
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ObjectiveError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
+    except (ConfigError, ObjectiveError, FileNotFoundError, NotADirectoryError, FloatingPointError, TrainingError) as error:
         print(f"acpo: error: {error}", file=sys.stderr)
         return 2
 

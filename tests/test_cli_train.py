@@ -8,20 +8,21 @@ from trainers.models import load_base_model
 
 def test_train_runs_evaluates_and_saves(tmp_path, capsys, digits_assets):
     out = tmp_path / "run"
-    code = main(["train", "--set", "train.steps=3", "--set", "eval.samples=24", "--set", "eval.sampling_steps=[3]",
+    code = main(["train", "--local", "--set", "train.steps=3", "--set", "eval.samples=24", "--set", "eval.sampling_steps=[3]",
                  "--set", f"train.output_dir={out}"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "fid@3" in printed and "aesthetic@3" in printed and "classifier's feature space" in printed
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["train"]["steps"] == 3
-    tuned, base = load_base_model(out / "final"), load_base_model(digits_assets / "base")
+    checkpoint = printed.split("checkpoint: ")[1].split()[0]
+    tuned, base = load_base_model(f"{checkpoint}/model"), load_base_model(digits_assets / "base")
     changed = [k for k, v in tuned.unet.state_dict().items() if not (v == base.unet.state_dict()[k]).all()]
     assert changed  # three optimizer steps moved the weights
 
 
 def test_non_finite_loss_stops_with_the_step_and_term(tmp_path, capsys, digits_assets):
-    code = main(["train", "--set", "train.steps=50", "--set", "train.learning_rate=1e30", "--set", "train.grad_clip=0",
+    code = main(["train", "--local", "--set", "train.steps=50", "--set", "train.learning_rate=1e30", "--set", "train.grad_clip=0",
                  "--set", "eval.samples=8", "--set", "eval.sampling_steps=[1]", "--set", f"train.output_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 2

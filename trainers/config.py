@@ -35,10 +35,17 @@ def resolve_path(path: str) -> str:
 @dataclass
 class ModelConfig:
     base: str = "assets/digits/base"  # a local diffusers folder or a hub id (google/ddpm-cifar10-32)
-    finetune: str = "full"  # "full": every UNet weight trains; "lora": adapters only (trainer issue)
+    finetune: str = "full"  # "full": every UNet weight trains; "lora": peft adapters only, the base stays frozen
+    lora_rank: int = 4
+    lora_alpha: float = 0.0  # 0: same as the rank (scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
 
     def validate(self, prefix):
         _choice(f"{prefix}finetune", self.finetune, ("full", "lora"))
+        _positive(f"{prefix}lora_rank", self.lora_rank)
+        _non_negative(f"{prefix}lora_alpha", self.lora_alpha)
+        if not self.lora_targets:
+            raise ConfigError(f"{prefix}lora_targets: expected at least one module name")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class DataConfig:
     path: str = ""
     split: str = "train"
     image_column: str = "image"  # hf only: the column holding PIL images
+    caption: str = "a handwritten digit {label}"  # text models: caption per image; {label} is filled where the data has labels
     resolution: int = 16
     channels: int = 1
 
@@ -65,15 +73,35 @@ class TrainConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    seed: int = 0
+    gradient_accumulation: int = 1  # micro-batches per optimizer step (the loss is divided by this, once)
+    seed: int = 0  # every rank derives its data order and noise from (seed, rank, step)
+    ema_decay: float = 0.0  # EMA of the trainable weights, used for evaluation; 0 disables
+    mixed_precision: str = "bf16"  # "bf16": autocast on CUDA (ignored on CPU); "no": fp32 everywhere
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    eval_every: int = 0  # evaluate + checkpoint every N steps (0: only at the end)
     output_dir: str = "runs/digits"  # checkpoints and the resolved config go here
+    # Ray Train (ignored by `acpo train --local`)
+    workers: int = 1  # data-parallel workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1  # restarts from the last checkpoint after a worker dies
+    keep_checkpoints: int = 0  # how many reported checkpoints Ray keeps (0: all; the sweep's front needs them)
 
     def validate(self, prefix):
         _positive(f"{prefix}steps", self.steps)
         _positive(f"{prefix}batch_size", self.batch_size)
         _positive(f"{prefix}learning_rate", self.learning_rate)
+        _positive(f"{prefix}gradient_accumulation", self.gradient_accumulation)
         _non_negative(f"{prefix}weight_decay", self.weight_decay)
         _non_negative(f"{prefix}grad_clip", self.grad_clip)
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"{prefix}ema_decay: expected 0 <= ema_decay < 1, got {self.ema_decay!r}")
+        _choice(f"{prefix}mixed_precision", self.mixed_precision, ("bf16", "no"))
+        _non_negative(f"{prefix}eval_every", self.eval_every)
+        _positive(f"{prefix}workers", self.workers)
+        _positive(f"{prefix}cpus_per_worker", self.cpus_per_worker)
+        _non_negative(f"{prefix}max_failures", self.max_failures)
+        _non_negative(f"{prefix}keep_checkpoints", self.keep_checkpoints)
 
 
 @dataclass
@@ -86,6 +114,7 @@ class EvalConfig:
     feature_extractor_weights: str = "assets/digits/classifier.safetensors"  # only for extractors that need local weights
     quality: Any = field(default_factory=lambda: {"arch": "cnniqa", "weights": "assets/digits/quality_cnniqa.safetensors"})
     aesthetic: Any = field(default_factory=lambda: {"arch": "digits_heldout_iqa", "weights": "assets/digits/heldout_iqa.safetensors"})
+    prompts: list[str] = field(default_factory=list)  # text models: prompts cycled over the samples (default: data.caption for labels 0-9)
 
     def validate(self, prefix):
         _positive(f"{prefix}samples", self.samples)

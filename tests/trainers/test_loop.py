@@ -1,0 +1,133 @@
+"""The per-worker loop without Ray: exact resume, data-parallel ranks in a gloo group, LoRA on the
+SD-shaped latent model, EMA, NaN stop, and the CUDA bf16 path where a GPU exists."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from sweeps.config import load_config
+from trainers.checkpoint import load_checkpoint_model
+from trainers.loop import ShardedBatches, train
+from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, build_tiny_sd, save_base_model
+
+QUICK_EVAL = ["eval.samples=8", "eval.sampling_steps=[1]"]
+
+
+def small_config(tmp_path, *overrides):
+    return load_config("digits", [*QUICK_EVAL, "train.batch_size=8", f"train.output_dir={tmp_path}", *overrides])
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_is_exact(tmp_path, digits_assets):
+    objective = ("objective={denoise: 1.0, anchor: 2.0, nr_iqa: {weight: 0.3, metric: {arch: cnniqa, weights: "
+                 f"{digits_assets}/quality_cnniqa.safetensors}}, t_range: [0, 400]}}, adversarial: {{weight: 0.1, discriminator: "
+                 f"{{arch: cnniqa, weights: {digits_assets}/quality_cnniqa.safetensors}}, x0: one_step}}}}")
+    common = ["train.steps=4", "train.eval_every=2", "train.ema_decay=0.9", objective]
+    straight = train(small_config(tmp_path / "a", *common), report=lambda *_: None)
+    resumed = train(small_config(tmp_path / "b", *common), report=lambda *_: None,
+                    resume_from=tmp_path / "a" / "checkpoints" / "step_000002")
+    a, b = weights(straight["model"]), weights(resumed["model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = load_file(tmp_path / "a/checkpoints/step_000004/ema.safetensors")
+    ema_b = load_file(tmp_path / "b/checkpoints/step_000004/ema.safetensors")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    disc_a = torch.load(tmp_path / "a/checkpoints/step_000004/objective.pt", weights_only=True)["adversarial"]["discriminator"]
+    disc_b = torch.load(tmp_path / "b/checkpoints/step_000004/objective.pt", weights_only=True)["adversarial"]["discriminator"]
+    assert all(torch.equal(disc_a[k], disc_b[k]) for k in disc_a)
+    # a resumed run with a different step count would not be the same run: 3 steps differ from 4
+    three = train(small_config(tmp_path / "c", "train.steps=3", *common[1:]), report=lambda *_: None)
+    assert not all(torch.equal(a[k], v) for k, v in weights(three["model"]).items())
+
+
+def test_checkpoints_are_complete_and_load_for_sampling(tmp_path, digits_assets):
+    reports = []
+    train(small_config(tmp_path, "train.steps=2", "train.eval_every=1", "train.ema_decay=0.5"), report=lambda m, c=None: reports.append((m, c)))
+    assert [m["step"] for m, _ in reports] == [1, 2]
+    assert all({"fid", "aesthetic", "loss", "loss/denoise"} <= set(m) for m, _ in reports)
+    assert all(c is not None for _, c in reports)
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary folders left behind
+    model = load_checkpoint_model(reports[-1][1])
+    assert model.unet(torch.zeros(1, 1, 16, 16), torch.tensor([10])).sample.shape == (1, 1, 16, 16)
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pkl"))
+
+
+def test_sharded_batches_partition_each_epoch_and_repeat_by_index():
+    data = torch.arange(40).float().view(40, 1)
+    ranks = [ShardedBatches(data, 5, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    seen = torch.cat([ranks[r](i)[0] for r in (0, 1) for i in range(4)]).flatten().long()
+    assert sorted(seen.tolist()) == list(range(40))  # one epoch: every image once, over both ranks
+    assert torch.equal(ShardedBatches(data, 5, seed=3, rank=1, world_size=2)(6)[0], ranks[1](6)[0])
+    assert not torch.equal(ranks[0](4)[0], ranks[0](0)[0])  # the next epoch is reshuffled
+
+
+def _rank_main(rank, world_size, port, base, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    config = load_config("digits", [*QUICK_EVAL, "train.batch_size=16", "train.steps=30", "train.eval_every=10", "train.learning_rate=2e-3",
+                                    "objective={denoise: 1.0}", f"model.base={base}", f"train.output_dir={out}"])
+    losses = []
+    result = train(config, report=lambda m, c=None: losses.append(m["loss"]), rank=rank, world_size=world_size)
+    save_file({k: v.contiguous() for k, v in result["model"].state_dict().items()}, f"{result_dir}/rank{rank}.safetensors")
+    torch.save(torch.tensor(losses), f"{result_dir}/losses{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_workers_keep_identical_weights_and_the_loss_goes_down(tmp_path):
+    torch.manual_seed(0)  # an untrained model, so denoising has something to learn
+    base = save_base_model(BaseModel(build_digits_unet(block_out_channels=(16, 32, 32)), build_digits_scheduler()), tmp_path / "base")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(2, port, str(base), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    initial = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(initial[k], rank0[k]) for k in rank0)
+    losses = torch.load(tmp_path / "losses0.pt", weights_only=True)
+    assert losses[-1] < 0.7 * losses[0], losses.tolist()
+
+
+def test_non_finite_loss_names_the_step_and_term(tmp_path, digits_assets):
+    config = small_config(tmp_path, "train.steps=30", "train.learning_rate=1e30", "train.grad_clip=0")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+ \(term: .*denoise"):
+        train(config, report=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return save_base_model(build_tiny_sd(), tmp_path_factory.mktemp("sd") / "tiny_sd")
+
+
+def test_latent_text_model_lora_changes_only_the_adapters(tmp_path, tiny_sd, digits_assets):
+    config = small_config(tmp_path, "train.steps=3", "model.finetune=lora", f"model.base={tiny_sd}", "train.learning_rate=1e-2",
+                          f"objective={{denoise: 1.0, anchor: 1.0, nr_iqa: {{weight: 0.5, metric: {{arch: cnniqa, weights: "
+                          f"{digits_assets}/quality_cnniqa.safetensors}}, t_range: [0, 400]}}}}")
+    reports = []
+    result = train(config, report=lambda m, c=None: reports.append((m, c)))
+    before = load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
+    after = weights(result["model"])
+    adapters = {k: v for k, v in after.items() if "lora_" in k}
+    frozen = {k.replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
+    assert frozen.keys() == before.keys() and all(torch.equal(before[k], frozen[k]) for k in before)
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # B starts at zero
+    assert {"loss/anchor", "loss/nr_iqa", "fid", "aesthetic"} <= set(reports[-1][0])
+    stored = load_file(reports[-1][1] / "model" / "adapter_model.safetensors")
+    assert stored.keys() == adapters.keys()  # the checkpoint holds the adapter only
+    sampled = load_checkpoint_model(reports[-1][1])
+    assert sampled.text_conditioned and sampled.latent
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the bf16 autocast path only runs there")
+def test_cuda_bf16_steps(tmp_path, tiny_sd, digits_assets):
+    config = small_config(tmp_path, "train.steps=3", "train.use_gpu=true", "train.mixed_precision=bf16", "model.finetune=lora",
+                          f"model.base={tiny_sd}", "objective={denoise: 1.0, anchor: 1.0}")
+    result = train(config, report=lambda *_: None)
+    assert next(result["model"].parameters()).is_cuda and torch.isfinite(torch.tensor(result["metrics"]["loss"]))

@@ -1,0 +1,65 @@
+"""The trainer on Ray Train: two CPU workers through the CLI, a worker killed mid-run, a NaN run."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from sweeps.cli import main
+from sweeps.config import load_config
+from trainers.ray_train import run_training
+
+QUICK = ["eval.samples=8", "eval.sampling_steps=[1]", "train.batch_size=8", "train.cpus_per_worker=1"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_cli_trains_on_two_workers(tmp_path, capsys, local_ray, digits_assets):
+    code = main(["train", "--workers", "2", *sum((["--set", o] for o in QUICK), []), "--set", "train.steps=3",
+                 "--set", f"train.output_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "fid@1" in out and "step 3, checkpoint:" in out
+    checkpoint = out.split("checkpoint: ")[1].split()[0]
+    assert os.path.isdir(os.path.join(checkpoint, "model", "unet"))
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, local_ray, digits_assets):
+    config = load_config("digits", [*QUICK, "train.workers=2", "train.steps=40", "train.eval_every=10", "train.max_failures=2",
+                                    f"train.output_dir={tmp_path / 'run'}"])
+    storage = tmp_path / "storage"
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_training(config, name="killed", storage_path=storage)))
+    thread.start()
+    deadline = time.time() + 120
+    # Ray registers a reported checkpoint asynchronously; once step 20 is uploading, step 10 is registered.
+    while not (storage / "killed" / "step_000020").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (storage / "killed" / "step_000020").exists(), "no second checkpoint within 2 minutes"
+    import psutil
+
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    result = outcome["result"]
+    assert result.metrics["step"] == 40
+    assert result.metrics["resumed_from"] >= 10  # the restarted workers started from a checkpoint, not from 0
+    assert sorted(p.name for p in (storage / "killed").glob("step_*")) == [f"step_{s:06d}" for s in (10, 20, 30, 40)]
+    assert [m["step"] for _, m in result.best_checkpoints] == [10, 20, 30, 40]
+
+
+def test_nan_through_ray_is_one_line(tmp_path, capsys, local_ray, digits_assets):
+    code = main(["train", *sum((["--set", o] for o in QUICK), []), "--set", "train.steps=30", "--set", "train.learning_rate=1e30",
+                 "--set", "train.grad_clip=0", "--set", "train.max_failures=0", "--set", f"train.output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("acpo: error: non-finite loss at step") and "denoise" in err[-1]  # the worker's own message

@@ -1,0 +1,113 @@
+"""Training checkpoints: written atomically, read without unpickling anything.
+
+    step_000100/
+      model/              full: a diffusers pipeline folder (loads with load_base_model);
+                          lora: adapter_model.safetensors + adapter_config.json (the adapter only)
+      ema.safetensors     EMA of the trainable weights (when enabled)
+      optimizer.pt        AdamW state          } torch.save of tensors and numbers only,
+      objective.pt        terms' own state     } read back with weights_only=True
+      rng.safetensors     torch's CPU RNG state; every draw derives from (seed, rank, step) anyway
+      state.json          step, world size, finetune mode
+      config.json         the resolved run config
+
+The folder is written under a temporary name and renamed into place, so a crash mid-write never
+leaves a half checkpoint that a resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainers.lora import add_lora
+from trainers.models import BaseModel, load_base_model, save_base_model
+
+
+def _lora_settings(model_config) -> dict:
+    return {"rank": model_config.lora_rank, "alpha": model_config.lora_alpha or model_config.lora_rank,
+            "targets": list(model_config.lora_targets)}
+
+
+def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module, base: BaseModel, config, optimizer,
+                     ema=None, objective=None, world_size: int = 1) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        if config.model.finetune == "lora":
+            (tmp / "model").mkdir()
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if "lora_" in k},
+                      tmp / "model" / "adapter_model.safetensors")
+            (tmp / "model" / "adapter_config.json").write_text(json.dumps({"base": config.model.base, **_lora_settings(config.model)}, indent=2))
+        else:
+            save_base_model(BaseModel(unet=model, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
+                                      tokenizer=base.tokenizer), tmp / "model")
+        if ema is not None:
+            save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(objective.state_dict() if objective is not None else {}, tmp / "objective.pt")
+        save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world_size, "finetune": config.model.finetune}))
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if directory.exists():  # a re-run of the same step after a restart: replace, never merge
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_checkpoint(directory: str | Path, *, model: torch.nn.Module, optimizer, ema=None, objective=None, device="cpu") -> int:
+    """Restore a run's state in place; returns the step the checkpoint was taken after."""
+    directory = Path(directory)
+    state_file = directory / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"not a training checkpoint (no state.json): {directory}")
+    state = json.loads(state_file.read_text())
+    weights = _model_weights(directory / "model", state["finetune"])
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or (state["finetune"] == "full" and missing):
+        raise ValueError(f"checkpoint {directory} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected weights)")
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+    if ema is not None:
+        ema.load_state_dict(load_file(directory / "ema.safetensors", device=str(device)))
+    if objective is not None:
+        objective.load_state_dict(torch.load(directory / "objective.pt", map_location=device, weights_only=True))
+    torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_cpu"])
+    return int(state["step"])
+
+
+def _model_weights(model_dir: Path, finetune: str) -> dict[str, torch.Tensor]:
+    if finetune == "lora":
+        return load_file(model_dir / "adapter_model.safetensors")
+    return load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = True) -> BaseModel:
+    """A checkpoint as a ready-to-sample model: the full pipeline, or the base with the adapter
+    loaded; with `use_ema` and an EMA file, the averaged weights."""
+    directory = Path(directory)
+    model_dir = directory / "model" if (directory / "model").is_dir() else directory
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {directory}")
+    adapter = model_dir / "adapter_config.json"
+    if adapter.is_file():
+        settings = json.loads(adapter.read_text())
+        model = load_base_model(settings["base"], device)
+        add_lora(model.unet, settings["rank"], settings["alpha"], settings["targets"])
+        model.unet.load_state_dict(load_file(model_dir / "adapter_model.safetensors", device=str(device)), strict=False)
+    else:
+        model = load_base_model(model_dir, device)
+    ema_file = directory / "ema.safetensors"
+    if use_ema and ema_file.is_file():
+        weights = load_file(ema_file, device=str(device))
+        model.unet.load_state_dict(weights, strict=False)
+    model.unet.requires_grad_(False).eval()
+    return model

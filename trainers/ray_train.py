@@ -1,0 +1,97 @@
+"""The trainer on Ray Train: `trainers.loop.train` on every worker of a `TorchTrainer`.
+
+This is the only trainer module that imports ray. Ray Train sets up the process group (gloo on CPU,
+nccl on GPU), restarts failed workers up to `train.max_failures` times from the last reported
+checkpoint (`ray.train.get_checkpoint()`), and keeps the reported checkpoints in its storage. A
+sweep trial builds the same trainer inside its Tune function (Train V2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from trainers.config import Config
+
+
+class TrainingError(RuntimeError):
+    """A training run failed; the message is the worker's own one-line error."""
+
+
+def train_worker(config_dict: dict) -> None:
+    """What every Ray Train worker runs."""
+    from trainers.loop import train
+
+    config = Config.from_dict(config_dict)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+
+    def report(metrics: dict, checkpoint: Path | None = None) -> None:
+        # Only rank 0 writes checkpoints; every rank reports (ray.train.report is a barrier).
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,
+                         checkpoint_dir_name=Path(checkpoint).name if checkpoint else None,
+                         delete_local_checkpoint_after_upload=checkpoint is not None)
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        train(config, report, rank, world_size)
+    else:
+        with restored.as_directory() as path:  # a restart after a failure: same step, same data order
+            train(config, report, rank, world_size, resume_from=path)
+
+
+def build_trainer(config: Config, name: str, storage_path: str | Path, callbacks=()) -> TorchTrainer:
+    settings = config.train
+    resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints or None),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def check_resources(config: Config) -> None:
+    """Fail in one line, instead of waiting forever, when the cluster cannot place the workers."""
+    from trainers.config import ConfigError
+
+    settings = config.train
+    cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
+    need = settings.workers * settings.cpus_per_worker
+    if need > cpus:
+        raise ConfigError(f"train.workers x train.cpus_per_worker needs {need:g} CPUs; the Ray cluster has {cpus:g}")
+    if settings.use_gpu and settings.workers > gpus:
+        raise ConfigError(f"train.use_gpu: {settings.workers} workers need {settings.workers} GPUs; the Ray cluster has {gpus:g}")
+
+
+def run_training(config: Config, name: str = "train", storage_path: str | Path | None = None):
+    """Fit one run; returns the Ray `Result`. Joins a running cluster or starts a local one."""
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=True)
+    check_resources(config)
+    storage = storage_path or Path(config.train.output_dir) / "ray"
+    try:
+        return build_trainer(config, name, storage).fit()
+    except ray.train.TrainingFailedError as error:
+        raise TrainingError(root_message(error)) from None
+
+
+def root_message(error: BaseException) -> str:
+    """The first worker's own error as one line (`FloatingPointError: non-finite loss at step 3 ...`)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
+    while getattr(cause, "cause", None) is not None:  # RayTaskError wraps the worker's exception
+        cause = cause.cause
+    text = str(cause).strip().splitlines()
+    last = [line for line in text if line.strip()][-1] if text else type(cause).__name__
+    return last if ":" in last else f"{type(cause).__name__}: {last}"
