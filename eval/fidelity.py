@@ -1,32 +1,57 @@
-"""FID and KID through torch-fidelity, on images held in memory.
+"""FID, KID and a diversity figure through torch-fidelity, on images held in memory, with the
+reference set's features cached on disk.
 
 Images are `[N, C, H, W]` float in [0, 1]; they are quantized to uint8 (torch-fidelity's input
-convention, the same quantization a PNG round trip would apply) and handed over as a Dataset.
+convention, the same quantization a PNG round trip would apply). Features come from a
+torch-fidelity feature extractor (`inception-v3-compat` by default, the digits classifier for the
+digits preset, anything registered with `register_feature_extractor`), and the metrics from
+torch-fidelity's own functions (`fid_features_to_statistics`, `fid_statistics_to_metric`,
+`kid_features_to_metric`): `tests/eval/test_fidelity.py` checks the result equals
+`torch_fidelity.calculate_metrics` on the same inputs.
+
+Why our own reference cache rather than torch-fidelity's: its cache is keyed by the name the caller
+gives and read back with `torch.load(weights_only=False)`. Ours is keyed by the *content* (a hash
+of the reference images, the extractor, its layer and its weights file), so editing one reference
+image can never reuse stale statistics, and it is stored as safetensors, so a shared cache
+directory on a cluster cannot smuggle in a pickle.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
-import torch_fidelity
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset, resolve_feature_layer_for_metric
 
 # Online presets use torch-fidelity's Inception; the digits preset names its classifier instead.
 DEFAULT_FEATURE_EXTRACTOR = "inception-v3-compat"
+DEFAULT_CACHE_DIR = Path(os.environ.get("ACPO_FIDELITY_CACHE", Path.home() / ".cache" / "acpo" / "fidelity"))
 
 
 class _Uint8Images(Dataset):
     def __init__(self, images: torch.Tensor):
         if images.dim() != 4:
             raise ValueError(f"expected images [N, C, H, W], got shape {tuple(images.shape)}")
-        self.images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        self.images = to_uint8(images)
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
         return self.images[i]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def prepare_feature_extractor(name: str) -> str:
@@ -38,6 +63,59 @@ def prepare_feature_extractor(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4)
+def _extractor(name: str, weights: str | None, cuda: bool):
+    """One extractor per process and setting, reused for every evaluation (built once, like every helper)."""
+    prepare_feature_extractor(name)
+    layer = resolve_feature_layer_for_metric("fid", feature_extractor=name)
+    kwargs = {"feature_extractor_weights_path": weights} if weights else {}
+    return create_feature_extractor(name, [layer], cuda=cuda, verbose=False, **kwargs), layer
+
+
+def extract_features(images: torch.Tensor, feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR, weights: str | None = None,
+                     device: str | torch.device = "cpu", batch_size: int = 250) -> torch.Tensor:
+    """`[N, D]` features (the layer FID uses) of images `[N, C, H, W]` in [0, 1]."""
+    cuda = torch.device(device).type == "cuda"
+    extractor, layer = _extractor(feature_extractor, weights, cuda)
+    features = get_featuresdict_from_dataset(_Uint8Images(images), extractor, batch_size, cuda, True, False)
+    return features[layer].float()
+
+
+def content_key(reference: torch.Tensor, feature_extractor: str, weights: str | None) -> str:
+    """Cache key from what the figures depend on: the quantized reference images, the extractor and
+    its layer, and the bytes of its weights file (a retrained classifier is a different extractor)."""
+    digest = hashlib.sha256()
+    pixels = to_uint8(reference).contiguous()
+    digest.update(str(tuple(pixels.shape)).encode())
+    digest.update(pixels.numpy().tobytes())
+    layer = resolve_feature_layer_for_metric("fid", feature_extractor=prepare_feature_extractor(feature_extractor))
+    digest.update(f"{feature_extractor}:{layer}".encode())
+    if weights:
+        digest.update(Path(weights).read_bytes())
+    return f"{feature_extractor}-{digest.hexdigest()[:24]}"
+
+
+def reference_features(reference: torch.Tensor, feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR, weights: str | None = None,
+                       cache_dir: str | Path | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The reference set's features, from the cache when the same content was seen before."""
+    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
+    path = cache_dir / f"{content_key(reference, feature_extractor, weights)}.safetensors"
+    if path.is_file():
+        return load_file(path)["features"]
+    features = extract_features(reference, feature_extractor, weights, device)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")  # written whole, then renamed: concurrent
+    os.close(fd)                                              # evaluations never read half a file
+    save_file({"features": features.contiguous()}, tmp)
+    os.replace(tmp, path)
+    return features
+
+
+def mean_pairwise_distance(features: torch.Tensor) -> float:
+    """Diversity: mean L2 distance between all pairs of samples in feature space (0: all identical)."""
+    return float(torch.pdist(features.double()).mean()) if len(features) > 1 else 0.0
+
+
 def fidelity_metrics(
     samples: torch.Tensor,
     reference: torch.Tensor,
@@ -46,8 +124,9 @@ def fidelity_metrics(
     kid: bool = True,
     kid_subset_size: int = 1000,
     device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """FID (and KID) of `samples` against `reference`, both `[N, C, H, W]` in [0, 1].
+    """FID, KID and diversity of `samples` against `reference`, both `[N, C, H, W]` in [0, 1].
 
     KID's subset size shrinks to the smaller set's size when needed (with a warning): small
     evaluations during training should report a figure, not crash.
@@ -55,23 +134,13 @@ def fidelity_metrics(
     smallest = min(len(samples), len(reference))
     if smallest < 2:
         raise ValueError(f"FID needs at least 2 images per set, got {len(samples)} samples and {len(reference)} reference images")
-    if kid and kid_subset_size > smallest:
-        warnings.warn(f"KID subset size {kid_subset_size} > {smallest} images; using {smallest}", stacklevel=2)
-        kid_subset_size = smallest
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_Uint8Images(samples),
-        input2=_Uint8Images(reference),
-        fid=True,
-        kid=kid,
-        kid_subset_size=kid_subset_size,
-        feature_extractor=prepare_feature_extractor(feature_extractor),
-        feature_extractor_weights_path=feature_extractor_weights_path,
-        cuda=torch.device(device).type == "cuda",
-        cache=False,
-        save_cpu_ram=True,  # no DataLoader worker processes for in-memory tensors
-        verbose=False,
-    )
-    out = {"fid": float(metrics["frechet_inception_distance"])}
+    sample_features = extract_features(samples, feature_extractor, feature_extractor_weights_path, device)
+    real_features = reference_features(reference, feature_extractor, feature_extractor_weights_path, cache_dir, device)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(sample_features), fid_features_to_statistics(real_features), False)
+    out = {"fid": float(fid["frechet_inception_distance"]), "diversity": mean_pairwise_distance(sample_features)}
     if kid:
-        out["kid"] = float(metrics["kernel_inception_distance_mean"])
+        if kid_subset_size > smallest:
+            warnings.warn(f"KID subset size {kid_subset_size} > {smallest} images; using {smallest}", stacklevel=2)
+            kid_subset_size = smallest
+        out["kid"] = float(kid_features_to_metric(sample_features, real_features, kid_subset_size=kid_subset_size, verbose=False)[KEY_METRIC_KID_MEAN])
     return out

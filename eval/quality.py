@@ -83,6 +83,29 @@ class QualityModel(nn.Module):
         return self.net(x).reshape(x.shape[0], -1)[:, 0]
 
 
+class SpecError(ValueError):
+    """A bad quality model spec; `option` names the offending part (`metric.weights`)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option, self.message = option, message
+
+
+def check_quality_spec(spec, option: str) -> None:
+    """Config-time check of a quality model spec: a pyiqa name pyiqa knows, or {arch, weights} with
+    a weights file that exists. Loads nothing."""
+    if isinstance(spec, str):
+        if spec not in _pyiqa_metric_names():
+            raise SpecError(option, f"unknown pyiqa metric {spec!r} (see pyiqa.list_models())")
+        return
+    if not isinstance(spec, dict) or set(spec) - {"arch", "weights", "name"} or not {"arch", "weights"} <= set(spec):
+        raise SpecError(option, f"expected a pyiqa metric name or {{arch, weights}}, got {spec!r}")
+    if spec["arch"] not in LOCAL_ARCHS and spec["arch"] not in _pyiqa_metric_names():
+        raise SpecError(f"{option}.arch", f"unknown architecture {spec['arch']!r}: neither a pyiqa metric nor one of {', '.join(LOCAL_ARCHS)}")
+    if not Path(spec["weights"]).is_file():
+        raise SpecError(f"{option}.weights", f"file not found: {spec['weights']}")
+
+
 def _pyiqa_metric_names() -> list[str]:
     import pyiqa
 

@@ -31,13 +31,16 @@ def sample_images(
     vae: torch.nn.Module | None = None,
     encode_prompt=None,
     prompts: list[str] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """Generate `num_images` images in [0, 1] with `steps` sampler steps (eta = 0 for DDIM).
 
     The noise of image i depends only on (seed, i // batch_size): two calls with the same seed give
     the same images, which is what makes evaluations of two checkpoints comparable. Latent models
     pass their `vae` (latents are decoded at the end); text models pass `encode_prompt` and
-    `prompts`, cycled over the images.
+    `prompts`, cycled over the images. With `world_size` > 1 each rank makes every world_size-th
+    batch of the same sequence, so the ranks' outputs together are exactly the one-process images.
     """
     if steps < 1:
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
@@ -47,7 +50,7 @@ def sample_images(
     was_training = unet.training
     unet.eval()
     out = []
-    for start in range(0, num_images, batch_size):
+    for start in list(range(0, num_images, batch_size))[rank::world_size]:
         n = min(batch_size, num_images - start)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
         x = torch.randn(n, config.in_channels, size, size, generator=generator).to(device)
@@ -64,4 +67,4 @@ def sample_images(
             x = vae.decode(x / vae.config.scaling_factor).sample
         out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
     unet.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0, config.in_channels, size, size)

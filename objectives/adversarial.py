@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from objectives.context import StepContext, X0Source
-from objectives.nr_iqa import check_quality_spec
+from eval.quality import check_quality_spec
 from objectives.term import BuildEnv, require_number
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from eval.quality import check_quality_spec
 from objectives.context import StepContext, X0Source
-from objectives.nr_iqa import check_quality_spec, quality_loss
+from objectives.nr_iqa import quality_loss
 from objectives.prompt_pool import PromptPool, read_prompts
 from objectives.term import BuildEnv, OptionError, require_number
 

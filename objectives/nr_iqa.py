@@ -14,26 +14,8 @@ from __future__ import annotations
 import torch
 
 from objectives.context import StepContext, X0Source
+from eval.quality import check_quality_spec
 from objectives.term import BuildEnv, OptionError, require_number
-
-
-def check_quality_spec(spec, option: str) -> None:
-    """Config-time check of a quality model spec: a pyiqa name pyiqa knows, or {arch, weights} with
-    a weights file that exists. Loads nothing."""
-    from pathlib import Path
-
-    from eval.quality import LOCAL_ARCHS, _pyiqa_metric_names
-
-    if isinstance(spec, str):
-        if spec not in _pyiqa_metric_names():
-            raise OptionError(option, f"unknown pyiqa metric {spec!r} (see pyiqa.list_models())")
-        return
-    if not isinstance(spec, dict) or set(spec) - {"arch", "weights", "name"} or not {"arch", "weights"} <= set(spec):
-        raise OptionError(option, f"expected a pyiqa metric name or {{arch, weights}}, got {spec!r}")
-    if spec["arch"] not in LOCAL_ARCHS and spec["arch"] not in _pyiqa_metric_names():
-        raise OptionError(f"{option}.arch", f"unknown architecture {spec['arch']!r}: neither a pyiqa metric nor one of {', '.join(LOCAL_ARCHS)}")
-    if not Path(spec["weights"]).is_file():
-        raise OptionError(f"{option}.weights", f"file not found: {spec['weights']}")
 
 
 def quality_loss(score: torch.Tensor, lower_better: bool, target: float | None) -> torch.Tensor:

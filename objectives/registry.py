@@ -10,6 +10,7 @@ import inspect
 
 import torch
 
+from eval.quality import SpecError
 from objectives.adversarial import Adversarial
 from objectives.aesthetic import Aesthetic
 from objectives.anchor import Anchor
@@ -109,7 +110,7 @@ def _construct(name: str, options: dict, prefix: str, env: BuildEnv | None):
         if env is not None and hasattr(term, "setup"):
             term.setup(env)
         return term
-    except OptionError as error:
+    except (OptionError, SpecError) as error:
         raise ObjectiveError(f"{prefix}.{name}.{error.option}: {error.message}") from None
     except (TypeError, ValueError, FileNotFoundError) as error:
         raise ObjectiveError(f"{prefix}.{name}: {error}") from None

@@ -2,6 +2,8 @@
 
     acpo train  [--preset digits] [--set key=value ...] [--workers N] [--local] [--dry-run]
                                                                       one fine-tuning run (Ray Train)
+    acpo eval   --checkpoint PATH [--preset digits] [--samples N] [--steps 4,25] [--json FILE]
+                                                                      evaluate a checkpoint next to the base model
     acpo assets build [--out assets/digits] [--quick]                 re-create the digits stand-ins
 
 Bad input ends with one line on stderr naming the field or file, exit status 2.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _add_config_args(parser):
@@ -52,6 +55,49 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from sweeps.config import load_config
+
+    overrides = list(args.overrides)
+    if args.samples:
+        overrides.append(f"eval.samples={args.samples}")
+    if args.steps:
+        overrides.append(f"eval.sampling_steps=[{args.steps}]")
+    config = load_config(args.preset, overrides)
+    if args.dry_run:
+        print(json.dumps(config.to_dict()["eval"], indent=2))
+        return 0
+    from eval.evaluate import reward_hacking_gap
+    from trainers.checkpoint import load_checkpoint_model
+    from trainers.loop import build_evaluator, evaluate_model
+
+    model = load_checkpoint_model(args.checkpoint)  # fails first, in one line, on a bad path
+    evaluator = build_evaluator(config.eval, config.data)
+    metrics = evaluate_model(evaluator, model)
+    base = None if args.no_base else evaluate_model(evaluator, load_checkpoint_model(config.model.base))
+    directions = evaluator.directions()
+    lower_better = {name: way == "min" for name, way in directions.items()}
+    gaps = {steps: reward_hacking_gap(metrics, base, steps, lower_better) for steps in config.eval.sampling_steps} if base else {}
+
+    print(f"\n{'metric':<20}{'better':>8}{'base':>12}{'checkpoint':>12}")
+    for key in [k for k in metrics if "@" in k]:
+        base_value = f"{base[key]:>12.4f}" if base else f"{'-':>12}"
+        print(f"{key:<20}{directions[key.split('@')[0]]:>8}{base_value}{metrics[key]:>12.4f}")
+    for steps, gap in gaps.items():
+        print(f"{f'reward_gap@{steps}':<20}{'min':>8}{'':>12}{gap:>12.4f}")
+    print(f"\n{config.eval.samples} samples per step count, {config.eval.sampler}; FID/KID against {config.eval.reference} "
+          f"in {config.eval.feature_extractor} features")
+    if config.preset == "digits":
+        print("(digits preset: classifier FID, not Inception FID; quality/aesthetic from the project's stand-in models)")
+    if args.json:
+        report = {"checkpoint": str(args.checkpoint), "preset": config.preset, "samples": config.eval.samples,
+                  "directions": directions, "checkpoint_metrics": metrics, "base_metrics": base,
+                  "reward_gap": {str(k): v for k, v in gaps.items()}}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written: {args.json}")
+    return 0
+
+
 def cmd_assets_build(args) -> int:
     from trainers.config import ConfigError
     from trainers.digits_assets import ASSET_FILES, AssetBudget, build_digits_assets
@@ -73,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=0, help="data-parallel Ray Train workers (default: train.workers)")
     train.add_argument("--local", action="store_true", help="run the loop in this process, without Ray")
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint (FID/KID, diversity, quality scores) next to the base model")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, help="a training checkpoint, its model/ folder, or any diffusers pipeline folder")
+    evaluate.add_argument("--samples", type=int, default=0, help="images per step count (default: eval.samples)")
+    evaluate.add_argument("--steps", default="", help="comma-separated sampling step counts, e.g. 4,25 (default: eval.sampling_steps)")
+    evaluate.add_argument("--json", default="", help="also write the figures to this JSON file")
+    evaluate.add_argument("--no-base", action="store_true", help="skip the base model (no reward gap)")
+    evaluate.set_defaults(func=cmd_eval)
 
     assets = sub.add_parser("assets", help="the digits preset's stand-in models")
     assets_sub = assets.add_subparsers(dest="assets_command", required=True)

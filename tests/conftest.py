@@ -11,6 +11,10 @@ import pytest
 
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
+# Reference-feature cache of this test session only (never the user's ~/.cache).
+import tempfile  # noqa: E402
+
+os.environ["ACPO_FIDELITY_CACHE"] = tempfile.mkdtemp(prefix="acpo-fidelity-cache-")
 
 _LOCAL_HOSTS = {"localhost", "::1", "0.0.0.0", ""}
 

@@ -32,6 +32,13 @@ def resolve_path(path: str) -> str:
     return str(p.resolve()) if p.exists() else path
 
 
+def resolve_quality_paths(spec):
+    """{arch, weights} specs get their weights path resolved; pyiqa names pass through."""
+    if isinstance(spec, dict) and isinstance(spec.get("weights"), str):
+        return {**spec, "weights": resolve_path(spec["weights"])}
+    return spec
+
+
 @dataclass
 class ModelConfig:
     base: str = "assets/digits/base"  # a local diffusers folder or a hub id (google/ddpm-cifar10-32)
@@ -115,15 +122,25 @@ class EvalConfig:
     quality: Any = field(default_factory=lambda: {"arch": "cnniqa", "weights": "assets/digits/quality_cnniqa.safetensors"})
     aesthetic: Any = field(default_factory=lambda: {"arch": "digits_heldout_iqa", "weights": "assets/digits/heldout_iqa.safetensors"})
     prompts: list[str] = field(default_factory=list)  # text models: prompts cycled over the samples (default: data.caption for labels 0-9)
+    extra_quality: dict = field(default_factory=dict)  # more quality models to report, name -> pyiqa name or {arch, weights}
+    cache_dir: str = ""  # reference-feature cache, shareable by a cluster ("" = $ACPO_FIDELITY_CACHE or ~/.cache/acpo/fidelity)
 
     def validate(self, prefix):
-        _positive(f"{prefix}samples", self.samples)
+        from eval.quality import SpecError, check_quality_spec
+
+        if self.samples < 2:
+            raise ConfigError(f"{prefix}samples: FID needs at least 2 samples, got {self.samples}")
+        for name, spec in {"quality": self.quality, "aesthetic": self.aesthetic,
+                           **{f"extra_quality.{k}": v for k, v in self.extra_quality.items()}}.items():
+            try:
+                check_quality_spec(resolve_quality_paths(spec), f"{prefix}{name}")
+            except SpecError as error:
+                raise ConfigError(str(error)) from None
+        reserved = sorted(set(self.extra_quality) & {"quality", "aesthetic", "fid", "kid", "diversity"})
+        if reserved:
+            raise ConfigError(f"{prefix}extra_quality.{reserved[0]}: the name is taken by a built-in metric")
         if not self.sampling_steps or any(not isinstance(s, int) or s < 1 for s in self.sampling_steps):
             raise ConfigError(f"{prefix}sampling_steps: expected a non-empty list of positive ints, got {self.sampling_steps!r}")
-        for name in ("quality", "aesthetic"):
-            spec = getattr(self, name)
-            if not (isinstance(spec, str) or (isinstance(spec, dict) and {"arch", "weights"} <= set(spec))):
-                raise ConfigError(f"{prefix}{name}: expected a pyiqa metric name or {{arch, weights}}, got {spec!r}")
 
 
 @dataclass
@@ -159,10 +176,11 @@ class Config:
             self.eval.reference = resolve_path(self.eval.reference)
         if self.eval.feature_extractor_weights:
             self.eval.feature_extractor_weights = resolve_path(self.eval.feature_extractor_weights)
-        for name in ("quality", "aesthetic"):
-            spec = getattr(self.eval, name)
-            if isinstance(spec, dict):
-                setattr(self.eval, name, {**spec, "weights": resolve_path(spec["weights"])})
+        self.eval.quality = resolve_quality_paths(self.eval.quality)
+        self.eval.aesthetic = resolve_quality_paths(self.eval.aesthetic)
+        self.eval.extra_quality = {k: resolve_quality_paths(v) for k, v in self.eval.extra_quality.items()}
+        if self.eval.cache_dir:
+            self.eval.cache_dir = str(Path(self.eval.cache_dir).expanduser().resolve())
         self.objective = _resolve_option_paths(self.objective)
 
 

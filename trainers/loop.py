@@ -60,6 +60,8 @@ def build_evaluator(settings, data, device="cpu") -> Evaluator:
         sampler=settings.sampler,
         device=device,
         prompts=tuple(settings.prompts),
+        extra_quality={name: load_quality_model(spec, device) for name, spec in settings.extra_quality.items()},
+        cache_dir=settings.cache_dir or None,
     )
 
 

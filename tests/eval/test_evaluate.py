@@ -1,0 +1,74 @@
+"""The evaluation pieces together, and `acpo eval` on the command line."""
+
+import json
+
+import pytest
+import torch
+
+from eval.degradations import degrade
+from eval.evaluate import reward_hacking_gap
+from eval.quality import load_quality_model
+from eval.sampling import sample_images
+from sweeps.cli import main
+from trainers.data import DigitsDataset, images_only
+from trainers.models import build_digits_scheduler, build_digits_unet
+
+
+def test_blurred_samples_score_worse_on_every_quality_model(digits_assets):
+    images = (images_only(DigitsDataset("heldout"))[:64] + 1) / 2
+    blurred = degrade(images, "gaussian_blur", torch.full((64,), 0.8), torch.Generator().manual_seed(0))
+    specs = {"quality": {"arch": "cnniqa", "weights": str(digits_assets / "quality_cnniqa.safetensors")},
+             "aesthetic": {"arch": "digits_heldout_iqa", "weights": str(digits_assets / "heldout_iqa.safetensors")}}
+    for name, spec in specs.items():
+        model = load_quality_model(spec)
+        with torch.no_grad():
+            sharp, soft = model(images).mean().item(), model(blurred).mean().item()
+        better = soft < sharp if not model.lower_better else soft > sharp
+        assert better, f"{name}: blur should score worse ({sharp:.3f} -> {soft:.3f})"
+
+
+def test_sampling_is_seeded_and_rank_sharded():
+    torch.manual_seed(0)
+    unet, scheduler = build_digits_unet(block_out_channels=(8, 16, 16), norm_num_groups=4), build_digits_scheduler()
+    whole = sample_images(unet, scheduler.config, 10, steps=2, batch_size=3, seed=5)
+    again = sample_images(unet, scheduler.config, 10, steps=2, batch_size=3, seed=5)
+    parts = [sample_images(unet, scheduler.config, 10, steps=2, batch_size=3, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    assert whole.shape == (10, 1, 16, 16) and 0 <= whole.min() and whole.max() <= 1
+    assert torch.equal(whole, again)
+    assert torch.equal(torch.cat([parts[0][:3], parts[1][:3], parts[0][3:6], parts[1][3:]]), whole)  # batches 0,1,2,3 interleaved
+    assert not torch.equal(whole, sample_images(unet, scheduler.config, 10, steps=2, batch_size=3, seed=6))
+
+
+def test_reward_gap_counts_improvements_in_each_models_direction():
+    base = {"quality@4": 0.5, "aesthetic@4": 0.5}
+    hacked = {"quality@4": 0.9, "aesthetic@4": 0.45}
+    honest = {"quality@4": 0.6, "aesthetic@4": 0.6}
+    assert reward_hacking_gap(hacked, base, 4) == pytest.approx(0.45)
+    assert reward_hacking_gap(honest, base, 4) == pytest.approx(0.0)
+    # a lower-is-better training metric that went down improved
+    assert reward_hacking_gap({"quality@4": 0.1, "aesthetic@4": 0.5}, base, 4, {"quality": True}) == pytest.approx(0.4)
+
+
+def test_acpo_eval_prints_and_writes_every_figure(tmp_path, capsys, digits_assets):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--checkpoint", str(digits_assets / "base"), "--samples", "24", "--steps", "2,4", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(out.read_text())
+    for steps in (2, 4):
+        for key in ("fid", "kid", "diversity", "quality", "aesthetic"):
+            assert f"{key}@{steps}" in report["checkpoint_metrics"] and f"{key}@{steps}" in printed
+        assert report["reward_gap"][str(steps)] == pytest.approx(0.0, abs=1e-9)  # the base against itself
+    assert report["directions"]["fid"] == "min" and report["directions"]["aesthetic"] == "max"
+    assert report["checkpoint_metrics"]["fid@2"] == pytest.approx(report["base_metrics"]["fid@2"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/no/such/checkpoint"], "checkpoint not found: /no/such/checkpoint"),
+    (["--checkpoint", ".", "--set", "eval.extra_quality.sharpness=not_a_metric"], "eval.extra_quality.sharpness: unknown pyiqa metric 'not_a_metric'"),
+    (["--checkpoint", ".", "--samples", "1"], "eval.samples: FID needs at least 2 samples"),
+])
+def test_acpo_eval_bad_input_is_one_line(args, message, capsys):
+    assert main(["eval", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
