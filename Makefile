@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test assets clean
+.PHONY: install demo stop test assets clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,9 +14,31 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded default (offline digits preset).
+# The main job on the embedded default (offline digits preset): a local Ray head and an MLflow
+# server (SQLite, 127.0.0.1 only) are started if not already up, the sweep is submitted as a Ray
+# job, and both stay up afterwards so the UI can be browsed (`make stop` ends them).
+RUNS         := $(abspath runs)
+MLFLOW_PORT  ?= 5000
+MLFLOW_URI   := http://127.0.0.1:$(MLFLOW_PORT)
+SWEEP_NAME   ?= digits-acpo-$(shell date +%Y%m%d-%H%M%S)
+# Ray 2.60 clusters require a token (~/.ray/auth_token) once one exists; every ray command here uses it.
+export RAY_AUTH_MODE := token
 demo: $(STAMP)
-	$(VENV)/bin/acpo train --preset digits --set train.cpus_per_worker=2
+	@mkdir -p $(RUNS)
+	@test -f $$HOME/.ray/auth_token || $(VENV)/bin/ray get-auth-token --generate >/dev/null
+	@$(VENV)/bin/ray status >/dev/null 2>&1 || $(VENV)/bin/ray start --head --dashboard-host=127.0.0.1 --disable-usage-stats >$(RUNS)/ray-start.log 2>&1
+	@curl -sf $(MLFLOW_URI)/health >/dev/null || { nohup $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db \
+		--artifacts-destination $(RUNS)/mlflow-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) >$(RUNS)/mlflow.log 2>&1 & }
+	@for i in $$(seq 60); do curl -sf $(MLFLOW_URI)/health >/dev/null && break; sleep 1; done
+	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . \
+		--runtime-env-json '{"excludes": [".venv", "runs", ".git", "*.pyc"]}' \
+		-- $(abspath $(PY)) sweeps/acpo_sweep.py --set sweep.name=$(SWEEP_NAME) --set sweep.model_name=digits-acpo \
+		--set sweep.storage_dir=$(RUNS)/sweeps --set sweep.tracking_uri=$(MLFLOW_URI)
+	@echo "MLflow UI: $(MLFLOW_URI)  (experiment $(SWEEP_NAME); registered model digits-acpo@champion)"
+
+stop:
+	-$(VENV)/bin/ray stop
+	-pkill -f "mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

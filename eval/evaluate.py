@@ -40,6 +40,7 @@ class Evaluator:
     prompts: tuple[str, ...] = ()  # text models: cycled over the samples
     extra_quality: dict[str, QualityModel] = field(default_factory=dict)
     cache_dir: str | Path | None = None  # reference features; None: $ACPO_FIDELITY_CACHE or ~/.cache/acpo/fidelity
+    last_samples: torch.Tensor | None = field(default=None, repr=False)  # the first step count's images, for sample grids
 
     def directions(self) -> dict[str, str]:
         """Which way is better for each metric family: what a table or a Pareto front needs."""
@@ -58,6 +59,8 @@ class Evaluator:
                                         device=self.device, cache_dir=self.cache_dir)
             for key in ("fid", "kid", "diversity"):
                 metrics[f"{key}@{steps}"] = fidelity[key]
+            if steps == self.sampling_steps[0]:
+                self.last_samples = images[:64]
             on_device = images.to(self.device)
             for name, model in {"quality": self.quality, "aesthetic": self.aesthetic, **self.extra_quality}.items():
                 metrics[f"{name}@{steps}"] = model(on_device).mean().item()

@@ -4,6 +4,8 @@
                                                                       one fine-tuning run (Ray Train)
     acpo eval   --checkpoint PATH [--preset digits] [--samples N] [--steps 4,25] [--json FILE]
                                                                       evaluate a checkpoint next to the base model
+    acpo sweep  [--preset digits] [--num-samples N] [--resume] [--dry-run]   the sweep (= python sweeps/acpo_sweep.py)
+    acpo select --sweep NAME [--preset digits]                        re-run the selection of a finished sweep
     acpo assets build [--out assets/digits] [--quick]                 re-create the digits stand-ins
 
 Bad input ends with one line on stderr naming the field or file, exit status 2.
@@ -98,6 +100,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from sweeps.acpo_sweep import main as sweep_main
+
+    return sweep_main(args.rest)
+
+
+def cmd_select(args) -> int:
+    from sweeps.acpo_sweep import print_summary, resolve, select_and_register, sweep_dir, tracking_uri
+
+    _, sweep = resolve(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])
+    uri = tracking_uri(sweep)
+    print_summary(select_and_register(sweep, sweep_dir(sweep), uri), uri, sweep)
+    return 0
+
+
 def cmd_assets_build(args) -> int:
     from trainers.config import ConfigError
     from trainers.digits_assets import ASSET_FILES, AssetBudget, build_digits_assets
@@ -128,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default="", help="also write the figures to this JSON file")
     evaluate.add_argument("--no-base", action="store_true", help="skip the base model (no reward gap)")
     evaluate.set_defaults(func=cmd_eval)
+
+    sweep = sub.add_parser("sweep", help="the Ray Tune + Optuna sweep (same as python sweeps/acpo_sweep.py)", add_help=False)
+    sweep.add_argument("rest", nargs=argparse.REMAINDER)
+    sweep.set_defaults(func=cmd_sweep)
+
+    select = sub.add_parser("select", help="re-run Pareto front, champion selection and registration of a sweep")
+    _add_config_args(select)
+    select.add_argument("--sweep", required=True, help="the sweep's name (sweep.name)")
+    select.set_defaults(func=cmd_select)
 
     assets = sub.add_parser("assets", help="the digits preset's stand-in models")
     assets_sub = assets.add_subparsers(dest="assets_command", required=True)

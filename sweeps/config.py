@@ -74,4 +74,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(preset: str = "digits", overrides: list[str] | None = None) -> Config:
-    return Config.from_dict(apply_overrides(read_preset(preset), list(overrides or [])))
+    """The run config of a preset; its `sweep:` section (search space, sweep settings) is the sweep's."""
+    data = apply_overrides(read_preset(preset), list(overrides or []))
+    data.pop("sweep", None)
+    return Config.from_dict(data)

@@ -9,6 +9,8 @@
       rng.safetensors     torch's CPU RNG state; every draw derives from (seed, rank, step) anyway
       state.json          step, world size, finetune mode
       config.json         the resolved run config
+      metrics.json        the evaluation at this step (what the sweep's selection reads)
+      samples.png         a grid of the evaluation's first samples
 
 The folder is written under a temporary name and renamed into place, so a crash mid-write never
 leaves a half checkpoint that a resume would pick up.
@@ -35,7 +37,7 @@ def _lora_settings(model_config) -> dict:
 
 
 def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module, base: BaseModel, config, optimizer,
-                     ema=None, objective=None, world_size: int = 1) -> Path:
+                     ema=None, objective=None, world_size: int = 1, metrics: dict | None = None, samples=None) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -55,6 +57,12 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
         save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world_size, "finetune": config.model.finetune}))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if metrics is not None:
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if samples is not None and len(samples):
+            from torchvision.utils import save_image
+
+            save_image(samples, tmp / "samples.png", nrow=8, padding=1)
         if directory.exists():  # a re-run of the same step after a restart: replace, never merge
             shutil.rmtree(directory)
         os.replace(tmp, directory)

@@ -212,9 +212,10 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
                        **{f"loss/{k}" if k != "loss" else k: sum(v) / len(v) for k, v in logged.items()}}
             logged, checkpoint = {}, None
             if rank == 0:
-                checkpoint = write_checkpoint(out / "checkpoints" / f"step_{step:06d}", step=step, model=model, base=base,
-                                              config=config, optimizer=optimizer, ema=ema, objective=objective, world_size=world_size)
                 metrics.update(evaluate_model(evaluator, eval_model(model, base, ema)))
+                checkpoint = write_checkpoint(out / "checkpoints" / f"step_{step:06d}", step=step, model=model, base=base,
+                                              config=config, optimizer=optimizer, ema=ema, objective=objective, world_size=world_size,
+                                              metrics=metrics, samples=evaluator.last_samples)
             report(metrics, checkpoint)
     return {"metrics": metrics, "checkpoint": str(checkpoint) if checkpoint else None, "model": model}
 

@@ -53,3 +53,14 @@ class AdaptersDisabled(torch.nn.Module):
             # peft's enable/disable toggles requires_grad on adapters; put back exactly what it was
             for p in self.module.parameters():
                 p.requires_grad_(trainable[id(p)])
+
+
+def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """Fold the adapters into the base weights and drop the LoRA layers, in place: a plain UNet
+    again, which saves in diffusers layout (for exporting a LoRA champion)."""
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.get_base_layer())
+    return unet

@@ -17,7 +17,7 @@ QUICK = ["eval.samples=8", "eval.sampling_steps=[1]", "train.batch_size=8", "tra
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never a running cluster
     yield
     ray.shutdown()
 

@@ -1,0 +1,68 @@
+"""MLflow for the sweep: one parent run per sweep, a child run for the base model and one per trial.
+
+Runs are found again by tag (`acpo.sweep`, `acpo.role`, `acpo.trial`), never created twice: a
+resumed sweep logs into the runs it started. Each trial's metrics are written by one writer, a Ray
+Train callback on that trial's controller (it sees rank 0's reports), so workers never talk to MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+from ray.train.v2.api.callback import UserCallback
+
+# MLflow limits a tag/param value's length; long config values are cut, not rejected.
+_MAX_VALUE = 500
+
+
+class SweepTracking:
+    def __init__(self, tracking_uri: str, sweep: str):
+        self.uri, self.sweep = tracking_uri, sweep
+        self.client = MlflowClient(tracking_uri)
+        experiment = self.client.get_experiment_by_name(sweep)
+        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(sweep)
+
+    def run(self, role: str, name: str, parent_id: str | None = None, trial: str | None = None) -> str:
+        """The run with these tags, created once."""
+        query = f"tags.`acpo.sweep` = '{self.sweep}' and tags.`acpo.role` = '{role}'"
+        if trial:
+            query += f" and tags.`acpo.trial` = '{trial}'"
+        found = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        if found:
+            return found[0].info.run_id
+        tags = {"acpo.sweep": self.sweep, "acpo.role": role, "mlflow.runName": name}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        if trial:
+            tags["acpo.trial"] = trial
+        return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        existing = self.client.get_run(run_id).data.params
+        for key, value in params.items():
+            if key not in existing:  # a resumed trial keeps its parameters (MLflow refuses a change)
+                self.client.log_param(run_id, key, str(value)[:_MAX_VALUE])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.client.log_metric(run_id, key.replace("@", "_at_"), float(value), step=step)
+
+
+class MlflowReportCallback(UserCallback):
+    """Ray Train callback: each report of rank 0 -> metrics of the trial's MLflow run, and the
+    checkpoint's sample grid as an artifact."""
+
+    def __init__(self, tracking_uri: str, sweep: str, run_id: str):
+        self.tracking_uri, self.sweep, self.run_id = tracking_uri, sweep, run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        tracking = SweepTracking(self.tracking_uri, self.sweep)
+        rank0 = metrics[0]
+        step = int(rank0.get("step", 0))
+        tracking.log_metrics(self.run_id, rank0, step)
+        grid = Path(checkpoint.path) / "samples.png" if checkpoint else None
+        if grid is not None and grid.is_file():
+            tracking.client.log_artifact(self.run_id, str(grid), artifact_path=f"samples/step_{step:06d}")

@@ -1,0 +1,27 @@
+"""cluster.yaml is a real Ray cluster launcher file: it validates against the schema ray ships."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from trainers.config import PROJECT_ROOT
+
+SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    config = yaml.safe_load((PROJECT_ROOT / "cluster.yaml").read_text())
+    jsonschema.validate(config, json.loads(SCHEMA.read_text()))
+    assert config["head_node_type"] in config["available_node_types"]
+    assert any("mlflow server" in command for command in config["head_setup_commands"])
+
+
+def test_the_schema_check_would_catch_a_broken_file():
+    config = yaml.safe_load((PROJECT_ROOT / "cluster.yaml").read_text())
+    config["available_node_types"]["gpu_worker"]["max_workers"] = "eight"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(config, json.loads(SCHEMA.read_text()))
