@@ -10,6 +10,7 @@ Metrics, for each sampling step count S:
   quality@S          the quality model the objective trains against
   aesthetic@S        the held-out quality model: the sweep's second objective
   <name>@S           every extra quality model named in `eval.extra_quality`
+  clip_score@S       text models with `clip_score` set: image-prompt agreement (pyiqa's clipscore)
 plus `fid` and `aesthetic` (the sweep's objectives) at the first step count.
 """
 
@@ -38,13 +39,15 @@ class Evaluator:
     seed: int = 0  # the same noise for every checkpoint: differences come from the weights alone
     device: str = "cpu"
     prompts: tuple[str, ...] = ()  # text models: cycled over the samples
+    guidance_scale: float = 1.0  # text models: classifier-free guidance when sampling
+    clip_score: object = None  # text models: (images [N,3,H,W] in [0,1], captions) -> [N], higher is better
     extra_quality: dict[str, QualityModel] = field(default_factory=dict)
     cache_dir: str | Path | None = None  # reference features; None: $ACPO_FIDELITY_CACHE or ~/.cache/acpo/fidelity
     last_samples: torch.Tensor | None = field(default=None, repr=False)  # the first step count's images, for sample grids
 
     def directions(self) -> dict[str, str]:
         """Which way is better for each metric family: what a table or a Pareto front needs."""
-        out = {"fid": "min", "kid": "min", "diversity": "max"}
+        out = {"fid": "min", "kid": "min", "diversity": "max", "clip_score": "max"}
         for name, model in {"quality": self.quality, "aesthetic": self.aesthetic, **self.extra_quality}.items():
             out[name] = "min" if model.lower_better else "max"
         return out
@@ -54,7 +57,8 @@ class Evaluator:
         metrics = {}
         for steps in self.sampling_steps:
             images = sample_images(unet, scheduler_config, self.samples, steps=steps, sampler=self.sampler, seed=self.seed,
-                                   device=self.device, vae=vae, encode_prompt=encode_prompt, prompts=list(self.prompts))
+                                   device=self.device, vae=vae, encode_prompt=encode_prompt, prompts=list(self.prompts),
+                                   guidance_scale=self.guidance_scale)
             fidelity = fidelity_metrics(images, self.reference, self.feature_extractor, self.feature_extractor_weights,
                                         device=self.device, cache_dir=self.cache_dir)
             for key in ("fid", "kid", "diversity"):
@@ -64,6 +68,9 @@ class Evaluator:
             on_device = images.to(self.device)
             for name, model in {"quality": self.quality, "aesthetic": self.aesthetic, **self.extra_quality}.items():
                 metrics[f"{name}@{steps}"] = model(on_device).mean().item()
+            if self.clip_score is not None and self.prompts and encode_prompt is not None:
+                captions = [self.prompts[i % len(self.prompts)] for i in range(len(images))]  # sample_images' cycling
+                metrics[f"clip_score@{steps}"] = self.clip_score(on_device, captions).float().mean().item()
         first = self.sampling_steps[0]
         metrics["fid"], metrics["aesthetic"] = metrics[f"fid@{first}"], metrics[f"aesthetic@{first}"]
         return metrics

@@ -10,7 +10,7 @@ torch-fidelity's own functions (`fid_features_to_statistics`, `fid_statistics_to
 `torch_fidelity.calculate_metrics` on the same inputs.
 
 Why our own reference cache rather than torch-fidelity's: its cache is keyed by the name the caller
-gives and read back with `torch.load(weights_only=False)`. Ours is keyed by the *content* (a hash
+gives and read back by unpickling (torch.load with weights_only off). Ours is keyed by the *content* (a hash
 of the reference images, the extractor, its layer and its weights file), so editing one reference
 image can never reuse stale statistics, and it is stored as safetensors, so a shared cache
 directory on a cluster cannot smuggle in a pickle.

@@ -95,18 +95,18 @@ def check_quality_spec(spec, option: str) -> None:
     """Config-time check of a quality model spec: a pyiqa name pyiqa knows, or {arch, weights} with
     a weights file that exists. Loads nothing."""
     if isinstance(spec, str):
-        if spec not in _pyiqa_metric_names():
+        if spec not in pyiqa_metric_names():
             raise SpecError(option, f"unknown pyiqa metric {spec!r} (see pyiqa.list_models())")
         return
     if not isinstance(spec, dict) or set(spec) - {"arch", "weights", "name"} or not {"arch", "weights"} <= set(spec):
         raise SpecError(option, f"expected a pyiqa metric name or {{arch, weights}}, got {spec!r}")
-    if spec["arch"] not in LOCAL_ARCHS and spec["arch"] not in _pyiqa_metric_names():
+    if spec["arch"] not in LOCAL_ARCHS and spec["arch"] not in pyiqa_metric_names():
         raise SpecError(f"{option}.arch", f"unknown architecture {spec['arch']!r}: neither a pyiqa metric nor one of {', '.join(LOCAL_ARCHS)}")
     if not Path(spec["weights"]).is_file():
         raise SpecError(f"{option}.weights", f"file not found: {spec['weights']}")
 
 
-def _pyiqa_metric_names() -> list[str]:
+def pyiqa_metric_names() -> list[str]:
     import pyiqa
 
     return pyiqa.list_models()
@@ -117,7 +117,7 @@ def load_quality_model(spec: str | dict, device: str | torch.device = "cpu") -> 
     import pyiqa
 
     if isinstance(spec, str):
-        if spec not in _pyiqa_metric_names():
+        if spec not in pyiqa_metric_names():
             raise ValueError(f"unknown quality metric {spec!r}: not a pyiqa metric (see pyiqa.list_models())")
         # as_loss=True: pyiqa then keeps the graph (and skips its range assert; we clamp instead).
         metric = pyiqa.create_metric(spec, as_loss=True, loss_reduction="none", device=torch.device(device))
@@ -131,7 +131,7 @@ def load_quality_model(spec: str | dict, device: str | torch.device = "cpu") -> 
         net = LOCAL_ARCHS[arch]()
         net.load_state_dict(state)
         return QualityModel(name, net, lower_better=net.lower_better, in_channels=1).to(device)
-    if arch not in _pyiqa_metric_names():
+    if arch not in pyiqa_metric_names():
         known = ", ".join(sorted(LOCAL_ARCHS))
         raise ValueError(f"unknown quality model arch {arch!r}: neither a pyiqa metric nor one of: {known}")
     metric = pyiqa.create_metric(arch, as_loss=True, loss_reduction="none", pretrained=None, device=torch.device(device))
@@ -149,6 +149,22 @@ class _PyiqaNet(nn.Module):
 
     def forward(self, x):
         return self.metric.net(x)
+
+
+def load_clip_score(name: str = "clipscore", device: str | torch.device = "cpu"):
+    """pyiqa's CLIP score as `(images [N, 3, H, W] in [0, 1], captions) -> [N]` (higher: the image
+    matches its prompt better). pyiqa downloads the CLIP weights."""
+    import pyiqa
+
+    if name not in pyiqa_metric_names():
+        raise ValueError(f"unknown CLIP score metric {name!r}: not a pyiqa metric (see pyiqa.list_models())")
+    metric = pyiqa.create_metric(name, device=torch.device(device))
+
+    def clip_score(images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        x = images.clamp(0, 1)
+        return metric(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, caption_list=list(captions)).reshape(-1)
+
+    return clip_score
 
 
 def quality_spearman(model: QualityModel, images: torch.Tensor, family: dict, severities=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0) -> float:

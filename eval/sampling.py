@@ -33,6 +33,7 @@ def sample_images(
     prompts: list[str] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Generate `num_images` images in [0, 1] with `steps` sampler steps (eta = 0 for DDIM).
 
@@ -41,6 +42,8 @@ def sample_images(
     pass their `vae` (latents are decoded at the end); text models pass `encode_prompt` and
     `prompts`, cycled over the images. With `world_size` > 1 each rank makes every world_size-th
     batch of the same sequence, so the ranks' outputs together are exactly the one-process images.
+    `guidance_scale` > 1 (text models) is classifier-free guidance against the empty prompt, which
+    is how Stable Diffusion is meant to be sampled; 1 is the plain conditional model.
     """
     if steps < 1:
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
@@ -54,14 +57,21 @@ def sample_images(
         n = min(batch_size, num_images - start)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
         x = torch.randn(n, config.in_channels, size, size, generator=generator).to(device)
-        conditioning = {}
+        conditioning, guided = {}, False
         if encode_prompt is not None and prompts:
-            conditioning = encode_prompt([prompts[(start + i) % len(prompts)] for i in range(n)])
+            batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(n)]
+            guided = guidance_scale != 1.0
+            # With guidance, one UNet call on [unconditional; conditional] per step.
+            conditioning = encode_prompt([""] * n + batch_prompts if guided else batch_prompts)
         scheduler.set_timesteps(steps)
         x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(x, t)
-            eps = unet(model_input, t.to(device).expand(n), **conditioning).sample
+            if guided:
+                uncond, cond = unet(torch.cat([model_input] * 2), t.to(device).expand(2 * n), **conditioning).sample.chunk(2)
+                eps = uncond + guidance_scale * (cond - uncond)
+            else:
+                eps = unet(model_input, t.to(device).expand(n), **conditioning).sample
             x = scheduler.step(eps, t, x).prev_sample
         if vae is not None:
             x = vae.decode(x / vae.config.scaling_factor).sample

@@ -61,12 +61,15 @@ class DataConfig:
     path: str = ""
     split: str = "train"
     image_column: str = "image"  # hf only: the column holding PIL images
+    caption_column: str = ""  # hf only: a column of per-image captions for text models (use caption "{label}")
     caption: str = "a handwritten digit {label}"  # text models: caption per image; {label} is filled where the data has labels
     resolution: int = 16
     channels: int = 1
 
     def validate(self, prefix):
         _choice(f"{prefix}source", self.source, ("digits", "folder", "hf"))
+        if self.caption_column and self.source != "hf":
+            raise ConfigError(f"{prefix}caption_column: only for {prefix}source 'hf', not {self.source!r}")
         if self.source != "digits" and not self.path:
             raise ConfigError(f"{prefix}path: required when {prefix}source is {self.source!r}")
         _positive(f"{prefix}resolution", self.resolution)
@@ -116,17 +119,19 @@ class EvalConfig:
     samples: int = 500  # images generated per evaluation
     sampling_steps: list[int] = field(default_factory=lambda: [25])  # one row of figures per step count
     sampler: str = "ddim"
-    reference: str = "digits:heldout"  # "digits:heldout" or an image folder
+    reference: str = "digits:heldout"  # "digits:heldout", an image folder, or "hf:NAME[:SPLIT]" (data.image_column)
     feature_extractor: str = "digits-classifier"  # torch-fidelity extractor name (inception-v3-compat online)
     feature_extractor_weights: str = "assets/digits/classifier.safetensors"  # only for extractors that need local weights
     quality: Any = field(default_factory=lambda: {"arch": "cnniqa", "weights": "assets/digits/quality_cnniqa.safetensors"})
     aesthetic: Any = field(default_factory=lambda: {"arch": "digits_heldout_iqa", "weights": "assets/digits/heldout_iqa.safetensors"})
     prompts: list[str] = field(default_factory=list)  # text models: prompts cycled over the samples (default: data.caption for labels 0-9)
+    guidance_scale: float = 1.0  # text models: classifier-free guidance when sampling (Stable Diffusion: 7.5)
+    clip_score: str = ""  # text models: a pyiqa CLIP-score metric ("clipscore") reported as clip_score@S; "" = off
     extra_quality: dict = field(default_factory=dict)  # more quality models to report, name -> pyiqa name or {arch, weights}
     cache_dir: str = ""  # reference-feature cache, shareable by a cluster ("" = $ACPO_FIDELITY_CACHE or ~/.cache/acpo/fidelity)
 
     def validate(self, prefix):
-        from eval.quality import SpecError, check_quality_spec
+        from eval.quality import SpecError, check_quality_spec, pyiqa_metric_names
 
         if self.samples < 2:
             raise ConfigError(f"{prefix}samples: FID needs at least 2 samples, got {self.samples}")
@@ -136,7 +141,11 @@ class EvalConfig:
                 check_quality_spec(resolve_quality_paths(spec), f"{prefix}{name}")
             except SpecError as error:
                 raise ConfigError(str(error)) from None
-        reserved = sorted(set(self.extra_quality) & {"quality", "aesthetic", "fid", "kid", "diversity"})
+        if self.clip_score and self.clip_score not in pyiqa_metric_names():
+            raise ConfigError(f"{prefix}clip_score: unknown pyiqa metric {self.clip_score!r}")
+        if self.guidance_scale < 1:
+            raise ConfigError(f"{prefix}guidance_scale: expected >= 1 (1 = no guidance), got {self.guidance_scale!r}")
+        reserved = sorted(set(self.extra_quality) & {"quality", "aesthetic", "fid", "kid", "diversity", "clip_score"})
         if reserved:
             raise ConfigError(f"{prefix}extra_quality.{reserved[0]}: the name is taken by a built-in metric")
         if not self.sampling_steps or any(not isinstance(s, int) or s < 1 for s in self.sampling_steps):
@@ -158,6 +167,8 @@ class Config:
         from objectives.registry import ObjectiveError, validate_objective
 
         config = _build(cls, data, "")
+        if config.data.caption_column and not config.eval.prompts:  # the caption template alone has nothing to fill in
+            raise ConfigError("eval.prompts: required when data.caption_column is set (what should evaluation prompt with?)")
         config.resolve_paths()  # before the objective check, which looks for its weight files
         try:
             validate_objective(config.objective)
@@ -172,7 +183,11 @@ class Config:
         self.model.base = resolve_path(self.model.base)
         if self.data.source == "folder" or (self.data.source == "hf" and self.data.path.startswith((".", "/", "~"))):
             self.data.path = resolve_path(self.data.path)
-        if not self.eval.reference.startswith("digits:"):
+        if self.eval.reference.startswith("hf:"):
+            name, _, split = self.eval.reference[3:].partition(":")
+            if name.startswith((".", "/", "~")):
+                self.eval.reference = f"hf:{resolve_path(name)}" + (f":{split}" if split else "")
+        elif not self.eval.reference.startswith("digits:"):
             self.eval.reference = resolve_path(self.eval.reference)
         if self.eval.feature_extractor_weights:
             self.eval.feature_extractor_weights = resolve_path(self.eval.feature_extractor_weights)

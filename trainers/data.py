@@ -122,10 +122,12 @@ class ImageFolderDataset(Dataset):
 class HFImageDataset(Dataset):
     """A Hugging Face `datasets` dataset: a hub name (e.g. "cifar10") or a folder made by `save_to_disk`.
 
-    image_column names the PIL-image column ("img" for cifar10, "image" for most others).
+    image_column names the PIL-image column ("img" for cifar10, "image" for most others). With
+    caption_column (a text-to-image set's "text"), items are (image, caption) pairs.
     """
 
-    def __init__(self, name: str, resolution: int, channels: int = 3, split: str = "train", image_column: str = "image"):
+    def __init__(self, name: str, resolution: int, channels: int = 3, split: str = "train", image_column: str = "image",
+                 caption_column: str = ""):
         import datasets
 
         if Path(name).is_dir():
@@ -139,15 +141,19 @@ class HFImageDataset(Dataset):
                 ds = datasets.load_dataset(name, split=split)
             except (ConnectionError, OSError, ValueError) as error:
                 raise RuntimeError(f"could not load Hugging Face dataset {name!r} (split {split!r}): {error}") from None
-        if image_column not in ds.column_names:
-            raise ValueError(f"dataset {name} has no column {image_column!r} (columns: {ds.column_names})")
-        self.ds, self.resolution, self.channels, self.image_column = ds, resolution, channels, image_column
+        for column in filter(None, (image_column, caption_column)):
+            if column not in ds.column_names:
+                raise ValueError(f"dataset {name} has no column {column!r} (columns: {ds.column_names})")
+        self.ds, self.resolution, self.channels = ds, resolution, channels
+        self.image_column, self.caption_column = image_column, caption_column
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i) -> torch.Tensor:
-        return _to_model_range(self.ds[i][self.image_column], self.resolution, self.channels)
+    def __getitem__(self, i):
+        row = self.ds[i]
+        image = _to_model_range(row[self.image_column], self.resolution, self.channels)
+        return (image, str(row[self.caption_column])) if self.caption_column else image
 
 
 def images_only(dataset: Dataset) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from eval.evaluate import Evaluator
-from eval.quality import load_quality_model
+from eval.quality import load_clip_score, load_quality_model
 from objectives.context import StepContext
 from objectives.registry import build_objective
 from objectives.term import BuildEnv
@@ -41,12 +41,15 @@ def build_dataset(data):
         return DigitsDataset(data.split)
     if data.source == "folder":
         return ImageFolderDataset(data.path, data.resolution, data.channels)
-    return HFImageDataset(data.path, data.resolution, data.channels, data.split, data.image_column)
+    return HFImageDataset(data.path, data.resolution, data.channels, data.split, data.image_column, data.caption_column)
 
 
 def build_evaluator(settings, data, device="cpu") -> Evaluator:
     if settings.reference.startswith("digits:"):
         reference = images_only(DigitsDataset(settings.reference.split(":", 1)[1]))
+    elif settings.reference.startswith("hf:"):  # hf:NAME[:SPLIT], e.g. hf:cifar10:train
+        name, _, split = settings.reference[3:].partition(":")
+        reference = images_only(HFImageDataset(name, data.resolution, data.channels, split or "train", data.image_column))
     else:
         reference = images_only(ImageFolderDataset(settings.reference, data.resolution, data.channels))
     return Evaluator(
@@ -60,6 +63,8 @@ def build_evaluator(settings, data, device="cpu") -> Evaluator:
         sampler=settings.sampler,
         device=device,
         prompts=tuple(settings.prompts),
+        guidance_scale=settings.guidance_scale,
+        clip_score=load_clip_score(settings.clip_score, device) if settings.clip_score else None,
         extra_quality={name: load_quality_model(spec, device) for name, spec in settings.extra_quality.items()},
         cache_dir=settings.cache_dir or None,
     )
@@ -98,7 +103,7 @@ class ShardedBatches:
             self._epoch, self._order = epoch, order[self.rank::self.world_size]
         items = [self.dataset[int(j)] for j in self._order[i * self.batch_size:(i + 1) * self.batch_size]]
         if isinstance(items[0], (list, tuple)):
-            return torch.stack([item[0] for item in items]), [int(item[1]) for item in items]
+            return torch.stack([item[0] for item in items]), [item[1] for item in items]  # digit labels or captions
         return torch.stack(items), None
 
 
@@ -227,7 +232,8 @@ def eval_model(model: torch.nn.Module, base: BaseModel, ema: Ema | None) -> Base
 
 
 def captions(template: str, labels: list[int] | None, n: int) -> list[str]:
-    """Captions for text-conditioned training: the template, with `{label}` filled where the data has labels."""
+    """Captions for text-conditioned training: the template, with `{label}` filled where the data has
+    labels (a digit) or captions of its own (`data.caption_column`, with the template "{label}")."""
     if labels is None:
         return [template.replace("{label}", "").strip()] * n
     return [template.format(label=label) for label in labels]

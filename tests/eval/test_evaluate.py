@@ -72,3 +72,40 @@ def test_acpo_eval_bad_input_is_one_line(args, message, capsys):
     assert main(["eval", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_guidance_and_clip_score_follow_the_prompts(tiny_text_model):
+    from eval.evaluate import Evaluator
+
+    model = tiny_text_model
+    common = dict(steps=2, batch_size=3, seed=1, vae=model.vae, encode_prompt=model.encode_prompt)
+    plain = sample_images(model.unet, model.scheduler.config, 5, prompts=["", ""], **common)
+    # Guidance against the empty prompt changes nothing when the prompt is empty (cond = uncond) ...
+    assert torch.allclose(sample_images(model.unet, model.scheduler.config, 5, prompts=["", ""], guidance_scale=4.0, **common),
+                          plain, atol=1e-5)
+    # ... and does change the images of a real prompt.
+    prompted = dict(prompts=["a digit 3", "a digit 7"], **common)
+    assert not torch.allclose(sample_images(model.unet, model.scheduler.config, 5, guidance_scale=4.0, **prompted),
+                              sample_images(model.unet, model.scheduler.config, 5, **prompted), atol=1e-4)
+
+    seen = []
+
+    def clip_score(images, captions):  # a stand-in scorer: records which caption each image was scored with
+        seen.extend(captions)
+        return torch.tensor([1.0 if c == "a digit 3" else 0.0 for c in captions])
+
+    quality = load_quality_model({"arch": "digits_heldout_iqa", "weights": "assets/digits/heldout_iqa.safetensors"})
+    evaluator = Evaluator(reference=torch.rand(6, 1, 16, 16), feature_extractor="digits-classifier",
+                          feature_extractor_weights="assets/digits/classifier.safetensors", quality=quality, aesthetic=quality,
+                          samples=5, sampling_steps=(1,), prompts=("a digit 3", "a digit 7"), clip_score=clip_score)
+    metrics = evaluator(model.unet, model.scheduler.config, vae=model.vae, encode_prompt=model.encode_prompt)
+    assert seen == ["a digit 3", "a digit 7", "a digit 3", "a digit 7", "a digit 3"]  # the order sample_images cycles them
+    assert metrics["clip_score@1"] == pytest.approx(3 / 5)
+    assert evaluator.directions()["clip_score"] == "max"
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model():
+    from trainers.models import build_tiny_sd
+
+    return build_tiny_sd()

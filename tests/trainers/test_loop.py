@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from sweeps.config import load_config
 from trainers.checkpoint import load_checkpoint_model
+from trainers.config import ConfigError
 from trainers.loop import ShardedBatches, train
 from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, build_tiny_sd, save_base_model
 
@@ -131,3 +132,38 @@ def test_cuda_bf16_steps(tmp_path, tiny_sd, digits_assets):
                           f"model.base={tiny_sd}", "objective={denoise: 1.0, anchor: 1.0}")
     result = train(config, report=lambda *_: None)
     assert next(result["model"].parameters()).is_cuda and torch.isfinite(torch.tensor(result["metrics"]["loss"]))
+
+
+def test_captioned_hf_data_conditions_on_its_own_captions(tmp_path, tiny_sd, digits_assets, monkeypatch):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    import trainers.loop as loop
+
+    captions = [f"caption number {i}" for i in range(16)]
+    images = [Image.fromarray(np.full((16, 16), 15 * i, dtype=np.uint8)) for i in range(16)]
+    datasets.Dataset.from_dict({"image": images, "text": captions}).save_to_disk(str(tmp_path / "ds"))
+    config = small_config(tmp_path / "run", "train.steps=2", "model.finetune=lora", f"model.base={tiny_sd}",
+                          "data.source=hf", f"data.path={tmp_path / 'ds'}", "data.caption_column=text", "data.caption='{label}'",
+                          f"eval.reference=hf:{tmp_path / 'ds'}:train", "eval.prompts=[a prompt, another prompt]",
+                          "eval.guidance_scale=3.0")
+    seen = []
+    original = loop.captions
+    monkeypatch.setattr(loop, "captions", lambda *args: seen.append(original(*args)) or seen[-1])
+    reports = []
+    train(config, report=lambda m, c=None: reports.append(m))
+    assert seen and all(c in captions for batch in seen for c in batch)  # the dataset's own text, not a template
+    assert len(seen[0]) == 8 and len(set(seen[0])) == 8
+    assert {"fid", "aesthetic"} <= set(reports[-1])  # evaluated against the hf: reference with guided sampling
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.caption_column=text"], r"data.caption_column: only for data.source 'hf'"),
+    (["data.source=hf", "data.path=x", "data.caption_column=text"], r"eval.prompts: required when data.caption_column"),
+    (["eval.guidance_scale=0.5"], r"eval.guidance_scale: expected >= 1"),
+    (["eval.clip_score=clipscorez"], r"eval.clip_score: unknown pyiqa metric 'clipscorez'"),
+])
+def test_text_data_and_eval_options_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        small_config(tmp_path, *overrides)
