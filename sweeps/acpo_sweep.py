@@ -39,17 +39,36 @@ def resolve(preset: str, overrides: list[str]) -> tuple[Config, SweepConfig]:
 
 
 def sweep_dir(sweep: SweepConfig) -> Path:
-    """Relative storage resolves against the working directory; under `ray job submit --working-dir`
-    that is Ray's copy of the project, so jobs pass an absolute (shared) `sweep.storage_dir`."""
-    return Path(sweep.storage_dir).expanduser().resolve() / sweep.name
+    """Where the sweep's files live. A relative `sweep.storage_dir` resolves against the working
+    directory, except under `ray job submit --working-dir`: there the working directory is Ray's
+    temporary copy of the project, deleted with the job, so it resolves against ~/acpo instead.
+    On a cluster, pass an absolute path on shared storage (cluster.yaml: /shared)."""
+    storage = Path(sweep.storage_dir).expanduser()
+    if not storage.is_absolute() and "working_dir" in json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}):
+        storage = Path.home() / "acpo" / storage
+    return storage.resolve() / sweep.name
+
+
+LOCAL_MLFLOW = "http://127.0.0.1:5000"  # where `make demo` starts the MLflow server
 
 
 def tracking_uri(sweep: SweepConfig) -> str:
+    """`sweep.tracking_uri`, else $MLFLOW_TRACKING_URI, else a server answering on this machine's
+    port 5000 (the one `make demo` starts), else a one-line error."""
     uri = sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        raise ConfigError("sweep.tracking_uri: not set and $MLFLOW_TRACKING_URI is empty; start a server "
-                          "(mlflow server --backend-store-uri sqlite:///runs/mlflow.db --host 127.0.0.1) and point at it")
-    return uri
+    if uri:
+        return uri
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{LOCAL_MLFLOW}/health", timeout=2) as response:
+            if response.status == 200:
+                return LOCAL_MLFLOW
+    except OSError:
+        pass
+    raise ConfigError("sweep.tracking_uri: not set, $MLFLOW_TRACKING_URI is empty and no MLflow server answers at "
+                      f"{LOCAL_MLFLOW}; start one (make demo, or mlflow server --backend-store-uri sqlite:///runs/mlflow.db "
+                      "--host 127.0.0.1) or point at yours")
 
 
 def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_name: str, parent_id: str) -> None:
@@ -193,6 +212,7 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False) -> dict:
     if not resume and tune_dir.exists():
         raise ConfigError(f"sweep.name: {directory} already holds a sweep; pass --resume, or choose another name")
     directory.mkdir(parents=True, exist_ok=True)
+    print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,27 @@ def test_dry_run_prints_config_and_space(capsys):
     assert high / low >= 100  # two decades, as measured necessary on digits
     low, high = space["objective.nr_iqa.weight"]["loguniform"]
     assert high / low >= 100
+
+
+def test_storage_and_tracking_defaults_for_a_plain_ray_job(tmp_path, monkeypatch, mlflow_server):
+    import sweeps.acpo_sweep as acpo_sweep
+    from sweeps.space import SweepConfig
+    from trainers.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sweep = SweepConfig(name="s", storage_dir="runs/sweeps")
+    assert acpo_sweep.sweep_dir(sweep) == tmp_path / "runs" / "sweeps" / "s"
+    # Under `ray job submit --working-dir`, the working directory is a temporary copy: not there.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    assert acpo_sweep.sweep_dir(sweep) == tmp_path / "home" / "acpo" / "runs" / "sweeps" / "s"
+    assert acpo_sweep.sweep_dir(SweepConfig(name="s", storage_dir="/shared/sweeps")) == Path("/shared/sweeps/s")
+
+    monkeypatch.setattr(acpo_sweep, "LOCAL_MLFLOW", mlflow_server)  # a server answering on this machine
+    assert acpo_sweep.tracking_uri(sweep) == mlflow_server
+    monkeypatch.setattr(acpo_sweep, "LOCAL_MLFLOW", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(ConfigError, match="sweep.tracking_uri: not set"):
+        acpo_sweep.tracking_uri(sweep)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    assert acpo_sweep.tracking_uri(sweep) == "http://example.invalid:5000"
