@@ -40,8 +40,10 @@ stop:
 	-$(VENV)/bin/ray stop
 	-pkill -f "mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db"
 
+# Both tiers: the fast unit tests, then the integration tests (Ray, MLflow server, kills, sweeps).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m integration
 
 # Re-create assets/digits from scratch (~25 minutes on 2 CPU cores).
 assets: $(STAMP)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from objectives.context import StepContext  # noqa: E402
 from objectives.registry import Objective, build_objective  # noqa: E402
-from trainers.data import DigitsDataset, images_only  # noqa: E402
+from eval.image_sets import DigitsDataset, images_only  # noqa: E402
 from trainers.models import load_base_model  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "digits"
@@ -51,7 +51,7 @@ def objective_spec() -> dict:
         "pefl": {"weight": 0.1, "network": network, "t_range": [0, 400]},
         "lpips_x0": {"weight": 0.1, "metric": network},
         "self_perceptual": 0.1,
-        "aesthetic": {"weight": 0.1, "rewards": {"sharp": {"model": cnniqa}, "clean": {"model": heldout}}, "t_range": [0, 400]},
+        "decoupled_rewards": {"weight": 0.1, "rewards": {"sharp": {"model": cnniqa}, "clean": {"model": heldout}}, "t_range": [0, 400]},
     }
 
 

@@ -3,7 +3,7 @@
 Two disjoint families, one per digits quality model:
 - TRAIN_FAMILY trains the quality model the objective optimizes (`nr_iqa`): Gaussian blur,
   Gaussian noise, contrast loss, blockiness.
-- HELDOUT_FAMILY trains the held-out "aesthetic" model that only scores the Pareto front:
+- HELDOUT_FAMILY trains the held-out quality model (`eval.heldout_quality`) that only scores the Pareto front:
   motion blur, salt-and-pepper, ghosting, uneven illumination. No function is shared with the first
   family, so the held-out model is not a copy of the reward it judges.
 Severity 0 leaves an image (nearly) unchanged; severity 1 is the worst grade.

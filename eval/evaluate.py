@@ -1,17 +1,20 @@
-"""One evaluation of a denoiser: sample, then fidelity, diversity and quality scores per step count.
+"""One evaluation of a diffusion model: sample, then fidelity, diversity and quality scores per step count.
 
-Models it needs (feature extractor, quality models) are built once, in the constructor or on first
-use, and reused for every checkpoint; only the samples change between calls. The reference set's
-features are cached on disk by content (see `eval/fidelity.py`).
+    evaluator = Evaluator.from_config(config, device)      # once: reference set, extractor, quality models
+    result = evaluator.evaluate(model)                       # per checkpoint: result.metrics, result.samples
+
+Models it needs (feature extractor, quality models) are built once, in `from_config`, and reused for
+every checkpoint; only the samples change between calls. The reference set's features are cached on
+disk by content (see `eval/fidelity.py`).
 
 Metrics, for each sampling step count S:
-  fid@S, kid@S       against the reference set, in the feature extractor's space (lower is better)
-  diversity@S        mean pairwise feature distance between samples (higher: more varied)
-  quality@S          the quality model the objective trains against
-  aesthetic@S        the held-out quality model: the sweep's second objective
-  <name>@S           every extra quality model named in `eval.extra_quality`
-  clip_score@S       text models with `clip_score` set: image-prompt agreement (pyiqa's clipscore)
-plus `fid` and `aesthetic` (the sweep's objectives) at the first step count.
+  fid@S, kid@S         against the reference set, in the feature extractor's space (lower is better)
+  diversity@S          mean pairwise feature distance between samples (higher: more varied)
+  trained_quality@S    the quality model the objective trains against
+  heldout_quality@S    a quality model the objective never sees: the sweep's second objective
+  <name>@S             every extra quality model named in `eval.extra_quality`
+  clip_score@S         text models with `clip_score` set: image-prompt agreement (pyiqa's clipscore)
+plus `fid` and `heldout_quality` (the sweep's two objectives) at the first step count.
 """
 
 from __future__ import annotations
@@ -22,8 +25,18 @@ from pathlib import Path
 import torch
 
 from eval.fidelity import fidelity_metrics
-from eval.quality import QualityModel
+from eval.image_sets import captions, reference_images
+from eval.quality import QualityModel, load_clip_score, load_quality_model
 from eval.sampling import sample_images
+
+# The sweep's two objectives: what the Pareto front, the selection and MLflow's charts are made of.
+OBJECTIVES = {"fid": "min", "heldout_quality": "max"}
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    samples: torch.Tensor  # [<=64, C, H, W] in [0, 1]: the first images at the first step count (sample grids)
 
 
 @dataclass
@@ -31,8 +44,7 @@ class Evaluator:
     reference: torch.Tensor  # [M, C, H, W] in [0, 1]: the real images FID is measured against
     feature_extractor: str
     feature_extractor_weights: str | None
-    quality: QualityModel  # the model the objective trains against
-    aesthetic: QualityModel  # held out: never seen by the objective; the sweep's second objective
+    quality: dict[str, QualityModel]  # metric name -> model: trained_quality, heldout_quality, extras
     samples: int = 500
     sampling_steps: tuple[int, ...] = (25,)
     sampler: str = "ddim"
@@ -41,46 +53,66 @@ class Evaluator:
     prompts: tuple[str, ...] = ()  # text models: cycled over the samples
     guidance_scale: float = 1.0  # text models: classifier-free guidance when sampling
     clip_score: object = None  # text models: (images [N,3,H,W] in [0,1], captions) -> [N], higher is better
-    extra_quality: dict[str, QualityModel] = field(default_factory=dict)
     cache_dir: str | Path | None = None  # reference features; None: $ACPO_FIDELITY_CACHE or ~/.cache/acpo/fidelity
-    last_samples: torch.Tensor | None = field(default=None, repr=False)  # the first step count's images, for sample grids
+
+    @classmethod
+    def from_config(cls, config, device: str | torch.device = "cpu") -> "Evaluator":
+        """From a run config's `eval:` (and `data:`, which says how to read the reference images and
+        how to caption the default prompts of a text model: `data.caption` for the digits 0-9)."""
+        settings, data = config.eval, config.data
+        return cls(
+            reference=reference_images(settings.reference, data),
+            feature_extractor=settings.feature_extractor,
+            feature_extractor_weights=settings.feature_extractor_weights or None,
+            quality={name: load_quality_model(spec, device) for name, spec in settings.quality_specs().items()},
+            samples=settings.samples,
+            sampling_steps=tuple(settings.sampling_steps),
+            sampler=settings.sampler,
+            device=str(device),
+            prompts=tuple(settings.prompts) or tuple(captions(data.caption, list(range(10)), 10)),
+            guidance_scale=settings.guidance_scale,
+            clip_score=load_clip_score(settings.clip_score, device) if settings.clip_score else None,
+            cache_dir=settings.cache_dir or None,
+        )
 
     def directions(self) -> dict[str, str]:
         """Which way is better for each metric family: what a table or a Pareto front needs."""
         out = {"fid": "min", "kid": "min", "diversity": "max", "clip_score": "max"}
-        for name, model in {"quality": self.quality, "aesthetic": self.aesthetic, **self.extra_quality}.items():
-            out[name] = "min" if model.lower_better else "max"
+        out.update({name: "min" if model.lower_better else "max" for name, model in self.quality.items()})
         return out
 
     @torch.no_grad()
-    def __call__(self, unet, scheduler_config, vae=None, encode_prompt=None) -> dict[str, float]:
-        metrics = {}
+    def evaluate(self, model) -> Evaluation:
+        """`model`: a diffusion model as `trainers.models.BaseModel` holds one (unet, scheduler, and
+        for latent text models vae and encode_prompt). Unconditional models ignore the prompts."""
+        encode_prompt = model.encode_prompt if model.text_conditioned else None
+        metrics, grid = {}, None
         for steps in self.sampling_steps:
-            images = sample_images(unet, scheduler_config, self.samples, steps=steps, sampler=self.sampler, seed=self.seed,
-                                   device=self.device, vae=vae, encode_prompt=encode_prompt, prompts=list(self.prompts),
+            images = sample_images(model.unet, model.scheduler.config, self.samples, steps=steps, sampler=self.sampler, seed=self.seed,
+                                   device=self.device, vae=model.vae, encode_prompt=encode_prompt, prompts=list(self.prompts),
                                    guidance_scale=self.guidance_scale)
             fidelity = fidelity_metrics(images, self.reference, self.feature_extractor, self.feature_extractor_weights,
                                         device=self.device, cache_dir=self.cache_dir)
             for key in ("fid", "kid", "diversity"):
                 metrics[f"{key}@{steps}"] = fidelity[key]
-            if steps == self.sampling_steps[0]:
-                self.last_samples = images[:64]
+            if grid is None:
+                grid = images[:64]
             on_device = images.to(self.device)
-            for name, model in {"quality": self.quality, "aesthetic": self.aesthetic, **self.extra_quality}.items():
-                metrics[f"{name}@{steps}"] = model(on_device).mean().item()
-            if self.clip_score is not None and self.prompts and encode_prompt is not None:
-                captions = [self.prompts[i % len(self.prompts)] for i in range(len(images))]  # sample_images' cycling
-                metrics[f"clip_score@{steps}"] = self.clip_score(on_device, captions).float().mean().item()
+            for name, quality in self.quality.items():
+                metrics[f"{name}@{steps}"] = quality(on_device).mean().item()
+            if self.clip_score is not None and encode_prompt is not None:
+                prompted = [self.prompts[i % len(self.prompts)] for i in range(len(images))]  # sample_images' cycling
+                metrics[f"clip_score@{steps}"] = self.clip_score(on_device, prompted).float().mean().item()
         first = self.sampling_steps[0]
-        metrics["fid"], metrics["aesthetic"] = metrics[f"fid@{first}"], metrics[f"aesthetic@{first}"]
-        return metrics
+        metrics.update({name: metrics[f"{name}@{first}"] for name in OBJECTIVES})
+        return Evaluation(metrics, grid)
 
 
-def reward_hacking_gap(metrics: dict, base: dict, steps: int, lower_better: dict[str, bool] | None = None) -> float:
-    """How much more the training quality score improved than the held-out score did, both measured
+def reward_gap(metrics: dict, base: dict, steps: int, lower_better: dict[str, bool] | None = None) -> float:
+    """How much more the trained quality score improved than the held-out one did, both measured
     from the base model, in each model's own units with improvements counted positive. A large gap
     means the objective learned to please its own reward model rather than to make better images."""
-    sign = {name: -1.0 if (lower_better or {}).get(name) else 1.0 for name in ("quality", "aesthetic")}
-    trained = sign["quality"] * (metrics[f"quality@{steps}"] - base[f"quality@{steps}"])
-    held_out = sign["aesthetic"] * (metrics[f"aesthetic@{steps}"] - base[f"aesthetic@{steps}"])
+    sign = {name: -1.0 if (lower_better or {}).get(name) else 1.0 for name in ("trained_quality", "heldout_quality")}
+    trained = sign["trained_quality"] * (metrics[f"trained_quality@{steps}"] - base[f"trained_quality@{steps}"])
+    held_out = sign["heldout_quality"] * (metrics[f"heldout_quality@{steps}"] - base[f"heldout_quality@{steps}"])
     return trained - held_out

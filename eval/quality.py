@@ -11,11 +11,12 @@ Specs:
   ourselves because pyiqa's loader unpickles (it loads with `weights_only=False`); a `.pth`
   file is read with `weights_only=True`.
 - {"arch": "digits_heldout_iqa", "weights": ...}: the held-out digits quality model (its own
-  architecture, below), the "aesthetic" axis of the digits preset.
+  architecture, below), the digits preset's `eval.heldout_quality`.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -106,10 +107,11 @@ def check_quality_spec(spec, option: str) -> None:
         raise SpecError(f"{option}.weights", f"file not found: {spec['weights']}")
 
 
-def pyiqa_metric_names() -> list[str]:
+@functools.cache
+def pyiqa_metric_names() -> tuple[str, ...]:
     import pyiqa
 
-    return pyiqa.list_models()
+    return tuple(pyiqa.list_models())
 
 
 def load_quality_model(spec: str | dict, device: str | torch.device = "cpu") -> QualityModel:
@@ -185,9 +187,4 @@ def quality_spearman(model: QualityModel, images: torch.Tensor, family: dict, se
     return float(spearmanr(torch.cat(scores).numpy(), torch.cat(truth).numpy()).statistic)
 
 
-def standardize_direction(scores: torch.Tensor, lower_better: bool) -> torch.Tensor:
-    """Scores turned so that higher is better (for losses and Pareto fronts)."""
-    return -scores if lower_better else scores
-
-
-__all__ = ["QualityModel", "DigitsHeldoutIQA", "load_quality_model", "quality_spearman", "read_state_dict", "standardize_direction"]
+__all__ = ["QualityModel", "DigitsHeldoutIQA", "load_quality_model", "quality_spearman", "read_state_dict"]

@@ -6,10 +6,21 @@ schedule (`from_config`), so a model trained with a cosine schedule is sampled w
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
+
+
+def derive_seed(seed: int, stream: str, index: int = 0, rank: int = 0) -> int:
+    """The one seed scheme of the project: every random draw of training and evaluation is seeded
+    from (seed, stream, index, rank), e.g. ("step", micro-batch index, rank) for a step's noise,
+    ("data order", epoch) for an epoch's permutation, ("sampling", batch) for evaluation noise.
+    Hashed, so that streams never share a seed and nearby indices give unrelated generators."""
+    digest = hashlib.sha256(f"{seed}/{stream}/{index}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: what torch's manual_seed takes
 
 
 def make_sampler(scheduler_config, sampler: str = "ddim"):
@@ -37,7 +48,7 @@ def sample_images(
 ) -> torch.Tensor:
     """Generate `num_images` images in [0, 1] with `steps` sampler steps (eta = 0 for DDIM).
 
-    The noise of image i depends only on (seed, i // batch_size): two calls with the same seed give
+    The noise of image i depends only on (seed, i // batch_size) (`derive_seed`): two calls with the same seed give
     the same images, which is what makes evaluations of two checkpoints comparable. Latent models
     pass their `vae` (latents are decoded at the end); text models pass `encode_prompt` and
     `prompts`, cycled over the images. With `world_size` > 1 each rank makes every world_size-th
@@ -55,7 +66,7 @@ def sample_images(
     out = []
     for start in list(range(0, num_images, batch_size))[rank::world_size]:
         n = min(batch_size, num_images - start)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        generator = torch.Generator().manual_seed(derive_seed(seed, "sampling", start // batch_size))
         x = torch.randn(n, config.in_channels, size, size, generator=generator).to(device)
         conditioning, guided = {}, False
         if encode_prompt is not None and prompts:

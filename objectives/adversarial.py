@@ -16,12 +16,12 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from objectives.context import StepContext, X0Source
 from eval.quality import check_quality_spec
-from objectives.term import BuildEnv, require_number
+from objectives.context import StepContext, X0Source
+from objectives.term import BuildEnv, Term, require_number
 
 
-class Adversarial:
+class Adversarial(Term):
     name = "adversarial"
 
     def __init__(self, discriminator="musiq", learning_rate: float = 1e-4, x0: str = "sampled", t_range=None,

@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 
 from objectives.context import StepContext
+from objectives.term import Term
 
 
-class Anchor:
+class Anchor(Term):
     name = "anchor"
+    needs_base = True  # reads the frozen base model
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         """Per-sample mean squared distance `[N]` between the two predictions; 0 when the models agree."""

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from objectives.context import StepContext
-from objectives.term import require_number
+from objectives.term import Term, require_number
 
 
-class Denoise:
+class Denoise(Term):
     name = "denoise"
 
     def __init__(self, min_snr_gamma: float = 0.0):

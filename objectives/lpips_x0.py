@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from objectives.context import StepContext
 from objectives.networks import PerceptualDistance, check_network_spec
-from objectives.term import BuildEnv, OptionError, require_number
+from objectives.term import BuildEnv, OptionError, Term, require_number
 
 
 class CascadedX0Head(nn.Module):
@@ -37,7 +37,7 @@ class CascadedX0Head(nn.Module):
         return x0_estimate + self.net(torch.cat([x_t, x0_estimate, t_map], dim=1))
 
 
-class LpipsX0:
+class LpipsX0(Term):
     name = "lpips_x0"
 
     def __init__(self, metric="lpips", mse_weight: float = 1.0, width: int = 32):

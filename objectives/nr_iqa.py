@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from objectives.context import StepContext, X0Source
 from eval.quality import check_quality_spec
-from objectives.term import BuildEnv, OptionError, require_number
+from objectives.context import StepContext, X0Source
+from objectives.term import BuildEnv, OptionError, Term, require_number
 
 
 def quality_loss(score: torch.Tensor, lower_better: bool, target: float | None) -> torch.Tensor:
@@ -26,7 +26,7 @@ def quality_loss(score: torch.Tensor, lower_better: bool, target: float | None) 
     return torch.relu(score - target) if lower_better else torch.relu(target - score)
 
 
-class NrIqa:
+class NrIqa(Term):
     name = "nr_iqa"
 
     def __init__(self, metric="musiq", target: float | None = None, x0: str = "one_step", t_range=None,

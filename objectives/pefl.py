@@ -12,7 +12,7 @@ import torch
 
 from objectives.context import StepContext
 from objectives.networks import check_network_spec, load_feature_network
-from objectives.term import BuildEnv, OptionError, check_t_range, check_t_range_fits, require_number
+from objectives.term import BuildEnv, OptionError, Term, check_t_range, check_t_range_fits, require_number
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     return flat @ flat.transpose(1, 2) / (c * h * w)
 
 
-class Pefl:
+class Pefl(Term):
     name = "pefl"
 
     def __init__(self, network="vgg16", feature_weight: float = 1.0, style_weight: float = 1.0, t_range=None):

@@ -12,9 +12,9 @@ import torch
 
 from eval.quality import SpecError
 from objectives.adversarial import Adversarial
-from objectives.aesthetic import Aesthetic
 from objectives.anchor import Anchor
 from objectives.context import StepContext
+from objectives.decoupled_rewards import DecoupledRewards
 from objectives.denoise import Denoise
 from objectives.lpips_x0 import LpipsX0
 from objectives.nr_iqa import NrIqa
@@ -29,11 +29,13 @@ TERMS = {
     "lpips_x0": LpipsX0,
     "self_perceptual": SelfPerceptual,
     "pefl": Pefl,
-    "aesthetic": Aesthetic,
+    "decoupled_rewards": DecoupledRewards,
     "adversarial": Adversarial,
 }
-# Terms that read ctx.base: the trainer builds (or, with LoRA, exposes) the frozen base only for these.
-NEEDS_BASE = {"anchor", "self_perceptual"}
+
+
+# Renamed terms: a config with the old name fails naming the new one.
+RENAMED_TERMS = {"aesthetic": "decoupled_rewards (UniFL's decoupled rewards; the sweep's held-out axis is eval.heldout_quality)"}
 
 
 class Objective:
@@ -59,30 +61,36 @@ class Objective:
 
     @property
     def needs_base(self) -> bool:
-        return bool(NEEDS_BASE & set(self.terms))
+        """Some term reads the frozen base: the trainer builds (or, with LoRA, exposes) it only then."""
+        return any(term.needs_base for _, term in self.terms.values())
 
-    def _with(self, method: str):
-        return [(name, term) for name, (_, term) in self.terms.items() if hasattr(term, method)]
+    def _terms(self):
+        return [(name, term) for name, (_, term) in self.terms.items()]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters of terms' own modules that the model's optimizer trains (the Cas-DM head)."""
-        return [p for _, term in self._with("trainable_parameters") for p in term.trainable_parameters()]
+        return [p for _, term in self._terms() for p in term.trainable_parameters()]
 
     def update(self, ctx: StepContext, sync=None) -> dict[str, torch.Tensor]:
         """After the model's optimizer step: terms with optimizers of their own take theirs.
         `sync(parameters)` averages their gradients across workers (None: one worker)."""
         logged = {}
-        for name, term in self._with("update"):
+        for name, term in self._terms():
             logged.update({f"{name}/{k}": v for k, v in term.update(ctx, sync).items()})
         return logged
 
     def state_dict(self) -> dict:
-        return {name: term.state_dict() for name, term in self._with("state_dict")}
+        return {name: state for name, term in self._terms() if (state := term.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, term in self._with("load_state_dict"):
+        for name, term in self._terms():
             if name in state:
                 term.load_state_dict(state[name])
+
+
+def term_options(name: str) -> set[str]:
+    """The options a term accepts besides `weight`: its constructor's keyword arguments."""
+    return set(inspect.signature(TERMS[name]).parameters)
 
 
 def _term_options(spec: dict, prefix: str):
@@ -90,13 +98,15 @@ def _term_options(spec: dict, prefix: str):
     if not isinstance(spec, dict) or not spec:
         raise ObjectiveError(f"{prefix}: expected a non-empty mapping of term name -> weight or options")
     for name, options in spec.items():
+        if name in RENAMED_TERMS:
+            raise ObjectiveError(f"{prefix}.{name}: renamed to {prefix}.{RENAMED_TERMS[name]}")
         if name not in TERMS:
             raise ObjectiveError(f"{prefix}.{name}: unknown term (known: {', '.join(sorted(TERMS))})")
         options = {"weight": options} if not isinstance(options, dict) else dict(options)
         weight = options.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ObjectiveError(f"{prefix}.{name}.weight: expected a number >= 0, got {weight!r}")
-        accepted = set(inspect.signature(TERMS[name]).parameters)
+        accepted = term_options(name)
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise ObjectiveError(f"{prefix}.{name}.{unknown[0]}: unknown option (known: weight, {', '.join(sorted(accepted))})")
@@ -107,7 +117,7 @@ def _construct(name: str, options: dict, prefix: str, env: BuildEnv | None):
     """The term, validated (and set up when `env` is given); every failure names its field."""
     try:
         term = TERMS[name](**options)
-        if env is not None and hasattr(term, "setup"):
+        if env is not None:
             term.setup(env)
         return term
     except (OptionError, SpecError) as error:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from objectives.context import StepContext
-from objectives.term import BuildEnv, check_t_range, check_t_range_fits
+from objectives.term import BuildEnv, Term, check_t_range, check_t_range_fits
 
 
-class SelfPerceptual:
+class SelfPerceptual(Term):
     name = "self_perceptual"
+    needs_base = True  # reads the frozen base model
 
     def __init__(self, t_range=None):
         self.t_range = check_t_range(t_range)  # where t' is drawn; default every timestep

@@ -1,16 +1,18 @@
 """The Term interface, written down once.
 
-A term is a small class, one per file:
+A term is a small class, one per file, subclassing `Term`:
 
 - `__init__(**options)`: hyperparameters only, validated at once (cheap: loads nothing), raising
   `OptionError(option, message)`; the registry turns that into `objective.<term>.<option>: message`.
-- `setup(env)`: optional; builds the frozen helpers it needs (quality model, feature network) once,
-  on `env.device`, and any trainable state. Called when the objective is built, so a bad file or
+- `setup(env)`: builds the frozen helpers it needs (quality model, feature network) once, on
+  `env.device`, and any trainable state. Called when the objective is built, so a bad file or
   metric fails then, not at step 1,000.
 - `__call__(ctx) -> [N]` per-sample loss (lower is better), or a dict of named `[N]` parts that the
   objective sums and logs separately. No reduction, no optimizer logic.
 
-Terms with trainable state expose it (duck-typed, all optional):
+What a term needs and owns is declared on the term itself (the defaults below: nothing):
+- `needs_base`: it reads the frozen base model (`ctx.base_prediction`, `ctx.base_features`); the
+  trainer then hands one over (with LoRA, the model with adapters disabled);
 - `trainable_parameters()`: parameters the trainer's optimizer updates with the model (Cas-DM head);
 - `update(ctx, sync)`: a step of the term's own optimizer after the model's step (the discriminator),
   calling `sync(parameters)` between its backward and its step so workers stay identical;
@@ -32,6 +34,26 @@ class OptionError(ValueError):
     def __init__(self, option: str, message: str):
         super().__init__(f"{option}: {message}")
         self.option, self.message = option, message
+
+
+class Term:
+    name = ""
+    needs_base = False
+
+    def setup(self, env: "BuildEnv") -> None:
+        pass
+
+    def trainable_parameters(self) -> list:
+        return []
+
+    def update(self, ctx, sync=None) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 @dataclass

@@ -1,16 +1,18 @@
 """The sweep: Ray Tune + Optuna over the objective's weights and step counts, two objectives at once
-(FID down, aesthetic up), every trial a Ray Train fine-tuning, everything tracked in MLflow, and the
-champion selected from the Pareto front and registered.
+(FID down, held-out quality up), every trial a Ray Train fine-tuning, everything tracked in MLflow,
+and the champion selected from the Pareto front and registered.
 
     ray job submit --working-dir . -- python sweeps/acpo_sweep.py             # digits preset
     python sweeps/acpo_sweep.py --preset digits --set sweep.num_samples=4    # joins a running cluster or starts one
     python sweeps/acpo_sweep.py --resume                                      # after an interruption
     python sweeps/acpo_sweep.py --dry-run                                     # resolved config and space
 
-MLflow's tracking URI comes from `sweep.tracking_uri` or $MLFLOW_TRACKING_URI (an `mlflow server`).
-Everything else lives under `<sweep.storage_dir>/<sweep.name>/`: the Tune experiment (`tune/`), the
-Optuna study (`optuna.db`), each trial's checkpoints (`trials/<trial>/step_*`), the base model's
-metrics, the selection and the exported champion.
+`run_sweep` reads top to bottom: resolve the storage and tracking, evaluate the base model once, build
+(or restore) the Tuner, fit it, select the champion. MLflow's tracking URI comes from
+`sweep.tracking_uri` or $MLFLOW_TRACKING_URI (an `mlflow server`). Everything else lives under
+`<sweep.storage_dir>/<sweep.name>/`: the Tune experiment (`tune/`), the Optuna study (`optuna.db`),
+each trial's checkpoints (`trials/<trial>/step_*`), the base model's metrics, the selection and the
+exported champion.
 """
 
 from __future__ import annotations
@@ -24,18 +26,42 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python sweeps/acpo_sweep.py`: import from the project root, not from sweeps/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from sweeps.config import apply_overrides, read_preset  # noqa: E402
-from sweeps.space import SweepConfig, apply_params, check_space, read_sweep  # noqa: E402
+from eval.evaluate import OBJECTIVES  # noqa: E402
+from sweeps.presets import SweepConfig, load, set_values  # noqa: E402
+from sweeps.space import check_space  # noqa: E402
+from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
 from trainers.config import Config, ConfigError  # noqa: E402
 
 
-def resolve(preset: str, overrides: list[str]) -> tuple[Config, SweepConfig]:
-    """Preset + overrides -> the validated run config and sweep settings (no Ray, no model)."""
-    data = apply_overrides(read_preset(preset), overrides)
-    sweep = read_sweep(data.pop("sweep", {}))
-    config = Config.from_dict(data)
-    check_space(sweep, config.to_dict())
-    return config, sweep
+def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False) -> dict:
+    uri, directory = tracking_uri(sweep), sweep_dir(sweep)
+    check_storage(sweep, directory, resume)
+    print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
+    tracking, parent = start_tracking(config, sweep, uri)
+    evaluate_base(config, directory, tracking, parent)
+    tuner = restore_tuner(config, sweep, directory, uri, parent) if resume else build_tuner(config, sweep, directory, uri, parent)
+    results = tuner.fit()
+    close_interrupted(sweep, directory, tracking)
+    errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
+    if errors:
+        print(f"[sweep] {len(errors)} trial(s) failed; first: {errors[0]}", file=sys.stderr, flush=True)
+    selection = select_and_register(sweep, directory, uri)
+    tracking.client.set_terminated(parent)
+    return selection
+
+
+def check_storage(sweep: SweepConfig, directory: Path, resume: bool) -> None:
+    """A new sweep needs a new name; --resume needs a sweep to resume. Then the folder exists."""
+    from ray import tune
+
+    if not sweep.space:
+        raise ConfigError("sweep.space: expected a non-empty mapping of config key -> distribution")
+    tune_dir = directory / "tune"
+    if resume and not tune.Tuner.can_restore(str(tune_dir)):
+        raise ConfigError(f"--resume: no sweep to resume at {tune_dir}")
+    if not resume and tune_dir.exists():
+        raise ConfigError(f"sweep.name: {directory} already holds a sweep; pass --resume, or choose another name")
+    directory.mkdir(parents=True, exist_ok=True)
 
 
 def sweep_dir(sweep: SweepConfig) -> Path:
@@ -71,6 +97,90 @@ def tracking_uri(sweep: SweepConfig) -> str:
                       "--host 127.0.0.1) or point at yours")
 
 
+def start_tracking(config: Config, sweep: SweepConfig, uri: str):
+    """The sweep's MLflow experiment and parent run (found again on --resume), with its settings."""
+    from sweeps.tracking import SweepTracking
+
+    tracking = SweepTracking(uri, sweep.name)
+    parent = tracking.run("sweep", sweep.name)
+    tracking.log_params(parent, {"preset": config.preset, "num_samples": sweep.num_samples, "algorithm": sweep.algorithm,
+                                 "fid_tolerance": sweep.fid_tolerance, **{f"space.{k}": v for k, v in sweep.space.items()}})
+    return tracking, parent
+
+
+def evaluate_base(config: Config, directory: Path, tracking, parent: str) -> dict:
+    """The base model, evaluated once (the reference point of the front), in its own child run."""
+    base_file = directory / "base_metrics.json"
+    if not base_file.is_file():
+        from eval.evaluate import Evaluator
+        from trainers.models import load_base_model
+
+        print("[sweep] evaluating the base model", flush=True)
+        metrics = Evaluator.from_config(config).evaluate(load_base_model(config.model.base)).metrics
+        base_file.write_text(json.dumps(metrics, indent=2) + "\n")
+    base = json.loads(base_file.read_text())
+    base_run = tracking.run("base", "base model", parent)
+    tracking.log_metrics(base_run, base)
+    tracking.client.set_terminated(base_run)
+    return base
+
+
+def build_tuner(config: Config, sweep: SweepConfig, directory: Path, uri: str, parent: str):
+    """A new Tuner: Optuna's multi-objective search over the space, its study on disk, as many
+    concurrent trials as the cluster fits, FIFO (an early stopper on one metric would bias the front)."""
+    import ray
+    from optuna.samplers import NSGAIISampler, TPESampler
+    from optuna.storages import RDBStorage
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.space import tune_space
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one
+    settings = config.train
+    if settings.use_gpu:
+        fit = int(ray.cluster_resources().get("GPU", 0) // settings.workers)
+    else:
+        fit = int(ray.cluster_resources().get("CPU", 1) // (settings.workers * settings.cpus_per_worker))
+    concurrency = sweep.max_concurrent or max(1, fit)
+    sampler = NSGAIISampler(seed=sweep.seed) if sweep.algorithm == "nsga2" else TPESampler(seed=sweep.seed, multivariate=True)
+    search = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=sampler, study_name=sweep.name,
+                          storage=RDBStorage(f"sqlite:///{directory / 'optuna.db'}"), seed=sweep.seed)
+    print(f"[sweep] {sweep.num_samples} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
+    return tune.Tuner(
+        trainable(config, sweep, directory, uri, parent),
+        param_space=tune_space(sweep),
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=FIFOScheduler(), num_samples=sweep.num_samples,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name="tune", storage_path=str(directory)),
+    )
+
+
+def restore_tuner(config: Config, sweep: SweepConfig, directory: Path, uri: str, parent: str):
+    """The interrupted Tuner with its searcher: unfinished trials resume from their last checkpoint."""
+    import ray
+    from ray import tune
+
+    if not ray.is_initialized():
+        ray.init()
+    return tune.Tuner.restore(str(directory / "tune"), trainable=trainable(config, sweep, directory, uri, parent),
+                              resume_unfinished=True, resume_errored=True)
+
+
+def trainable(config: Config, sweep: SweepConfig, directory: Path, uri: str, parent: str):
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(run_trial, base_config=config.to_dict(), directory=str(directory), uri=uri,
+                             sweep_name=sweep.name, parent_id=parent),
+        # The trial function only drives its TorchTrainer; the workers hold the CPUs and GPUs. A bundle
+        # cannot be empty, and a CPU fraction here would leave no whole CPU for the last worker.
+        {"cpu": 0, "memory": 1},
+    )
+
+
 def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_name: str, parent_id: str) -> None:
     """One Tune trial: the trainer's TorchTrainer, fitted (Train V2: the trial function is its driver)."""
     from ray import tune
@@ -81,7 +191,7 @@ def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_n
 
     trial = tune.get_context().get_trial_id()
     work = Path(directory) / "work" / trial
-    config = Config.from_dict(apply_params(base_config, {**params, "train.output_dir": str(work)}))
+    config = Config.from_dict(set_values(base_config, {**params, "train.output_dir": str(work)}))
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     tracking = SweepTracking(uri, sweep_name)
@@ -92,178 +202,6 @@ def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_n
                             callbacks=[TuneReportCallback(), MlflowReportCallback(uri, sweep_name, run_id)])
     trainer.fit()
     tracking.client.set_terminated(run_id)
-
-
-def evaluated_checkpoints(directory: Path) -> list[dict]:
-    """Every evaluated checkpoint of every trial: the table the selection runs on."""
-    rows = []
-    for metrics_file in sorted(directory.glob("trials/*/step_*/metrics.json")):
-        checkpoint = metrics_file.parent
-        trial = checkpoint.parent.name
-        params_file = directory / "work" / trial / "params.json"
-        params = json.loads(params_file.read_text()) if params_file.is_file() else {}
-        metrics = json.loads(metrics_file.read_text())
-        rows.append({"trial": trial, "checkpoint": str(checkpoint), **metrics, **{f"param:{k}": v for k, v in params.items()}})
-    return rows
-
-
-def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
-    """Pareto front, hypervolume and champion over every evaluated checkpoint; logged to the parent
-    run, the champion exported in diffusers layout and registered with alias `champion`."""
-    from sweeps.selection import hypervolume, pareto_front, select_champion
-    from sweeps.tracking import SweepTracking
-
-    base_file = directory / "base_metrics.json"
-    if not base_file.is_file():
-        raise FileNotFoundError(f"no sweep at {directory} (base_metrics.json missing)")
-    base = json.loads(base_file.read_text())
-    rows = evaluated_checkpoints(directory)
-    front = pareto_front(rows)
-    champion, rule = select_champion(rows, base, sweep.fid_tolerance)
-    selection = {"base": {"fid": base["fid"], "aesthetic": base["aesthetic"]}, "rule": rule, "fid_tolerance": sweep.fid_tolerance,
-                 "hypervolume": hypervolume(front, base), "evaluated": len(rows), "front": front, "champion": champion}
-    (directory / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
-    plot_front(rows, front, base, champion, directory / "pareto.png")
-
-    tracking = SweepTracking(uri, sweep.name)
-    parent = tracking.run("sweep", sweep.name)
-    tracking.log_metrics(parent, {"hypervolume": selection["hypervolume"], "evaluated_checkpoints": len(rows),
-                                  "base_fid": base["fid"], "base_aesthetic": base["aesthetic"]})
-    tracking.client.log_artifact(parent, str(directory / "pareto.png"))
-    tracking.client.log_table(parent, {k: [r.get(k) for r in front] for k in ("trial", "step", "fid", "aesthetic", "checkpoint")},
-                              artifact_file="pareto_front.json")
-    tracking.client.log_artifact(parent, str(directory / "selection.json"))
-    if champion is None:
-        return selection
-    tracking.log_metrics(parent, {"champion_fid": champion["fid"], "champion_aesthetic": champion["aesthetic"]})
-    tracking.client.set_tag(parent, "acpo.champion", f"{champion['trial']}/step {champion['step']}")
-    exported = export_champion(Path(champion["checkpoint"]), directory / "champion")
-    tracking.client.log_artifacts(parent, str(exported), artifact_path="champion")
-    source = f"{tracking.client.get_run(parent).info.artifact_uri}/champion"
-    from mlflow.exceptions import MlflowException
-
-    model_name = sweep.model_name or sweep.name
-    try:
-        tracking.client.create_registered_model(model_name)
-    except MlflowException:
-        pass  # registered by an earlier sweep: the champion becomes a new version
-    version = tracking.client.create_model_version(model_name, source=source, run_id=parent,
-                                                   tags={"rule": rule[:200], "checkpoint": champion["checkpoint"], "sweep": sweep.name})
-    tracking.client.set_registered_model_alias(model_name, "champion", version.version)
-    selection["registered"] = {"model": model_name, "version": version.version, "alias": "champion", "source": source}
-    (directory / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
-    return selection
-
-
-def export_champion(checkpoint: Path, out: Path) -> Path:
-    """The champion as a plain diffusers pipeline folder (LoRA merged into the weights)."""
-    import shutil
-
-    from trainers.checkpoint import load_checkpoint_model
-    from trainers.lora import merge_lora
-    from trainers.models import save_base_model
-
-    model = load_checkpoint_model(checkpoint)
-    merge_lora(model.unet)
-    if out.exists():
-        shutil.rmtree(out)
-    save_base_model(model, out)
-    shutil.copy(checkpoint / "metrics.json", out / "metrics.json")
-    return out
-
-
-def plot_front(rows, front, base, champion, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([r["fid"] for r in rows], [r["aesthetic"] for r in rows], s=14, c="0.7", label="evaluated checkpoints")
-    ax.plot([r["fid"] for r in front], [r["aesthetic"] for r in front], "o-", c="tab:red", ms=5, label="Pareto front")
-    ax.scatter([base["fid"]], [base["aesthetic"]], marker="*", s=160, c="black", label="base model")
-    if champion:
-        ax.scatter([champion["fid"]], [champion["aesthetic"]], s=160, facecolors="none", edgecolors="tab:blue", linewidths=2, label="champion")
-    ax.set_xlabel("FID (lower is better)")
-    ax.set_ylabel("aesthetic (higher is better)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False) -> dict:
-    import ray
-    from optuna.samplers import NSGAIISampler, TPESampler
-    from optuna.storages import RDBStorage
-    from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from sweeps.space import tune_space
-    from sweeps.tracking import SweepTracking
-    from trainers.loop import evaluate_base
-
-    uri = tracking_uri(sweep)
-    directory = sweep_dir(sweep)
-    tune_dir = directory / "tune"
-    if resume and not tune.Tuner.can_restore(str(tune_dir)):
-        raise ConfigError(f"--resume: no sweep to resume at {tune_dir}")
-    if not resume and tune_dir.exists():
-        raise ConfigError(f"sweep.name: {directory} already holds a sweep; pass --resume, or choose another name")
-    directory.mkdir(parents=True, exist_ok=True)
-    print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one
-
-    tracking = SweepTracking(uri, sweep.name)
-    parent = tracking.run("sweep", sweep.name)
-    tracking.log_params(parent, {"preset": config.preset, "num_samples": sweep.num_samples, "algorithm": sweep.algorithm,
-                                 "fid_tolerance": sweep.fid_tolerance, **{f"space.{k}": v for k, v in sweep.space.items()}})
-    base_file = directory / "base_metrics.json"
-    if not base_file.is_file():  # evaluated once, the reference point of the front
-        print("[sweep] evaluating the base model", flush=True)
-        base_file.write_text(json.dumps(evaluate_base(config), indent=2) + "\n")
-    base = json.loads(base_file.read_text())
-    base_run = tracking.run("base", "base model", parent)
-    tracking.log_metrics(base_run, base)
-    tracking.client.set_terminated(base_run)
-
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_config=config.to_dict(), directory=str(directory), uri=uri,
-                             sweep_name=sweep.name, parent_id=parent),
-        # The trial function only drives its TorchTrainer; the workers hold the CPUs and GPUs. A bundle
-        # cannot be empty, and a CPU fraction here would leave no whole CPU for the last worker.
-        {"cpu": 0, "memory": 1},
-    )
-    if resume:
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        per_trial_cpu = config.train.workers * config.train.cpus_per_worker
-        if config.train.use_gpu:
-            fit = int(ray.cluster_resources().get("GPU", 0) // config.train.workers)
-        else:
-            fit = int(ray.cluster_resources().get("CPU", 1) // per_trial_cpu)
-        concurrency = sweep.max_concurrent or max(1, fit)
-        sampler = NSGAIISampler(seed=sweep.seed) if sweep.algorithm == "nsga2" else TPESampler(seed=sweep.seed, multivariate=True)
-        search = OptunaSearch(metric=["fid", "aesthetic"], mode=["min", "max"], sampler=sampler, study_name=sweep.name,
-                              storage=RDBStorage(f"sqlite:///{directory / 'optuna.db'}"), seed=sweep.seed)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=tune_space(sweep),
-            tune_config=tune.TuneConfig(search_alg=search, scheduler=FIFOScheduler(), num_samples=sweep.num_samples,
-                                        max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name="tune", storage_path=str(directory)),
-        )
-        print(f"[sweep] {sweep.num_samples} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
-    results = tuner.fit()
-    close_interrupted(sweep, directory, tracking)
-    errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
-    if errors:
-        print(f"[sweep] {len(errors)} trial(s) failed; first: {errors[0]}", file=sys.stderr, flush=True)
-    selection = select_and_register(sweep, directory, uri)
-    tracking.client.set_terminated(parent)
-    return selection
 
 
 def close_interrupted(sweep: SweepConfig, directory: Path, tracking) -> int:
@@ -284,14 +222,101 @@ def close_interrupted(sweep: SweepConfig, directory: Path, tracking) -> int:
     return interrupted
 
 
+def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
+    """Select; log the selection to the sweep's parent run; export the champion in diffusers layout
+    and register it with alias `champion`."""
+    from sweeps.tracking import SweepTracking
+
+    selection = select(sweep, directory)
+    tracking = SweepTracking(uri, sweep.name)
+    parent = tracking.run("sweep", sweep.name)
+    tracking.log_selection(parent, selection, directory)
+    champion = selection["champion"]
+    if champion is not None:
+        exported = export_champion(Path(champion["checkpoint"]), directory / "champion")
+        selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection)
+        (directory / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+    return selection
+
+
+def select(sweep: SweepConfig, directory: Path) -> dict:
+    """Pareto front, hypervolume and champion over every evaluated checkpoint (no MLflow), written
+    to `selection.json` and drawn in `pareto.png`."""
+    from sweeps.selection import hypervolume, pareto_front, select_champion
+
+    base_file = directory / "base_metrics.json"
+    if not base_file.is_file():
+        raise FileNotFoundError(f"no sweep at {directory} (base_metrics.json missing)")
+    base = json.loads(base_file.read_text())
+    rows = evaluated_checkpoints(directory)
+    front = pareto_front(rows)
+    champion, rule = select_champion(rows, base, sweep.fid_tolerance)
+    selection = {"base": {name: base[name] for name in OBJECTIVES}, "rule": rule, "fid_tolerance": sweep.fid_tolerance,
+                 "hypervolume": hypervolume(front, base), "evaluated": len(rows), "front": front, "champion": champion}
+    (directory / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+    plot_front(rows, front, base, champion, directory / "pareto.png")
+    return selection
+
+
+def evaluated_checkpoints(directory: Path) -> list[dict]:
+    """Every evaluated checkpoint of every trial: the table the selection runs on."""
+    rows = []
+    for metrics_file in sorted(directory.glob(f"trials/*/{CHECKPOINT_GLOB}/metrics.json")):
+        checkpoint = metrics_file.parent
+        trial = checkpoint.parent.name
+        params_file = directory / "work" / trial / "params.json"
+        params = json.loads(params_file.read_text()) if params_file.is_file() else {}
+        metrics = json.loads(metrics_file.read_text())
+        rows.append({"trial": trial, "checkpoint": str(checkpoint), **metrics, **{f"param:{k}": v for k, v in params.items()}})
+    return rows
+
+
+def plot_front(rows, front, base, champion, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([r["fid"] for r in rows], [r["heldout_quality"] for r in rows], s=14, c="0.7", label="evaluated checkpoints")
+    ax.plot([r["fid"] for r in front], [r["heldout_quality"] for r in front], "o-", c="tab:red", ms=5, label="Pareto front")
+    ax.scatter([base["fid"]], [base["heldout_quality"]], marker="*", s=160, c="black", label="base model")
+    if champion:
+        ax.scatter([champion["fid"]], [champion["heldout_quality"]], s=160, facecolors="none", edgecolors="tab:blue", linewidths=2,
+                   label="champion")
+    ax.set_xlabel("FID (lower is better)")
+    ax.set_ylabel("held-out quality (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def export_champion(checkpoint: Path, out: Path) -> Path:
+    """The champion as a plain diffusers pipeline folder (LoRA merged into the weights)."""
+    import shutil
+
+    from trainers.checkpoint import load_checkpoint_model
+    from trainers.lora import merge_lora
+    from trainers.models import save_base_model
+
+    model = load_checkpoint_model(checkpoint)
+    merge_lora(model.unet)
+    if out.exists():
+        shutil.rmtree(out)
+    save_base_model(model, out)
+    shutil.copy(checkpoint / "metrics.json", out / "metrics.json")
+    return out
+
+
 def print_summary(selection: dict, uri: str, sweep: SweepConfig) -> None:
     base, champion = selection["base"], selection.get("champion")
     print(f"\nMLflow: {uri}  (experiment '{sweep.name}')")
-    print(f"base model:  FID {base['fid']:.3f}  aesthetic {base['aesthetic']:.4f}")
+    print(f"base model:  FID {base['fid']:.3f}  held-out quality {base['heldout_quality']:.4f}")
     print(f"front: {len(selection['front'])} of {selection['evaluated']} evaluated checkpoints; hypervolume {selection['hypervolume']:.4g}")
     if champion:
         params = ", ".join(f"{k[6:]}={v:.4g}" if isinstance(v, float) else f"{k[6:]}={v}" for k, v in champion.items() if k.startswith("param:"))
-        print(f"champion:    FID {champion['fid']:.3f}  aesthetic {champion['aesthetic']:.4f}  ({selection['rule']})")
+        print(f"champion:    FID {champion['fid']:.3f}  held-out quality {champion['heldout_quality']:.4f}  ({selection['rule']})")
         print(f"             trial {champion['trial']} step {champion['step']}: {params}")
         registered = selection.get("registered")
         if registered:
@@ -299,6 +324,8 @@ def print_summary(selection: dict, uri: str, sweep: SweepConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sweeps.cli import report_error
+
     parser = argparse.ArgumentParser(prog="acpo_sweep.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="digits")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -314,16 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.name:
         overrides.append(f"sweep.name={args.name}")
     try:
-        config, sweep = resolve(args.preset, overrides)
+        config, sweep = load(args.preset, overrides)
+        check_space(sweep, config)
         if args.dry_run:
-            print(json.dumps({"config": config.to_dict(), "sweep": sweep.__dict__}, indent=2))
+            print(json.dumps({"config": config.to_dict(), "sweep": sweep.model_dump()}, indent=2))
             return 0
         selection = run_sweep(config, sweep, resume=args.resume)
         print_summary(selection, tracking_uri(sweep), sweep)
         return 0
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"acpo_sweep: error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - report_error re-raises what is not a user error
+        return report_error(error)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def _add_config_args(parser):
-    from sweeps.config import preset_names
+    from sweeps.presets import preset_names
 
     parser.add_argument("--preset", default="digits", help=f"preset name ({', '.join(preset_names())}) or a YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -28,18 +28,25 @@ def _add_config_args(parser):
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
+DIGITS_NOTE = ("(digits preset: classifier FID, not Inception FID; trained and held-out quality from the project's "
+               "stand-in models)")
+
+
 def cmd_train(args) -> int:
-    from sweeps.config import load_config
+    from sweeps.presets import load
 
     overrides = list(args.overrides) + ([f"train.workers={args.workers}"] if args.workers else [])
-    config = load_config(args.preset, overrides)
+    config, _ = load(args.preset, overrides)
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    from trainers.loop import evaluate_base, train
+    from eval.evaluate import Evaluator
+    from trainers.models import load_base_model
 
-    before = evaluate_base(config)
+    before = Evaluator.from_config(config).evaluate(load_base_model(config.model.base)).metrics
     if args.local:  # the same loop in this process: one worker, no Ray (for debugging)
+        from trainers.loop import train
+
         result = train(config)
         after, checkpoint = result["metrics"], result["checkpoint"]
     else:
@@ -48,49 +55,48 @@ def cmd_train(args) -> int:
         result = run_training(config)
         after, checkpoint = result.metrics, result.checkpoint.path
     keys = [k for k in before if "@" in k]
-    print(f"\n{'metric':<16}{'base':>12}{'fine-tuned':>12}")
+    print(f"\n{'metric':<22}{'base':>12}{'fine-tuned':>12}")
     for key in keys:
-        print(f"{key:<16}{before[key]:>12.4f}{after[key]:>12.4f}")
+        print(f"{key:<22}{before[key]:>12.4f}{after[key]:>12.4f}")
     print(f"\nstep {after['step']}, checkpoint: {checkpoint}")
     if config.preset == "digits":
-        print("(digits preset: FID/KID in the digits classifier's feature space, quality/aesthetic from the project's stand-in models)")
+        print(DIGITS_NOTE)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from sweeps.config import load_config
+    from sweeps.presets import load
 
     overrides = list(args.overrides)
     if args.samples:
         overrides.append(f"eval.samples={args.samples}")
     if args.steps:
         overrides.append(f"eval.sampling_steps=[{args.steps}]")
-    config = load_config(args.preset, overrides)
+    config, _ = load(args.preset, overrides)
     if args.dry_run:
         print(json.dumps(config.to_dict()["eval"], indent=2))
         return 0
-    from eval.evaluate import reward_hacking_gap
+    from eval.evaluate import Evaluator, reward_gap
     from trainers.checkpoint import load_checkpoint_model
-    from trainers.loop import build_evaluator, evaluate_model
 
     model = load_checkpoint_model(args.checkpoint)  # fails first, in one line, on a bad path
-    evaluator = build_evaluator(config.eval, config.data)
-    metrics = evaluate_model(evaluator, model)
-    base = None if args.no_base else evaluate_model(evaluator, load_checkpoint_model(config.model.base))
+    evaluator = Evaluator.from_config(config)
+    metrics = evaluator.evaluate(model).metrics
+    base = None if args.no_base else evaluator.evaluate(load_checkpoint_model(config.model.base)).metrics
     directions = evaluator.directions()
     lower_better = {name: way == "min" for name, way in directions.items()}
-    gaps = {steps: reward_hacking_gap(metrics, base, steps, lower_better) for steps in config.eval.sampling_steps} if base else {}
+    gaps = {steps: reward_gap(metrics, base, steps, lower_better) for steps in config.eval.sampling_steps} if base else {}
 
-    print(f"\n{'metric':<20}{'better':>8}{'base':>12}{'checkpoint':>12}")
+    print(f"\n{'metric':<26}{'better':>8}{'base':>12}{'checkpoint':>12}")
     for key in [k for k in metrics if "@" in k]:
         base_value = f"{base[key]:>12.4f}" if base else f"{'-':>12}"
-        print(f"{key:<20}{directions[key.split('@')[0]]:>8}{base_value}{metrics[key]:>12.4f}")
+        print(f"{key:<26}{directions[key.split('@')[0]]:>8}{base_value}{metrics[key]:>12.4f}")
     for steps, gap in gaps.items():
-        print(f"{f'reward_gap@{steps}':<20}{'min':>8}{'':>12}{gap:>12.4f}")
+        print(f"{f'reward_gap@{steps}':<26}{'min':>8}{'':>12}{gap:>12.4f}")
     print(f"\n{config.eval.samples} samples per step count, {config.eval.sampler}; FID/KID against {config.eval.reference} "
           f"in {config.eval.feature_extractor} features")
     if config.preset == "digits":
-        print("(digits preset: classifier FID, not Inception FID; quality/aesthetic from the project's stand-in models)")
+        print(DIGITS_NOTE)
     if args.json:
         report = {"checkpoint": str(args.checkpoint), "preset": config.preset, "samples": config.eval.samples,
                   "directions": directions, "checkpoint_metrics": metrics, "base_metrics": base,
@@ -107,17 +113,18 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from sweeps.acpo_sweep import print_summary, resolve, select_and_register, sweep_dir, tracking_uri
+    from sweeps.acpo_sweep import print_summary, select_and_register, sweep_dir, tracking_uri
+    from sweeps.presets import load
 
-    _, sweep = resolve(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])
+    _, sweep = load(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])
     uri = tracking_uri(sweep)
     print_summary(select_and_register(sweep, sweep_dir(sweep), uri), uri, sweep)
     return 0
 
 
 def cmd_assets_build(args) -> int:
+    from assets.build import ASSET_FILES, AssetBudget, build_digits_assets
     from trainers.config import ConfigError
-    from trainers.digits_assets import ASSET_FILES, AssetBudget, build_digits_assets
 
     only = args.only.split(",") if args.only else None
     unknown = sorted(set(only or []) - set(ASSET_FILES))
@@ -166,17 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def report_error(error: BaseException) -> int:
+    """A user's error (bad config, missing file, a run that failed in a known way) as one line on
+    stderr, exit status 2; anything else is a bug and keeps its traceback. Every entry point ends here."""
     from objectives.registry import ObjectiveError
     from trainers.config import ConfigError
-
     from trainers.ray_train import TrainingError
+
+    if not isinstance(error, (ConfigError, ObjectiveError, FileNotFoundError, NotADirectoryError, FloatingPointError, TrainingError)):
+        raise error
+    print(f"acpo: error: {error}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ObjectiveError, FileNotFoundError, NotADirectoryError, FloatingPointError, TrainingError) as error:
-        print(f"acpo: error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - report_error re-raises what is not a user error
+        return report_error(error)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train.v2.api.callback import UserCallback
+
+from trainers.checkpoint import checkpoint_name
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
 _MAX_VALUE = 500
@@ -51,18 +54,49 @@ class SweepTracking:
                 self.client.log_metric(run_id, key.replace("@", "_at_"), float(value), step=step)
 
 
+    def log_selection(self, run_id: str, selection: dict, directory: Path) -> None:
+        """The selection on the sweep's parent run: figures, the front's plot and table, the champion's place."""
+        base, champion = selection["base"], selection["champion"]
+        self.log_metrics(run_id, {"hypervolume": selection["hypervolume"], "evaluated_checkpoints": selection["evaluated"],
+                                  **{f"base_{k}": v for k, v in base.items()},
+                                  **({f"champion_{k}": champion[k] for k in base} if champion else {})})
+        self.client.log_artifact(run_id, str(directory / "pareto.png"))
+        columns = ("trial", "step", *base, "checkpoint")
+        self.client.log_table(run_id, {k: [r.get(k) for r in selection["front"]] for k in columns}, artifact_file="pareto_front.json")
+        self.client.log_artifact(run_id, str(directory / "selection.json"))
+        if champion:
+            self.client.set_tag(run_id, "acpo.champion", f"{champion['trial']}/step {champion['step']}")
+
+    def register_champion(self, run_id: str, exported: Path, model_name: str, selection: dict) -> dict:
+        """The exported champion as an artifact of the parent run, registered as a new version of
+        `model_name` with alias `champion`."""
+        self.client.log_artifacts(run_id, str(exported), artifact_path="champion")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/champion"
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException:
+            pass  # registered by an earlier sweep: the champion becomes a new version
+        tags = {"rule": selection["rule"][:200], "checkpoint": selection["champion"]["checkpoint"], "sweep": self.sweep}
+        version = self.client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
+        self.client.set_registered_model_alias(model_name, "champion", version.version)
+        return {"model": model_name, "version": version.version, "alias": "champion", "source": source}
+
+
 class MlflowReportCallback(UserCallback):
     """Ray Train callback: each report of rank 0 -> metrics of the trial's MLflow run, and the
     checkpoint's sample grid as an artifact."""
 
     def __init__(self, tracking_uri: str, sweep: str, run_id: str):
         self.tracking_uri, self.sweep, self.run_id = tracking_uri, sweep, run_id
+        self._tracking = None  # made on the controller at the first report (the callback is shipped there)
 
     def after_report(self, run_context, metrics, checkpoint):
-        tracking = SweepTracking(self.tracking_uri, self.sweep)
+        if self._tracking is None:
+            self._tracking = SweepTracking(self.tracking_uri, self.sweep)
+        tracking = self._tracking
         rank0 = metrics[0]
         step = int(rank0.get("step", 0))
         tracking.log_metrics(self.run_id, rank0, step)
         grid = Path(checkpoint.path) / "samples.png" if checkpoint else None
         if grid is not None and grid.is_file():
-            tracking.client.log_artifact(self.run_id, str(grid), artifact_path=f"samples/step_{step:06d}")
+            tracking.client.log_artifact(self.run_id, str(grid), artifact_path=f"samples/{checkpoint_name(step)}")

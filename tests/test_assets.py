@@ -10,7 +10,7 @@ from eval.digits_classifier import FEATURE_EXTRACTOR_NAME, confident_fraction, l
 from eval.fidelity import fidelity_metrics
 from eval.quality import load_quality_model, quality_spearman
 from eval.sampling import sample_images
-from trainers.data import DigitsDataset
+from eval.image_sets import DigitsDataset
 from trainers.models import load_base_model
 
 

@@ -12,7 +12,7 @@ def test_train_runs_evaluates_and_saves(tmp_path, capsys, digits_assets):
                  "--set", f"train.output_dir={out}"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "fid@3" in printed and "aesthetic@3" in printed and "classifier's feature space" in printed
+    assert "fid@3" in printed and "heldout_quality@3" in printed and "classifier FID, not Inception FID" in printed
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["train"]["steps"] == 3
     checkpoint = printed.split("checkpoint: ")[1].split()[0]

@@ -1,4 +1,4 @@
-"""The per-worker training loop, model and data loading, the Ray Train wrapper, checkpoints."""
+"""The run config schema, the per-worker training loop, batches, models, the Ray Train wrapper, checkpoints."""
 
 import logging
 

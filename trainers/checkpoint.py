@@ -31,6 +31,15 @@ from trainers.lora import add_lora
 from trainers.models import BaseModel, load_base_model, save_base_model
 
 
+CHECKPOINT_GLOB = "step_*"  # every checkpoint folder of a run, in step order when sorted
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after `step` (the trainer writes it, Ray keeps it
+    under that name, the sweep's selection finds it by `CHECKPOINT_GLOB`)."""
+    return f"step_{step:06d}"
+
+
 def _lora_settings(model_config) -> dict:
     return {"rank": model_config.lora_rank, "alpha": model_config.lora_alpha or model_config.lora_rank,
             "targets": list(model_config.lora_targets)}

@@ -1,18 +1,18 @@
-"""The run configuration: plain dataclasses, validated once at the edge.
+"""The run configuration: what one fine-tuning run takes, as pydantic models validated once.
 
-Every field has a default and a comment. `Config.from_dict` rejects unknown keys and wrong types
-with a one-line `ConfigError` naming the dotted field (`train.steps: expected int, got 'ten'`),
-so a typo fails before any model is loaded, let alone before Ray starts.
+Every field has a default and a comment. Types are strict (`train.steps: ten` is an error, not a
+coercion) and unknown keys are refused; `validate(Section, data)` turns pydantic's report into the
+project's one-line `ConfigError` naming the dotted field (`train.steps: expected an integer, got
+'ten'`). Presets and `--set` overrides are read by `sweeps/presets.py`, the one loader; a Ray worker
+re-validates the resolved dict it is shipped with `Config.from_dict`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,60 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
 
+# Keys that were renamed, so that a config written for an old name fails naming the new one (renamed
+# objective terms: objectives/registry.py).
+RENAMED = {
+    "eval.aesthetic": ("eval.heldout_quality", "the held-out quality model: the sweep's second objective"),
+    "eval.quality": ("eval.trained_quality", "the quality model the objective trains against, measured on samples"),
+}
+
+
+def check_renamed(data: dict) -> None:
+    for old, (new, what) in RENAMED.items():
+        section, _, key = old.partition(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(f"{old}: renamed to {new} ({what})")
+
+
+class Section(BaseModel):
+    """Strict types, no unknown keys, no NaN or infinity in a float field."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def validate(section: type[Section], data, prefix: str = ""):
+    """`section.model_validate(data)` with the first problem as a one-line ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    try:
+        return section.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_one_line(section, error.errors()[0], prefix)) from None
+
+
+_EXPECTED = {"int_type": "expected an integer", "float_type": "expected a number", "bool_type": "expected true/false",
+             "string_type": "expected a string", "list_type": "expected a list", "dict_type": "expected a mapping",
+             "model_type": "expected a mapping", "finite_number": "expected a finite number"}
+
+
+def _one_line(section: type[Section], error: dict, prefix: str) -> str:
+    where = prefix + ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        owner = section
+        for part in error["loc"][:-1]:
+            annotation = owner.model_fields[part].annotation if isinstance(owner, type) and part in getattr(owner, "model_fields", {}) else None
+            owner = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        known = f" (known: {', '.join(owner.model_fields)})" if owner else ""
+        return f"unknown key '{where}'{known}"
+    message = _EXPECTED.get(error["type"]) or error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}, got {error['input']!r}" if "input" in error else f"{where}: {message}"
+
+
 def resolve_path(path: str) -> str:
     """Relative paths in presets name files of this project (`assets/digits/...`): they are looked up
     under the project root first, then under the working directory. Hub ids pass through unchanged."""
+    if not path:
+        return path
     p = Path(path).expanduser()
     if p.is_absolute():
         return str(p)
@@ -39,160 +90,137 @@ def resolve_quality_paths(spec):
     return spec
 
 
-@dataclass
-class ModelConfig:
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+
+
+class ModelConfig(Section):
     base: str = "assets/digits/base"  # a local diffusers folder or a hub id (google/ddpm-cifar10-32)
-    finetune: str = "full"  # "full": every UNet weight trains; "lora": peft adapters only, the base stays frozen
-    lora_rank: int = 4
-    lora_alpha: float = 0.0  # 0: same as the rank (scale 1)
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
-
-    def validate(self, prefix):
-        _choice(f"{prefix}finetune", self.finetune, ("full", "lora"))
-        _positive(f"{prefix}lora_rank", self.lora_rank)
-        _non_negative(f"{prefix}lora_alpha", self.lora_alpha)
-        if not self.lora_targets:
-            raise ConfigError(f"{prefix}lora_targets: expected at least one module name")
+    finetune: Literal["full", "lora"] = "full"  # full: every UNet weight trains; lora: peft adapters only, the base stays frozen
+    lora_rank: Positive = 4
+    lora_alpha: float = Field(0.0, ge=0)  # 0: same as the rank (scale 1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], min_length=1)
 
 
-@dataclass
-class DataConfig:
-    source: str = "digits"  # "digits" (bundled), "folder" (path = image folder), "hf" (path = dataset name or save_to_disk folder)
+class DataConfig(Section):
+    source: Literal["digits", "folder", "hf"] = "digits"  # bundled digits, an image folder (path), a datasets name or save_to_disk folder (path)
     path: str = ""
     split: str = "train"
     image_column: str = "image"  # hf only: the column holding PIL images
     caption_column: str = ""  # hf only: a column of per-image captions for text models (use caption "{label}")
     caption: str = "a handwritten digit {label}"  # text models: caption per image; {label} is filled where the data has labels
-    resolution: int = 16
-    channels: int = 1
-
-    def validate(self, prefix):
-        _choice(f"{prefix}source", self.source, ("digits", "folder", "hf"))
-        if self.caption_column and self.source != "hf":
-            raise ConfigError(f"{prefix}caption_column: only for {prefix}source 'hf', not {self.source!r}")
-        if self.source != "digits" and not self.path:
-            raise ConfigError(f"{prefix}path: required when {prefix}source is {self.source!r}")
-        _positive(f"{prefix}resolution", self.resolution)
-        _choice(f"{prefix}channels", self.channels, (1, 3))
+    resolution: Positive = 16
+    channels: Literal[1, 3] = 1
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 200  # optimizer steps
-    batch_size: int = 64  # per worker
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    gradient_accumulation: int = 1  # micro-batches per optimizer step (the loss is divided by this, once)
-    seed: int = 0  # every rank derives its data order and noise from (seed, rank, step)
-    ema_decay: float = 0.0  # EMA of the trainable weights, used for evaluation; 0 disables
-    mixed_precision: str = "bf16"  # "bf16": autocast on CUDA (ignored on CPU); "no": fp32 everywhere
+class TrainConfig(Section):
+    steps: Positive = 200  # optimizer steps
+    batch_size: Positive = 64  # per worker
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables
+    gradient_accumulation: Positive = 1  # micro-batches per optimizer step (the loss is divided by this, once)
+    seed: int = 0  # every draw derives from (seed, rank, step): eval.sampling.derive_seed
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # EMA of the trainable weights, used for evaluation; 0 disables
+    mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16: autocast on CUDA (ignored on CPU); no: fp32 everywhere
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
-    eval_every: int = 0  # evaluate + checkpoint every N steps (0: only at the end)
+    eval_every: NonNegative = 0  # evaluate + checkpoint every N steps (0: only at the end)
     output_dir: str = "runs/digits"  # checkpoints and the resolved config go here
     # Ray Train (ignored by `acpo train --local`)
-    workers: int = 1  # data-parallel workers
+    workers: Positive = 1  # data-parallel workers
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 1  # restarts from the last checkpoint after a worker dies
-    keep_checkpoints: int = 0  # how many reported checkpoints Ray keeps (0: all; the sweep's front needs them)
-
-    def validate(self, prefix):
-        _positive(f"{prefix}steps", self.steps)
-        _positive(f"{prefix}batch_size", self.batch_size)
-        _positive(f"{prefix}learning_rate", self.learning_rate)
-        _positive(f"{prefix}gradient_accumulation", self.gradient_accumulation)
-        _non_negative(f"{prefix}weight_decay", self.weight_decay)
-        _non_negative(f"{prefix}grad_clip", self.grad_clip)
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"{prefix}ema_decay: expected 0 <= ema_decay < 1, got {self.ema_decay!r}")
-        _choice(f"{prefix}mixed_precision", self.mixed_precision, ("bf16", "no"))
-        _non_negative(f"{prefix}eval_every", self.eval_every)
-        _positive(f"{prefix}workers", self.workers)
-        _positive(f"{prefix}cpus_per_worker", self.cpus_per_worker)
-        _non_negative(f"{prefix}max_failures", self.max_failures)
-        _non_negative(f"{prefix}keep_checkpoints", self.keep_checkpoints)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: NonNegative = 1  # restarts from the last checkpoint after a worker dies
+    keep_checkpoints: NonNegative = 0  # how many reported checkpoints Ray keeps (0: all; the sweep's front needs them)
 
 
-@dataclass
-class EvalConfig:
-    samples: int = 500  # images generated per evaluation
-    sampling_steps: list[int] = field(default_factory=lambda: [25])  # one row of figures per step count
-    sampler: str = "ddim"
+class EvalConfig(Section):
+    samples: int = Field(500, ge=2)  # images generated per evaluation (FID needs at least 2)
+    sampling_steps: list[Positive] = Field(default_factory=lambda: [25], min_length=1)  # one row of figures per step count
+    sampler: Literal["ddim", "dpm_solver"] = "ddim"
     reference: str = "digits:heldout"  # "digits:heldout", an image folder, or "hf:NAME[:SPLIT]" (data.image_column)
     feature_extractor: str = "digits-classifier"  # torch-fidelity extractor name (inception-v3-compat online)
     feature_extractor_weights: str = "assets/digits/classifier.safetensors"  # only for extractors that need local weights
-    quality: Any = field(default_factory=lambda: {"arch": "cnniqa", "weights": "assets/digits/quality_cnniqa.safetensors"})
-    aesthetic: Any = field(default_factory=lambda: {"arch": "digits_heldout_iqa", "weights": "assets/digits/heldout_iqa.safetensors"})
-    prompts: list[str] = field(default_factory=list)  # text models: prompts cycled over the samples (default: data.caption for labels 0-9)
-    guidance_scale: float = 1.0  # text models: classifier-free guidance when sampling (Stable Diffusion: 7.5)
+    # The quality model the objective trains against, measured on samples (a pyiqa name or {arch, weights}).
+    trained_quality: Any = Field(default_factory=lambda: {"arch": "cnniqa", "weights": "assets/digits/quality_cnniqa.safetensors"})
+    # Held out: a quality model the objective never sees; the sweep's second objective, next to FID.
+    heldout_quality: Any = Field(default_factory=lambda: {"arch": "digits_heldout_iqa", "weights": "assets/digits/heldout_iqa.safetensors"})
+    prompts: list[str] = Field(default_factory=list)  # text models: prompts cycled over the samples (default: data.caption for labels 0-9)
+    guidance_scale: float = Field(1.0, ge=1)  # text models: classifier-free guidance when sampling (1 = none; Stable Diffusion: 7.5)
     clip_score: str = ""  # text models: a pyiqa CLIP-score metric ("clipscore") reported as clip_score@S; "" = off
-    extra_quality: dict = field(default_factory=dict)  # more quality models to report, name -> pyiqa name or {arch, weights}
+    extra_quality: dict[str, Any] = Field(default_factory=dict)  # more quality models to report, name -> pyiqa name or {arch, weights}
     cache_dir: str = ""  # reference-feature cache, shareable by a cluster ("" = $ACPO_FIDELITY_CACHE or ~/.cache/acpo/fidelity)
 
-    def validate(self, prefix):
-        from eval.quality import SpecError, check_quality_spec, pyiqa_metric_names
-
-        if self.samples < 2:
-            raise ConfigError(f"{prefix}samples: FID needs at least 2 samples, got {self.samples}")
-        for name, spec in {"quality": self.quality, "aesthetic": self.aesthetic,
-                           **{f"extra_quality.{k}": v for k, v in self.extra_quality.items()}}.items():
-            try:
-                check_quality_spec(resolve_quality_paths(spec), f"{prefix}{name}")
-            except SpecError as error:
-                raise ConfigError(str(error)) from None
-        if self.clip_score and self.clip_score not in pyiqa_metric_names():
-            raise ConfigError(f"{prefix}clip_score: unknown pyiqa metric {self.clip_score!r}")
-        if self.guidance_scale < 1:
-            raise ConfigError(f"{prefix}guidance_scale: expected >= 1 (1 = no guidance), got {self.guidance_scale!r}")
-        reserved = sorted(set(self.extra_quality) & {"quality", "aesthetic", "fid", "kid", "diversity", "clip_score"})
-        if reserved:
-            raise ConfigError(f"{prefix}extra_quality.{reserved[0]}: the name is taken by a built-in metric")
-        if not self.sampling_steps or any(not isinstance(s, int) or s < 1 for s in self.sampling_steps):
-            raise ConfigError(f"{prefix}sampling_steps: expected a non-empty list of positive ints, got {self.sampling_steps!r}")
+    def quality_specs(self) -> dict:
+        """Every quality model evaluation reports, by metric name."""
+        return {"trained_quality": self.trained_quality, "heldout_quality": self.heldout_quality, **self.extra_quality}
 
 
-@dataclass
-class Config:
+class Config(Section):
     preset: str = "digits"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    # term name -> weight or {weight, ...options}; validated by the objectives registry when built
-    objective: dict = field(default_factory=lambda: {"denoise": 1.0})
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    # term name -> weight or {weight, ...options}; checked by the objectives registry
+    objective: dict[str, Any] = Field(default_factory=lambda: {"denoise": 1.0})
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Config":
-        from objectives.registry import ObjectiveError, validate_objective
-
-        config = _build(cls, data, "")
-        if config.data.caption_column and not config.eval.prompts:  # the caption template alone has nothing to fill in
-            raise ConfigError("eval.prompts: required when data.caption_column is set (what should evaluation prompt with?)")
-        config.resolve_paths()  # before the objective check, which looks for its weight files
-        try:
-            validate_objective(config.objective)
-        except ObjectiveError as error:
-            raise ConfigError(str(error)) from None
+    def from_dict(cls, data: dict):
+        """Validate types and ranges, resolve project paths, then check what types cannot say
+        (files, metric names, the objective's terms and options). Loads no model."""
+        check_renamed(data)
+        config = validate(cls, data)
+        config.resolve_paths()
+        config.check()
         return config
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
+
+    def check(self) -> None:
+        from eval.quality import SpecError, check_quality_spec, pyiqa_metric_names
+        from objectives.registry import ObjectiveError, validate_objective
+
+        data, evaluation = self.data, self.eval
+        if data.caption_column and data.source != "hf":
+            raise ConfigError(f"data.caption_column: only for data.source 'hf', not {data.source!r}")
+        if data.source != "digits" and not data.path:
+            raise ConfigError(f"data.path: required when data.source is {data.source!r}")
+        if data.caption_column and not evaluation.prompts:  # the caption template alone has nothing to fill in
+            raise ConfigError("eval.prompts: required when data.caption_column is set (what should evaluation prompt with?)")
+        for name, spec in evaluation.quality_specs().items():
+            option = f"eval.extra_quality.{name}" if name in evaluation.extra_quality else f"eval.{name}"
+            try:
+                check_quality_spec(spec, option)
+            except SpecError as error:
+                raise ConfigError(str(error)) from None
+        reserved = sorted(set(evaluation.extra_quality) & {"trained_quality", "heldout_quality", "fid", "kid", "diversity", "clip_score"})
+        if reserved:
+            raise ConfigError(f"eval.extra_quality.{reserved[0]}: the name is taken by a built-in metric")
+        if evaluation.clip_score and evaluation.clip_score not in pyiqa_metric_names():
+            raise ConfigError(f"eval.clip_score: unknown pyiqa metric {evaluation.clip_score!r}")
+        try:
+            validate_objective(self.objective)
+        except ObjectiveError as error:
+            raise ConfigError(str(error)) from None
 
     def resolve_paths(self) -> None:
         self.model.base = resolve_path(self.model.base)
         if self.data.source == "folder" or (self.data.source == "hf" and self.data.path.startswith((".", "/", "~"))):
             self.data.path = resolve_path(self.data.path)
         if self.eval.reference.startswith("hf:"):
-            name, _, split = self.eval.reference[3:].partition(":")
+            from eval.image_sets import parse_hf_reference
+
+            name, split = parse_hf_reference(self.eval.reference)
             if name.startswith((".", "/", "~")):
-                self.eval.reference = f"hf:{resolve_path(name)}" + (f":{split}" if split else "")
+                self.eval.reference = f"hf:{resolve_path(name)}:{split}"
         elif not self.eval.reference.startswith("digits:"):
             self.eval.reference = resolve_path(self.eval.reference)
         if self.eval.feature_extractor_weights:
             self.eval.feature_extractor_weights = resolve_path(self.eval.feature_extractor_weights)
-        self.eval.quality = resolve_quality_paths(self.eval.quality)
-        self.eval.aesthetic = resolve_quality_paths(self.eval.aesthetic)
+        self.eval.trained_quality = resolve_quality_paths(self.eval.trained_quality)
+        self.eval.heldout_quality = resolve_quality_paths(self.eval.heldout_quality)
         self.eval.extra_quality = {k: resolve_quality_paths(v) for k, v in self.eval.extra_quality.items()}
         if self.eval.cache_dir:
             self.eval.cache_dir = str(Path(self.eval.cache_dir).expanduser().resolve())
@@ -207,74 +235,3 @@ def _resolve_option_paths(options):
     if isinstance(options, dict):
         return {k: resolve_path(v) if k in _PATH_OPTIONS and isinstance(v, str) else _resolve_option_paths(v) for k, v in options.items()}
     return options
-
-
-def _build(cls, data, prefix):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(fields)})")
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(f"{prefix}{name}", hints[name], value) for name, value in data.items()}
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate(prefix)
-    return obj
-
-
-def _coerce(name, hint, value):
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{name}.")
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected int, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(name, option, value)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{name}: {value!r} matches none of {hint}")
-    raise ConfigError(f"{name}: unsupported type {hint}")  # a schema bug, not a user error
-
-
-def _choice(name, value, options):
-    if value not in options:
-        raise ConfigError(f"{name}: expected one of {', '.join(map(repr, options))}, got {value!r}")
-
-
-def _positive(name, value):
-    if value <= 0:
-        raise ConfigError(f"{name}: must be > 0, got {value!r}")
-
-
-def _non_negative(name, value):
-    if value < 0:
-        raise ConfigError(f"{name}: must be >= 0, got {value!r}")

@@ -11,9 +11,12 @@ class Ema:
         self.shadow = {name: p.detach().clone().float() for name, p in named_parameters.items()}
 
     @torch.no_grad()
-    def update(self, named_parameters: dict[str, torch.nn.Parameter]) -> None:
+    def update(self, named_parameters: dict[str, torch.nn.Parameter], decay: float | None = None) -> None:
+        """shadow <- decay * shadow + (1 - decay) * weights; `decay` overrides the constant for this
+        update (a warm-up schedule, as the asset builder uses)."""
+        decay = self.decay if decay is None else decay
         for name, p in named_parameters.items():
-            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+            self.shadow[name].lerp_(p.detach().float(), 1 - decay)
 
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module) -> torch.nn.Module:

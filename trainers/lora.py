@@ -26,11 +26,6 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None, t
     return unet
 
 
-def adapter_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter weights: what a LoRA checkpoint stores."""
-    return {name: p.detach().clone() for name, p in unet.named_parameters() if "lora_" in name}
-
-
 class AdaptersDisabled(torch.nn.Module):
     """Calls `module` with every LoRA layer bypassed: the frozen base, sharing the base weights."""
 

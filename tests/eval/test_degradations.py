@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from eval.degradations import FAMILIES, HELDOUT_FAMILY, TRAIN_FAMILY, degrade
-from trainers.data import DigitsDataset
+from eval.image_sets import DigitsDataset
 
 KINDS = sorted(k for family in FAMILIES.values() for k in family)
 

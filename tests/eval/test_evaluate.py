@@ -6,19 +6,19 @@ import pytest
 import torch
 
 from eval.degradations import degrade
-from eval.evaluate import reward_hacking_gap
+from eval.evaluate import Evaluator, reward_gap
 from eval.quality import load_quality_model
 from eval.sampling import sample_images
 from sweeps.cli import main
-from trainers.data import DigitsDataset, images_only
+from eval.image_sets import DigitsDataset, images_only
 from trainers.models import build_digits_scheduler, build_digits_unet
 
 
 def test_blurred_samples_score_worse_on_every_quality_model(digits_assets):
     images = (images_only(DigitsDataset("heldout"))[:64] + 1) / 2
     blurred = degrade(images, "gaussian_blur", torch.full((64,), 0.8), torch.Generator().manual_seed(0))
-    specs = {"quality": {"arch": "cnniqa", "weights": str(digits_assets / "quality_cnniqa.safetensors")},
-             "aesthetic": {"arch": "digits_heldout_iqa", "weights": str(digits_assets / "heldout_iqa.safetensors")}}
+    specs = {"trained_quality": {"arch": "cnniqa", "weights": str(digits_assets / "quality_cnniqa.safetensors")},
+             "heldout_quality": {"arch": "digits_heldout_iqa", "weights": str(digits_assets / "heldout_iqa.safetensors")}}
     for name, spec in specs.items():
         model = load_quality_model(spec)
         with torch.no_grad():
@@ -40,13 +40,13 @@ def test_sampling_is_seeded_and_rank_sharded():
 
 
 def test_reward_gap_counts_improvements_in_each_models_direction():
-    base = {"quality@4": 0.5, "aesthetic@4": 0.5}
-    hacked = {"quality@4": 0.9, "aesthetic@4": 0.45}
-    honest = {"quality@4": 0.6, "aesthetic@4": 0.6}
-    assert reward_hacking_gap(hacked, base, 4) == pytest.approx(0.45)
-    assert reward_hacking_gap(honest, base, 4) == pytest.approx(0.0)
+    base = {"trained_quality@4": 0.5, "heldout_quality@4": 0.5}
+    hacked = {"trained_quality@4": 0.9, "heldout_quality@4": 0.45}
+    honest = {"trained_quality@4": 0.6, "heldout_quality@4": 0.6}
+    assert reward_gap(hacked, base, 4) == pytest.approx(0.45)
+    assert reward_gap(honest, base, 4) == pytest.approx(0.0)
     # a lower-is-better training metric that went down improved
-    assert reward_hacking_gap({"quality@4": 0.1, "aesthetic@4": 0.5}, base, 4, {"quality": True}) == pytest.approx(0.4)
+    assert reward_gap({"trained_quality@4": 0.1, "heldout_quality@4": 0.5}, base, 4, {"trained_quality": True}) == pytest.approx(0.4)
 
 
 def test_acpo_eval_prints_and_writes_every_figure(tmp_path, capsys, digits_assets):
@@ -56,17 +56,17 @@ def test_acpo_eval_prints_and_writes_every_figure(tmp_path, capsys, digits_asset
     assert code == 0, printed
     report = json.loads(out.read_text())
     for steps in (2, 4):
-        for key in ("fid", "kid", "diversity", "quality", "aesthetic"):
+        for key in ("fid", "kid", "diversity", "trained_quality", "heldout_quality"):
             assert f"{key}@{steps}" in report["checkpoint_metrics"] and f"{key}@{steps}" in printed
         assert report["reward_gap"][str(steps)] == pytest.approx(0.0, abs=1e-9)  # the base against itself
-    assert report["directions"]["fid"] == "min" and report["directions"]["aesthetic"] == "max"
+    assert report["directions"]["fid"] == "min" and report["directions"]["heldout_quality"] == "max"
     assert report["checkpoint_metrics"]["fid@2"] == pytest.approx(report["base_metrics"]["fid@2"])
 
 
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "/no/such/checkpoint"], "checkpoint not found: /no/such/checkpoint"),
     (["--checkpoint", ".", "--set", "eval.extra_quality.sharpness=not_a_metric"], "eval.extra_quality.sharpness: unknown pyiqa metric 'not_a_metric'"),
-    (["--checkpoint", ".", "--samples", "1"], "eval.samples: FID needs at least 2 samples"),
+    (["--checkpoint", ".", "--samples", "1"], "eval.samples: Input should be greater than or equal to 2, got 1"),
 ])
 def test_acpo_eval_bad_input_is_one_line(args, message, capsys):
     assert main(["eval", *args]) == 2
@@ -75,8 +75,6 @@ def test_acpo_eval_bad_input_is_one_line(args, message, capsys):
 
 
 def test_guidance_and_clip_score_follow_the_prompts(tiny_text_model):
-    from eval.evaluate import Evaluator
-
     model = tiny_text_model
     common = dict(steps=2, batch_size=3, seed=1, vae=model.vae, encode_prompt=model.encode_prompt)
     plain = sample_images(model.unet, model.scheduler.config, 5, prompts=["", ""], **common)
@@ -96,16 +94,43 @@ def test_guidance_and_clip_score_follow_the_prompts(tiny_text_model):
 
     quality = load_quality_model({"arch": "digits_heldout_iqa", "weights": "assets/digits/heldout_iqa.safetensors"})
     evaluator = Evaluator(reference=torch.rand(6, 1, 16, 16), feature_extractor="digits-classifier",
-                          feature_extractor_weights="assets/digits/classifier.safetensors", quality=quality, aesthetic=quality,
+                          feature_extractor_weights="assets/digits/classifier.safetensors",
+                          quality={"trained_quality": quality, "heldout_quality": quality},
                           samples=5, sampling_steps=(1,), prompts=("a digit 3", "a digit 7"), clip_score=clip_score)
-    metrics = evaluator(model.unet, model.scheduler.config, vae=model.vae, encode_prompt=model.encode_prompt)
+    metrics = evaluator.evaluate(model).metrics
     assert seen == ["a digit 3", "a digit 7", "a digit 3", "a digit 7", "a digit 3"]  # the order sample_images cycles them
     assert metrics["clip_score@1"] == pytest.approx(3 / 5)
     assert evaluator.directions()["clip_score"] == "max"
 
 
+def test_from_config_builds_everything_and_samples_are_returned(digits_assets):
+    from sweeps.presets import load
+    from trainers.models import load_base_model
+
+    config, _ = load("digits", ["eval.samples=12", "eval.sampling_steps=[2, 3]", "eval.extra_quality.heldout_again="
+                                f"{{arch: digits_heldout_iqa, weights: {digits_assets}/heldout_iqa.safetensors}}"])
+    evaluator = Evaluator.from_config(config)
+    assert set(evaluator.quality) == {"trained_quality", "heldout_quality", "heldout_again"}
+    assert evaluator.prompts == tuple(f"a handwritten digit {d}" for d in range(10))  # data.caption, for text models
+    result = evaluator.evaluate(load_base_model(config.model.base))
+    assert result.samples.shape == (12, 1, 16, 16)
+    assert result.metrics["heldout_again@3"] == pytest.approx(result.metrics["heldout_quality@3"])
+    assert result.metrics["fid"] == result.metrics["fid@2"] and result.metrics["heldout_quality"] == result.metrics["heldout_quality@2"]
+
+
 @pytest.fixture(scope="module")
 def tiny_text_model():
-    from trainers.models import build_tiny_sd
+    from tests.tiny_models import build_tiny_sd
 
     return build_tiny_sd()
+
+
+def test_one_seed_scheme_separates_streams_indices_and_ranks():
+    from eval.sampling import derive_seed
+
+    seeds = {derive_seed(seed, stream, index, rank) for seed in (0, 1) for stream in ("step", "data order", "sampling")
+             for index in range(50) for rank in range(4)}
+    assert len(seeds) == 2 * 3 * 50 * 4  # no two draws of training or evaluation share a generator
+    assert all(0 <= s < 2**63 for s in seeds)
+    # Pinned: every figure of a run (the demo's champion included) depends on this scheme.
+    assert derive_seed(0, "step", 0, 0) == 1570874369896594822

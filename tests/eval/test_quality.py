@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from eval.quality import load_quality_model, standardize_direction
+from eval.quality import load_quality_model
 
 
 def test_unknown_metric_and_bad_specs(tmp_path):
@@ -41,9 +41,3 @@ def test_scores_are_differentiable_and_clamped(digits_assets):
     assert not any(p.requires_grad for p in model.parameters())  # frozen: the loss moves images, not the judge
     # out-of-range inputs are clamped, not passed through: 2.0 scores like 1.0
     assert torch.allclose(model(torch.full((1, 1, 16, 16), 2.0)), model(torch.ones(1, 1, 16, 16)))
-
-
-def test_direction_helper():
-    s = torch.tensor([1.0, 2.0])
-    assert torch.equal(standardize_direction(s, lower_better=True), -s)
-    assert torch.equal(standardize_direction(s, lower_better=False), s)

@@ -10,7 +10,7 @@ from eval.quality import QualityModel, load_quality_model
 from objectives.context import StepContext
 from objectives.registry import TERMS, ObjectiveError, build_objective, validate_objective
 from objectives.term import BuildEnv
-from trainers.data import DigitsDataset, images_only
+from eval.image_sets import DigitsDataset, images_only
 from trainers.lora import AdaptersDisabled, add_lora
 from trainers.models import build_digits_scheduler, build_digits_unet
 
@@ -72,12 +72,12 @@ def term_specs(specs):
         "lpips_x0": {"metric": specs["network"]},
         "self_perceptual": {},
         "pefl": {"network": specs["network"]},
-        "aesthetic": {"rewards": {"sharp": {"model": specs["cnniqa"]}, "clean": {"model": specs["heldout"], "weight": 0.5}}},
+        "decoupled_rewards": {"rewards": {"sharp": {"model": specs["cnniqa"]}, "clean": {"model": specs["heldout"], "weight": 0.5}}},
         "adversarial": {"discriminator": specs["cnniqa"], "x0": "one_step", "t_range": [0, 500]},
     }
 
 
-@pytest.mark.parametrize("case", ["denoise", "anchor", "nr_iqa", "nr_iqa_sampled", "lpips_x0", "self_perceptual", "pefl", "aesthetic", "adversarial"])
+@pytest.mark.parametrize("case", ["denoise", "anchor", "nr_iqa", "nr_iqa_sampled", "lpips_x0", "self_perceptual", "pefl", "decoupled_rewards", "adversarial"])
 def test_every_term_is_finite_and_trains_only_what_it_should(case, specs, digits):
     base = tiny_unet().requires_grad_(False)
     model = copy.deepcopy(base).requires_grad_(True)
@@ -99,36 +99,34 @@ def test_every_term_is_finite_and_trains_only_what_it_should(case, specs, digits
         assert own and any(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
     else:
         assert any(g is not None and g.abs().sum() > 0 for g in model_grads)
-    frozen = list(base.parameters())
-    for attribute in ("quality", "network", "distance", "discriminator"):
-        helper = getattr(term, attribute, None)
-        if isinstance(helper, torch.nn.Module):
-            frozen += list(helper.parameters())
-    for model_ in getattr(term, "models", {}).values():
-        frozen += list(model_.parameters())
-    assert frozen or name in ("denoise",)
-    assert all(p.grad is None for p in frozen), "a frozen helper received a gradient"
+    helpers = [getattr(term, attribute) for attribute in ("quality", "network", "distance", "discriminator")
+               if isinstance(getattr(term, attribute, None), torch.nn.Module)] + list(getattr(term, "models", {}).values())
+    helper_parameters = [p for helper in helpers for p in helper.parameters()]
+    # every term that judges images holds a frozen network; denoise, anchor and self_perceptual hold none
+    assert bool(helper_parameters) == (name not in ("denoise", "anchor", "self_perceptual"))
+    assert all(p.grad is None for p in list(base.parameters()) + helper_parameters), "a frozen network received a gradient"
+    assert term.needs_base == (name in ("anchor", "self_perceptual"))
 
 
 def test_shared_pieces_are_computed_once_per_step(specs, digits):
     base, model = Counting(tiny_unet().requires_grad_(False)), Counting(tiny_unet(1))
     s = term_specs(specs)
     objective = build_objective({"denoise": 1.0, "anchor": 0.5, "nr_iqa": {"metric": specs["cnniqa"]}, "pefl": s["pefl"],
-                                 "lpips_x0": s["lpips_x0"], "self_perceptual": 0.1, "aesthetic": s["aesthetic"]})
+                                 "lpips_x0": s["lpips_x0"], "self_perceptual": 0.1, "decoupled_rewards": s["decoupled_rewards"]})
     objective(make_context(model, base, digits))
-    assert model.calls == 1  # denoise, anchor, nr_iqa, pefl, lpips_x0, self_perceptual and aesthetic share it
+    assert model.calls == 1  # denoise, anchor, nr_iqa, pefl, lpips_x0, self_perceptual and decoupled_rewards share it
     assert base.calls == 3  # anchor's prediction once; self_perceptual's two feature passes
 
     model.grad_modes.clear()
     objective = build_objective({"denoise": 1.0, "nr_iqa": s["nr_iqa"], "pefl": {**s["pefl"], "t_range": [0, 400]},
-                                 "aesthetic": {**s["aesthetic"], "t_range": [0, 400]}})
+                                 "decoupled_rewards": {**s["decoupled_rewards"], "t_range": [0, 400]}})
     objective(make_context(model, None, digits))
     assert model.calls == 2  # the step's own t, plus one forward at t in [0, 400) shared by three terms
 
     model.grad_modes.clear()
     sampled = {"x0": "sampled", "sampling_steps": 4, "feedback_steps": 2}
     objective = build_objective({"nr_iqa": {"metric": specs["cnniqa"], **sampled},
-                                 "aesthetic": {**s["aesthetic"], **sampled}})
+                                 "decoupled_rewards": {**s["decoupled_rewards"], **sampled}})
     objective(make_context(model, None, digits))
     assert model.grad_modes == [False, False, True, True]  # one sampling run, graph only in the last 2 steps
 
@@ -143,7 +141,7 @@ def test_a_vae_decode_happens_once_per_tensor(specs, digits):
     original = vae.decode
     vae.decode = lambda z, *a, **k: (decodes.append(1), original(z, *a, **k))[1]
     model = tiny_unet()
-    objective = build_objective({"nr_iqa": {"metric": specs["cnniqa"]}, "aesthetic": term_specs(specs)["aesthetic"],
+    objective = build_objective({"nr_iqa": {"metric": specs["cnniqa"]}, "decoupled_rewards": term_specs(specs)["decoupled_rewards"],
                                  "pefl": term_specs(specs)["pefl"]})
     total, _ = objective(make_context(model, None, digits, vae=vae))
     total.backward()
@@ -291,9 +289,9 @@ def test_adversarial_discriminator_learns_real_from_generated(specs, digits):
 
 
 def test_objective_logs_every_term_and_part(specs, digits):
-    objective = build_objective({"denoise": 1.0, "aesthetic": term_specs(specs)["aesthetic"], "pefl": term_specs(specs)["pefl"]})
+    objective = build_objective({"denoise": 1.0, "decoupled_rewards": term_specs(specs)["decoupled_rewards"], "pefl": term_specs(specs)["pefl"]})
     _, parts = objective(make_context(tiny_unet(), None, digits))
-    assert {"denoise", "aesthetic", "aesthetic/sharp", "aesthetic/clean", "pefl", "pefl/feature", "pefl/style"} == set(parts)
+    assert {"denoise", "decoupled_rewards", "decoupled_rewards/sharp", "decoupled_rewards/clean", "pefl", "pefl/feature", "pefl/style"} == set(parts)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -305,9 +303,10 @@ def test_objective_logs_every_term_and_part(specs, digits):
     ({"nr_iqa": {"metric": "musiq", "x0": "sampled", "sampling_steps": 2, "feedback_steps": 3}}, r"objective.nr_iqa.feedback_steps"),
     ({"nr_iqa": {"metric": {"arch": "cnniqa", "weights": "missing.safetensors"}}}, r"objective.nr_iqa.metric.weights: file not found"),
     ({"pefl": {"network": "resnet9000"}}, r"objective.pefl.network: unknown network"),
-    ({"aesthetic": {"rewards": {}}}, r"objective.aesthetic.rewards"),
-    ({"aesthetic": {"rewards": {"color": {"model": "musiq", "weight": -1}}}}, r"objective.aesthetic.rewards.color.weight"),
-    ({"aesthetic": {"rewards": {"color": {"model": "musiq"}}, "prompts": ["a cat"]}}, r"objective.aesthetic.prompts: .*x0: sampled"),
+    ({"decoupled_rewards": {"rewards": {}}}, r"objective.decoupled_rewards.rewards"),
+    ({"aesthetic": {"rewards": {}}}, r"objective.aesthetic: renamed to objective.decoupled_rewards"),
+    ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq", "weight": -1}}}}, r"objective.decoupled_rewards.rewards.color.weight"),
+    ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq"}}, "prompts": ["a cat"]}}, r"objective.decoupled_rewards.prompts: .*x0: sampled"),
     ({"adversarial": {"discriminator": "musiq", "learning_rate": 0}}, r"objective.adversarial.learning_rate"),
 ])
 def test_bad_terms_fail_at_validation_naming_the_field(spec, message):
@@ -323,9 +322,9 @@ def test_t_range_beyond_the_schedule_fails_when_built(specs):
 def test_prompts_need_a_text_model(specs, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red digit\na blue digit\n")
-    spec = {"aesthetic": {"rewards": {"c": {"model": specs["cnniqa"]}}, "x0": "sampled", "prompts": str(prompts)}}
+    spec = {"decoupled_rewards": {"rewards": {"c": {"model": specs["cnniqa"]}}, "x0": "sampled", "prompts": str(prompts)}}
     validate_objective(spec)
-    with pytest.raises(ObjectiveError, match=r"objective.aesthetic.prompts: the base model is not text-conditioned"):
+    with pytest.raises(ObjectiveError, match=r"objective.decoupled_rewards.prompts: the base model is not text-conditioned"):
         build_objective(spec, BuildEnv(text_conditioned=False))
 
 

@@ -3,8 +3,8 @@ import pytest
 from sweeps.selection import hypervolume, knee, pareto_front, select_champion
 
 
-def row(fid, aesthetic, name=""):
-    return {"fid": fid, "aesthetic": aesthetic, "name": name}
+def row(fid, quality, name=""):
+    return {"fid": fid, "heldout_quality": quality, "name": name}
 
 
 def names(rows):
@@ -35,7 +35,7 @@ def test_tolerance_rule_picks_the_best_aesthetic_within_it():
     base = row(50, 0.5)
     rows = [row(48, 0.55, "safe"), row(54, 0.62, "within 10%"), row(70, 0.9, "too far")]
     champion, rule = select_champion(rows, base, fid_tolerance=0.1)
-    assert champion["name"] == "within 10%" and "highest aesthetic" in rule
+    assert champion["name"] == "within 10%" and "highest held-out quality" in rule
     champion, _ = select_champion(rows, base, fid_tolerance=0.0)
     assert champion["name"] == "safe"
 
@@ -45,5 +45,6 @@ def test_knee_fallback_when_nothing_is_within_tolerance():
     rows = [row(20, 0.51, "fidelity end"), row(22, 0.80, "knee"), row(40, 0.82, "quality end")]
     champion, rule = select_champion(rows, base, fid_tolerance=0.05)
     assert champion["name"] == "knee" and "knee" in rule
-    assert knee([row(1, 0.1, "a"), row(2, 0.9, "b")])["name"] in ("a", "b")
+    # two points normalize to the two corners, equally far from the ideal: fidelity first
+    assert knee([row(2, 0.9, "b"), row(1, 0.1, "a")])["name"] == "a"
     assert select_champion([], base, 0.1) == (None, "no finite results")

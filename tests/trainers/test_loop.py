@@ -9,17 +9,19 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from sweeps.config import load_config
+from sweeps.presets import load
 from trainers.checkpoint import load_checkpoint_model
 from trainers.config import ConfigError
-from trainers.loop import ShardedBatches, train
-from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, build_tiny_sd, save_base_model
+from tests.tiny_models import build_tiny_sd
+from trainers.data import ShardedBatches
+from trainers.loop import train
+from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, save_base_model
 
 QUICK_EVAL = ["eval.samples=8", "eval.sampling_steps=[1]"]
 
 
 def small_config(tmp_path, *overrides):
-    return load_config("digits", [*QUICK_EVAL, "train.batch_size=8", f"train.output_dir={tmp_path}", *overrides])
+    return load("digits", [*QUICK_EVAL, "train.batch_size=8", f"train.output_dir={tmp_path}", *overrides])[0]
 
 
 def weights(model):
@@ -51,7 +53,7 @@ def test_checkpoints_are_complete_and_load_for_sampling(tmp_path, digits_assets)
     reports = []
     train(small_config(tmp_path, "train.steps=2", "train.eval_every=1", "train.ema_decay=0.5"), report=lambda m, c=None: reports.append((m, c)))
     assert [m["step"] for m, _ in reports] == [1, 2]
-    assert all({"fid", "aesthetic", "loss", "loss/denoise"} <= set(m) for m, _ in reports)
+    assert all({"fid", "heldout_quality", "loss", "loss/denoise"} <= set(m) for m, _ in reports)
     assert all(c is not None for _, c in reports)
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary folders left behind
     model = load_checkpoint_model(reports[-1][1])
@@ -72,8 +74,8 @@ def _rank_main(rank, world_size, port, base, out, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    config = load_config("digits", [*QUICK_EVAL, "train.batch_size=16", "train.steps=30", "train.eval_every=10", "train.learning_rate=2e-3",
-                                    "objective={denoise: 1.0}", f"model.base={base}", f"train.output_dir={out}"])
+    config, _ = load("digits", [*QUICK_EVAL, "train.batch_size=16", "train.steps=30", "train.eval_every=10", "train.learning_rate=2e-3",
+                                "objective={denoise: 1.0}", f"model.base={base}", f"train.output_dir={out}"])
     losses = []
     result = train(config, report=lambda m, c=None: losses.append(m["loss"]), rank=rank, world_size=world_size)
     save_file({k: v.contiguous() for k, v in result["model"].state_dict().items()}, f"{result_dir}/rank{rank}.safetensors")
@@ -81,6 +83,7 @@ def _rank_main(rank, world_size, port, base, out, result_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.integration  # two processes in a gloo group
 def test_two_workers_keep_identical_weights_and_the_loss_goes_down(tmp_path):
     torch.manual_seed(0)  # an untrained model, so denoising has something to learn
     base = save_base_model(BaseModel(build_digits_unet(block_out_channels=(16, 32, 32)), build_digits_scheduler()), tmp_path / "base")
@@ -119,7 +122,7 @@ def test_latent_text_model_lora_changes_only_the_adapters(tmp_path, tiny_sd, dig
     frozen = {k.replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
     assert frozen.keys() == before.keys() and all(torch.equal(before[k], frozen[k]) for k in before)
     assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # B starts at zero
-    assert {"loss/anchor", "loss/nr_iqa", "fid", "aesthetic"} <= set(reports[-1][0])
+    assert {"loss/anchor", "loss/nr_iqa", "fid", "heldout_quality"} <= set(reports[-1][0])
     stored = load_file(reports[-1][1] / "model" / "adapter_model.safetensors")
     assert stored.keys() == adapters.keys()  # the checkpoint holds the adapter only
     sampled = load_checkpoint_model(reports[-1][1])
@@ -155,13 +158,13 @@ def test_captioned_hf_data_conditions_on_its_own_captions(tmp_path, tiny_sd, dig
     train(config, report=lambda m, c=None: reports.append(m))
     assert seen and all(c in captions for batch in seen for c in batch)  # the dataset's own text, not a template
     assert len(seen[0]) == 8 and len(set(seen[0])) == 8
-    assert {"fid", "aesthetic"} <= set(reports[-1])  # evaluated against the hf: reference with guided sampling
+    assert {"fid", "heldout_quality"} <= set(reports[-1])  # evaluated against the hf: reference with guided sampling
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.caption_column=text"], r"data.caption_column: only for data.source 'hf'"),
     (["data.source=hf", "data.path=x", "data.caption_column=text"], r"eval.prompts: required when data.caption_column"),
-    (["eval.guidance_scale=0.5"], r"eval.guidance_scale: expected >= 1"),
+    (["eval.guidance_scale=0.5"], r"eval.guidance_scale: Input should be greater than or equal to 1, got 0.5"),
     (["eval.clip_score=clipscorez"], r"eval.clip_score: unknown pyiqa metric 'clipscorez'"),
 ])
 def test_text_data_and_eval_options_are_checked(tmp_path, overrides, message):

@@ -9,8 +9,10 @@ import pytest
 import ray
 
 from sweeps.cli import main
-from sweeps.config import load_config
+from sweeps.presets import load
 from trainers.ray_train import run_training
+
+pytestmark = pytest.mark.integration  # a local Ray instance, worker processes, a kill
 
 QUICK = ["eval.samples=8", "eval.sampling_steps=[1]", "train.batch_size=8", "train.cpus_per_worker=1"]
 
@@ -33,8 +35,8 @@ def test_cli_trains_on_two_workers(tmp_path, capsys, local_ray, digits_assets):
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, local_ray, digits_assets):
-    config = load_config("digits", [*QUICK, "train.workers=2", "train.steps=40", "train.eval_every=10", "train.max_failures=2",
-                                    f"train.output_dir={tmp_path / 'run'}"])
+    config, _ = load("digits", [*QUICK, "train.workers=2", "train.steps=40", "train.eval_every=10", "train.max_failures=2",
+                                f"train.output_dir={tmp_path / 'run'}"])
     storage = tmp_path / "storage"
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run_training(config, name="killed", storage_path=storage)))

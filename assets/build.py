@@ -5,7 +5,7 @@
 writes, each with a JSON card (how it was trained, the data hash, its quality figures):
 - classifier.safetensors       the digits classifier, torch-fidelity's feature extractor for FID/KID
 - quality_cnniqa.safetensors   pyiqa's CNNIQA trained on the TRAIN degradation family (the reward)
-- heldout_iqa.safetensors      a different architecture on the disjoint HELDOUT family (the "aesthetic" axis)
+- heldout_iqa.safetensors      a different architecture on the disjoint HELDOUT family (eval.heldout_quality)
 - base/                        a tiny UNet2DModel DDPM in diffusers layout (the model ACPO fine-tunes)
 
 They are stand-ins for Inception, MUSIQ/LAION-aesthetic and a hub DDPM, which need downloads; every
@@ -31,7 +31,9 @@ from eval.digits_classifier import DigitsClassifier, confident_fraction
 from eval.fidelity import fidelity_metrics
 from eval.quality import DigitsHeldoutIQA, load_quality_model, quality_spearman
 from eval.sampling import sample_images
-from trainers.data import DigitsDataset, digits_data_hash
+from eval.image_sets import DigitsDataset, digits_data_hash
+from trainers.ema import Ema
+from trainers.loop import optimizer_step
 from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, count_parameters, save_base_model
 
 ASSET_FILES = {
@@ -88,10 +90,8 @@ def train_classifier(steps: int, seed: int = 0) -> tuple[DigitsClassifier, dict]
     for _ in range(steps):
         idx = torch.randint(0, len(train), (128,), generator=generator)
         x = _random_shift(train.images[idx], generator)
-        loss = F.cross_entropy(model(x), train.labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        F.cross_entropy(model(x), train.labels[idx]).backward()
+        optimizer_step(opt, list(model.parameters()))
         sched.step()
     model.eval()
     with torch.no_grad():
@@ -143,10 +143,8 @@ def train_quality_model(which: str, steps: int, seed: int = 0) -> tuple[torch.nn
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 1))
     for _ in range(steps):
         x, target = _quality_batch(train, family, generator)
-        loss = F.mse_loss(net(to_input(x)).squeeze(1), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        F.mse_loss(net(to_input(x)).squeeze(1), target).backward()
+        optimizer_step(opt, list(net.parameters()))
         sched.step()
     net.eval()
     return net, {
@@ -175,7 +173,8 @@ def train_base_model(steps: int, seed: int = 0, batch_size: int = 64, lr: float 
     generator = torch.Generator().manual_seed(seed + 2)
     train = DigitsDataset("train").images
     unet, scheduler = build_digits_unet(), build_digits_scheduler()
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    parameters = dict(unet.named_parameters())
+    ema = Ema(parameters, ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     warmup = min(200, steps // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
@@ -187,20 +186,15 @@ def train_base_model(steps: int, seed: int = 0, batch_size: int = 64, lr: float 
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, list(parameters.values()), grad_clip=1.0)
         sched.step()
         # EMA with the usual warm-up (1+s)/(10+s): early weights are not averaged in for long.
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                ema[k].lerp_(v, 1 - decay)
+        ema.update(parameters, decay=min(ema_decay, (1 + step) / (10 + step)))
         if (step + 1) % 500 == 0:
             elapsed = time.time() - started
             log(f"[assets] base DDPM: step {step + 1}/{steps}, loss {loss.item():.4f}, {elapsed / (step + 1):.2f} s/step")
-    unet.load_state_dict(ema)
+    ema.copy_to(unet)
     unet.eval()
     card = {
         "name": "digits-ddpm",

@@ -9,12 +9,12 @@ from eval.digits_classifier import load_digits_classifier
 from eval.quality import load_quality_model
 from eval.sampling import sample_images
 from sweeps.cli import main
-from trainers.data import DigitsDataset, digits_data_hash
-from trainers.digits_assets import train_classifier
+from eval.image_sets import DigitsDataset, digits_data_hash
+from assets.build import train_classifier
 from trainers.models import load_base_model
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # trains four models through the CLI: a minute or two
 def test_quick_rebuild_writes_every_asset_and_card(tmp_path):
     out = tmp_path / "digits"
     assert main(["assets", "build", "--quick", "--out", str(out)]) == 0

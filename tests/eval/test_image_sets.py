@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers.data import DigitsDataset, HFImageDataset, ImageFolderDataset, digits_data_hash
+from eval.image_sets import DigitsDataset, HFImageDataset, ImageFolderDataset, digits_data_hash
 
 
 def test_digits_split_sizes_range_and_labels():
@@ -30,9 +30,20 @@ def test_digits_split_is_fixed_and_disjoint():
 def test_digits_hash_is_stable_and_recorded_in_the_cards(digits_assets):
     import json
 
-    assert digits_data_hash() == digits_data_hash()
     card = json.loads((digits_assets / "classifier.json").read_text())
-    assert card["data"]["data_hash"] == digits_data_hash()
+    assert card["data"]["data_hash"] == digits_data_hash()  # the data the committed assets were trained on
+
+
+def test_digits_hash_changes_with_one_pixel(monkeypatch):
+    import eval.image_sets as image_sets
+
+    original = image_sets._digits_arrays()
+    images, labels = original[0].copy(), original[1]
+    images[5, 3, 3] += 1
+    monkeypatch.setattr(image_sets, "_digits_arrays", lambda: (images, labels))
+    changed = digits_data_hash()
+    monkeypatch.setattr(image_sets, "_digits_arrays", lambda: original)
+    assert changed != digits_data_hash()
 
 
 def test_unknown_digits_split():

@@ -1,8 +1,8 @@
-"""aesthetic (UniFL, arXiv 2404.05595, "decoupled aesthetic feedback"): several named reward models
+"""decoupled_rewards (UniFL, arXiv 2404.05595, "decoupled aesthetic feedback"): several named reward models
 (color, layout, lighting, detail, or whatever the user names), each with its own weight and hinge
 target, instead of one blended aesthetic score; each is logged on its own.
 
-    aesthetic:
+    decoupled_rewards:
       weight: 1.0
       rewards:
         detail: {model: musiq, weight: 1.0, target: 60}
@@ -22,11 +22,11 @@ from eval.quality import check_quality_spec
 from objectives.context import StepContext, X0Source
 from objectives.nr_iqa import quality_loss
 from objectives.prompt_pool import PromptPool, read_prompts
-from objectives.term import BuildEnv, OptionError, require_number
+from objectives.term import BuildEnv, OptionError, Term, require_number
 
 
-class Aesthetic:
-    name = "aesthetic"
+class DecoupledRewards(Term):
+    name = "decoupled_rewards"
 
     def __init__(self, rewards=None, x0: str = "one_step", t_range=None, sampling_steps: int = 20, feedback_steps: int = 1,
                  sampler: str = "ddim", prompts=None, prompts_per_step: int = 4, saturation: float = 0.0):

@@ -1,0 +1,201 @@
+"""Image sets: the offline `digits` preset, a folder of the user's images, a Hugging Face dataset.
+What the trainer reads (`data:`) and what FID is measured against (`eval.reference`) come from here.
+
+Every dataset here yields images as float tensors `[C, H, W]` in [-1, 1] (the range diffusion
+models are trained in). `DigitsDataset` also yields the label; a captioned Hugging Face set yields
+(image, caption); the others yield images only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+DIGITS_RESOLUTION = 16
+DIGITS_HELDOUT = 297  # 1,797 images: 1,500 train, 297 held out
+DIGITS_SPLIT_SEED = 0  # the split is part of the preset: changing it changes every figure in the cards
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _digits_arrays():
+    """scikit-learn's bundled 8x8 digits: images `[1797, 8, 8]` in 0..16 and labels. No download."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def _digits_split_indices(n: int) -> dict[str, np.ndarray]:
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(n)
+    return {"heldout": np.sort(order[:DIGITS_HELDOUT]), "train": np.sort(order[DIGITS_HELDOUT:])}
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn digits upsampled to 16x16: `(image [1, 16, 16] in [-1, 1], label)`.
+
+    split: "train" (1,500 images) or "heldout" (297), fixed by `DIGITS_SPLIT_SEED`.
+    """
+
+    def __init__(self, split: str = "train"):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"digits split must be 'train' or 'heldout', got {split!r}")
+        images, labels = _digits_arrays()
+        index = _digits_split_indices(len(images))[split]
+        x = torch.from_numpy(images[index]).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
+        # Bilinear upsampling keeps strokes smooth; nearest would teach the model 2x2 blocks,
+        # which the quality model is trained to call a degradation (blockiness).
+        x = F.interpolate(x, size=DIGITS_RESOLUTION, mode="bilinear", align_corners=False)
+        self.images = (x.clamp(0, 1) * 2 - 1).contiguous()
+        self.labels = torch.from_numpy(labels[index])
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+def digits_data_hash() -> str:
+    """Content hash of the digits data and split: what a card records, what a cache key uses."""
+    images, labels = _digits_arrays()
+    h = hashlib.sha256()
+    h.update(images.tobytes())
+    h.update(labels.tobytes())
+    for name, index in sorted(_digits_split_indices(len(images)).items()):
+        h.update(name.encode())
+        h.update(index.tobytes())
+    h.update(str(DIGITS_RESOLUTION).encode())
+    return h.hexdigest()
+
+
+def _to_model_range(image: Image.Image, resolution: int, channels: int) -> torch.Tensor:
+    image = image.convert("L" if channels == 1 else "RGB")
+    # Center crop to a square, then resize: the usual preprocessing for unconditional DDPMs.
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    x = x.unsqueeze(0) if channels == 1 else x.permute(2, 0, 1)
+    return x * 2 - 1
+
+
+class ImageFolderDataset(Dataset):
+    """Every image file under `root` (recursively), center-cropped and resized: `[C, R, R]` in [-1, 1].
+
+    Every file is opened once here, so an unreadable image is reported by name before training starts.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, channels: int = 3):
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"image folder does not exist: {root}")
+        if not root.is_dir():
+            raise NotADirectoryError(f"image folder is not a directory: {root}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise ValueError(f"image folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): {root}")
+        self.resolution, self.channels = resolution, channels
+        for path in self.files:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError) as error:
+                raise ValueError(f"unreadable image {path}: {error}") from None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        with Image.open(self.files[i]) as image:
+            return _to_model_range(image, self.resolution, self.channels)
+
+
+class HFImageDataset(Dataset):
+    """A Hugging Face `datasets` dataset: a hub name (e.g. "cifar10") or a folder made by `save_to_disk`.
+
+    image_column names the PIL-image column ("img" for cifar10, "image" for most others). With
+    caption_column (a text-to-image set's "text"), items are (image, caption) pairs.
+    """
+
+    def __init__(self, name: str, resolution: int, channels: int = 3, split: str = "train", image_column: str = "image",
+                 caption_column: str = ""):
+        import datasets
+
+        if Path(name).is_dir():
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"dataset {name} has no split {split!r} (has {sorted(ds)})")
+                ds = ds[split]
+        else:
+            try:
+                ds = datasets.load_dataset(name, split=split)
+            except (ConnectionError, OSError, ValueError) as error:
+                raise RuntimeError(f"could not load Hugging Face dataset {name!r} (split {split!r}): {error}") from None
+        for column in filter(None, (image_column, caption_column)):
+            if column not in ds.column_names:
+                raise ValueError(f"dataset {name} has no column {column!r} (columns: {ds.column_names})")
+        self.ds, self.resolution, self.channels = ds, resolution, channels
+        self.image_column, self.caption_column = image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[i]
+        image = _to_model_range(row[self.image_column], self.resolution, self.channels)
+        return (image, str(row[self.caption_column])) if self.caption_column else image
+
+
+def parse_hf_reference(reference: str) -> tuple[str, str]:
+    """"hf:NAME[:SPLIT]" (an evaluation reference set) -> (NAME, SPLIT), split "train" by default."""
+    name, _, split = reference.removeprefix("hf:").partition(":")
+    return name, split or "train"
+
+
+def images_only(dataset: Dataset) -> torch.Tensor:
+    """Stack a whole (small) dataset into `[N, C, H, W]` in [-1, 1], dropping labels if present."""
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([item[0] if isinstance(item, tuple) else item for item in items])
+
+
+def training_set(data) -> Dataset:
+    """The training images named by a `data:` config section."""
+    if data.source == "digits":
+        return DigitsDataset(data.split)
+    if data.source == "folder":
+        return ImageFolderDataset(data.path, data.resolution, data.channels)
+    return HFImageDataset(data.path, data.resolution, data.channels, data.split, data.image_column, data.caption_column)
+
+
+def reference_images(reference: str, data) -> torch.Tensor:
+    """`[M, C, H, W]` in [0, 1]: the real images FID is measured against. `reference` is
+    "digits:SPLIT", "hf:NAME[:SPLIT]" (the column `data.image_column`) or an image folder, read at
+    the data's resolution and channels."""
+    if reference.startswith("digits:"):
+        images = images_only(DigitsDataset(reference.split(":", 1)[1]))
+    elif reference.startswith("hf:"):  # hf:NAME[:SPLIT], e.g. hf:cifar10:train
+        name, split = parse_hf_reference(reference)
+        images = images_only(HFImageDataset(name, data.resolution, data.channels, split, data.image_column))
+    else:
+        images = images_only(ImageFolderDataset(reference, data.resolution, data.channels))
+    return (images + 1) / 2
+
+
+def captions(template: str, labels: list | None, n: int) -> list[str]:
+    """Captions for text-conditioned models: the template, with `{label}` filled where the data has
+    labels (a digit) or captions of its own (`data.caption_column`, with the template "{label}")."""
+    if labels is None:
+        return [template.replace("{label}", "").strip()] * n
+    return [template.format(label=label) for label in labels]

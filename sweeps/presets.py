@@ -1,0 +1,137 @@
+"""The one loader: a preset (YAML in sweeps/presets/, or a file) plus dotted `key=value` overrides ->
+the validated run config and the sweep's settings.
+
+    config, sweep = load("digits", ["train.steps=100", "sweep.num_samples=4"])
+
+`acpo train`, `acpo eval`, `acpo select`, the sweep driver and a sweep's trials all come through
+here (a trial adds its parameters with `set_values`, the same dotted setter). Both halves are checked
+by one typed validator (`trainers.config.validate`, pydantic), every error one line naming the field,
+before any model loads or Ray starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+
+from trainers.config import Config, ConfigError, Section, check_renamed, validate
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class SweepConfig(Section):
+    """The preset's `sweep:` section (see sweeps/space.py for the search space's form)."""
+
+    name: str = Field("digits-acpo", pattern=r"^[A-Za-z0-9_-]+$")  # the experiment: folder under storage_dir, MLflow experiment
+    model_name: str = ""  # the MLflow registered model the champion joins ("" = name)
+    num_samples: int = Field(8, ge=1)  # trials
+    algorithm: Literal["tpe", "nsga2"] = "tpe"  # Optuna's sampler
+    max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's resources fit
+    fid_tolerance: float = Field(0.1, ge=0)  # champion rule: FID <= base FID * (1 + tolerance)
+    storage_dir: str = "runs/sweeps"  # experiment, Optuna storage, trials' checkpoints (shared storage on a cluster)
+    tracking_uri: str = ""  # MLflow; "" = $MLFLOW_TRACKING_URI, else a server answering at 127.0.0.1:5000
+    seed: int = 0  # Optuna's sampler
+    space: dict[str, Any] = Field(default_factory=dict, min_length=1)  # dotted config key -> distribution
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _flatten(cls, space):
+        """`--set sweep.space.train.steps=...` arrives nested; the space is keyed by dotted config keys."""
+        from sweeps.space import flatten_space
+
+        return flatten_space(space) if isinstance(space, dict) else space
+
+
+class Preset(Config):
+    """A preset file: the run config plus its `sweep:` section, validated together."""
+
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML implements YAML 1.1, where `1e-4` (no decimal point) is a string. YAML 1.2, and every
+    user typing a learning rate or a term weight, mean a number; resolve it so for every value."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_preset(name_or_path: str) -> dict:
+    """A preset by name (`digits`) or a path to a YAML file, as a plain mapping."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name_or_path!r} (known: {', '.join(preset_names())})")
+    if not path.is_file():
+        raise ConfigError(f"preset file not found: {path}")
+    try:
+        data = _load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"preset {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path}: expected a mapping at the top level")
+    return data
+
+
+def set_values(data: dict, values: dict) -> dict:
+    """A copy of `data` with each dotted key set: data[a][b][c] = value for "a.b.c", creating sections.
+    A bare term weight becomes {weight: ...} when an option of that term is set
+    (`objective.denoise=1.0` then `objective.denoise.min_snr_gamma=5`)."""
+    out = copy.deepcopy(data)
+    for key, value in values.items():
+        node, parts = out, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                if parts[0] != "objective" or i != 1:
+                    raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section")
+                child = node[part] = {"weight": child}
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`train.steps=100`, `objective.anchor.weight=0.5`: each value is parsed as YAML (numbers, lists, ...)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            value = _load_yaml(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: value is not valid YAML") from None
+        try:
+            data = set_values(data, {key: value})
+        except ConfigError as error:
+            raise ConfigError(f"override {item!r}: {error}") from None
+    return data
+
+
+def load(preset: str = "digits", overrides: list[str] | None = None) -> tuple[Config, SweepConfig]:
+    """The only place presets are read and overrides applied: the validated run config and the
+    sweep's settings. (The sweep also checks its space against the run config, `check_space`: a
+    plain `acpo train --set objective={denoise: 1.0}` need not keep the terms the space searches.)"""
+    data = apply_overrides(read_preset(preset), list(overrides or []))
+    check_renamed(data)
+    resolved = validate(Preset, data)
+    resolved.resolve_paths()
+    resolved.check()
+    config = Config.model_construct(**{name: getattr(resolved, name) for name in Config.model_fields})
+    return config, resolved.sweep
