@@ -25,11 +25,12 @@ class Adversarial(Term):
     name = "adversarial"
 
     def __init__(self, discriminator="musiq", learning_rate: float = 1e-4, x0: str = "sampled", t_range=None,
-                 sampling_steps: int = 4, feedback_steps: int = 1, sampler: str = "ddim"):
+                 sampling_steps: int = 4, feedback_steps: int = 1, sampler: str = "ddim", stop_low: int | None = None,
+                 stop_high: int | None = None, start: int | None = None):
         check_quality_spec(discriminator, "discriminator")
         self.discriminator_spec = discriminator
         self.learning_rate = require_number("learning_rate", learning_rate, minimum=1e-12)
-        self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler)
+        self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
         self.discriminator = self.optimizer = None
 
     def setup(self, env: BuildEnv) -> None:

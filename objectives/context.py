@@ -33,6 +33,33 @@ def x0_from_prediction(prediction, x_t, t, scheduler) -> torch.Tensor:
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+def eps_from_prediction(prediction, x_t, t, scheduler) -> torch.Tensor:
+    """The noise implied by a model output of the scheduler's prediction type (x_t = sqrt(a) x0 + sqrt(1-a) eps)."""
+    alphas = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.dim() - 1))).to(prediction.dtype)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return prediction
+    if kind == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0
+        return alphas.sqrt() * prediction + (1 - alphas).sqrt() * x_t
+    if kind == "sample":
+        return (x_t - alphas.sqrt() * prediction) / (1 - alphas).sqrt()
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def prediction_from_x0(x0, x_t, t, scheduler) -> torch.Tensor:
+    """The model output of the scheduler's prediction type that implies clean image `x0` at (x_t, t)."""
+    alphas = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.dim() - 1))).to(x0.dtype)
+    kind = scheduler.config.prediction_type
+    eps = (x_t - alphas.sqrt() * x0) / (1 - alphas).sqrt()
+    if kind == "epsilon":
+        return eps
+    if kind == "v_prediction":
+        return alphas.sqrt() * eps - (1 - alphas).sqrt() * x0
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
 @dataclass(eq=False)
 class StepContext:
     """x0, noise: `[N, C, H, W]` in model space; t: `[N]` integer timesteps."""
@@ -88,11 +115,13 @@ class StepContext:
         return torch.randn(shape, generator=self.generator).to(self.x0.device, self.x0.dtype)
 
     def one_step(self, t_range: tuple[int, int] | None = None) -> torch.Tensor:
-        """One-step x0 with gradients. With no t_range (or one covering every timestep) it is the
-        step's own estimate, sharing the denoise forward; otherwise t is drawn uniformly from
-        [lo, hi) with the step's x0 and noise, one extra forward shared by every term asking for
-        the same range (ACPO scores clean estimates only at low t, where Tweedie is sharp)."""
-        if t_range is None or (t_range[0] <= 0 and t_range[1] >= self.num_train_timesteps):
+        """One-step x0 with gradients, at t drawn uniformly from `t_range` = [lo, hi) with the step's
+        x0 and noise: one extra forward, shared by every term asking for the same range (ACPO scores
+        clean estimates only at low t, where Tweedie is sharp). No range means the guard
+        `default_t_range()`, [0, T/2). A range covering every timestep ([0, T]) is the step's own t
+        and shares the denoise forward."""
+        t_range = t_range or self.default_t_range()
+        if t_range[0] <= 0 and t_range[1] >= self.num_train_timesteps:
             return self.x0_estimate
         key = ("one_step", tuple(t_range))
         if key not in self._cache:
@@ -101,6 +130,12 @@ class StepContext:
             prediction = self.model(x_t, t, **self.conditioning).sample
             self._cache[key] = x0_from_prediction(prediction, x_t, t, self.scheduler)
         return self._cache[key]
+
+    def default_t_range(self) -> tuple[int, int]:
+        """Where a one-step x0 is taken when a term names no range: [0, T/2). Above it an epsilon
+        model's x0 = (x_t - sqrt(1-a) eps) / sqrt(a) multiplies the noise error by sqrt((1-a)/a):
+        about 650x at t near T on the digits cosine schedule, 1x at T/2."""
+        return (0, self.num_train_timesteps // 2)
 
     def sampled(self, steps: int, feedback_steps: int, sampler: str = "ddim", prompts: tuple[str, ...] | None = None) -> torch.Tensor:
         """x0 sampled from pure noise in `steps` sampler steps, gradients kept only through the last
@@ -124,10 +159,43 @@ class StepContext:
             self._cache[key] = x
         return self._cache[key]
 
+    def rollout(self, steps: int, stop_low: int, stop_high: int, start: int | None, feedback_steps: int = 1,
+                sampler: str = "ddim") -> torch.Tensor:
+        """x0 from a partial rollout of a `steps`-step sampler schedule, as ReFL and UniFL make it:
+        from pure noise (`start` None: ImageReward's ReFL) or from the batch's real x0 noised to step
+        `start` of the schedule (UniFL's PeFL and adversarial feedback), denoised without a graph to a
+        stop step drawn uniformly from [stop_low, stop_high] (indices into the schedule), where the
+        last `feedback_steps` forwards (the stop step's included) keep gradients. Returns the x0 the
+        model predicts at the stop step (Tweedie from its output there)."""
+        key = ("rollout", steps, stop_low, stop_high, start, feedback_steps, sampler)
+        if key not in self._cache:
+            from eval.sampling import make_sampler
+
+            scheduler = make_sampler(self.scheduler.config, sampler)
+            scheduler.set_timesteps(steps)
+            timesteps = scheduler.timesteps.to(self.x0.device)
+            stop = int(self.draw(1, low=stop_low, high=stop_high + 1, integers=True))
+            n, first = len(self.x0), start or 0
+            if start is None:
+                x = self.draw(n, *self.x0.shape[1:]) * scheduler.init_noise_sigma
+            else:  # the forward process to the schedule's step `start`: what the sampler would hold there
+                x = self.scheduler.add_noise(self.x0, self.draw(n, *self.x0.shape[1:]), timesteps[start].expand(n))
+            for i in range(first, stop + 1):
+                t = timesteps[i]
+                with torch.set_grad_enabled(i > stop - feedback_steps):
+                    output = self.model(scheduler.scale_model_input(x, t), t.expand(n), **self.conditioning).sample
+                    if i < stop:
+                        x = scheduler.step(output, t, x).prev_sample
+            self._cache[key] = x0_from_prediction(output, x, t.expand(n), self.scheduler)
+        return self._cache[key]
+
     def generated(self, source: "X0Source") -> torch.Tensor:
         """The x0 a feedback term scores, made the way its `X0Source` says (shared by equal sources)."""
         if source.kind == "one_step":
             return self.one_step(source.t_range)
+        if source.kind == "rollout":
+            return self.rollout(source.sampling_steps, source.stop_low, source.stop_high, source.start, source.feedback_steps,
+                                source.sampler)
         return self.sampled(source.sampling_steps, source.feedback_steps, source.sampler)
 
     def image(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,24 +225,34 @@ class StepContext:
 
 @dataclass(frozen=True)
 class X0Source:
-    """How a feedback term gets its clean image: `one_step` (Tweedie at t in `t_range`) or `sampled`
-    (`sampling_steps` sampler steps from noise, gradients through the last `feedback_steps`)."""
+    """How a feedback term gets its clean image:
+    - `one_step`: Tweedie at t drawn in `t_range` (default [0, T/2): `StepContext.default_t_range`);
+    - `sampled`: `sampling_steps` sampler steps from noise, gradients through the last `feedback_steps`
+      (DRaFT-K; AlignProp);
+    - `rollout`: a partial rollout of a `sampling_steps` schedule stopped at a random step in
+      [`stop_low`, `stop_high`] (default: the last quarter of the schedule, ReFL's 30..39 of 40), from
+      noise (ReFL) or from the real image noised to step `start` (UniFL), gradients through the last
+      `feedback_steps` forwards."""
 
     kind: str = "one_step"
     t_range: tuple[int, int] | None = None
     sampling_steps: int = 20
     feedback_steps: int = 1
     sampler: str = "ddim"
+    stop_low: int | None = None
+    stop_high: int | None = None
+    start: int | None = None
 
     @classmethod
-    def from_options(cls, x0="one_step", t_range=None, sampling_steps=20, feedback_steps=1, sampler="ddim") -> "X0Source":
+    def from_options(cls, x0="one_step", t_range=None, sampling_steps=20, feedback_steps=1, sampler="ddim", stop_low=None,
+                     stop_high=None, start=None) -> "X0Source":
         """Validated construction; errors are `OptionError`s naming the option."""
         from eval.sampling import SAMPLERS
 
-        if x0 not in ("one_step", "sampled"):
-            raise OptionError("x0", f"expected 'one_step' or 'sampled', got {x0!r}")
+        if x0 not in ("one_step", "sampled", "rollout"):
+            raise OptionError("x0", f"expected 'one_step', 'sampled' or 'rollout', got {x0!r}")
         t_range = check_t_range(t_range)
-        if t_range is not None and x0 == "sampled":
+        if t_range is not None and x0 != "one_step":
             raise OptionError("t_range", "only applies to x0: one_step")
         for name, value in (("sampling_steps", sampling_steps), ("feedback_steps", feedback_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -183,7 +261,23 @@ class X0Source:
             raise OptionError("feedback_steps", f"{feedback_steps} is more than sampling_steps ({sampling_steps})")
         if sampler not in SAMPLERS:
             raise OptionError("sampler", f"expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        return cls(x0, t_range, sampling_steps, feedback_steps, sampler)
+        if x0 != "rollout":
+            for name, value in (("stop_low", stop_low), ("stop_high", stop_high), ("start", start)):
+                if value is not None:
+                    raise OptionError(name, "only applies to x0: rollout")
+            return cls(x0, t_range, sampling_steps, feedback_steps, sampler)
+        stop_low = (3 * sampling_steps) // 4 if stop_low is None else stop_low
+        stop_high = sampling_steps - 1 if stop_high is None else stop_high
+        for name, value in (("stop_low", stop_low), ("stop_high", stop_high), ("start", start if start is not None else 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < sampling_steps:
+                raise OptionError(name, f"expected a step index 0..{sampling_steps - 1} of the {sampling_steps}-step schedule, got {value!r}")
+        if stop_low > stop_high:
+            raise OptionError("stop_low", f"{stop_low} is above stop_high ({stop_high})")
+        if start is not None and start > stop_low:
+            raise OptionError("start", f"{start} is after stop_low ({stop_low}): the rollout must start before it stops")
+        if feedback_steps > stop_low - (start or 0) + 1:
+            raise OptionError("feedback_steps", f"{feedback_steps} is more than the {stop_low - (start or 0) + 1} steps of the shortest rollout")
+        return cls(x0, None, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
 
     def check(self, num_train_timesteps: int) -> None:
         check_t_range_fits(self.t_range, num_train_timesteps)

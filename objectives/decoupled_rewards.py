@@ -29,7 +29,8 @@ class DecoupledRewards(Term):
     name = "decoupled_rewards"
 
     def __init__(self, rewards=None, x0: str = "one_step", t_range=None, sampling_steps: int = 20, feedback_steps: int = 1,
-                 sampler: str = "ddim", prompts=None, prompts_per_step: int = 4, saturation: float = 0.0):
+                 sampler: str = "ddim", stop_low: int | None = None, stop_high: int | None = None, start: int | None = None,
+                 prompts=None, prompts_per_step: int = 4, saturation: float = 0.0):
         if not isinstance(rewards, dict) or not rewards:
             raise OptionError("rewards", "expected a mapping of reward name -> {model, weight, target}")
         self.rewards = {}
@@ -43,7 +44,7 @@ class DecoupledRewards(Term):
                 "weight": require_number(f"{option}.weight", spec.get("weight", 1.0)),
                 "target": require_number(f"{option}.target", spec.get("target"), minimum=float("-inf"), allow_none=True),
             }
-        self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler)
+        self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
         self.pool = None
         if prompts is not None:
             if self.source.kind != "sampled":

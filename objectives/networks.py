@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from objectives.term import OptionError
 
 FEATURE_NETWORKS = ("vgg16", "digits-classifier")
+LPIPS_MIN_SIZE = 64  # images smaller than this are upsampled (bilinear) before LPIPS
 
 
 def _parse(spec, option: str) -> tuple[str, str | None]:
@@ -135,5 +136,8 @@ class PerceptualDistance(nn.Module):
             a, b = a01.clamp(0, 1), b01.clamp(0, 1)
             if a.shape[1] == 1:
                 a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+            if min(a.shape[-2:]) < LPIPS_MIN_SIZE:  # LPIPS's VGG/AlexNet taps pool 16x16 images away to nothing
+                a = F.interpolate(a, size=LPIPS_MIN_SIZE, mode="bilinear", align_corners=False)
+                b = F.interpolate(b, size=LPIPS_MIN_SIZE, mode="bilinear", align_corners=False)
             return self.metric.net(a, b).reshape(len(a))
         return normalized_distance(self.network(a01), self.network(b01))

@@ -30,11 +30,12 @@ class NrIqa(Term):
     name = "nr_iqa"
 
     def __init__(self, metric="musiq", target: float | None = None, x0: str = "one_step", t_range=None,
-                 sampling_steps: int = 20, feedback_steps: int = 1, sampler: str = "ddim"):
+                 sampling_steps: int = 20, feedback_steps: int = 1, sampler: str = "ddim", stop_low: int | None = None,
+                 stop_high: int | None = None, start: int | None = None):
         check_quality_spec(metric, "metric")
         self.metric_spec = metric
         self.target = require_number("target", target, minimum=float("-inf"), allow_none=True)
-        self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler)
+        self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
         self.quality = None
 
     def setup(self, env: BuildEnv) -> None:

@@ -7,6 +7,7 @@ for what a term is.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -38,17 +39,72 @@ TERMS = {
 RENAMED_TERMS = {"aesthetic": "decoupled_rewards (UniFL's decoupled rewards; the sweep's held-out axis is eval.heldout_quality)"}
 
 
-class Objective:
-    """weights x terms. `__call__` returns the total (a scalar: each term's mean over the batch,
-    weighted and summed, the one place where losses are reduced) and every logged part: the term's
-    unweighted mean, and `term/part` for terms made of named parts."""
+class Weight:
+    """A term's weight over optimizer steps (1, 2, ...): piecewise constant. From config, a number;
+    `{weight: w, from_step: a, until_step: b}` (w on steps a <= step < b, 0 elsewhere; UniFL's two
+    stages, ReFL's phases); or `{schedule: [[0, 0.0], [200, 1.0]]}` (each entry holds from its step
+    on; 0 before the first)."""
 
-    def __init__(self, terms: dict[str, tuple[float, object]]):
+    def __init__(self, points: list[tuple[int, float]]):
+        self.points = sorted(points)
+
+    def at(self, step: int) -> float:
+        value = 0.0
+        for start, weight in self.points:
+            if step >= start:
+                value = weight
+        return value
+
+    @classmethod
+    def from_options(cls, options: dict, where: str) -> "Weight":
+        """Pops the weight options (`weight`, `from_step`, `until_step`, `schedule`) from a term's options."""
+        schedule = options.pop("schedule", None)
+        window = {key: options.pop(key) for key in ("weight", "from_step", "until_step") if key in options}
+        if schedule is not None:
+            if window:
+                raise ObjectiveError(f"{where}.schedule: give a schedule or weight/from_step/until_step, not both")
+            if (not isinstance(schedule, list) or not schedule
+                    or not all(isinstance(p, list) and len(p) == 2 and _is_int(p[0], 0) and _is_number(p[1], 0) for p in schedule)):
+                raise ObjectiveError(f"{where}.schedule: expected [[step, weight], ...] with steps >= 0 and weights >= 0, got {schedule!r}")
+            steps = [p[0] for p in schedule]
+            if steps != sorted(set(steps)):
+                raise ObjectiveError(f"{where}.schedule: steps must increase, got {steps}")
+            return cls([(int(step), float(weight)) for step, weight in schedule])
+        weight = window.get("weight", 1.0)
+        if not _is_number(weight, 0):
+            raise ObjectiveError(f"{where}.weight: expected a number >= 0, got {weight!r}")
+        start, end = window.get("from_step", 0), window.get("until_step")
+        if not _is_int(start, 0):
+            raise ObjectiveError(f"{where}.from_step: expected an integer >= 0, got {start!r}")
+        if end is not None and (not _is_int(end, 1) or end <= start):
+            raise ObjectiveError(f"{where}.until_step: expected an integer above from_step ({start}), got {end!r}")
+        points = [(0, 0.0), (start, float(weight))] if start > 0 else [(0, float(weight))]
+        return cls(points + ([(end, 0.0)] if end is not None else []))
+
+
+def _is_number(value, minimum) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum
+
+
+def _is_int(value, minimum) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+
+class Objective:
+    """weights x terms. `__call__(ctx, step)` returns the total (a scalar: each term's mean over the
+    batch, weighted and summed, the one place where losses are reduced) and every logged part: the
+    term's unweighted mean, and `term/part` for terms made of named parts. A term whose weight is 0
+    at this step is not called at all (no forward, nothing logged)."""
+
+    def __init__(self, terms: dict[str, tuple[Weight, object]]):
         self.terms = terms
 
-    def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def active(self, step: int):
+        return [(name, weight.at(step), term) for name, (weight, term) in self.terms.items() if weight.at(step) > 0]
+
+    def __call__(self, ctx: StepContext, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, parts = 0.0, {}
-        for name, (weight, term) in self.terms.items():
+        for name, weight, term in self.active(step):
             value = term(ctx)
             if isinstance(value, dict):
                 for part, per_sample in value.items():
@@ -57,6 +113,8 @@ class Objective:
             value = value.mean()
             parts[name] = value.detach()
             total = total + weight * value
+        if not parts:
+            raise ObjectiveError(f"objective: every term has weight 0 at step {step}: nothing to train")
         return total, parts
 
     @property
@@ -71,13 +129,19 @@ class Objective:
         """Parameters of terms' own modules that the model's optimizer trains (the Cas-DM head)."""
         return [p for _, term in self._terms() for p in term.trainable_parameters()]
 
-    def update(self, ctx: StepContext, sync=None) -> dict[str, torch.Tensor]:
-        """After the model's optimizer step: terms with optimizers of their own take theirs.
+    def update(self, ctx: StepContext, sync=None, step: int = 0) -> dict[str, torch.Tensor]:
+        """After the model's optimizer step: active terms with optimizers of their own take theirs.
         `sync(parameters)` averages their gradients across workers (None: one worker)."""
         logged = {}
-        for name, term in self._terms():
+        for name, _, term in self.active(step):
             logged.update({f"{name}/{k}": v for k, v in term.update(ctx, sync).items()})
         return logged
+
+    def wrap_for_sampling(self, unet, scheduler_config):
+        """The denoiser sampling uses: the model with every module a term adds to it."""
+        for _, term in self._terms():
+            unet = term.wrap_for_sampling(unet, scheduler_config)
+        return unet
 
     def state_dict(self) -> dict:
         return {name: state for name, term in self._terms() if (state := term.state_dict())}
@@ -88,13 +152,16 @@ class Objective:
                 term.load_state_dict(state[name])
 
 
+WEIGHT_OPTIONS = ("weight", "from_step", "until_step", "schedule")
+
+
 def term_options(name: str) -> set[str]:
-    """The options a term accepts besides `weight`: its constructor's keyword arguments."""
-    return set(inspect.signature(TERMS[name]).parameters)
+    """The options a term accepts: its weight's (`WEIGHT_OPTIONS`) and its constructor's keyword arguments."""
+    return set(WEIGHT_OPTIONS) | set(inspect.signature(TERMS[name]).parameters)
 
 
 def _term_options(spec: dict, prefix: str):
-    """Check names, weights and option names; yields (name, weight, options)."""
+    """Check names, weights and option names; yields (name, Weight, the term's own options)."""
     if not isinstance(spec, dict) or not spec:
         raise ObjectiveError(f"{prefix}: expected a non-empty mapping of term name -> weight or options")
     for name, options in spec.items():
@@ -103,14 +170,11 @@ def _term_options(spec: dict, prefix: str):
         if name not in TERMS:
             raise ObjectiveError(f"{prefix}.{name}: unknown term (known: {', '.join(sorted(TERMS))})")
         options = {"weight": options} if not isinstance(options, dict) else dict(options)
-        weight = options.pop("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ObjectiveError(f"{prefix}.{name}.weight: expected a number >= 0, got {weight!r}")
         accepted = term_options(name)
         unknown = sorted(set(options) - accepted)
         if unknown:
-            raise ObjectiveError(f"{prefix}.{name}.{unknown[0]}: unknown option (known: weight, {', '.join(sorted(accepted))})")
-        yield name, float(weight), options
+            raise ObjectiveError(f"{prefix}.{name}.{unknown[0]}: unknown option (known: {', '.join(sorted(accepted))})")
+        yield name, Weight.from_options(options, f"{prefix}.{name}"), options
 
 
 def _construct(name: str, options: dict, prefix: str, env: BuildEnv | None):

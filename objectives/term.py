@@ -16,7 +16,9 @@ What a term needs and owns is declared on the term itself (the defaults below: n
 - `trainable_parameters()`: parameters the trainer's optimizer updates with the model (Cas-DM head);
 - `update(ctx, sync)`: a step of the term's own optimizer after the model's step (the discriminator),
   calling `sync(parameters)` between its backward and its step so workers stay identical;
-- `state_dict()` / `load_state_dict(state)`: what a checkpoint must hold to resume the term exactly.
+- `state_dict()` / `load_state_dict(state)`: what a checkpoint must hold to resume the term exactly;
+- `wrap_for_sampling(unet, scheduler_config)`: the denoiser that samples, when the term adds a module
+  to the model (Cas-DM): a term must never train something the samples do not see.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class Term:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def wrap_for_sampling(self, unet, scheduler_config):
+        """A term that adds a module to the model (Cas-DM's cascaded x0 head) adds it to sampling
+        here: the denoiser that sampling, evaluation, checkpoints and the export use."""
+        return unet
 
 
 @dataclass

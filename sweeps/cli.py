@@ -59,7 +59,7 @@ def cmd_train(args) -> int:
     for key in keys:
         print(f"{key:<22}{before[key]:>12.4f}{after[key]:>12.4f}")
     print(f"\nstep {after['step']}, checkpoint: {checkpoint}")
-    if config.preset == "digits":
+    if config.preset.startswith("digits"):
         print(DIGITS_NOTE)
     return 0
 
@@ -95,7 +95,7 @@ def cmd_eval(args) -> int:
         print(f"{f'reward_gap@{steps}':<26}{'min':>8}{'':>12}{gap:>12.4f}")
     print(f"\n{config.eval.samples} samples per step count, {config.eval.sampler}; FID/KID against {config.eval.reference} "
           f"in {config.eval.feature_extractor} features")
-    if config.preset == "digits":
+    if config.preset.startswith("digits"):
         print(DIGITS_NOTE)
     if args.json:
         report = {"checkpoint": str(args.checkpoint), "preset": config.preset, "samples": config.eval.samples,

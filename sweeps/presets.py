@@ -71,8 +71,11 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def read_preset(name_or_path: str) -> dict:
-    """A preset by name (`digits`) or a path to a YAML file, as a plain mapping."""
+def read_preset(name_or_path: str, _seen: tuple = ()) -> dict:
+    """A preset by name (`digits`) or a path to a YAML file, as a plain mapping. A preset that starts
+    with `extends: NAME` is a fragment over another preset: its sections merge key by key into the
+    parent's, except `objective` and `sweep.space`, which replace the parent's whole (a method is its
+    own set of terms and its own search space)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESETS_DIR / f"{name_or_path}.yaml"
@@ -86,7 +89,28 @@ def read_preset(name_or_path: str) -> dict:
         raise ConfigError(f"preset {path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path}: expected a mapping at the top level")
-    return data
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or str(path) in _seen:
+        raise ConfigError(f"preset {path}: extends: expected the name of another preset, got {parent!r}")
+    if Path(parent).suffix and not Path(parent).is_absolute():
+        parent = str(path.parent / parent)
+    return _merge(read_preset(parent, (*_seen, str(path))), data)
+
+
+_REPLACED = {("objective",), ("sweep", "space")}  # a fragment's value replaces the parent's whole
+
+
+def _merge(parent: dict, child: dict, where: tuple = ()) -> dict:
+    out = dict(parent)
+    for key, value in child.items():
+        inner = (*where, key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and inner not in _REPLACED:
+            out[key] = _merge(out[key], value, inner)
+        else:
+            out[key] = value
+    return out
 
 
 def set_values(data: dict, values: dict) -> dict:

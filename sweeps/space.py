@@ -74,7 +74,7 @@ def check_space(sweep, config: Config) -> None:
             term, option = parts[1], parts[2]
             if term not in config_dict["objective"]:
                 raise ConfigError(f"sweep.space.{key}: the objective has no term {term!r} (terms: {', '.join(config_dict['objective'])})")
-            accepted = {"weight"} | term_options(term)
+            accepted = term_options(term)
             if option not in accepted:
                 raise ConfigError(f"sweep.space.{key}: {term} has no option {option!r} (options: {', '.join(sorted(accepted))})")
         else:

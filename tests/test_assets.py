@@ -8,9 +8,9 @@ import torch
 from eval.degradations import HELDOUT_FAMILY, TRAIN_FAMILY
 from eval.digits_classifier import FEATURE_EXTRACTOR_NAME, confident_fraction, load_digits_classifier
 from eval.fidelity import fidelity_metrics
+from eval.image_sets import DigitsDataset
 from eval.quality import load_quality_model, quality_spearman
 from eval.sampling import sample_images
-from eval.image_sets import DigitsDataset
 from trainers.models import load_base_model
 
 

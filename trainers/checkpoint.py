@@ -2,7 +2,8 @@
 
     step_000100/
       model/              full: a diffusers pipeline folder (loads with load_base_model);
-                          lora: adapter_model.safetensors + adapter_config.json (the adapter only)
+                          lora: adapter_model.safetensors + adapter_config.json (the adapter only);
+                          either way cascade/ when a term adds a module to the model (Cas-DM)
       ema.safetensors     EMA of the trainable weights (when enabled)
       optimizer.pt        AdamW state          } torch.save of tensors and numbers only,
       objective.pt        terms' own state     } read back with weights_only=True
@@ -47,17 +48,23 @@ def _lora_settings(model_config) -> dict:
 
 def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module, base: BaseModel, config, optimizer,
                      ema=None, objective=None, world_size: int = 1, metrics: dict | None = None, samples=None) -> Path:
+    from objectives.lpips_x0 import CascadedDenoiser
+
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # What samples: the model with every module a term adds to it (the Cas-DM head).
+    denoiser = objective.wrap_for_sampling(model, base.scheduler.config) if objective is not None else model
     try:
         if config.model.finetune == "lora":
             (tmp / "model").mkdir()
             save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if "lora_" in k},
                       tmp / "model" / "adapter_model.safetensors")
             (tmp / "model" / "adapter_config.json").write_text(json.dumps({"base": config.model.base, **_lora_settings(config.model)}, indent=2))
+            if isinstance(denoiser, CascadedDenoiser):
+                denoiser.save(tmp / "model" / "cascade")
         else:
-            save_base_model(BaseModel(unet=model, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
+            save_base_model(BaseModel(unet=denoiser, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
                                       tokenizer=base.tokenizer), tmp / "model")
         if ema is not None:
             save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
@@ -109,7 +116,9 @@ def _model_weights(model_dir: Path, finetune: str) -> dict[str, torch.Tensor]:
 
 def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = True) -> BaseModel:
     """A checkpoint as a ready-to-sample model: the full pipeline, or the base with the adapter
-    loaded; with `use_ema` and an EMA file, the averaged weights."""
+    loaded; with `use_ema` and an EMA file, the averaged weights; with a `cascade/`, the Cas-DM head."""
+    from objectives.lpips_x0 import CascadedDenoiser, core_denoiser
+
     directory = Path(directory)
     model_dir = directory / "model" if (directory / "model").is_dir() else directory
     if not model_dir.is_dir():
@@ -120,11 +129,15 @@ def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = T
         model = load_base_model(settings["base"], device)
         add_lora(model.unet, settings["rank"], settings["alpha"], settings["targets"])
         model.unet.load_state_dict(load_file(model_dir / "adapter_model.safetensors", device=str(device)), strict=False)
+        if (model_dir / "cascade").is_dir():
+            model.unet = CascadedDenoiser.load(model_dir / "cascade", model.unet, model.scheduler.config)
     else:
         model = load_base_model(model_dir, device)
     ema_file = directory / "ema.safetensors"
     if use_ema and ema_file.is_file():
         weights = load_file(ema_file, device=str(device))
-        model.unet.load_state_dict(weights, strict=False)
+        missing, unexpected = core_denoiser(model.unet).load_state_dict(weights, strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint {directory}: the EMA does not match the model ({len(unexpected)} unexpected weights)")
     model.unet.requires_grad_(False).eval()
     return model

@@ -146,7 +146,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t, conditioning=conditioning,
                               base=frozen, vae=base.vae, encode_prompt=base.encode_prompt, generator=generator)
             with autocast:
-                loss, parts = objective(ctx)
+                loss, parts = objective(ctx, step)
             if not math.isfinite(loss.item()):  # a sync point, worth it: NaN training is never silent
                 bad = [name for name, value in parts.items() if not torch.isfinite(value)]
                 raise FloatingPointError(f"non-finite loss at step {step} (term: {', '.join(bad) or 'total'})")
@@ -156,7 +156,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
 
         # Update the model, then the terms' own optimizers (the discriminator), then the EMA.
         optimizer_step(optimizer, parameters, settings.grad_clip, world_size)
-        for name, value in objective.update(ctx, sync=lambda params: average_gradients(params, world_size)).items():
+        for name, value in objective.update(ctx, sync=lambda params: average_gradients(params, world_size), step=step).items():
             logged.setdefault(name, []).append(value.float().item())
         if ema is not None:
             ema.update(trainable)
@@ -167,7 +167,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
                        **{f"loss/{k}" if k != "loss" else k: sum(v) / len(v) for k, v in logged.items()}}
             logged, checkpoint = {}, None
             if rank == 0:
-                evaluation = evaluator.evaluate(eval_model(model, base, ema))
+                evaluation = evaluator.evaluate(eval_model(model, base, ema, objective))
                 metrics.update(evaluation.metrics)
                 checkpoint = write_checkpoint(out / "checkpoints" / checkpoint_name(step), step=step, model=model, base=base,
                                               config=config, optimizer=optimizer, ema=ema, objective=objective, world_size=world_size,
@@ -176,7 +176,9 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
     return {"metrics": metrics, "checkpoint": str(checkpoint) if checkpoint else None, "model": model}
 
 
-def eval_model(model: torch.nn.Module, base: BaseModel, ema: Ema | None) -> BaseModel:
-    """What evaluation samples from: the trained weights, or their EMA (in a copy, training goes on)."""
+def eval_model(model: torch.nn.Module, base: BaseModel, ema: Ema | None, objective: Objective) -> BaseModel:
+    """What evaluation samples from: the trained weights, or their EMA (in a copy, training goes on),
+    with every module a term adds to the model (the Cas-DM head)."""
     unet = ema.copy_to(copy.deepcopy(model)) if ema is not None else model
+    unet = objective.wrap_for_sampling(unet, base.scheduler.config)
     return BaseModel(unet=unet, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer)

@@ -96,10 +96,14 @@ def build_digits_scheduler() -> DDPMScheduler:
 
 
 def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") -> BaseModel:
-    """Load a pixel-space diffusion pipeline from a local diffusers folder or a hub id.
+    """Load a diffusion pipeline from a local diffusers folder or a hub id.
 
     Local folders must exist and hold `model_index.json`; anything else is treated as a hub id, which
     needs network access (offline, `from_pretrained` fails with its own error, re-raised with the id).
+    A folder with a `cascade/` subfolder (a Cas-DM model: `objectives/lpips_x0.py`) loads as the UNet
+    wrapped with its cascaded x0 head, which then takes part in every sampling step. This is the one
+    call that loads an exported champion: `load_base_model(folder)`. (Plain
+    `DiffusionPipeline.from_pretrained(folder)` also loads it, without the cascade.)
     """
     source = str(path_or_id)
     local = Path(source)
@@ -125,22 +129,31 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") 
     for module in frozen.values():
         if module is not None:
             module.to(device).requires_grad_(False).eval()
+    if looks_local and (local / "cascade").is_dir():
+        from objectives.lpips_x0 import CascadedDenoiser
+
+        unet = CascadedDenoiser.load(local / "cascade", unet, scheduler.config)
     return BaseModel(unet=unet, scheduler=scheduler, tokenizer=getattr(pipe, "tokenizer", None), **frozen)
 
 
 def save_base_model(model: BaseModel, path: str | Path) -> Path:
     """Write a diffusers pipeline folder (DDPMPipeline, or StableDiffusionPipeline for latent text
-    models), weights as safetensors; `load_base_model` reads it back."""
+    models), weights as safetensors, and a Cas-DM head as `cascade/`; `load_base_model` reads it back."""
+    from objectives.lpips_x0 import CascadedDenoiser, core_denoiser
+
     path = Path(path)
+    unet = core_denoiser(model.unet)
     if model.latent:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet,
                                        scheduler=model.scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     else:
-        pipe = DDPMPipeline(unet=model.unet, scheduler=model.scheduler)
+        pipe = DDPMPipeline(unet=unet, scheduler=model.scheduler)
     pipe.save_pretrained(path, safe_serialization=True)
+    if isinstance(model.unet, CascadedDenoiser):
+        model.unet.save(path / "cascade")
     return path
 
 

@@ -7,10 +7,10 @@ import torch
 
 from eval.degradations import degrade
 from eval.evaluate import Evaluator, reward_gap
+from eval.image_sets import DigitsDataset, images_only
 from eval.quality import load_quality_model
 from eval.sampling import sample_images
 from sweeps.cli import main
-from eval.image_sets import DigitsDataset, images_only
 from trainers.models import build_digits_scheduler, build_digits_unet
 
 

@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
+from eval.image_sets import DigitsDataset, images_only
 from eval.quality import QualityModel, load_quality_model
 from objectives.context import StepContext
 from objectives.registry import TERMS, ObjectiveError, build_objective, validate_objective
 from objectives.term import BuildEnv
-from eval.image_sets import DigitsDataset, images_only
 from trainers.lora import AdaptersDisabled, add_lora
 from trainers.models import build_digits_scheduler, build_digits_unet
 
@@ -114,7 +114,9 @@ def test_shared_pieces_are_computed_once_per_step(specs, digits):
     objective = build_objective({"denoise": 1.0, "anchor": 0.5, "nr_iqa": {"metric": specs["cnniqa"]}, "pefl": s["pefl"],
                                  "lpips_x0": s["lpips_x0"], "self_perceptual": 0.1, "decoupled_rewards": s["decoupled_rewards"]})
     objective(make_context(model, base, digits))
-    assert model.calls == 1  # denoise, anchor, nr_iqa, pefl, lpips_x0, self_perceptual and decoupled_rewards share it
+    # the step's own t (denoise, anchor, lpips_x0), and one forward at t in the default [0, T/2) shared by
+    # nr_iqa, pefl, self_perceptual and decoupled_rewards, which name no range
+    assert model.calls == 2
     assert base.calls == 3  # anchor's prediction once; self_perceptual's two feature passes
 
     model.grad_modes.clear()
@@ -269,8 +271,9 @@ def test_self_perceptual_is_zero_for_a_perfect_x0(digits):
 
 def test_adversarial_discriminator_learns_real_from_generated(specs, digits):
     real = images_only(DigitsDataset("train"))[:32]
-    term = build_objective({"adversarial": {"discriminator": specs["cnniqa"], "learning_rate": 1e-3, "x0": "one_step"}}).terms["adversarial"][1]
-    model = tiny_unet()  # untrained: its one-step x0 is not a digit
+    term = build_objective({"adversarial": {"discriminator": specs["cnniqa"], "learning_rate": 1e-3, "x0": "one_step",
+                                            "t_range": [0, 1000]}}).terms["adversarial"][1]
+    model = tiny_unet()  # untrained: its one-step x0 (at the step's own t, any t) is not a digit
 
     def accuracy(ctx):
         with torch.no_grad():
@@ -333,3 +336,115 @@ def test_bad_objective_in_a_config_fails_at_load(specs):
 
     with pytest.raises(ConfigError, match=r"objective.nr_iqa.metric: unknown pyiqa metric"):
         Config.from_dict({"objective": {"denoise": 1.0, "nr_iqa": {"metric": "nope"}}})
+
+
+class Recording(torch.nn.Module):
+    """Wraps a model; records each call's (input, t, grad mode)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.calls = module, []
+
+    def forward(self, x, t, **kwargs):
+        self.calls.append((x.detach().clone(), t.detach().clone(), torch.is_grad_enabled()))
+        return self.module(x, t, **kwargs)
+
+
+def test_rollout_from_noise_has_gradients_in_the_last_steps_and_a_random_stop_in_the_window(digits):
+    from objectives.context import X0Source
+
+    source = X0Source.from_options("rollout", sampling_steps=10, stop_low=6, stop_high=8, feedback_steps=2)
+    stops = set()
+    for seed in range(12):
+        model = Recording(tiny_unet())
+        x0 = make_context(model, None, digits, seed=seed).generated(source)
+        modes = [grad for _, _, grad in model.calls]
+        stop = len(modes) - 1  # from noise: forwards at steps 0..stop
+        assert 6 <= stop <= 8 and modes == [False] * (stop - 1) + [True, True]
+        assert x0.requires_grad and x0.shape == digits.shape
+        stops.add(stop)
+    assert stops == {6, 7, 8}  # the stop step varies from one training step to the next
+
+
+def test_rollout_from_the_real_image_starts_at_the_image_noised_to_start(digits):
+    from eval.sampling import make_sampler
+    from objectives.context import X0Source
+
+    source = X0Source.from_options("rollout", sampling_steps=10, start=3, stop_low=7, stop_high=7)
+    model = Recording(tiny_unet())
+    ctx = make_context(model, None, digits, seed=5)
+    ctx.generated(source)
+    # Replay the step's generator: noise and t (make_context), the stop step, then the rollout's noise.
+    generator = torch.Generator().manual_seed(5)
+    torch.randn(digits.shape, generator=generator)
+    torch.randint(0, 1000, (len(digits),), generator=generator)
+    torch.randint(7, 8, (1,), generator=generator)
+    noise = torch.randn(digits.shape, generator=generator)
+    schedule = make_sampler(ctx.scheduler.config, "ddim")
+    schedule.set_timesteps(10)
+    first_input, first_t, _ = model.calls[0]
+    assert torch.equal(first_t, schedule.timesteps[3].expand(len(digits)))
+    torch.testing.assert_close(first_input, ctx.scheduler.add_noise(digits, noise, schedule.timesteps[3].expand(len(digits))))
+    assert [grad for _, _, grad in model.calls] == [False] * 4 + [True]  # steps 3..7, the last with gradients
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"x0": "rollout", "sampling_steps": 10, "stop_low": 9, "stop_high": 8}, r"stop_low: 9 is above stop_high"),
+    ({"x0": "rollout", "sampling_steps": 10, "stop_high": 10}, r"stop_high: expected a step index 0..9"),
+    ({"x0": "rollout", "sampling_steps": 10, "start": 8, "stop_low": 7}, r"start: 8 is after stop_low"),
+    ({"x0": "one_step", "start": 3}, r"start: only applies to x0: rollout"),
+])
+def test_bad_rollout_options_name_the_field(options, message, specs):
+    with pytest.raises(ObjectiveError, match=r"objective.nr_iqa." + message):
+        validate_objective({"nr_iqa": {"metric": specs["cnniqa"], **options}})
+
+
+def test_one_step_without_a_range_stays_in_the_safe_half(specs, digits):
+    model = Recording(tiny_unet())
+    build_objective({"nr_iqa": {"metric": specs["cnniqa"]}})(make_context(model, None, digits))
+    (_, t, _), = model.calls  # nr_iqa alone: only the one-step forward
+    assert t.max() < 500  # [0, T/2): the default guard
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_anchor_compares_noise_predictions(prediction_type):
+    scheduler = build_digits_scheduler()
+    scheduler.register_to_config(prediction_type=prediction_type)
+    x0, noise, t = torch.full((1, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), -1.0), torch.tensor([300])
+    outputs = {"model": torch.full((1, 1, 2, 2), 0.3), "base": torch.full((1, 1, 2, 2), 0.1)}
+
+    def constant(which):
+        return lambda x_t, t, **_: type("Out", (), {"sample": outputs[which]})()
+
+    anchor = TERMS["anchor"]()
+    ctx = StepContext(model=constant("model"), base=constant("model"), scheduler=scheduler, x0=x0, noise=noise, t=t)
+    assert anchor(ctx).item() == 0.0  # the base itself: 0, whatever the prediction type
+    ctx = StepContext(model=constant("model"), base=constant("base"), scheduler=scheduler, x0=x0, noise=noise, t=t)
+    a = scheduler.alphas_cumprod[300].item()
+    # by hand: eps = v * sqrt(a) + x_t * sqrt(1-a) for v; eps = (x_t - sqrt(a) x0) / sqrt(1-a) for sample
+    expected = {"epsilon": 0.2 ** 2, "v_prediction": a * 0.2 ** 2, "sample": a / (1 - a) * 0.2 ** 2}[prediction_type]
+    assert anchor(ctx).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_staged_weight_is_zero_before_its_step_and_costs_no_forward(specs, digits):
+    objective = build_objective({"denoise": 1.0, "nr_iqa": {"weight": 0.5, "from_step": 3, "metric": specs["cnniqa"],
+                                                              "t_range": [0, 400]}})
+    for step, forwards in ((2, 1), (3, 2)):
+        model = Recording(tiny_unet())
+        total, parts = objective(make_context(model, None, digits), step)
+        assert len(model.calls) == forwards and ("nr_iqa" in parts) == (step >= 3)
+        if step >= 3:
+            assert total.item() == pytest.approx(parts["denoise"].item() + 0.5 * parts["nr_iqa"].item(), rel=1e-5)
+    schedule = build_objective({"denoise": {"schedule": [[0, 1.0], [5, 0.25], [9, 0.0]]}}).terms["denoise"][0]
+    assert [schedule.at(s) for s in (1, 4, 5, 8, 9, 100)] == [1.0, 1.0, 0.25, 0.25, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"denoise": {"weight": 1.0, "from_step": -1}}, r"objective.denoise.from_step: expected an integer >= 0"),
+    ({"denoise": {"from_step": 5, "until_step": 5}}, r"objective.denoise.until_step: expected an integer above from_step"),
+    ({"denoise": {"schedule": [[5, 1.0], [0, 0.0]]}}, r"objective.denoise.schedule: steps must increase"),
+    ({"denoise": {"schedule": [[0, 1.0]], "weight": 2.0}}, r"objective.denoise.schedule: give a schedule or"),
+])
+def test_bad_schedules_name_the_field(spec, message):
+    with pytest.raises(ObjectiveError, match=message):
+        validate_objective(spec)

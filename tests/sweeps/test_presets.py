@@ -117,3 +117,12 @@ def test_the_same_bad_override_gives_the_same_line_from_every_entry_point(capsys
 
 def test_presets_dir_ships_digits():
     assert (PRESETS_DIR / "digits.yaml").is_file()
+
+
+def test_a_preset_fragment_extends_its_parent():
+    config, sweep = load("digits-cas-dm")
+    assert set(config.objective) == {"denoise", "lpips_x0"}  # the objective is replaced whole
+    digits, _ = load("digits")
+    assert config.eval == digits.eval and config.model == digits.model  # everything else is the parent's
+    assert config.train.output_dir.endswith("digits-cas-dm") and config.train.steps == digits.train.steps
+    assert set(sweep.space) == {"objective.lpips_x0.weight", "train.steps", "train.learning_rate"} and sweep.name == "digits-cas-dm"

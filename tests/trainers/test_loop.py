@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from sweeps.presets import load
+from tests.tiny_models import build_tiny_sd
 from trainers.checkpoint import load_checkpoint_model
 from trainers.config import ConfigError
-from tests.tiny_models import build_tiny_sd
 from trainers.data import ShardedBatches
 from trainers.loop import train
 from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, save_base_model
@@ -29,8 +29,9 @@ def weights(model):
 
 
 def test_resume_is_exact(tmp_path, digits_assets):
+    """Resumed at step 2, across the adversarial term's stage boundary (it starts at step 3)."""
     objective = ("objective={denoise: 1.0, anchor: 2.0, nr_iqa: {weight: 0.3, metric: {arch: cnniqa, weights: "
-                 f"{digits_assets}/quality_cnniqa.safetensors}}, t_range: [0, 400]}}, adversarial: {{weight: 0.1, discriminator: "
+                 f"{digits_assets}/quality_cnniqa.safetensors}}, t_range: [0, 400]}}, adversarial: {{weight: 0.1, from_step: 3, discriminator: "
                  f"{{arch: cnniqa, weights: {digits_assets}/quality_cnniqa.safetensors}}, x0: one_step}}}}")
     common = ["train.steps=4", "train.eval_every=2", "train.ema_decay=0.9", objective]
     straight = train(small_config(tmp_path / "a", *common), report=lambda *_: None)
@@ -44,6 +45,11 @@ def test_resume_is_exact(tmp_path, digits_assets):
     disc_a = torch.load(tmp_path / "a/checkpoints/step_000004/objective.pt", weights_only=True)["adversarial"]["discriminator"]
     disc_b = torch.load(tmp_path / "b/checkpoints/step_000004/objective.pt", weights_only=True)["adversarial"]["discriminator"]
     assert all(torch.equal(disc_a[k], disc_b[k]) for k in disc_a)
+    # before its stage the term is off: the discriminator has not moved at step 2, and has by step 4
+    initial = {f"net.metric.net.{k}": v for k, v in load_file(digits_assets / "quality_cnniqa.safetensors").items()}
+    disc_2 = torch.load(tmp_path / "a/checkpoints/step_000002/objective.pt", weights_only=True)["adversarial"]["discriminator"]
+    assert initial.keys() <= disc_2.keys() and all(torch.equal(disc_2[k], initial[k]) for k in initial)
+    assert not all(torch.equal(disc_a[k], initial[k]) for k in initial)
     # a resumed run with a different step count would not be the same run: 3 steps differ from 4
     three = train(small_config(tmp_path / "c", "train.steps=3", *common[1:]), report=lambda *_: None)
     assert not all(torch.equal(a[k], v) for k, v in weights(three["model"]).items())
@@ -170,3 +176,41 @@ def test_captioned_hf_data_conditions_on_its_own_captions(tmp_path, tiny_sd, dig
 def test_text_data_and_eval_options_are_checked(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         small_config(tmp_path, *overrides)
+
+
+def test_cas_dm_head_reaches_the_samples_checkpoints_and_export(tmp_path, digits_assets):
+    """Cas-DM with the metric alone (denoise off): the eps-module gets no gradient, yet the samples
+    change, because the cascaded head takes part in every sampling step; a checkpoint and the
+    exported folder sample the same images, bit for bit."""
+    from eval.evaluate import Evaluator
+    from eval.sampling import sample_images
+    from objectives.lpips_x0 import CascadedDenoiser
+    from sweeps.acpo_sweep import export_champion
+    from trainers.models import load_base_model
+
+    metric = f"{{network: digits-classifier, weights: {digits_assets}/classifier.safetensors}}"
+    config = small_config(tmp_path, "train.steps=6", "train.eval_every=6", "train.learning_rate=3e-3", "eval.samples=64",
+                          "eval.sampling_steps=[4]", f"objective={{denoise: 0, lpips_x0: {{weight: 1.0, metric: {metric}}}}}")
+    reports = []
+    result = train(config, report=lambda m, c=None: reports.append((m, c)))
+    base = load_base_model(config.model.base)
+    before = load_file(digits_assets / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    after = weights(result["model"])
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the eps-module: not one weight moved
+
+    checkpoint = reports[-1][1]
+    from_checkpoint = load_checkpoint_model(checkpoint)
+    exported = load_base_model(export_champion(checkpoint, tmp_path / "champion"))
+    assert isinstance(from_checkpoint.unet, CascadedDenoiser) and isinstance(exported.unet, CascadedDenoiser)
+    head = from_checkpoint.unet.head.net[-1].weight
+    assert head[:1].abs().sum() > 0 and head[1:].abs().sum() > 0  # the correction and the blend weight r_t both learned (init 0)
+
+    def samples(model):
+        return sample_images(model.unet, model.scheduler.config, 16, steps=4, seed=3)
+
+    assert torch.equal(samples(from_checkpoint), samples(exported))
+    assert not torch.equal(samples(from_checkpoint), samples(base))
+    trained_fid = reports[-1][0]["fid"]
+    base_fid = Evaluator.from_config(config).evaluate(base).metrics["fid"]
+    assert trained_fid != pytest.approx(base_fid, abs=1e-6)
+    assert (tmp_path / "champion" / "cascade" / "model.safetensors").is_file()
