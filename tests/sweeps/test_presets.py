@@ -126,3 +126,13 @@ def test_a_preset_fragment_extends_its_parent():
     assert config.eval == digits.eval and config.model == digits.model  # everything else is the parent's
     assert config.train.output_dir.endswith("digits-cas-dm") and config.train.steps == digits.train.steps
     assert set(sweep.space) == {"objective.lpips_x0.weight", "train.steps", "train.learning_rate"} and sweep.name == "digits-cas-dm"
+
+
+def test_the_sweep_can_search_a_stage_boundary(capsys):
+    from sweeps.acpo_sweep import main as sweep_main
+
+    assert sweep_main(["--set", "sweep.space.objective.nr_iqa.from_step={randint: [0, 100], step: 50}", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["sweep"]["space"]["objective.nr_iqa.from_step"] == {"randint": [0, 100], "step": 50}
+    assert sweep_main(["--set", "sweep.space.objective.nr_iqa.from_step={randint: [-10, 100]}", "--dry-run"]) == 2
+    assert "objective.nr_iqa.from_step: expected an integer >= 0" in capsys.readouterr().err

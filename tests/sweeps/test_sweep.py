@@ -103,6 +103,32 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
 
 
 @pytest.mark.integration
+def test_a_cas_dm_champion_samples_with_its_head_from_the_registry(tmp_path, mlflow_server, digits_assets):
+    """The registered champion of a Cas-DM sweep, downloaded from models:/NAME@champion, loads with its
+    cascaded head (the head is part of the model, not of the loss)."""
+    import mlflow
+    import ray
+
+    from objectives.lpips_x0 import CascadedDenoiser
+    from sweeps.acpo_sweep import main
+    from trainers.models import load_base_model
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        args = sweep_args("casdm", tmp_path, mlflow_server, samples=2)
+        assert main(["--preset", "digits-cas-dm", *args, "--set", "sweep.model_name=casdm-model"]) == 0
+    finally:
+        ray.shutdown()
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/casdm-model@champion", dst_path=str(tmp_path / "download"),
+                                                tracking_uri=mlflow_server)
+    champion = load_base_model(local)
+    assert isinstance(champion.unet, CascadedDenoiser)
+    with torch.no_grad():
+        out = champion.unet(torch.randn(2, 1, 16, 16), torch.tensor([10, 500])).sample
+    assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.integration
 def test_a_killed_driver_resumes_without_duplicates(tmp_path, mlflow_server, digits_assets):
     import optuna
     from mlflow.tracking import MlflowClient

@@ -205,11 +205,12 @@ def test_cas_dm_head_reaches_the_samples_checkpoints_and_export(tmp_path, digits
     head = from_checkpoint.unet.head.net[-1].weight
     assert head[:1].abs().sum() > 0 and head[1:].abs().sum() > 0  # the correction and the blend weight r_t both learned (init 0)
 
-    def samples(model):
-        return sample_images(model.unet, model.scheduler.config, 16, steps=4, seed=3)
+    def samples(model, sampler="ddim"):
+        return sample_images(model.unet, model.scheduler.config, 16, steps=4, seed=3, sampler=sampler)
 
-    assert torch.equal(samples(from_checkpoint), samples(exported))
-    assert not torch.equal(samples(from_checkpoint), samples(base))
+    for sampler in ("ddim", "dpm_solver"):  # both samplers step from the cascaded x0
+        assert torch.equal(samples(from_checkpoint, sampler), samples(exported, sampler))
+        assert not torch.equal(samples(from_checkpoint, sampler), samples(base, sampler))
     trained_fid = reports[-1][0]["fid"]
     base_fid = Evaluator.from_config(config).evaluate(base).metrics["fid"]
     assert trained_fid != pytest.approx(base_fid, abs=1e-6)
