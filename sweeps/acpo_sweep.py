@@ -201,6 +201,13 @@ def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_n
     trainer = build_trainer(config, name=trial, storage_path=Path(directory) / "trials",
                             callbacks=[TuneReportCallback(), MlflowReportCallback(uri, sweep_name, run_id)])
     trainer.fit()
+    # A trial whose training had finished when the driver was killed, but which Tune had not yet
+    # recorded as done, is run again on --resume: its Train run is complete, so fit() reports
+    # nothing and Tune would end the trial with no figures. Report the last evaluated checkpoint's
+    # (in an ordinary trial this repeats the last report: same step, same figures).
+    checkpoints = sorted((Path(directory) / "trials" / trial).glob(f"{CHECKPOINT_GLOB}/metrics.json"))
+    if checkpoints:
+        tune.report(json.loads(checkpoints[-1].read_text()))
     tracking.client.set_terminated(run_id)
 
 

@@ -15,6 +15,9 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import tempfile  # noqa: E402
 
 os.environ["ACPO_FIDELITY_CACHE"] = tempfile.mkdtemp(prefix="acpo-fidelity-cache-")
+# Tests name their MLflow server explicitly; anything that falls back to MLflow's default store (a
+# sqlite file in the working directory) writes here instead of into the checkout.
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='acpo-mlflow-default-')}/mlflow.db"
 
 _LOCAL_HOSTS = {"localhost", "::1", "0.0.0.0", ""}
 

@@ -119,8 +119,12 @@ def test_a_cas_dm_champion_samples_with_its_head_from_the_registry(tmp_path, mlf
         assert main(["--preset", "digits-cas-dm", *args, "--set", "sweep.model_name=casdm-model"]) == 0
     finally:
         ray.shutdown()
-    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/casdm-model@champion", dst_path=str(tmp_path / "download"),
-                                                tracking_uri=mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)  # models:/ URIs resolve through the registry URI, not the tracking URI
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri="models:/casdm-model@champion", dst_path=str(tmp_path / "download"),
+                                                    tracking_uri=mlflow_server)
+    finally:
+        mlflow.set_registry_uri(None)
     champion = load_base_model(local)
     assert isinstance(champion.unet, CascadedDenoiser)
     with torch.no_grad():
