@@ -100,7 +100,9 @@ class Objective:
         self.terms = terms
 
     def active(self, step: int):
-        return [(name, weight.at(step), term) for name, (weight, term) in self.terms.items() if weight.at(step) > 0]
+        """(name, weight, term) of every term whose weight at `step` is above 0."""
+        weights = {name: weight.at(step) for name, (weight, _) in self.terms.items()}
+        return [(name, weights[name], term) for name, (_, term) in self.terms.items() if weights[name] > 0]
 
     def __call__(self, ctx: StepContext, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, parts = 0.0, {}

@@ -39,6 +39,10 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False) -> dict:
     print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
     tracking, parent = start_tracking(config, sweep, uri)
     evaluate_base(config, directory, tracking, parent)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one
     tuner = restore_tuner(config, sweep, directory, uri, parent) if resume else build_tuner(config, sweep, directory, uri, parent)
     results = tuner.fit()
     close_interrupted(sweep, directory, tracking)
@@ -137,8 +141,6 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: Path, uri: str, p
 
     from sweeps.space import tune_space
 
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one
     settings = config.train
     if settings.use_gpu:
         fit = int(ray.cluster_resources().get("GPU", 0) // settings.workers)
@@ -160,11 +162,8 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: Path, uri: str, p
 
 def restore_tuner(config: Config, sweep: SweepConfig, directory: Path, uri: str, parent: str):
     """The interrupted Tuner with its searcher: unfinished trials resume from their last checkpoint."""
-    import ray
     from ray import tune
 
-    if not ray.is_initialized():
-        ray.init()
     return tune.Tuner.restore(str(directory / "tune"), trainable=trainable(config, sweep, directory, uri, parent),
                               resume_unfinished=True, resume_errored=True)
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator
 
-from trainers.config import Config, ConfigError, Section, check_renamed, validate
+from trainers.config import Config, ConfigError, Section
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -152,10 +152,6 @@ def load(preset: str = "digits", overrides: list[str] | None = None) -> tuple[Co
     """The only place presets are read and overrides applied: the validated run config and the
     sweep's settings. (The sweep also checks its space against the run config, `check_space`: a
     plain `acpo train --set objective={denoise: 1.0}` need not keep the terms the space searches.)"""
-    data = apply_overrides(read_preset(preset), list(overrides or []))
-    check_renamed(data)
-    resolved = validate(Preset, data)
-    resolved.resolve_paths()
-    resolved.check()
+    resolved = Preset.from_dict(apply_overrides(read_preset(preset), list(overrides or [])))
     config = Config.model_construct(**{name: getattr(resolved, name) for name in Config.model_fields})
     return config, resolved.sweep

@@ -60,10 +60,10 @@ _EXPECTED = {"int_type": "expected an integer", "float_type": "expected a number
 def _one_line(section: type[Section], error: dict, prefix: str) -> str:
     where = prefix + ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
-        owner = section
+        owner = section  # the section the unknown key is in, to list its known keys
         for part in error["loc"][:-1]:
-            annotation = owner.model_fields[part].annotation if isinstance(owner, type) and part in getattr(owner, "model_fields", {}) else None
-            owner = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            field = owner.model_fields.get(part) if owner else None
+            owner = field.annotation if field and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
         known = f" (known: {', '.join(owner.model_fields)})" if owner else ""
         return f"unknown key '{where}'{known}"
     message = _EXPECTED.get(error["type"]) or error["msg"].removeprefix("Value error, ")
