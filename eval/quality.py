@@ -50,17 +50,26 @@ class DigitsHeldoutIQA(nn.Module):
 LOCAL_ARCHS = {"digits_heldout_iqa": DigitsHeldoutIQA}
 
 
+class UnreadableFileError(ValueError):
+    """A file that exists but cannot be read as what it should be (corrupt, truncated, another format)."""
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from `.safetensors`, or a `.pth`/`.pt` holding tensors only (pyiqa keeps them under 'params')."""
+    """Weights from `.safetensors`, or a `.pth`/`.pt` holding tensors only (pyiqa keeps them under 'params').
+    A corrupt or foreign file is an `UnreadableFileError` naming it (the reader's own reason kept)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"quality model weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise FileNotFoundError(f"weights not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("params", state)
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("params", state)
+    except Exception as error:  # noqa: BLE001 - any failure to parse is this file's fault; its reason is kept
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+        raise UnreadableFileError(f"{path}: not a readable weights file ({type(error).__name__}: {reason})") from None
 
 
 class QualityModel(nn.Module):

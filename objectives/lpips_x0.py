@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from objectives.context import StepContext, prediction_from_x0, x0_from_prediction
 from objectives.networks import PerceptualDistance, check_network_spec
@@ -106,9 +106,19 @@ class CascadedDenoiser(nn.Module):
 
     @classmethod
     def load(cls, folder: Path, unet: nn.Module, scheduler_config) -> "CascadedDenoiser":
-        settings = json.loads((folder / "config.json").read_text())
-        head = CascadedX0Head(settings["channels"], settings["width"], settings["depth"])
-        head.load_state_dict(load_file(folder / "model.safetensors"))
+        from eval.quality import UnreadableFileError, read_state_dict
+
+        try:
+            settings = json.loads((folder / "config.json").read_text())
+            head = CascadedX0Head(settings["channels"], settings["width"], settings["depth"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UnreadableFileError(f"{folder / 'config.json'}: not a Cas-DM head config ({type(error).__name__}: {error})") from None
+        state = read_state_dict(folder / "model.safetensors")
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as error:
+            raise UnreadableFileError(f"{folder / 'model.safetensors'}: does not fit the head its config describes "
+                                      f"({str(error).splitlines()[0]})") from None
         return cls(unet, head.to(next(unet.parameters()).device), scheduler_config)
 
 

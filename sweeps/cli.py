@@ -176,11 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
 def report_error(error: BaseException) -> int:
     """A user's error (bad config, missing file, a run that failed in a known way) as one line on
     stderr, exit status 2; anything else is a bug and keeps its traceback. Every entry point ends here."""
+    from eval.quality import UnreadableFileError
     from objectives.registry import ObjectiveError
     from trainers.config import ConfigError
     from trainers.ray_train import TrainingError
 
-    if not isinstance(error, (ConfigError, ObjectiveError, FileNotFoundError, NotADirectoryError, FloatingPointError, TrainingError)):
+    if not isinstance(error, (ConfigError, ObjectiveError, FileNotFoundError, NotADirectoryError, UnreadableFileError,
+                              FloatingPointError, TrainingError)):
         raise error
     print(f"acpo: error: {error}", file=sys.stderr)
     return 2

@@ -134,3 +134,23 @@ def test_one_seed_scheme_separates_streams_indices_and_ranks():
     assert all(0 <= s < 2**63 for s in seeds)
     # Pinned: every figure of a run (the demo's champion included) depends on this scheme.
     assert derive_seed(0, "step", 0, 0) == 1570874369896594822
+
+
+def test_corrupt_weight_files_are_one_line_naming_the_file(tmp_path, capsys, digits_assets):
+    from objectives.lpips_x0 import CascadedDenoiser, CascadedX0Head
+    from trainers.models import load_base_model, save_base_model
+
+    bad = tmp_path / "reward.safetensors"
+    bad.write_bytes(bytes(range(256)) * 20)  # exists, but is not safetensors
+    assert main(["eval", "--checkpoint", str(digits_assets / "base"), "--no-base", "--samples", "8", "--steps", "1",
+                 "--set", f"eval.trained_quality={{arch: cnniqa, weights: {bad}}}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # diffusers' progress bars aside
+    assert len(err) == 1 and err[0].startswith("acpo: error: ") and f"{bad}: not a readable weights file" in err[0]
+
+    model = load_base_model(digits_assets / "base")
+    model.unet = CascadedDenoiser(model.unet, CascadedX0Head(1), model.scheduler.config)
+    folder = save_base_model(model, tmp_path / "casdm")
+    (folder / "cascade" / "config.json").write_text('{"channels": 1')  # truncated
+    assert main(["eval", "--checkpoint", str(folder), "--no-base", "--samples", "8", "--steps", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and f"{folder / 'cascade' / 'config.json'}: not a Cas-DM head config" in err[0]
