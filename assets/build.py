@@ -7,6 +7,8 @@ writes, each with a JSON card (how it was trained, the data hash, its quality fi
 - quality_cnniqa.safetensors   pyiqa's CNNIQA trained on the TRAIN degradation family (the reward)
 - heldout_iqa.safetensors      a different architecture on the disjoint HELDOUT family (eval.heldout_quality)
 - base/                        a tiny UNet2DModel DDPM in diffusers layout (the model ACPO fine-tunes)
+- segmenter.safetensors        a small U-Net labelling each pixel background or digit 0-9 (PeFL's
+                               segmentation variant; stand-in for a COCO instance segmenter)
 
 They are stand-ins for Inception, MUSIQ/LAION-aesthetic and a hub DDPM, which need downloads; every
 figure they produce is named for what it is ("classifier FID on digits"), never passed off as the
@@ -41,6 +43,7 @@ ASSET_FILES = {
     "quality": "quality_cnniqa.safetensors",
     "heldout_quality": "heldout_iqa.safetensors",
     "base": "base",
+    "segmenter": "segmenter.safetensors",
 }
 
 
@@ -52,12 +55,14 @@ class AssetBudget:
     quality_steps: int = 3000
     heldout_quality_steps: int = 5000  # the deeper held-out net needs longer to rank its family's grades
     base_steps: int = 8000
+    segmenter_steps: int = 1500
     eval_samples: int = 1000  # the base model's card figures use this many DDIM samples
     eval_sampling_steps: int = 50
 
     @classmethod
     def quick(cls) -> "AssetBudget":
-        return cls(classifier_steps=60, quality_steps=60, heldout_quality_steps=60, base_steps=30, eval_samples=64, eval_sampling_steps=5)
+        return cls(classifier_steps=60, quality_steps=60, heldout_quality_steps=60, base_steps=30, segmenter_steps=30, eval_samples=64,
+                   eval_sampling_steps=5)
 
 
 def _images01(split: str) -> torch.Tensor:
@@ -168,6 +173,56 @@ def _quality_figures(path: Path, arch: str, family_name: str) -> dict:
     return figures
 
 
+def train_segmenter(steps: int, seed: int = 0, batch_size: int = 128) -> tuple[torch.nn.Module, dict]:
+    """Per-pixel cross-entropy against `digit_masks` (stroke pixels labelled with their digit), on
+    shifted images, a quarter of them mildly degraded so that it also reads imperfect samples."""
+    from objectives.segmenters import FOREGROUND_THRESHOLD, DigitsSegmenter, digit_masks
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 5)
+    train = DigitsDataset("train")
+    images01 = (train.images + 1) / 2
+    net = DigitsSegmenter().train()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
+    for _ in range(steps):
+        idx = torch.randint(0, len(images01), (batch_size,), generator=generator)
+        clean = _random_shift(images01[idx], generator)
+        masks = digit_masks(clean, train.labels[idx])
+        degraded = clean.clone()
+        noisy = torch.rand(batch_size, generator=generator) < 0.25
+        degraded[noisy] = (clean[noisy] + 0.1 * torch.randn(clean[noisy].shape, generator=generator)).clamp(0, 1)
+        F.cross_entropy(net(degraded), masks).backward()
+        optimizer_step(opt, list(net.parameters()))
+        sched.step()
+    net.eval()
+    return net, {
+        "name": "digits-segmenter",
+        "what": "U-Net labelling each pixel background (0) or the digit 0-9 its stroke belongs to (1 + d): PeFL's segmentation network offline",
+        "masks": f"stroke = pixel >= {FOREGROUND_THRESHOLD} (image in [0, 1]), labelled with the image's digit",
+        "training": {"steps": steps, "batch_size": batch_size, "optimizer": "AdamW one-cycle lr 2e-3",
+                     "augmentation": "+-1 px shifts, Gaussian noise 0.1 on a quarter", "seed": seed},
+    }
+
+
+@torch.no_grad()
+def segmenter_figures(net: torch.nn.Module) -> dict:
+    """Mean IoU over the 11 classes and the stroke (foreground) IoU on the held-out split."""
+    from objectives.segmenters import digit_masks
+
+    heldout = DigitsDataset("heldout")
+    images01 = (heldout.images + 1) / 2
+    truth, predicted = digit_masks(images01, heldout.labels), net(images01).argmax(1)
+    ious = []
+    for c in range(net.classes):
+        union = ((truth == c) | (predicted == c)).sum().item()
+        if union:
+            ious.append(((truth == c) & (predicted == c)).sum().item() / union)
+    stroke = ((truth > 0) & (predicted > 0)).sum().item() / max(((truth > 0) | (predicted > 0)).sum().item(), 1)
+    return {"mean_iou_heldout": round(sum(ious) / len(ious), 4), "stroke_iou_heldout": round(stroke, 4),
+            "pixel_accuracy_heldout": round((truth == predicted).float().mean().item(), 4)}
+
+
 def train_base_model(steps: int, seed: int = 0, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, log=print) -> tuple[BaseModel, dict]:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 2)
@@ -225,7 +280,7 @@ def base_model_figures(model: BaseModel, classifier_path: Path, num_samples: int
 
 
 def build_digits_assets(out_dir: str | Path, budget: AssetBudget | None = None, seed: int = 0, only: list[str] | None = None, log=print) -> dict:
-    """Train the assets named in `only` (default: all four) into `out_dir`, each with its card.
+    """Train the assets named in `only` (default: all) into `out_dir`, each with its card.
 
     Order matters: the classifier scores the base model's samples, so it is trained first; building
     the base model alone needs a classifier already in `out_dir`."""
@@ -264,6 +319,13 @@ def build_digits_assets(out_dir: str | Path, budget: AssetBudget | None = None, 
         log(f"[assets] base DDPM: evaluating {budget.eval_samples} samples")
         card["figures"] = base_model_figures(base, classifier_path, budget.eval_samples, budget.eval_sampling_steps, seed)
         cards["base"] = card
+
+    if "segmenter" in names:
+        log(f"[assets] segmenter: {budget.segmenter_steps} steps")
+        net, card = train_segmenter(budget.segmenter_steps, seed)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / ASSET_FILES["segmenter"])
+        card["figures"] = segmenter_figures(net)
+        cards["segmenter"] = card
 
     for name, card in cards.items():
         card["budget"] = asdict(budget)

@@ -12,7 +12,8 @@ Metrics, for each sampling step count S:
   diversity@S          mean pairwise feature distance between samples (higher: more varied)
   trained_quality@S    the quality model the objective trains against
   heldout_quality@S    a quality model the objective never sees: the sweep's second objective
-  <name>@S             every extra quality model named in `eval.extra_quality`
+  <name>@S             every extra quality model named in `eval.extra_quality` (prompt-conditioned ones,
+                       e.g. digits-t2i's `prompt_agreement`, score each sample against its prompt)
   clip_score@S         text models with `clip_score` set: image-prompt agreement (pyiqa's clipscore)
 plus `fid` and `heldout_quality` (the sweep's two objectives) at the first step count.
 """
@@ -98,10 +99,12 @@ class Evaluator:
             if grid is None:
                 grid = images[:64]
             on_device = images.to(self.device)
+            prompted = [self.prompts[i % len(self.prompts)] for i in range(len(images))] if encode_prompt else None  # sample_images' cycling
             for name, quality in self.quality.items():
-                metrics[f"{name}@{steps}"] = quality(on_device).mean().item()
-            if self.clip_score is not None and encode_prompt is not None:
-                prompted = [self.prompts[i % len(self.prompts)] for i in range(len(images))]  # sample_images' cycling
+                if quality.prompt_conditioned and prompted is None:
+                    raise ValueError(f"eval: {quality.name} scores images against prompts; this model takes none")
+                metrics[f"{name}@{steps}"] = quality(on_device, prompted).mean().item()
+            if self.clip_score is not None and prompted is not None:
                 metrics[f"clip_score@{steps}"] = self.clip_score(on_device, prompted).float().mean().item()
         first = self.sampling_steps[0]
         metrics.update({name: metrics[f"{name}@{first}"] for name in OBJECTIVES})

@@ -63,6 +63,38 @@ class DigitsDataset(Dataset):
         return self.images[i], self.labels[i]
 
 
+STROKE_WORDS = ("thin", "", "thick")  # tertiles of ink per digit class; the middle third gets no word
+
+
+def digits_captions(split: str = "train") -> list[str]:
+    """A caption per digits image, from its label and one style word: "a thick handwritten 7",
+    "a handwritten 7", "a thin handwritten 7". The word is the image's tertile of total ink among
+    the images of the same digit in the split (stroke weight is what varies most within a class)."""
+    dataset = DigitsDataset(split)
+    ink = ((dataset.images + 1) / 2).flatten(1).sum(dim=1)
+    words = [""] * len(dataset)
+    for digit in range(10):
+        index = (dataset.labels == digit).nonzero().flatten()
+        ranks = ink[index].argsort().argsort()
+        for i, r in zip(index.tolist(), ranks.tolist()):
+            words[i] = STROKE_WORDS[min(3 * r // len(index), 2)]
+    return [" ".join(filter(None, ("a", word, "handwritten", str(int(label))))) for word, label in zip(words, dataset.labels)]
+
+
+class CaptionedDigits(Dataset):
+    """The digits with `digits_captions` as their text: `(image [1, 16, 16] in [-1, 1], caption)`
+    (`data.caption_column: caption` on the digits source)."""
+
+    def __init__(self, split: str = "train"):
+        self.digits, self.captions = DigitsDataset(split), digits_captions(split)
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, i):
+        return self.digits.images[i], self.captions[i]
+
+
 def digits_data_hash() -> str:
     """Content hash of the digits data and split: what a card records, what a cache key uses."""
     images, labels = _digits_arrays()
@@ -173,7 +205,7 @@ def images_only(dataset: Dataset) -> torch.Tensor:
 def training_set(data) -> Dataset:
     """The training images named by a `data:` config section."""
     if data.source == "digits":
-        return DigitsDataset(data.split)
+        return CaptionedDigits(data.split) if data.caption_column else DigitsDataset(data.split)
     if data.source == "folder":
         return ImageFolderDataset(data.path, data.resolution, data.channels)
     return HFImageDataset(data.path, data.resolution, data.channels, data.split, data.image_column, data.caption_column)
@@ -199,3 +231,28 @@ def captions(template: str, labels: list | None, n: int) -> list[str]:
     if labels is None:
         return [template.replace("{label}", "").strip()] * n
     return [template.format(label=label) for label in labels]
+
+
+def captioned_images(data, text_conditioned: bool) -> tuple[torch.Tensor, list[str] | None]:
+    """The whole training set as `([N, C, H, W] in [0, 1], its captions or None)`, as the trainer
+    captions it (`data.caption` filled with each label, or the data's own captions); None for
+    an unconditional model. What `target: auto` scores a reward model on."""
+    dataset = training_set(data)
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items])
+    labels = [item[1] for item in items] if isinstance(items[0], tuple) else None
+    prompts = captions(data.caption, labels, len(items)) if text_conditioned else None
+    return (images + 1) / 2, prompts
+
+
+def captioned_folder(root: str | Path, resolution: int, channels: int) -> tuple[torch.Tensor, list[str]]:
+    """A folder of preferred images with a caption beside each (`name.png` + `name.txt`, the
+    convention of most fine-tuning folders): `([N, C, H, W] in [0, 1], captions)`."""
+    dataset = ImageFolderDataset(root, resolution, channels)
+    prompts = []
+    for path in dataset.files:
+        caption = path.with_suffix(".txt")
+        if not caption.is_file():
+            raise FileNotFoundError(f"no caption beside {path}: expected {caption}")
+        prompts.append(caption.read_text().strip())
+    return (images_only(dataset) + 1) / 2, prompts

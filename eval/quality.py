@@ -1,8 +1,11 @@
-"""No-reference quality models behind one interface: pyiqa metrics by name, or local weights.
+"""Quality and reward models behind one interface: pyiqa metrics by name, prompt-conditioned reward
+models (ImageReward, PickScore, HPSv2), or local weights.
 
-`QualityModel(images)` takes `[N, C, H, W]` in [0, 1] (values outside are clamped, because pyiqa does
-not check the range in loss mode) and returns a score per image, `[N]`. `lower_better` says which
-way is good; callers never guess it from the name.
+`QualityModel(images, prompts=None)` takes `[N, C, H, W]` in [0, 1] (values outside are clamped,
+because pyiqa does not check the range in loss mode) and returns a score per image, `[N]`.
+`lower_better` says which way is good; callers never guess it from the name. A model with
+`prompt_conditioned` set scores how well each image answers its prompt and must be given the
+prompts (one per image); image-only models ignore them.
 
 Specs:
 - "musiq", "topiq_nr", "clipiqa", "laion_aes", ...: any pyiqa metric; pyiqa downloads its weights.
@@ -12,11 +15,18 @@ Specs:
   file is read with `weights_only=True`.
 - {"arch": "digits_heldout_iqa", "weights": ...}: the held-out digits quality model (its own
   architecture, below), the digits preset's `eval.heldout_quality`.
+- "imagereward", "pickscore", "hpsv2": the prompt-conditioned human-preference reward models
+  (`eval/prompt_rewards.py`), downloaded from their published sources.
+- {"arch": "digits_prompt_agreement", "weights": classifier.safetensors}: the digits-t2i stand-in
+  for a prompt-conditioned reward, named for what it is: the digits classifier's probability of the
+  digit the prompt names ("prompt agreement", not a preference model); `digits_prompt_accuracy`,
+  whether its top class is that digit, is the evaluation's CLIP-score stand-in (no gradient).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import torch
@@ -47,7 +57,53 @@ class DigitsHeldoutIQA(nn.Module):
         return self.head(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
 
 
-LOCAL_ARCHS = {"digits_heldout_iqa": DigitsHeldoutIQA}
+def prompted_digit(prompt: str) -> int:
+    """The digit a prompt asks for: its last digit character or number word ("a thick handwritten 7",
+    "a seven"); a prompt naming none is a ValueError (prompt agreement is undefined for it)."""
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    found = [int(w) if w.isdigit() else words.index(w) for w in re.findall(r"\b(?:[0-9]|" + "|".join(words) + r")\b", prompt.lower())]
+    if not found:
+        raise ValueError(f"prompt agreement: the prompt {prompt!r} names no digit")
+    return found[-1]
+
+
+class DigitsPromptAgreement(nn.Module):
+    """The digits classifier's probability that the image shows the digit its prompt names: a
+    prompt-conditioned reward stand-in (image-text agreement), higher is better. Input `[N, 1, H, W]`
+    in [0, 1]."""
+
+    lower_better = False
+    prompt_conditioned = True
+
+    def __init__(self):
+        super().__init__()
+        from eval.digits_classifier import DigitsClassifier
+
+        self.classifier = DigitsClassifier()
+
+    def load_state_dict(self, state, strict: bool = True):
+        return self.classifier.load_state_dict(state, strict)
+
+    def forward(self, x, prompts):
+        wanted = torch.tensor([prompted_digit(p) for p in prompts], device=x.device)
+        probs = self.classifier(x * 2 - 1).softmax(dim=1)
+        return probs.gather(1, wanted[:, None])
+
+
+class DigitsPromptAccuracy(DigitsPromptAgreement):
+    """1 where the digits classifier's top class is the prompted digit, else 0: the digits-t2i
+    preset's CLIP-score stand-in for evaluation (image-text agreement as a rate). A step function
+    has no gradient, so no objective may train against it (`trainable` is False)."""
+
+    trainable = False
+
+    def forward(self, x, prompts):
+        wanted = torch.tensor([prompted_digit(p) for p in prompts], device=x.device)
+        return (self.classifier(x * 2 - 1).argmax(dim=1) == wanted).float()[:, None]
+
+
+LOCAL_ARCHS = {"digits_heldout_iqa": DigitsHeldoutIQA, "digits_prompt_agreement": DigitsPromptAgreement,
+               "digits_prompt_accuracy": DigitsPromptAccuracy}
 
 
 class UnreadableFileError(ValueError):
@@ -76,13 +132,14 @@ class QualityModel(nn.Module):
     """A no-reference quality model; `forward` returns `[N]` scores. Gradients flow when the
     caller enables them (the `nr_iqa` loss); evaluation wraps calls in `torch.no_grad()`."""
 
-    def __init__(self, name: str, net: nn.Module, lower_better: bool, in_channels: int):
+    def __init__(self, name: str, net: nn.Module, lower_better: bool, in_channels: int, prompt_conditioned: bool = False):
         super().__init__()
         self.name, self.net, self.lower_better, self.in_channels = name, net, lower_better, in_channels
+        self.prompt_conditioned = prompt_conditioned
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"quality model {self.name}: expected images [N, 1|3, H, W], got {tuple(images.shape)}")
         x = images.clamp(0, 1)
@@ -90,7 +147,12 @@ class QualityModel(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         elif x.shape[1] == 3 and self.in_channels == 1:
             x = x.mean(dim=1, keepdim=True)
-        return self.net(x).reshape(x.shape[0], -1)[:, 0]
+        if not self.prompt_conditioned:
+            return self.net(x).reshape(x.shape[0], -1)[:, 0]
+        if prompts is None or len(prompts) != len(x):
+            raise ValueError(f"quality model {self.name} is prompt-conditioned: it needs one prompt per image, got "
+                             f"{'none' if prompts is None else len(prompts)} for {len(x)} images")
+        return self.net(x, list(prompts)).reshape(x.shape[0], -1)[:, 0]
 
 
 class SpecError(ValueError):
@@ -105,8 +167,11 @@ def check_quality_spec(spec, option: str) -> None:
     """Config-time check of a quality model spec: a pyiqa name pyiqa knows, or {arch, weights} with
     a weights file that exists. Loads nothing."""
     if isinstance(spec, str):
-        if spec not in pyiqa_metric_names():
-            raise SpecError(option, f"unknown pyiqa metric {spec!r} (see pyiqa.list_models())")
+        from eval.prompt_rewards import PROMPT_REWARDS
+
+        if spec not in pyiqa_metric_names() and spec not in PROMPT_REWARDS:
+            raise SpecError(option, f"unknown quality model {spec!r}: not a pyiqa metric (see pyiqa.list_models()) nor one of "
+                                    f"{', '.join(PROMPT_REWARDS)}")
         return
     if not isinstance(spec, dict) or set(spec) - {"arch", "weights", "name"} or not {"arch", "weights"} <= set(spec):
         raise SpecError(option, f"expected a pyiqa metric name or {{arch, weights}}, got {spec!r}")
@@ -127,6 +192,10 @@ def load_quality_model(spec: str | dict, device: str | torch.device = "cpu") -> 
     """Build a quality model from a pyiqa metric name or {"arch": ..., "weights": ...}."""
     import pyiqa
 
+    from eval.prompt_rewards import PROMPT_REWARDS, load_prompt_reward
+
+    if isinstance(spec, str) and spec in PROMPT_REWARDS:
+        return QualityModel(spec, load_prompt_reward(spec, device), lower_better=False, in_channels=3, prompt_conditioned=True).to(device)
     if isinstance(spec, str):
         if spec not in pyiqa_metric_names():
             raise ValueError(f"unknown quality metric {spec!r}: not a pyiqa metric (see pyiqa.list_models())")
@@ -141,7 +210,8 @@ def load_quality_model(spec: str | dict, device: str | torch.device = "cpu") -> 
     if arch in LOCAL_ARCHS:
         net = LOCAL_ARCHS[arch]()
         net.load_state_dict(state)
-        return QualityModel(name, net, lower_better=net.lower_better, in_channels=1).to(device)
+        return QualityModel(name, net, lower_better=net.lower_better, in_channels=1,
+                            prompt_conditioned=getattr(net, "prompt_conditioned", False)).to(device)
     if arch not in pyiqa_metric_names():
         known = ", ".join(sorted(LOCAL_ARCHS))
         raise ValueError(f"unknown quality model arch {arch!r}: neither a pyiqa metric nor one of: {known}")
@@ -197,3 +267,42 @@ def quality_spearman(model: QualityModel, images: torch.Tensor, family: dict, se
 
 
 __all__ = ["QualityModel", "DigitsHeldoutIQA", "load_quality_model", "quality_spearman", "read_state_dict"]
+
+
+def mean_reward(model: QualityModel, images01: torch.Tensor, prompts: list[str] | None, spec, cache_dir=None,
+                batch_size: int = 250, device="cpu") -> float:
+    """The mean score of `model` over a reference set (real training images, or preferred samples),
+    with their prompts for a prompt-conditioned model: what `target: auto` sets a hinge target to
+    (UniFL's alpha_d, the mean reward of preferred samples). Computed once per (images, prompts,
+    model spec, weights file bytes) and cached as JSON under the fidelity cache folder."""
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    from eval.fidelity import DEFAULT_CACHE_DIR, to_uint8
+
+    digest = hashlib.sha256()
+    pixels = to_uint8(images01).contiguous()
+    digest.update(str(tuple(pixels.shape)).encode())
+    digest.update(pixels.numpy().tobytes())
+    digest.update(json.dumps(prompts).encode())
+    digest.update(json.dumps(spec, sort_keys=True).encode())
+    if isinstance(spec, dict):
+        digest.update(Path(spec["weights"]).read_bytes())
+    folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "reward-targets"
+    path = folder / f"{digest.hexdigest()[:24]}.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["mean"])
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(images01), batch_size):
+            batch = images01[start:start + batch_size].to(device)
+            scores.append(model(batch, None if prompts is None else prompts[start:start + batch_size]).float().cpu())
+    mean = torch.cat(scores).mean().item()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")  # whole file, then renamed: trials share it
+    os.close(fd)
+    Path(tmp).write_text(json.dumps({"mean": mean, "model": model.name, "images": len(images01)}) + "\n")
+    os.replace(tmp, path)
+    return mean

@@ -70,6 +70,7 @@ class StepContext:
     noise: torch.Tensor
     t: torch.Tensor
     conditioning: dict = field(default_factory=dict)  # e.g. encoder_hidden_states for text models
+    prompts: list[str] | None = None  # text models: the batch's captions (what prompt-conditioned rewards score against)
     base: torch.nn.Module | None = None  # the frozen base denoiser, same call signature (LoRA: the model with adapters disabled)
     vae: torch.nn.Module | None = None  # latent models: AutoencoderKL; None for pixel models
     encode_prompt: object = None  # latent text models: prompts -> conditioning dict (for prompt selection)

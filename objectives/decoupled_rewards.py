@@ -1,17 +1,29 @@
-"""decoupled_rewards (UniFL, arXiv 2404.05595, "decoupled aesthetic feedback"): several named reward models
-(color, layout, lighting, detail, or whatever the user names), each with its own weight and hinge
-target, instead of one blended aesthetic score; each is logged on its own.
+"""decoupled_rewards (UniFL, arXiv 2404.05595, Sec. 3.3 "decoupled feedback learning"): one reward model
+per aspect (color, layout, lighting, detail, or whatever the user names), each with its own weight and
+hinge target, instead of one blended aesthetic score; each is logged on its own:
+
+    loss = sum_d weight_d * relu(alpha_d - r_d(x0, prompt))
 
     decoupled_rewards:
       weight: 1.0
       rewards:
-        detail: {model: musiq, weight: 1.0, target: 60}
-        color:  {model: {arch: cnniqa, weights: color.safetensors}, weight: 0.5}
-      x0: sampled            # or one_step with t_range, as for nr_iqa
-      prompts: prompts.txt   # text models only: active prompt selection from this pool
+        agreement: {model: imagereward, weight: 1.0, target: auto}
+        detail:    {model: musiq, weight: 0.5, target: 60}
+      target_reference: data     # or a folder of preferred images, each with name.txt beside it
+      x0: sampled                # UniFL: generated from prompts
+      prompts: pool.txt          # text models: the pool `acpo prompts select` made
 
-With `prompts`, each step generates one image per selected prompt (`prompts_per_step`), chosen by
-`PromptPool` (diverse, not yet saturated), and the pool learns each prompt's reward.
+As UniFL runs it: the reward models are prompt-conditioned where the model is (ImageReward,
+PickScore, HPSv2 or the digits-t2i stand-in `digits_prompt_agreement`; image-only pyiqa models work
+too); `target: auto` sets alpha_d from data, the mean reward of a reference set (UniFL: of preferred
+samples; by default here the real training images with their captions), computed once and cached
+(`eval.quality.mean_reward`); with `prompts`, each step generates one image per prompt drawn at
+random from a pool selected offline (UniFL's active prompt selection: `objectives/prompt_select.py`).
+
+Ours, named as ours: UniFL trains its own per-aspect reward models on its annotated data; we take
+existing ones. `prompt_order: ranked` replaces the random draw with our online pool that prefers
+unsaturated, diverse prompts (`objectives/prompt_pool.py`). `x0: one_step`/`rollout` score the
+batch's own x0 against its captions (no prompts: image-only rewards on unconditional models).
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import torch
 
 from eval.quality import check_quality_spec
 from objectives.context import StepContext, X0Source
-from objectives.nr_iqa import quality_loss
+from objectives.nr_iqa import auto_target, check_target_reference, load_reward, quality_loss
 from objectives.prompt_pool import PromptPool, read_prompts
 from objectives.term import BuildEnv, OptionError, Term, require_number
 
@@ -30,7 +42,8 @@ class DecoupledRewards(Term):
 
     def __init__(self, rewards=None, x0: str = "one_step", t_range=None, sampling_steps: int = 20, feedback_steps: int = 1,
                  sampler: str = "ddim", stop_low: int | None = None, stop_high: int | None = None, start: int | None = None,
-                 prompts=None, prompts_per_step: int = 4, saturation: float = 0.0):
+                 prompts=None, prompts_per_step: int = 4, prompt_order: str = "random", saturation: float = 0.0,
+                 target_reference: str = "data"):
         if not isinstance(rewards, dict) or not rewards:
             raise OptionError("rewards", "expected a mapping of reward name -> {model, weight, target}")
         self.rewards = {}
@@ -39,32 +52,38 @@ class DecoupledRewards(Term):
             if not isinstance(spec, dict) or "model" not in spec or set(spec) - {"model", "weight", "target"}:
                 raise OptionError(option, f"expected {{model, weight, target}}, got {spec!r}")
             check_quality_spec(spec["model"], f"{option}.model")
-            self.rewards[name] = {
-                "model": spec["model"],
-                "weight": require_number(f"{option}.weight", spec.get("weight", 1.0)),
-                "target": require_number(f"{option}.target", spec.get("target"), minimum=float("-inf"), allow_none=True),
-            }
+            target = spec.get("target")
+            if target != "auto":
+                target = require_number(f"{option}.target", target, minimum=float("-inf"), allow_none=True)
+            self.rewards[name] = {"model": spec["model"], "weight": require_number(f"{option}.weight", spec.get("weight", 1.0)), "target": target}
         self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
+        if prompt_order not in ("random", "ranked"):
+            raise OptionError("prompt_order", f"expected 'random' (UniFL) or 'ranked' (ours), got {prompt_order!r}")
+        self.prompt_order, self.prompts = prompt_order, None
         self.pool = None
         if prompts is not None:
             if self.source.kind != "sampled":
-                raise OptionError("prompts", "prompt selection generates images from prompts: it needs x0: sampled")
+                raise OptionError("prompts", "prompts are generated from: they need x0: sampled")
             try:
-                self.pool = PromptPool(read_prompts(prompts), saturation=require_number("saturation", saturation, minimum=float("-inf")))
+                self.prompts = read_prompts(prompts)
             except (FileNotFoundError, ValueError) as error:
                 raise OptionError("prompts", str(error)) from None
+            if prompt_order == "ranked":
+                self.pool = PromptPool(self.prompts, saturation=require_number("saturation", saturation, minimum=float("-inf")))
         if isinstance(prompts_per_step, bool) or not isinstance(prompts_per_step, int) or prompts_per_step < 1:
             raise OptionError("prompts_per_step", f"expected an integer >= 1, got {prompts_per_step!r}")
         self.prompts_per_step = prompts_per_step
+        self.target_reference = check_target_reference(target_reference)
         self.models = {}
 
     def setup(self, env: BuildEnv) -> None:
-        from eval.quality import load_quality_model
-
         self.source.check(env.num_train_timesteps)
-        if self.pool is not None and not env.text_conditioned:
+        if self.prompts is not None and not env.text_conditioned:
             raise OptionError("prompts", "the base model is not text-conditioned; prompts need one")
-        self.models = {name: load_quality_model(r["model"], env.device) for name, r in self.rewards.items()}
+        self.models = {name: load_reward(r["model"], env, f"rewards.{name}.model") for name, r in self.rewards.items()}
+        for name, reward in self.rewards.items():
+            if reward["target"] == "auto":
+                reward["target"] = auto_target(self.models[name], reward["model"], env, self.target_reference, f"rewards.{name}.target")
 
     def state_dict(self):
         return {"pool": self.pool.state_dict()} if self.pool else {}
@@ -73,18 +92,29 @@ class DecoupledRewards(Term):
         if self.pool:
             self.pool.load_state_dict(state["pool"])
 
+    def targets(self) -> dict[str, float | None]:
+        """Each reward's hinge target as used (`auto` resolved at setup)."""
+        return {name: r["target"] for name, r in self.rewards.items()}
+
+    def _draw_prompts(self, ctx: StepContext) -> tuple[str, ...]:
+        if self.pool is not None:
+            return tuple(self.pool.select(self.prompts_per_step, ctx.generator))
+        picks = ctx.draw(self.prompts_per_step, low=0, high=len(self.prompts), integers=True).tolist()
+        return tuple(self.prompts[i] for i in picks)
+
     def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         prompts = None
-        if self.pool is not None:
-            prompts = tuple(self.pool.select(self.prompts_per_step, ctx.generator))
+        if self.prompts is not None:
+            prompts = self._draw_prompts(ctx)
             x0 = ctx.sampled(self.source.sampling_steps, self.source.feedback_steps, self.source.sampler, prompts=prompts)
         else:
             x0 = ctx.generated(self.source)
         images = (ctx.image(x0) + 1) / 2
+        scored_with = list(prompts) if prompts is not None else ctx.prompts
         parts = {}
         for name, reward in self.rewards.items():
             model = self.models[name]
-            parts[name] = reward["weight"] * quality_loss(model(images), model.lower_better, reward["target"])
-        if prompts is not None:
+            parts[name] = reward["weight"] * quality_loss(model(images, scored_with), model.lower_better, reward["target"])
+        if self.pool is not None:
             self.pool.update(list(prompts), sum(parts.values()))
         return parts

@@ -1,5 +1,6 @@
 """nr_iqa (ACPO): a learned no-reference IQA model scores the predicted clean image; the loss
-improves the score. Hinge form `relu(target - score)` as in ImageReward's ReFL and UniFL.
+improves the score. Hinge form `relu(target - score)` as in ImageReward's ReFL and UniFL; `target: auto`
+is the metric's mean on the training images (or a folder of preferred ones: `target_reference`).
 
 The model is any pyiqa metric name (`musiq`, `topiq_nr`, ...) or `{arch, weights}` for a pyiqa
 architecture with local weights (the digits preset's CNNIQA). The sign follows the metric's
@@ -18,6 +19,48 @@ from objectives.context import StepContext, X0Source
 from objectives.term import BuildEnv, OptionError, Term, require_number
 
 
+def load_reward(spec, env: BuildEnv, option: str):
+    """A quality or reward model a term trains against (frozen, eval mode), checked against the base
+    model: a prompt-conditioned reward needs a text model, and a step-function metric (no gradient)
+    cannot be trained against."""
+    from eval.quality import load_quality_model
+
+    model = load_quality_model(spec, env.device)
+    if model.prompt_conditioned and not env.text_conditioned:
+        raise OptionError(option, f"{model.name} scores images against prompts; the base model takes none")
+    if not getattr(model.net, "trainable", True):
+        raise OptionError(option, f"{model.name} has no gradient (an evaluation metric): nothing could train against it")
+    return model
+
+
+def check_target_reference(value) -> str:
+    """`data` (the training images with their captions) or a folder of preferred images."""
+    from pathlib import Path
+
+    if value != "data" and not (isinstance(value, str) and Path(value).is_dir()):
+        raise OptionError("target_reference", f"expected 'data' or a folder of preferred images, got {value!r}")
+    return value
+
+
+def auto_target(model, spec, env: BuildEnv, reference: str, option: str) -> float:
+    """`target: auto`: the model's mean reward on the reference set (UniFL sets its hinge targets from
+    data), with each image's caption for a prompt-conditioned model; cached (`eval.quality.mean_reward`)."""
+    from eval.quality import mean_reward
+
+    try:
+        if reference == "data":
+            images, prompts = env.reference()
+        else:
+            from eval.image_sets import captioned_folder
+
+            images, prompts = captioned_folder(reference, env.resolution, env.image_channels)
+    except (FileNotFoundError, ValueError) as error:
+        raise OptionError("target_reference", str(error)) from None
+    if model.prompt_conditioned and prompts is None:
+        raise OptionError(option, "auto needs captions for a prompt-conditioned model; the reference set has none")
+    return mean_reward(model, images, prompts if model.prompt_conditioned else None, spec, env.cache_dir, device=env.device)
+
+
 def quality_loss(score: torch.Tensor, lower_better: bool, target: float | None) -> torch.Tensor:
     """Per-sample loss from scores `[N]`: lower is better for the loss whatever the metric's direction.
     `target` is in the metric's own units: no loss once a sample is at least that good."""
@@ -29,21 +72,22 @@ def quality_loss(score: torch.Tensor, lower_better: bool, target: float | None) 
 class NrIqa(Term):
     name = "nr_iqa"
 
-    def __init__(self, metric="musiq", target: float | None = None, x0: str = "one_step", t_range=None,
+    def __init__(self, metric="musiq", target: float | str | None = None, x0: str = "one_step", t_range=None,
                  sampling_steps: int = 20, feedback_steps: int = 1, sampler: str = "ddim", stop_low: int | None = None,
-                 stop_high: int | None = None, start: int | None = None):
+                 stop_high: int | None = None, start: int | None = None, target_reference: str = "data"):
         check_quality_spec(metric, "metric")
         self.metric_spec = metric
-        self.target = require_number("target", target, minimum=float("-inf"), allow_none=True)
+        self.target = target if target == "auto" else require_number("target", target, minimum=float("-inf"), allow_none=True)
+        self.target_reference = check_target_reference(target_reference)
         self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
         self.quality = None
 
     def setup(self, env: BuildEnv) -> None:
-        from eval.quality import load_quality_model
-
         self.source.check(env.num_train_timesteps)
-        self.quality = load_quality_model(self.metric_spec, env.device)  # frozen, eval mode
+        self.quality = load_reward(self.metric_spec, env, "metric")
+        if self.target == "auto":
+            self.target = auto_target(self.quality, self.metric_spec, env, self.target_reference, "target")
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         images = (ctx.image(ctx.generated(self.source)) + 1) / 2
-        return quality_loss(self.quality(images), self.quality.lower_better, self.target)
+        return quality_loss(self.quality(images, ctx.prompts), self.quality.lower_better, self.target)

@@ -1,18 +1,29 @@
-"""pefl (UniFL, Zhang et al. 2024, arXiv 2404.05595, "perceptual feedback learning"): an existing
-perception network compares the one-step x0 with the real image it was noised from: a feature
-(content) distance plus a style distance between Gram matrices of the same feature maps.
+"""pefl, the style variant (UniFL, Zhang et al. 2024, arXiv 2404.05595, Sec. 3.2 "perceptual feedback
+learning"): a frozen perception network compares the model's x0 with the real image it came from,
+through the style loss of Gatys et al.: squared differences of the Gram matrices of its feature maps.
 
-Unlike `nr_iqa` it needs the real image, so it is the one-step estimate of the batch's own x0, at
-the step's t or at a t drawn from `t_range` (shared with any other term asking for the same range).
+Where the x0 comes from is UniFL's: the real image is noised to an intermediate step of a sampling
+schedule and denoised from there (`x0: rollout` with `start`; `objectives/context.py`), without a
+graph, to a stop step whose forward keeps gradients; x0 is the model's prediction there. The paper
+gives no schedule; the defaults start in the middle of a 20-step DDIM schedule (`start: 10`) and
+stop in its last quarter (15..19), where ImageReward's ReFL also stops. `x0: one_step` remains an
+option (cheaper, and what this term did before).
+
+UniFL's style variant is the Gram loss only (its Eq. 4): `content_weight` is 0 by default. A content
+part (feature distance, Johnson et al.'s perceptual loss) is ours, optional. The network is
+torchvision's VGG-16 (as in UniFL) or, offline, the digits classifier's convolutions. UniFL's
+main variant, instance segmentation, is the separate term `pefl_segmentation`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from objectives.context import StepContext
+from objectives.context import StepContext, X0Source
 from objectives.networks import check_network_spec, load_feature_network
-from objectives.term import BuildEnv, OptionError, Term, check_t_range, check_t_range_fits, require_number
+from objectives.term import BuildEnv, OptionError, Term, require_number
+
+ROLLOUT_FROM_REAL = dict(x0="rollout", sampling_steps=20, start=10, stop_low=15, stop_high=19)
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
@@ -22,30 +33,45 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     return flat @ flat.transpose(1, 2) / (c * h * w)
 
 
+def rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range) -> X0Source:
+    """The X0Source of a UniFL perceptual term: `ROLLOUT_FROM_REAL` unless the options say otherwise;
+    a rollout from noise (`start: null` is not allowed) would have no real image to compare with."""
+    if x0 == "rollout" and start is None:
+        raise OptionError("start", "a perceptual term compares x0 with the real image it came from: the rollout must start from it")
+    return X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
+
+
 class Pefl(Term):
     name = "pefl"
 
-    def __init__(self, network="vgg16", feature_weight: float = 1.0, style_weight: float = 1.0, t_range=None):
+    def __init__(self, network="vgg16", style_weight: float = 1.0, content_weight: float = 0.0, x0: str = ROLLOUT_FROM_REAL["x0"],
+                 sampling_steps: int = ROLLOUT_FROM_REAL["sampling_steps"], feedback_steps: int = 1, sampler: str = "ddim",
+                 stop_low: int | None = ROLLOUT_FROM_REAL["stop_low"], stop_high: int | None = ROLLOUT_FROM_REAL["stop_high"],
+                 start: int | None = ROLLOUT_FROM_REAL["start"], t_range=None):
         check_network_spec(network, "network")
         self.network_spec = network
-        self.feature_weight = require_number("feature_weight", feature_weight)
         self.style_weight = require_number("style_weight", style_weight)
-        if self.feature_weight == 0 and self.style_weight == 0:
-            raise OptionError("feature_weight", "feature_weight and style_weight are both 0: the term would be empty")
-        self.t_range = check_t_range(t_range)
+        self.content_weight = require_number("content_weight", content_weight)
+        if self.content_weight == 0 and self.style_weight == 0:
+            raise OptionError("style_weight", "style_weight and content_weight are both 0: the term would be empty")
+        if x0 != "rollout":  # the rollout defaults apply to a rollout only
+            stop_low = stop_high = start = None
+        self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
+        if self.source.kind == "sampled":
+            raise OptionError("x0", "a sampled x0 has no real image to compare with: use rollout (UniFL) or one_step")
         self.network = None
 
     def setup(self, env: BuildEnv) -> None:
-        check_t_range_fits(self.t_range, env.num_train_timesteps)
+        self.source.check(env.num_train_timesteps)
         self.network = load_feature_network(self.network_spec, env.device, "network")
 
     def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        generated = self.network((ctx.image(ctx.one_step(self.t_range)) + 1) / 2)
+        generated = self.network((ctx.image(ctx.generated(self.source)) + 1) / 2)
         with torch.no_grad():
             real = self.network((ctx.image(ctx.x0) + 1) / 2)
         parts = {}
-        if self.feature_weight > 0:
-            parts["feature"] = self.feature_weight * sum((g - r).pow(2).flatten(1).mean(dim=1) for g, r in zip(generated, real))
         if self.style_weight > 0:
             parts["style"] = self.style_weight * sum((gram(g) - gram(r)).pow(2).flatten(1).sum(dim=1) for g, r in zip(generated, real))
+        if self.content_weight > 0:
+            parts["content"] = self.content_weight * sum((g - r).pow(2).flatten(1).mean(dim=1) for g, r in zip(generated, real))
         return parts

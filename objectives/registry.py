@@ -20,6 +20,7 @@ from objectives.denoise import Denoise
 from objectives.lpips_x0 import LpipsX0
 from objectives.nr_iqa import NrIqa
 from objectives.pefl import Pefl
+from objectives.pefl_segmentation import PeflSegmentation
 from objectives.self_perceptual import SelfPerceptual
 from objectives.term import BuildEnv, ObjectiveError, OptionError
 
@@ -30,6 +31,7 @@ TERMS = {
     "lpips_x0": LpipsX0,
     "self_perceptual": SelfPerceptual,
     "pefl": Pefl,
+    "pefl_segmentation": PeflSegmentation,
     "decoupled_rewards": DecoupledRewards,
     "adversarial": Adversarial,
 }
@@ -131,13 +133,25 @@ class Objective:
         """Parameters of terms' own modules that the model's optimizer trains (the Cas-DM head)."""
         return [p for _, term in self._terms() for p in term.trainable_parameters()]
 
-    def update(self, ctx: StepContext, sync=None, step: int = 0) -> dict[str, torch.Tensor]:
-        """After the model's optimizer step: active terms with optimizers of their own take theirs.
-        `sync(parameters)` averages their gradients across workers (None: one worker)."""
-        logged = {}
+    def own_losses(self, ctx: StepContext, step: int = 0) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Every micro-batch, after the model's backward: the losses of terms' own modules that have
+        optimizers of their own (the discriminator), reduced here as the model's loss is (each
+        term's mean, summed; unweighted: the term's weight scales the model's loss, not its own
+        module's). None when no active term has one. The loop backpropagates it."""
+        total, parts = None, {}
         for name, _, term in self.active(step):
-            logged.update({f"{name}/{k}": v for k, v in term.update(ctx, sync).items()})
-        return logged
+            for part, per_sample in term.own_loss(ctx).items():
+                value = per_sample.mean()
+                parts[f"{name}/{part}"] = value.detach()
+                total = value if total is None else total + value
+        return total, parts
+
+    def own_step(self, sync=None, step: int = 0) -> None:
+        """After the model's optimizer step: active terms step their own optimizers on the gradients
+        `own_losses` accumulated over the step's micro-batches. `sync(parameters)` averages those
+        gradients across workers (None: one worker)."""
+        for _, _, term in self.active(step):
+            term.own_step(sync)
 
     def wrap_for_sampling(self, unet, scheduler_config):
         """The denoiser sampling uses: the model with every module a term adds to it."""

@@ -14,8 +14,10 @@ What a term needs and owns is declared on the term itself (the defaults below: n
 - `needs_base`: it reads the frozen base model (`ctx.base_prediction`, `ctx.base_features`); the
   trainer then hands one over (with LoRA, the model with adapters disabled);
 - `trainable_parameters()`: parameters the trainer's optimizer updates with the model (Cas-DM head);
-- `update(ctx, sync)`: a step of the term's own optimizer after the model's step (the discriminator),
-  calling `sync(parameters)` between its backward and its step so workers stay identical;
+- `own_loss(ctx) -> {part: [N]}`: the loss of a module the term trains with an optimizer of its own
+  (the discriminator), on every micro-batch; the loop backpropagates it with the model's, and
+  `own_step(sync)` then steps that optimizer once per optimizer step, calling `sync(parameters)`
+  before it so workers stay identical;
 - `state_dict()` / `load_state_dict(state)`: what a checkpoint must hold to resume the term exactly;
 - `wrap_for_sampling(unet, scheduler_config)`: the denoiser that samples, when the term adds a module
   to the model (Cas-DM): a term must never train something the samples do not see.
@@ -48,8 +50,11 @@ class Term:
     def trainable_parameters(self) -> list:
         return []
 
-    def update(self, ctx, sync=None) -> dict:
+    def own_loss(self, ctx) -> dict:
         return {}
+
+    def own_step(self, sync=None) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {}
@@ -72,6 +77,9 @@ class BuildEnv:
     image_channels: int = 1  # channels of decoded images
     num_train_timesteps: int = 1000
     text_conditioned: bool = False  # the model takes encoder_hidden_states (prompts can be chosen)
+    reference: object = None  # () -> (training images [N, C, H, W] in [0, 1], their captions or None): `target: auto`
+    resolution: int = 16  # image resolution in pixels (a folder of preferred samples is read at it)
+    cache_dir: str | None = None  # computed reward targets are cached here (None: the fidelity cache's folder)
 
 
 def require_number(option: str, value, minimum: float = 0.0, allow_none: bool = False):

@@ -7,6 +7,8 @@
     acpo sweep  [--preset digits] [--num-samples N] [--resume] [--dry-run]   the sweep (= python sweeps/acpo_sweep.py)
     acpo select --sweep NAME [--preset digits]                        re-run the selection of a finished sweep
     acpo assets build [--out assets/digits] [--quick]                 re-create the digits stand-ins
+    acpo assets build-t2i [--out assets/digits-t2i] [--quick]         re-create the digits-t2i text-to-image stand-in
+    acpo prompts select --in FILE --out FILE [--preset P] [--size N]  UniFL's offline prompt selection
 
 Bad input ends with one line on stderr naming the field or file, exit status 2.
 """
@@ -134,6 +136,37 @@ def cmd_assets_build(args) -> int:
     return 0
 
 
+def cmd_assets_build_t2i(args) -> int:
+    from assets.digits_t2i import T2IBudget, build_digits_t2i
+
+    build_digits_t2i(args.out, args.classifier, T2IBudget.quick() if args.quick else T2IBudget(), seed=args.seed)
+    return 0
+
+
+def cmd_prompts_select(args) -> int:
+    from objectives.prompt_pool import read_prompts
+    from objectives.prompt_select import load_filter, min_words, select_prompts, text_embedder
+    from sweeps.presets import load
+    from trainers.config import ConfigError
+    from trainers.models import load_base_model
+
+    config, _ = load(args.preset, args.overrides)
+    base = load_base_model(config.model.base)
+    if not base.text_conditioned:
+        raise ConfigError(f"model.base: {config.model.base} has no text encoder: prompt selection embeds prompts with it")
+    if args.size < 1 or not 0 < args.threshold <= 1:
+        raise ConfigError("--size must be >= 1 and --threshold in (0, 1]")
+    try:
+        candidates = read_prompts(args.input)
+        keep = load_filter(args.filter) if args.filter else min_words
+        pool = select_prompts(candidates, text_embedder(base), args.size, args.seed, args.threshold, keep)
+    except ValueError as error:
+        raise ConfigError(f"{args.input}: {error}") from None
+    Path(args.out).write_text("\n".join(pool) + "\n")
+    print(f"[prompts] {len(candidates)} candidates -> {len(pool)} prompts in {args.out} (seed {args.seed}, cosine <= {args.threshold})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acpo", description="Perceptual fine-tuning sweeps for diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,8 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default="assets/digits", help="output folder (default: assets/digits)")
     build.add_argument("--quick", action="store_true", help="a few steps each: proves the pipeline, not the quality bars")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--only", default="", help="comma-separated subset of: classifier, quality, heldout_quality, base")
+    build.add_argument("--only", default="", help="comma-separated subset of: classifier, quality, heldout_quality, base, segmenter")
     build.set_defaults(func=cmd_assets_build)
+    t2i = assets_sub.add_parser("build-t2i", help="train the digits-t2i text-to-image stand-in (VAE, then UNet; text encoder frozen)")
+    t2i.add_argument("--out", default="assets/digits-t2i", help="output folder (default: assets/digits-t2i)")
+    t2i.add_argument("--classifier", default="assets/digits/classifier.safetensors", help="the digits classifier that scores the samples")
+    t2i.add_argument("--quick", action="store_true", help="a few steps each: proves the pipeline, not the quality bars")
+    t2i.add_argument("--seed", type=int, default=0)
+    t2i.set_defaults(func=cmd_assets_build_t2i)
+
+    prompts = sub.add_parser("prompts", help="prompt pools for prompt-conditioned rewards")
+    prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True)
+    prompt_select = prompts_sub.add_parser("select", help="UniFL's offline prompt selection: semantic filter, near-duplicate removal, seeded subset")
+    _add_config_args(prompt_select)
+    prompt_select.add_argument("--in", dest="input", required=True, help="candidate prompts, one per line")
+    prompt_select.add_argument("--out", required=True, help="the pool file to write")
+    prompt_select.add_argument("--size", type=int, default=64, help="prompts in the pool (default 64)")
+    prompt_select.add_argument("--seed", type=int, default=0)
+    prompt_select.add_argument("--threshold", type=float, default=0.9, help="drop a prompt whose text-embedding cosine with a kept one is above this")
+    prompt_select.add_argument("--filter", default="", help="semantic filter module:function (default: at least 3 words)")
+    prompt_select.set_defaults(func=cmd_prompts_select)
     return parser
 
 

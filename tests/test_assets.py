@@ -74,3 +74,41 @@ def test_pure_noise_scores_far_worse_on_both_figures(base_figures):
     assert noise["confident"] < samples["confident"] / 2
     assert noise["fid"] > 5 * samples["fid"]
     assert base_figures["real_fid"] < samples["fid"] < noise["fid"]
+
+
+def test_segmenter_labels_held_out_digits(digits_assets):
+    from objectives.segmenters import DigitsSegmenter, digit_masks
+    from eval.quality import read_state_dict
+
+    net = DigitsSegmenter()
+    net.load_state_dict(read_state_dict(digits_assets / "segmenter.safetensors"))
+    heldout = DigitsDataset("heldout")
+    images01 = (heldout.images + 1) / 2
+    with torch.no_grad():
+        predicted = net.eval()(images01).argmax(1)
+    truth = digit_masks(images01, heldout.labels)
+    ious = [((truth == c) & (predicted == c)).sum().item() / ((truth == c) | (predicted == c)).sum().item() for c in range(11)]
+    card = json.loads((digits_assets / "segmenter.json").read_text())["figures"]
+    assert sum(ious) / 11 >= 0.8 and card["mean_iou_heldout"] == pytest.approx(sum(ious) / 11, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def t2i_assets(digits_assets):
+    return digits_assets.parent / "digits-t2i"
+
+
+def test_digits_t2i_draws_the_prompted_digit_at_guidance_3(t2i_assets, digits_assets):
+    """The bar: >= 80% of samples prompted "a handwritten D" are classified as D, recomputed from the
+    committed files on 200 samples (the card's figure is on 500)."""
+    model = load_base_model(t2i_assets / "base")
+    assert type(model.unet).__name__ == "UNet2DConditionModel" and type(model.vae).__name__ == "AutoencoderKL"
+    assert type(model.text_encoder).__name__ == "CLIPTextModel" and model.resolution == 16 and model.channels == 1
+    classifier = load_digits_classifier(digits_assets / "classifier.safetensors")
+    prompts = [f"a handwritten {d}" for d in range(10)]
+    with torch.no_grad():
+        images = sample_images(model.unet, model.scheduler.config, 200, steps=25, seed=1, vae=model.vae,
+                               encode_prompt=model.encode_prompt, prompts=prompts, guidance_scale=3.0)
+        agreement = (classifier(images * 2 - 1).argmax(1) == torch.arange(200) % 10).float().mean().item()
+    card = json.loads((t2i_assets / "base" / "card.json").read_text())
+    assert agreement >= 0.8 and card["figures"]["prompted_digit_fraction_guidance_3"] >= 0.8
+    assert card["figures"]["vae"]["reconstruction_mse_heldout_01"] > 0 and card["recreate_with"] == "acpo assets build-t2i"

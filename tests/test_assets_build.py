@@ -18,7 +18,7 @@ from trainers.models import load_base_model
 def test_quick_rebuild_writes_every_asset_and_card(tmp_path):
     out = tmp_path / "digits"
     assert main(["assets", "build", "--quick", "--out", str(out)]) == 0
-    for card in ("classifier.json", "quality_cnniqa.json", "heldout_iqa.json", "base/card.json"):
+    for card in ("classifier.json", "quality_cnniqa.json", "heldout_iqa.json", "base/card.json", "segmenter.json"):
         data = json.loads((out / card).read_text())
         assert data["data"]["data_hash"] == digits_data_hash() and data["recreate_with"] == "acpo assets build"
 
@@ -43,3 +43,16 @@ def test_training_is_deterministic():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.integration  # VAE, UNet and figures through the CLI: ~15 s
+def test_quick_t2i_rebuild_loads_as_a_stable_diffusion_pipeline(tmp_path, digits_assets):
+    out = tmp_path / "digits-t2i"
+    assert main(["assets", "build-t2i", "--quick", "--out", str(out), "--classifier", str(digits_assets / "classifier.safetensors")]) == 0
+    card = json.loads((out / "base" / "card.json").read_text())
+    assert card["data"]["data_hash"] == digits_data_hash() and "prompted_digit_fraction_guidance_3" in card["figures"]
+    model = load_base_model(out / "base")
+    assert model.text_conditioned and model.latent
+    images = sample_images(model.unet, model.scheduler.config, 4, steps=2, vae=model.vae, encode_prompt=model.encode_prompt,
+                           prompts=["a thick handwritten 7"], guidance_scale=3.0)
+    assert images.shape == (4, 1, 16, 16)

@@ -107,7 +107,7 @@ class DataConfig(Section):
     path: str = ""
     split: str = "train"
     image_column: str = "image"  # hf only: the column holding PIL images
-    caption_column: str = ""  # hf only: a column of per-image captions for text models (use caption "{label}")
+    caption_column: str = ""  # hf: a column of per-image captions for text models (use caption "{label}"); digits: "caption" ("a thick handwritten 7")
     caption: str = "a handwritten digit {label}"  # text models: caption per image; {label} is filled where the data has labels
     resolution: Positive = 16
     channels: Literal[1, 3] = 1
@@ -183,8 +183,10 @@ class Config(Section):
         from objectives.registry import ObjectiveError, validate_objective
 
         data, evaluation = self.data, self.eval
-        if data.caption_column and data.source != "hf":
-            raise ConfigError(f"data.caption_column: only for data.source 'hf', not {data.source!r}")
+        if data.caption_column and data.source == "folder":
+            raise ConfigError("data.caption_column: only for data.source 'hf' (a column) or 'digits' ('caption': digits_captions)")
+        if data.source == "digits" and data.caption_column not in ("", "caption"):
+            raise ConfigError(f"data.caption_column: the digits have one caption column, 'caption', not {data.caption_column!r}")
         if data.source != "digits" and not data.path:
             raise ConfigError(f"data.path: required when data.source is {data.source!r}")
         if data.caption_column and not evaluation.prompts:  # the caption template alone has nothing to fill in

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from eval.evaluate import Evaluator
-from eval.image_sets import captions, training_set
+from eval.image_sets import captioned_images, captions, training_set
 from eval.sampling import derive_seed
 from objectives.context import StepContext
 from objectives.registry import Objective, build_objective
@@ -102,7 +102,9 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
         raise ConfigError(f"data: base model takes {base.channels}x{base.resolution}x{base.resolution} images, "
                           f"data.channels/resolution say {config.data.channels}x{config.data.resolution}")
     env = BuildEnv(device=str(device), model_channels=base.model_channels, image_channels=base.channels,
-                   num_train_timesteps=base.scheduler.config.num_train_timesteps, text_conditioned=base.text_conditioned)
+                   num_train_timesteps=base.scheduler.config.num_train_timesteps, text_conditioned=base.text_conditioned,
+                   reference=lambda: captioned_images(config.data, base.text_conditioned), resolution=base.resolution,
+                   cache_dir=config.eval.cache_dir or None)
     objective = build_objective(config.objective, env)
     model, frozen = setup_models(config, base, objective)
 
@@ -139,11 +141,12 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             generator = torch.Generator().manual_seed(step_seed)
             torch.manual_seed(step_seed)
             pixels, labels = batches(index)
-            conditioning = base.encode_prompt(captions(config.data.caption, labels, len(pixels))) if base.text_conditioned else {}
+            prompts = captions(config.data.caption, labels, len(pixels)) if base.text_conditioned else None
+            conditioning = base.encode_prompt(prompts) if prompts else {}
             x0 = base.encode_images(pixels.to(device))
             noise = torch.randn(x0.shape, generator=generator).to(device)
             t = torch.randint(0, num_timesteps, (len(x0),), generator=generator).to(device)
-            ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t, conditioning=conditioning,
+            ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t, conditioning=conditioning, prompts=prompts,
                               base=frozen, vae=base.vae, encode_prompt=base.encode_prompt, generator=generator)
             with autocast:
                 loss, parts = objective(ctx, step)
@@ -151,13 +154,16 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
                 bad = [name for name, value in parts.items() if not torch.isfinite(value)]
                 raise FloatingPointError(f"non-finite loss at step {step} (term: {', '.join(bad) or 'total'})")
             (loss / accumulation).backward()  # the one place accumulation is normalized
-            for name, value in {"loss": loss.detach(), **parts}.items():
+            # Terms' own modules (the discriminator) learn from every micro-batch too, on its x0, detached.
+            own_loss, own_parts = objective.own_losses(ctx, step)
+            if own_loss is not None:
+                (own_loss / accumulation).backward()
+            for name, value in {"loss": loss.detach(), **parts, **own_parts}.items():
                 logged.setdefault(name, []).append(value.float().item())
 
         # Update the model, then the terms' own optimizers (the discriminator), then the EMA.
         optimizer_step(optimizer, parameters, settings.grad_clip, world_size)
-        for name, value in objective.update(ctx, sync=lambda params: average_gradients(params, world_size), step=step).items():
-            logged.setdefault(name, []).append(value.float().item())
+        objective.own_step(sync=lambda params: average_gradients(params, world_size), step=step)
         if ema is not None:
             ema.update(trainable)
 

@@ -168,7 +168,8 @@ def test_captioned_hf_data_conditions_on_its_own_captions(tmp_path, tiny_sd, dig
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.caption_column=text"], r"data.caption_column: only for data.source 'hf'"),
+    (["data.caption_column=text"], r"data.caption_column: the digits have one caption column, 'caption', not 'text'"),
+    (["data.source=folder", "data.path=.", "data.caption_column=text"], r"data.caption_column: only for data.source 'hf'"),
     (["data.source=hf", "data.path=x", "data.caption_column=text"], r"eval.prompts: required when data.caption_column"),
     (["eval.guidance_scale=0.5"], r"eval.guidance_scale: Input should be greater than or equal to 1, got 0.5"),
     (["eval.clip_score=clipscorez"], r"eval.clip_score: unknown pyiqa metric 'clipscorez'"),

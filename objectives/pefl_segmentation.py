@@ -1,0 +1,52 @@
+"""pefl_segmentation (UniFL, arXiv 2404.05595, Sec. 3.2, its main perceptual-feedback variant): a
+frozen segmentation network's own loss, per-pixel cross-entropy, between its output on the model's
+x0 and the real image's masks, so the model is pushed to draw what the perception model sees in the
+real image (UniFL: object structure that SD 1.5 gets wrong).
+
+Departures, said here: UniFL uses SOLO instance segmentation against COCO's annotated masks. Users'
+data carries no masks, so the masks are the segmentation network's own labels of the real image
+(argmax of its output on the batch's x0, no gradient), and the network is a semantic one
+(`objectives/segmenters.py`: torchvision's DeepLabV3/FCN/LR-ASPP online; offline the digits
+segmenter, 11 classes: background or the digit a stroke belongs to). The x0 is UniFL's: a rollout
+from the noised real image (`objectives/pefl.py`, `ROLLOUT_FROM_REAL`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from objectives.context import StepContext
+from objectives.pefl import ROLLOUT_FROM_REAL, rollout_from_real
+from objectives.segmenters import check_segmenter_spec, load_segmenter
+from objectives.term import BuildEnv, OptionError, Term
+
+
+class PeflSegmentation(Term):
+    name = "pefl_segmentation"
+
+    def __init__(self, segmenter="deeplabv3_resnet50", x0: str = ROLLOUT_FROM_REAL["x0"],
+                 sampling_steps: int = ROLLOUT_FROM_REAL["sampling_steps"], feedback_steps: int = 1, sampler: str = "ddim",
+                 stop_low: int | None = ROLLOUT_FROM_REAL["stop_low"], stop_high: int | None = ROLLOUT_FROM_REAL["stop_high"],
+                 start: int | None = ROLLOUT_FROM_REAL["start"], t_range=None):
+        check_segmenter_spec(segmenter, "segmenter")
+        self.segmenter_spec = segmenter
+        if x0 != "rollout":  # the rollout defaults apply to a rollout only
+            stop_low = stop_high = start = None
+        self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
+        if self.source.kind == "sampled":
+            raise OptionError("x0", "a sampled x0 has no real image to take masks from: use rollout (UniFL) or one_step")
+        self.segmenter = None
+
+    def setup(self, env: BuildEnv) -> None:
+        self.source.check(env.num_train_timesteps)
+        self.segmenter = load_segmenter(self.segmenter_spec, env.device, "segmenter")
+
+    def masks(self, ctx: StepContext) -> torch.Tensor:
+        """`[N, H, W]`: the network's labels of the real images (the annotation UniFL reads from COCO)."""
+        with torch.no_grad():
+            return self.segmenter((ctx.image(ctx.x0) + 1) / 2).argmax(dim=1)
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        logits = self.segmenter((ctx.image(ctx.generated(self.source)) + 1) / 2)
+        return F.cross_entropy(logits, self.masks(ctx), reduction="none").flatten(1).mean(dim=1)

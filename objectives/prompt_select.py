@@ -1,0 +1,88 @@
+"""Active prompt selection as UniFL does it (arXiv 2404.05595, Sec. 3.3), offline, before training:
+
+1. a semantic filter drops prompts with too little content (UniFL: an LLM-based judgement of
+   semantic richness; here a hook, `module:function` taking a prompt and returning keep/drop, with
+   a default that keeps prompts of at least `min_words` words);
+2. near-duplicates are removed by text-embedding similarity: prompts are taken in file order and one
+   whose cosine similarity with an already kept prompt exceeds `threshold` is dropped (UniFL's
+   nearest-neighbour compression);
+3. a seeded random subset of `size` prompts is the pool the training draws from.
+
+    acpo prompts select --preset digits-t2i --in candidates.txt --out pool.txt --size 20 --seed 0
+
+The embedding is the base model's own text encoder (CLIP's pooled output for Stable Diffusion;
+the digits-t2i stand-in's frozen random encoder offline), so "similar" means similar to the model
+that will be conditioned on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+
+def min_words(prompt: str, count: int = 3) -> bool:
+    """The default semantic filter: at least `count` words."""
+    return len(prompt.split()) >= count
+
+
+def names_a_digit(prompt: str) -> bool:
+    """The digits-t2i filter: the prompt asks for a digit (prompt agreement is undefined otherwise)."""
+    from eval.quality import prompted_digit
+
+    try:
+        prompted_digit(prompt)
+    except ValueError:
+        return False
+    return min_words(prompt, 2)
+
+
+def load_filter(name: str):
+    """`module:function` -> the callable (`objectives.prompt_select:names_a_digit`)."""
+    module, _, function = name.partition(":")
+    if not module or not function:
+        raise ValueError(f"--filter: expected module:function, got {name!r}")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"--filter: cannot load {name!r} ({error})") from None
+
+
+def remove_near_duplicates(prompts: list[str], embeddings: torch.Tensor, threshold: float) -> list[int]:
+    """Indices kept, in order: each prompt unless its cosine with a kept one is above `threshold`."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    kept: list[int] = []
+    for i in range(len(prompts)):
+        if not kept or (unit[kept] @ unit[i]).max().item() <= threshold:
+            kept.append(i)
+    return kept
+
+
+def select_prompts(prompts: list[str], embed, size: int, seed: int = 0, threshold: float = 0.9, keep=min_words) -> list[str]:
+    """UniFL's three steps; `embed(prompts) -> [N, D]`. Returns at most `size` prompts, in file order."""
+    filtered = [p for p in dict.fromkeys(p.strip() for p in prompts) if p and keep(p)]
+    if not filtered:
+        raise ValueError("every prompt was dropped by the semantic filter")
+    distinct = [filtered[i] for i in remove_near_duplicates(filtered, embed(filtered), threshold)]
+    if len(distinct) <= size:
+        return distinct
+    chosen = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed))[:size]
+    return [distinct[i] for i in sorted(chosen.tolist())]
+
+
+def text_embedder(base, batch_size: int = 256):
+    """`prompts -> [N, D]` from a text model's frozen encoder: the pooled output (CLIP's sentence
+    embedding, taken at the end-of-text token)."""
+
+    @torch.no_grad()
+    def embed(prompts: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            ids = base.tokenizer(prompts[start:start + batch_size], padding="max_length", max_length=base.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(base.text_encoder.device)
+            out.append(base.text_encoder(ids).pooler_output.float().cpu())
+        return torch.cat(out)
+
+    return embed
