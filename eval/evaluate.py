@@ -20,7 +20,7 @@ plus `fid` and `heldout_quality` (the sweep's two objectives) at the first step 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

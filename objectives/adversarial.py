@@ -32,7 +32,7 @@ from eval.quality import check_quality_spec
 from objectives.context import StepContext
 from objectives.nr_iqa import load_reward
 from objectives.pefl import rollout_from_real
-from objectives.term import BuildEnv, OptionError, Term, require_number
+from objectives.term import BuildEnv, Term, require_number
 
 
 class Calibration(nn.Module):
@@ -64,11 +64,7 @@ class Adversarial(Term):
         check_quality_spec(discriminator, "discriminator")
         self.discriminator_spec = discriminator
         self.learning_rate = require_number("learning_rate", learning_rate, minimum=1e-12)
-        if x0 != "rollout":  # the rollout defaults apply to a rollout only
-            stop_low = stop_high = start = None
         self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
-        if self.source.kind == "sampled":
-            raise OptionError("x0", "use rollout (UniFL: from the noised real image) or one_step")
         self.discriminator = self.calibration = self.optimizer = None
 
     def setup(self, env: BuildEnv) -> None:

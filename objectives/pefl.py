@@ -34,10 +34,15 @@ def gram(features: torch.Tensor) -> torch.Tensor:
 
 
 def rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range) -> X0Source:
-    """The X0Source of a UniFL perceptual term: `ROLLOUT_FROM_REAL` unless the options say otherwise;
-    a rollout from noise (`start: null` is not allowed) would have no real image to compare with."""
-    if x0 == "rollout" and start is None:
-        raise OptionError("start", "a perceptual term compares x0 with the real image it came from: the rollout must start from it")
+    """The X0Source of a UniFL feedback term: a rollout from the noised real image (`ROLLOUT_FROM_REAL`
+    unless the options say otherwise) or a one-step x0 (the rollout defaults then do not apply).
+    A sampled x0, or a rollout from pure noise, has no real image to compare with."""
+    if x0 == "sampled":
+        raise OptionError("x0", "a sampled x0 has no real image to compare with: use rollout (UniFL) or one_step")
+    if x0 != "rollout":
+        stop_low = stop_high = start = None
+    elif start is None:
+        raise OptionError("start", "a UniFL feedback term compares x0 with the real image it came from: the rollout must start from it")
     return X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
 
 
@@ -54,11 +59,7 @@ class Pefl(Term):
         self.content_weight = require_number("content_weight", content_weight)
         if self.content_weight == 0 and self.style_weight == 0:
             raise OptionError("style_weight", "style_weight and content_weight are both 0: the term would be empty")
-        if x0 != "rollout":  # the rollout defaults apply to a rollout only
-            stop_low = stop_high = start = None
         self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
-        if self.source.kind == "sampled":
-            raise OptionError("x0", "a sampled x0 has no real image to compare with: use rollout (UniFL) or one_step")
         self.network = None
 
     def setup(self, env: BuildEnv) -> None:

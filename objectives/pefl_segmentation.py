@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from objectives.context import StepContext
 from objectives.pefl import ROLLOUT_FROM_REAL, rollout_from_real
 from objectives.segmenters import check_segmenter_spec, load_segmenter
-from objectives.term import BuildEnv, OptionError, Term
+from objectives.term import BuildEnv, Term
 
 
 class PeflSegmentation(Term):
@@ -31,11 +31,7 @@ class PeflSegmentation(Term):
                  start: int | None = ROLLOUT_FROM_REAL["start"], t_range=None):
         check_segmenter_spec(segmenter, "segmenter")
         self.segmenter_spec = segmenter
-        if x0 != "rollout":  # the rollout defaults apply to a rollout only
-            stop_low = stop_high = start = None
         self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
-        if self.source.kind == "sampled":
-            raise OptionError("x0", "a sampled x0 has no real image to take masks from: use rollout (UniFL) or one_step")
         self.segmenter = None
 
     def setup(self, env: BuildEnv) -> None:

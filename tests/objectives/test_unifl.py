@@ -3,7 +3,6 @@ from the noised real image, decoupled rewards with data-set targets and offline 
 and adversarial feedback whose generator gradient does not vanish and whose discriminator sees
 every micro-batch."""
 
-import copy
 
 import pytest
 import torch
@@ -45,7 +44,7 @@ def test_pefl_style_variant_is_gram_only_by_default_on_a_rollout_from_the_real_i
     assert set(term(context(load_base_model(digits_assets / "base").unet, real[:4]))) == {"style"}
     with_content = build_objective({"pefl": {"network": specs["network"], "content_weight": 1.0}}).terms["pefl"][1]
     assert set(with_content(context(load_base_model(digits_assets / "base").unet, real[:4]))) == {"style", "content"}
-    with pytest.raises(ObjectiveError, match=r"objective.pefl.start: .*must start from it"):
+    with pytest.raises(ObjectiveError, match=r"objective.pefl.start: .*the rollout must start from it"):
         validate_objective({"pefl": {"network": specs["network"], "start": None}})
 
 
