@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.image_sets import DigitsDataset, images_only  # noqa: E402
 from objectives.context import StepContext  # noqa: E402
-from objectives.registry import Objective, build_objective  # noqa: E402
+from objectives.registry import Objective, Weight, build_objective  # noqa: E402
 from trainers.models import load_base_model  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "digits"
@@ -48,7 +48,7 @@ def objective_spec() -> dict:
         "denoise": 1.0,
         "anchor": 10.0,
         "nr_iqa": {"weight": 0.3, "metric": cnniqa, "t_range": [0, 400]},
-        "pefl": {"weight": 0.1, "network": network, "t_range": [0, 400]},
+        "pefl": {"weight": 0.1, "network": network, "x0": "one_step", "t_range": [0, 400]},
         "lpips_x0": {"weight": 0.1, "metric": network},
         "self_perceptual": 0.1,
         "decoupled_rewards": {"weight": 0.1, "rewards": {"sharp": {"model": cnniqa}, "clean": {"model": heldout}}, "t_range": [0, 400]},
@@ -60,7 +60,7 @@ def step(objective: Objective, contexts) -> float:
     start = time.perf_counter()
     total = 0.0
     for name, (weight, term) in objective.terms.items():
-        total = total + weight * Objective({name: (1.0, term)})(contexts(name))[0]
+        total = total + weight.at(1) * Objective({name: (Weight([(0, 1.0)]), term)})(contexts(name))[0]
     total.backward()
     return time.perf_counter() - start
 

@@ -63,7 +63,7 @@ class DecoupledRewards(Term):
         self.pool = None
         if prompts is not None:
             if self.source.kind != "sampled":
-                raise OptionError("prompts", "prompts are generated from: they need x0: sampled")
+                raise OptionError("prompts", "images are generated from the prompts: that needs x0: sampled")
             try:
                 self.prompts = read_prompts(prompts)
             except (FileNotFoundError, ValueError) as error:

@@ -229,11 +229,13 @@ class Config(Section):
         self.objective = _resolve_option_paths(self.objective)
 
 
-# Objective options that name files: `weights` (quality models, networks) and `prompts` given as a path.
-_PATH_OPTIONS = {"weights", "prompts"}
+# Objective options that name files: `weights` (quality models, networks), `prompts` given as a path,
+# and `target_reference` unless it is `data` (the training set, not a folder of that name).
+_PATH_OPTIONS = {"weights", "prompts", "target_reference"}
 
 
 def _resolve_option_paths(options):
     if isinstance(options, dict):
-        return {k: resolve_path(v) if k in _PATH_OPTIONS and isinstance(v, str) else _resolve_option_paths(v) for k, v in options.items()}
+        return {k: resolve_path(v) if k in _PATH_OPTIONS and isinstance(v, str) and v != "data" else _resolve_option_paths(v)
+                for k, v in options.items()}
     return options
