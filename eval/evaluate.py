@@ -15,7 +15,8 @@ Metrics, for each sampling step count S:
   <name>@S             every extra quality model named in `eval.extra_quality` (prompt-conditioned ones,
                        e.g. digits-t2i's `prompt_agreement`, score each sample against its prompt)
   clip_score@S         text models with `clip_score` set: image-prompt agreement (pyiqa's clipscore)
-plus `fid` and `heldout_quality` (the sweep's two objectives) at the first step count.
+plus `fid` and `heldout_quality` (the sweep's two objectives) and `trained_quality` (the reward-gap and
+reward-hacking checks of a study) at the first step count.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class Evaluator:
             if self.clip_score is not None and prompted is not None:
                 metrics[f"clip_score@{steps}"] = self.clip_score(on_device, prompted).float().mean().item()
         first = self.sampling_steps[0]
-        metrics.update({name: metrics[f"{name}@{first}"] for name in OBJECTIVES})
+        metrics.update({name: metrics[f"{name}@{first}"] for name in (*OBJECTIVES, "trained_quality")})  # what reports compare
         return Evaluation(metrics, grid)
 
 

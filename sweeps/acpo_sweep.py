@@ -105,8 +105,8 @@ def start_tracking(config: Config, sweep: SweepConfig, uri: str):
     """The sweep's MLflow experiment and parent run (found again on --resume), with its settings."""
     from sweeps.tracking import SweepTracking
 
-    tracking = SweepTracking(uri, sweep.name)
-    parent = tracking.run("sweep", sweep.name)
+    tracking = SweepTracking(uri, sweep.name, sweep.experiment)
+    parent = tracking.run("sweep", sweep.name, sweep.parent_run or None)
     tracking.log_params(parent, {"preset": config.preset, "num_samples": sweep.num_samples, "algorithm": sweep.algorithm,
                                  "fid_tolerance": sweep.fid_tolerance, **{f"space.{k}": v for k, v in sweep.space.items()}})
     return tracking, parent
@@ -119,9 +119,12 @@ def evaluate_base(config: Config, directory: Path, tracking, parent: str) -> dic
         from eval.evaluate import Evaluator
         from trainers.models import load_base_model
 
+        from torchvision.utils import save_image
+
         print("[sweep] evaluating the base model", flush=True)
-        metrics = Evaluator.from_config(config).evaluate(load_base_model(config.model.base)).metrics
-        base_file.write_text(json.dumps(metrics, indent=2) + "\n")
+        evaluation = Evaluator.from_config(config).evaluate(load_base_model(config.model.base))
+        save_image(evaluation.samples, directory / "base_samples.png", nrow=8, padding=1)  # next to the checkpoints' grids
+        base_file.write_text(json.dumps(evaluation.metrics, indent=2) + "\n")
     base = json.loads(base_file.read_text())
     base_run = tracking.run("base", "base model", parent)
     tracking.log_metrics(base_run, base)
@@ -173,14 +176,14 @@ def trainable(config: Config, sweep: SweepConfig, directory: Path, uri: str, par
 
     return tune.with_resources(
         tune.with_parameters(run_trial, base_config=config.to_dict(), directory=str(directory), uri=uri,
-                             sweep_name=sweep.name, parent_id=parent),
+                             sweep_name=sweep.name, parent_id=parent, experiment=sweep.experiment),
         # The trial function only drives its TorchTrainer; the workers hold the CPUs and GPUs. A bundle
         # cannot be empty, and a CPU fraction here would leave no whole CPU for the last worker.
         {"cpu": 0, "memory": 1},
     )
 
 
-def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_name: str, parent_id: str) -> None:
+def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_name: str, parent_id: str, experiment: str = "") -> None:
     """One Tune trial: the trainer's TorchTrainer, fitted (Train V2: the trial function is its driver)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -193,12 +196,12 @@ def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_n
     config = Config.from_dict(set_values(base_config, {**params, "train.output_dir": str(work)}))
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    tracking = SweepTracking(uri, sweep_name)
+    tracking = SweepTracking(uri, sweep_name, experiment)
     run_id = tracking.run("trial", f"trial-{trial}", parent_id, trial=trial)
     tracking.log_params(run_id, params)
     # Same name and storage after a driver restart: Ray Train picks the run up from its last checkpoint.
     trainer = build_trainer(config, name=trial, storage_path=Path(directory) / "trials",
-                            callbacks=[TuneReportCallback(), MlflowReportCallback(uri, sweep_name, run_id)])
+                            callbacks=[TuneReportCallback(), MlflowReportCallback(uri, sweep_name, run_id, experiment)])
     trainer.fit()
     # A trial whose training had finished when the driver was killed, but which Tune had not yet
     # recorded as done, is run again on --resume: its Train run is complete, so fit() reports
@@ -234,11 +237,11 @@ def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
     from sweeps.tracking import SweepTracking
 
     selection = select(sweep, directory)
-    tracking = SweepTracking(uri, sweep.name)
+    tracking = SweepTracking(uri, sweep.name, sweep.experiment)
     parent = tracking.run("sweep", sweep.name)
     tracking.log_selection(parent, selection, directory)
     champion = selection["champion"]
-    if champion is not None:
+    if champion is not None and sweep.register_champion:
         exported = export_champion(Path(champion["checkpoint"]), directory / "champion")
         selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection)
         (directory / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")

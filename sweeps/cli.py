@@ -5,6 +5,7 @@
     acpo eval   --checkpoint PATH [--preset digits] [--samples N] [--steps 4,25] [--json FILE]
                                                                       evaluate a checkpoint next to the base model
     acpo sweep  [--preset digits] [--num-samples N] [--resume] [--dry-run]   the sweep (= python sweeps/acpo_sweep.py)
+    acpo study  [--study digits] [--seeds N] [--resume] [--dry-run]      methods compared over seeds (= python sweeps/acpo_study.py)
     acpo select --sweep NAME [--preset digits]                        re-run the selection of a finished sweep
     acpo assets build [--out assets/digits] [--quick]                 re-create the digits stand-ins
     acpo assets build-t2i [--out assets/digits-t2i] [--quick]         re-create the digits-t2i text-to-image stand-in
@@ -114,6 +115,12 @@ def cmd_sweep(args) -> int:
     return sweep_main(args.rest)
 
 
+def cmd_study(args) -> int:
+    from sweeps.acpo_study import main as study_main
+
+    return study_main(args.rest)
+
+
 def cmd_select(args) -> int:
     from sweeps.acpo_sweep import print_summary, select_and_register, sweep_dir, tracking_uri
     from sweeps.presets import load
@@ -190,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("rest", nargs=argparse.REMAINDER)
     sweep.set_defaults(func=cmd_sweep)
 
+    study = sub.add_parser("study", help="methods compared over seeds (same as python sweeps/acpo_study.py)", add_help=False)
+    study.add_argument("rest", nargs=argparse.REMAINDER)
+    study.set_defaults(func=cmd_study)
+
     select = sub.add_parser("select", help="re-run Pareto front, champion selection and registration of a sweep")
     _add_config_args(select)
     select.add_argument("--sweep", required=True, help="the sweep's name (sweep.name)")
@@ -240,6 +251,9 @@ def report_error(error: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["sweep"], ["study"]):  # their own parsers take every argument after the word
+        return cmd_sweep(argparse.Namespace(rest=argv[1:])) if argv[0] == "sweep" else cmd_study(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -29,6 +29,9 @@ class SweepConfig(Section):
 
     name: str = Field("digits-acpo", pattern=r"^[A-Za-z0-9_-]+$")  # the experiment: folder under storage_dir, MLflow experiment
     model_name: str = ""  # the MLflow registered model the champion joins ("" = name)
+    register_champion: bool = True  # register the champion (a study's per-method sweeps leave it to the study)
+    experiment: str = ""  # the MLflow experiment ("" = name; a study's sweeps share the study's)
+    parent_run: str = ""  # an MLflow run id the sweep's parent run nests under (a study's run; "" = none)
     num_samples: int = Field(8, ge=1)  # trials
     algorithm: Literal["tpe", "nsga2"] = "tpe"  # Optuna's sampler
     max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's resources fit

@@ -21,11 +21,12 @@ _MAX_VALUE = 500
 
 
 class SweepTracking:
-    def __init__(self, tracking_uri: str, sweep: str):
-        self.uri, self.sweep = tracking_uri, sweep
+    def __init__(self, tracking_uri: str, sweep: str, experiment: str = ""):
+        """`experiment`: the MLflow experiment ("" = the sweep's name; a study's sweeps share one)."""
+        self.uri, self.sweep, self.experiment = tracking_uri, sweep, experiment or sweep
         self.client = MlflowClient(tracking_uri)
-        experiment = self.client.get_experiment_by_name(sweep)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(sweep)
+        found = self.client.get_experiment_by_name(self.experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
 
     def run(self, role: str, name: str, parent_id: str | None = None, trial: str | None = None) -> str:
         """The run with these tags, created once."""
@@ -86,13 +87,13 @@ class MlflowReportCallback(UserCallback):
     """Ray Train callback: each report of rank 0 -> metrics of the trial's MLflow run, and the
     checkpoint's sample grid as an artifact."""
 
-    def __init__(self, tracking_uri: str, sweep: str, run_id: str):
-        self.tracking_uri, self.sweep, self.run_id = tracking_uri, sweep, run_id
+    def __init__(self, tracking_uri: str, sweep: str, run_id: str, experiment: str = ""):
+        self.tracking_uri, self.sweep, self.run_id, self.experiment = tracking_uri, sweep, run_id, experiment
         self._tracking = None  # made on the controller at the first report (the callback is shipped there)
 
     def after_report(self, run_context, metrics, checkpoint):
         if self._tracking is None:
-            self._tracking = SweepTracking(self.tracking_uri, self.sweep)
+            self._tracking = SweepTracking(self.tracking_uri, self.sweep, self.experiment)
         tracking = self._tracking
         rank0 = metrics[0]
         step = int(rank0.get("step", 0))

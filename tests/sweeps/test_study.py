@@ -1,0 +1,93 @@
+"""`acpo study` end to end, tiny: 2 methods x 2 seeds x 1 trial of 2 steps on a local Ray instance and a
+real MLflow server (integration tier); its report recomputed from its own per-checkpoint table; bad
+studies fail in one line before Ray starts (unit tier)."""
+
+import json
+
+import pytest
+import yaml
+
+from sweeps.acpo_study import main, read_study
+from tests.sweeps.test_sweep import mlflow_server  # noqa: F401 - the module's MLflow server fixture
+
+TINY = ["train.steps=2", "train.batch_size=8", "train.eval_every=1", "eval.samples=16", "eval.sampling_steps=[2]", "train.cpus_per_worker=1"]
+
+
+def tiny_study(tmp_path, uri, methods=("baseline", "acpo")):
+    shipped = read_study("digits")
+    data = {"name": "tiny", "preset": "digits", "seeds": [0, 1], "trials": 1, "set": TINY, "storage_dir": str(tmp_path),
+            "tracking_uri": uri, "methods": {m: shipped.methods[m].model_dump() for m in methods}}
+    for method in data["methods"].values():  # keep the spaces off train.steps: the budget is the same for all
+        method["space"] = {k: v for k, v in method["space"].items() if k != "train.steps"}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.integration
+def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_assets):  # noqa: F811
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.study_report import summarize
+
+    path = tiny_study(tmp_path, mlflow_server)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["--study", str(path)]) == 0
+    finally:
+        ray.shutdown()
+    report = tmp_path / "tiny" / "report"
+    assert {"report.md", "report.html", "fronts.png", "summary.json"} <= {p.name for p in report.iterdir()}
+    summary = json.loads((report / "summary.json").read_text())
+    assert set(summary["methods"]) == {"baseline", "acpo"} and not summary["failures"]
+    assert all(m["seeds"] == [0, 1] and m["checkpoints"] == 4 for m in summary["methods"].values())  # 2 seeds x 1 trial x steps 1, 2
+    # the report's figures, recomputed from the sweeps' own per-checkpoint files
+    rows = []
+    for method in ("baseline", "acpo"):
+        for seed in (0, 1):
+            for metrics in sorted((tmp_path / "tiny" / "sweeps" / f"{method}-seed{seed}").glob("trials/*/step_*/metrics.json")):
+                rows.append({**json.loads(metrics.read_text()), "method": method, "seed": seed, "trial": metrics.parts[-3]})
+    recomputed = summarize(rows, summary["base"], 0.1)
+    for method, figures in summary["methods"].items():
+        for key in ("hypervolume", "best_fid", "reward_gap"):
+            assert figures[key] == pytest.approx(list(recomputed[method][key]), nan_ok=True)
+    assert "<img src=\"data:image/png;base64," in (report / "report.html").read_text()  # self-contained
+    # MLflow: one study run, both methods' sweeps nested under it, the report on it
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    study_run = next(r for r in runs if r.data.tags.get("acpo.role") == "study")
+    sweeps = {r.data.tags["acpo.sweep"] for r in runs if r.data.tags.get("mlflow.parentRunId") == study_run.info.run_id
+              and r.data.tags.get("acpo.role") == "sweep"}
+    assert sweeps == {"baseline-seed0", "baseline-seed1", "acpo-seed0", "acpo-seed1"}
+    artifacts = {a.path for a in client.list_artifacts(study_run.info.run_id, "report")}
+    assert {"report/fronts.png", "report/report.md", "report/report.html"} <= artifacts
+    # --resume of a finished study runs nothing again and writes the same table
+    before = (report / "report.md").read_text()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["--study", str(path), "--resume"]) == 0
+    finally:
+        ray.shutdown()
+    assert (report / "report.md").read_text() == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trials=0"], r"study.trials: Input should be greater than or equal to 1"),
+    (["methods={bad: {objective: {denoise: 1.0}, space: {train.lr: {loguniform: [1.0e-5, 1.0e-4]}}}}"], r"study.methods.bad: .*train.lr"),
+    (["methods={bad: {objective: {perceptual: 1.0}, space: {train.learning_rate: {loguniform: [1.0e-5, 1.0e-4]}}}}"],
+     r"study.methods.bad: objective.perceptual: unknown term"),
+    (["nosuch=1"], r"unknown key 'study.nosuch'"),
+])
+def test_bad_studies_fail_in_one_line_before_ray(capsys, overrides, message):
+    import re
+
+    assert main(["--study", "digits", "--dry-run", *sum((["--set", o] for o in overrides), [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_shipped_study_validates(capsys):
+    assert main(["--study", "digits", "--dry-run"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["methods"]) == {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}
