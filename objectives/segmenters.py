@@ -53,7 +53,8 @@ def digit_masks(images01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(stroke, labels.view(-1, 1, 1) + 1, torch.zeros_like(stroke, dtype=torch.long))
 
 
-def _parse(spec, option: str) -> tuple[str, str | None]:
+def check_segmenter_spec(spec, option: str) -> tuple[str, str | None]:
+    """(name, weights) of a valid spec, checked without loading anything (config time)."""
     if isinstance(spec, str):
         name, weights = spec, None
     elif isinstance(spec, dict) and set(spec) <= {"network", "weights"} and "network" in spec:
@@ -72,8 +73,6 @@ def _parse(spec, option: str) -> tuple[str, str | None]:
             raise OptionError(option, f"weights file not found: {weights}")
     return name, weights
 
-
-check_segmenter_spec = _parse
 
 
 class Segmenter(nn.Module):
@@ -94,7 +93,7 @@ def _gray(x):
 
 
 def load_segmenter(spec, device="cpu", option: str = "segmenter") -> Segmenter:
-    name, weights = _parse(spec, option)
+    name, weights = check_segmenter_spec(spec, option)
     from eval.quality import read_state_dict
 
     if name == DIGITS_SEGMENTER:

@@ -293,6 +293,13 @@ def plot_front(rows, front, base, champion, path: Path) -> None:
     if champion:
         ax.scatter([champion["fid"]], [champion["heldout_quality"]], s=160, facecolors="none", edgecolors="tab:blue", linewidths=2,
                    label="champion")
+    save_front_plot(fig, ax, path)
+
+
+def save_front_plot(fig, ax, path: Path) -> None:
+    """The axes every FID / held-out quality plot shares (a sweep's front, a study's fronts), then the file."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("FID (lower is better)")
     ax.set_ylabel("held-out quality (higher is better)")
     ax.legend(fontsize=8)

@@ -106,6 +106,8 @@ def plot_fronts(rows: list[dict], base: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sweeps.acpo_sweep import save_front_plot
+
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
@@ -117,9 +119,4 @@ def plot_fronts(rows: list[dict], base: dict, path) -> None:
             ax.plot([r["fid"] for r in front], [r["heldout_quality"] for r in front], "o-", color=color, ms=4, lw=1.2,
                     label=method if j == 0 else None)
     ax.scatter([base["fid"]], [base["heldout_quality"]], marker="*", s=200, c="black", label="base model", zorder=5)
-    ax.set_xlabel("FID (lower is better)")
-    ax.set_ylabel("held-out quality (higher is better)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_front_plot(fig, ax, path)
