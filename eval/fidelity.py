@@ -103,12 +103,18 @@ def reference_features(reference: torch.Tensor, feature_extractor: str = DEFAULT
     if path.is_file():
         return load_file(path)["features"]
     features = extract_features(reference, feature_extractor, weights, device)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")  # written whole, then renamed: concurrent
-    os.close(fd)                                              # evaluations never read half a file
-    save_file({"features": features.contiguous()}, tmp)
-    os.replace(tmp, path)
+    write_whole(path, lambda tmp: save_file({"features": features.contiguous()}, tmp))
     return features
+
+
+def write_whole(path: Path, write) -> None:
+    """`write(tmp)` into a temporary file beside `path`, then rename it there: concurrent readers (the
+    trials of a sweep sharing a cache) never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def mean_pairwise_distance(features: torch.Tensor) -> float:

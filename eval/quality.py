@@ -277,10 +277,8 @@ def mean_reward(model: QualityModel, images01: torch.Tensor, prompts: list[str] 
     model spec, weights file bytes) and cached as JSON under the fidelity cache folder."""
     import hashlib
     import json
-    import os
-    import tempfile
 
-    from eval.fidelity import DEFAULT_CACHE_DIR, to_uint8
+    from eval.fidelity import DEFAULT_CACHE_DIR, to_uint8, write_whole
 
     digest = hashlib.sha256()
     pixels = to_uint8(images01).contiguous()
@@ -300,9 +298,5 @@ def mean_reward(model: QualityModel, images01: torch.Tensor, prompts: list[str] 
             batch = images01[start:start + batch_size].to(device)
             scores.append(model(batch, None if prompts is None else prompts[start:start + batch_size]).float().cpu())
     mean = torch.cat(scores).mean().item()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")  # whole file, then renamed: trials share it
-    os.close(fd)
-    Path(tmp).write_text(json.dumps({"mean": mean, "model": model.name, "images": len(images01)}) + "\n")
-    os.replace(tmp, path)
+    write_whole(path, lambda tmp: Path(tmp).write_text(json.dumps({"mean": mean, "model": model.name, "images": len(images01)}) + "\n"))
     return mean
