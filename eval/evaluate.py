@@ -17,10 +17,16 @@ Metrics, for each sampling step count S:
   clip_score@S         text models with `clip_score` set: image-prompt agreement (pyiqa's clipscore)
 plus `fid` and `heldout_quality` (the sweep's two objectives) and `trained_quality` (the reward-gap and
 reward-hacking checks of a study) at the first step count.
+
+`reward_gap` compares a checkpoint's two quality scores with the base model's; `sampling_noise`
+measures how much every figure moves with the sampling seed alone (the noise floor of a comparison).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,11 +118,29 @@ class Evaluator:
         return Evaluation(metrics, grid)
 
 
-def reward_gap(metrics: dict, base: dict, steps: int, lower_better: dict[str, bool] | None = None) -> float:
-    """How much more the trained quality score improved than the held-out one did, both measured
-    from the base model, in each model's own units with improvements counted positive. A large gap
-    means the objective learned to please its own reward model rather than to make better images."""
-    sign = {name: -1.0 if (lower_better or {}).get(name) else 1.0 for name in ("trained_quality", "heldout_quality")}
-    trained = sign["trained_quality"] * (metrics[f"trained_quality@{steps}"] - base[f"trained_quality@{steps}"])
-    held_out = sign["heldout_quality"] * (metrics[f"heldout_quality@{steps}"] - base[f"heldout_quality@{steps}"])
-    return trained - held_out
+def relative_gain(value: float, base: float, lower_better: bool = False) -> float:
+    """(value - base) / |base|, positive when `value` is better than `base`."""
+    gain = (value - base) / (abs(base) or 1.0)
+    return -gain if lower_better else gain
+
+
+def reward_gap(metrics: dict, base: dict, steps: int | None = None, lower_better: dict[str, bool] | None = None) -> float:
+    """How much more the trained quality score improved than the held-out one did, each gain
+    relative to the base model's value (so models on different scales compare) and counted positive
+    in its own model's direction. A large gap means the objective learned to please its own reward
+    model rather than to make better images. `steps`: read the `name@steps` figures (None: `name`)."""
+    key = (lambda name: f"{name}@{steps}") if steps is not None else (lambda name: name)
+    lower_better = lower_better or {}
+    return (relative_gain(metrics[key("trained_quality")], base[key("trained_quality")], lower_better.get("trained_quality", False))
+            - relative_gain(metrics[key("heldout_quality")], base[key("heldout_quality")], lower_better.get("heldout_quality", False)))
+
+
+def sampling_noise(evaluator: Evaluator, model, seeds: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Each metric of `model` evaluated under several sampling seeds: mean and sample standard
+    deviation. The noise floor of a comparison: with a few hundred samples, FID moves by more from
+    the noise alone than many fine-tunings move it (a checkpoint is evaluated with the same seed as
+    its base, which correlates the two, so this spread bounds the noise of their difference from above)."""
+    runs = [dataclasses.replace(evaluator, seed=seed).evaluate(model).metrics for seed in seeds]
+    return {name: {"mean": statistics.fmean(r[name] for r in runs),
+                   "std": statistics.stdev(r[name] for r in runs) if len(runs) > 1 else 0.0}
+            for name in runs[0]}

@@ -1,15 +1,18 @@
 """A study: several methods, each an objective with its own search space, swept under the same budget
 and the same seeds on one base model, then compared on one report.
 
-    acpo study --study digits                                     # sweeps/studies/digits.yaml
-    ray job submit --working-dir . -- python sweeps/acpo_study.py --study digits --seeds 3
-    python sweeps/acpo_study.py --study digits --resume           # after an interruption
+    acpo study --preset digits                                    # sweeps/studies/digits.yaml
+    ray job submit --working-dir . -- python sweeps/acpo_study.py --preset sd15 --seeds 3
+    python sweeps/acpo_study.py --preset digits --resume          # after an interruption
+    acpo study --study my-study.yaml                              # a study file of your own
 
 Every (method, seed) is an ordinary sweep (`sweeps/acpo_sweep.py`: Ray Tune + Optuna seeded with
 the seed, training seeded with it too) named `<method>-seed<seed>` under
 `<storage_dir>/<study>/sweeps/`, tracked in the study's MLflow experiment with its parent run nested
-under the study's run. The base model is evaluated once and shared. A method that fails is
-reported in the table, not fatal; `--resume` skips finished sweeps and resumes an interrupted one.
+under the study's run. The base model is evaluated once and shared, then under `noise_seeds`
+sampling seeds (the evaluation noise the report states and the hacking flag looks past). A method
+that fails is reported in the table, not fatal; `--resume` skips finished sweeps and resumes an
+interrupted one.
 The report (`sweeps/study_report.py`) is written to `<storage_dir>/<study>/report/` and logged to
 the study's run.
 """
@@ -46,6 +49,9 @@ class StudyConfig(Section):
     trials: int = Field(2, ge=1)  # trials per method and seed: the same budget for every method
     set: list[str] = Field(default_factory=list)  # overrides every method runs with (steps, evaluation)
     fid_tolerance: float = Field(0.1, ge=0)
+    # The base model re-evaluated under this many sampling seeds: the evaluation noise of every figure,
+    # reported, and the margin the reward-hacking flag needs before a change counts.
+    noise_seeds: int = Field(5, ge=2)
     storage_dir: str = "runs/studies"
     tracking_uri: str = ""  # "" = the sweep's rule ($MLFLOW_TRACKING_URI, else 127.0.0.1:5000)
     methods: dict[str, Method] = Field(min_length=1)
@@ -119,6 +125,8 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
     tracking.log_params(study_run, {"methods": ", ".join(study.methods), "seeds": study.seeds, "trials": study.trials,
                                     "budget": " ".join(study.set), "preset": study.preset})
     evaluate_base(first_config, directory, tracking, study_run)  # once, shared by every method's sweep
+    noise = measure_noise(first_config, directory, study.noise_seeds)
+    tracking.log_metrics(study_run, {f"noise.{name}": figures["std"] for name, figures in noise.items()})
     print(f"[study] {study.name}: {len(study.methods)} methods x {len(study.seeds)} seeds x {study.trials} trials; files: {directory}",
           flush=True)
     failures = {}
@@ -141,9 +149,25 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
                 failures[sweep.name] = (str(error).strip().splitlines() or [type(error).__name__])[-1]
                 print(f"[study] {sweep.name} failed: {failures[sweep.name]}", file=sys.stderr, flush=True)
     report = write_report(study, directory, failures)
+    tracking.log_metrics(study_run, {f"{method}.{name}": s[name][0] for method, s in report["summary"].items()
+                                     for name in ("hypervolume", "best_fid", "best_heldout_within_tolerance", "reward_gap")})
+    tracking.log_metrics(study_run, {f"{method}.hacked_checkpoints": len(s["hacking"]) for method, s in report["summary"].items()})
     tracking.client.log_artifacts(study_run, str(directory / "report"), artifact_path="report")
     tracking.client.set_terminated(study_run)
     return report
+
+
+def measure_noise(config, directory: Path, seeds: int) -> dict:
+    """`base_noise.json`: the base model's figures over `seeds` sampling seeds (computed once)."""
+    noise_file = directory / "base_noise.json"
+    if not noise_file.is_file():
+        from eval.evaluate import Evaluator, sampling_noise
+        from trainers.models import load_base_model
+
+        print(f"[study] evaluation noise: the base model under {seeds} sampling seeds", flush=True)
+        noise = sampling_noise(Evaluator.from_config(config), load_base_model(config.model.base), range(seeds))
+        noise_file.write_text(json.dumps(noise, indent=2) + "\n")
+    return json.loads(noise_file.read_text())
 
 
 def study_rows(study: StudyConfig, directory: Path) -> list[dict]:
@@ -169,15 +193,17 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
     out = directory / "report"
     out.mkdir(parents=True, exist_ok=True)
     base = json.loads((directory / "base_metrics.json").read_text())
+    noise_file = directory / "base_noise.json"
+    noise = {name: f["std"] for name, f in json.loads(noise_file.read_text()).items()} if noise_file.is_file() else None
     rows = study_rows(study, directory)
-    summary = summarize(rows, base, study.fid_tolerance) if rows else {}
+    summary = summarize(rows, base, study.fid_tolerance, noise=noise) if rows else {}
     plot_fronts(rows, base, out / "fronts.png")
     grids = champion_grids(study, directory, out)
     failed = "".join(f"- {name} failed: {reason}\n" for name, reason in (failures or {}).items())
     missing = [m for m in study.methods if m not in summary]
     text = (f"# Study {study.name}\n\n{len(study.methods)} methods x seeds {study.seeds} x {study.trials} trials each, "
             f"the same budget: `{' '.join(study.set) or '(the preset)'}` on preset `{study.preset}`.\n\n"
-            + markdown_table(summary, base) + "\n"
+            + markdown_table(summary, base, noise) + "\n"
             + (f"No evaluated checkpoints: {', '.join(missing)}.\n\n" if missing else "") + (failed + "\n" if failed else "")
             + "![fronts](fronts.png)\n\n" + "".join(f"![{name}]({path.name})\n" for name, path in grids.items()))
     for method, s in summary.items():
@@ -190,7 +216,7 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
     for name, data in images.items():
         body = body.replace(html.escape(f"({name})"), f'<br><img src="data:image/png;base64,{data}"><br>')
     (out / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>Study {study.name}</title><pre>{body}</pre>\n")
-    (out / "summary.json").write_text(json.dumps({"base": base, "methods": summary, "failures": failures or {}}, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps({"base": base, "noise": noise, "methods": summary, "failures": failures or {}}, indent=2) + "\n")
     print((out / "report.md").read_text(), flush=True)
     return {"summary": summary, "report": str(out / "report.md"), "failures": failures or {}}
 
@@ -224,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.cli import report_error
 
     parser = argparse.ArgumentParser(prog="acpo_study.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", default="digits", help="a shipped study (sweeps/studies/NAME.yaml) or a YAML file")
+    parser.add_argument("--study", "--preset", default="digits",
+                        help="a shipped study, named for its base preset (sweeps/studies/NAME.yaml: digits, digits-t2i, "
+                             "cifar10, sd15), or a YAML file")
     parser.add_argument("--seeds", type=int, default=0, help="use seeds 0..N-1 (default: the study's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a study field, e.g. --set trials=1 (repeatable)")

@@ -5,7 +5,7 @@
     acpo eval   --checkpoint PATH [--preset digits] [--samples N] [--steps 4,25] [--json FILE]
                                                                       evaluate a checkpoint next to the base model
     acpo sweep  [--preset digits] [--num-samples N] [--resume] [--dry-run]   the sweep (= python sweeps/acpo_sweep.py)
-    acpo study  [--study digits] [--seeds N] [--resume] [--dry-run]      methods compared over seeds (= python sweeps/acpo_study.py)
+    acpo study  [--preset digits] [--seeds N] [--resume] [--dry-run]     methods compared over seeds (= python sweeps/acpo_study.py)
     acpo select --sweep NAME [--preset digits]                        re-run the selection of a finished sweep
     acpo assets build [--out assets/digits] [--quick]                 re-create the digits stand-ins
     acpo assets build-t2i [--out assets/digits-t2i] [--quick]         re-create the digits-t2i text-to-image stand-in

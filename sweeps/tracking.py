@@ -8,13 +8,20 @@ Train callback on that trial's controller (it sees rank 0's reports), so workers
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from ray.train.v2.api.callback import UserCallback
+# MLflow's usage telemetry (on by default, at `import mlflow`) unsets an environment variable from a
+# background thread when it cannot reach its endpoint; a request iterating os.environ at that moment
+# (requests' proxy lookup) fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'. It took one trial of
+# 36 down in a measured study. Off unless the user turns it on; set before mlflow is imported.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from trainers.checkpoint import checkpoint_name
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from ray.train.v2.api.callback import UserCallback  # noqa: E402
+
+from trainers.checkpoint import checkpoint_name  # noqa: E402
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
 _MAX_VALUE = 500

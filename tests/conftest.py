@@ -11,6 +11,7 @@ import pytest
 
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # no network; and see sweeps/tracking.py for the race it causes
 # Reference-feature cache of this test session only (never the user's ~/.cache).
 import tempfile  # noqa: E402
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from eval.degradations import degrade
-from eval.evaluate import Evaluator, reward_gap
+from eval.evaluate import Evaluator, reward_gap, sampling_noise
 from eval.image_sets import DigitsDataset, images_only
 from eval.quality import load_quality_model
 from eval.sampling import sample_images
 from sweeps.cli import main
+from sweeps.presets import load
 from trainers.models import build_digits_scheduler, build_digits_unet
 
 
@@ -39,14 +40,26 @@ def test_sampling_is_seeded_and_rank_sharded():
     assert not torch.equal(whole, sample_images(unet, scheduler.config, 10, steps=2, batch_size=3, seed=6))
 
 
-def test_reward_gap_counts_improvements_in_each_models_direction():
+def test_reward_gap_counts_relative_improvements_in_each_models_direction():
     base = {"trained_quality@4": 0.5, "heldout_quality@4": 0.5}
     hacked = {"trained_quality@4": 0.9, "heldout_quality@4": 0.45}
     honest = {"trained_quality@4": 0.6, "heldout_quality@4": 0.6}
-    assert reward_gap(hacked, base, 4) == pytest.approx(0.45)
+    assert reward_gap(hacked, base, 4) == pytest.approx(0.8 + 0.1)  # +80% trained, -10% held-out
     assert reward_gap(honest, base, 4) == pytest.approx(0.0)
     # a lower-is-better training metric that went down improved
-    assert reward_gap({"trained_quality@4": 0.1, "heldout_quality@4": 0.5}, base, 4, {"trained_quality": True}) == pytest.approx(0.4)
+    assert reward_gap({"trained_quality@4": 0.1, "heldout_quality@4": 0.5}, base, 4, {"trained_quality": True}) == pytest.approx(0.8)
+    # relative: the same absolute rise counts for less on a larger scale
+    assert reward_gap({"trained_quality": 60.0, "heldout_quality": 0.5}, {"trained_quality": 50.0, "heldout_quality": 0.5}) == pytest.approx(0.2)
+
+
+def test_sampling_noise_spreads_over_seeds_and_vanishes_for_one(digits_assets):
+    from trainers.models import load_base_model
+
+    config, _ = load("digits", ["eval.samples=24", "eval.sampling_steps=[2]"])
+    evaluator, model = Evaluator.from_config(config), load_base_model(config.model.base)
+    noise = sampling_noise(evaluator, model, [0, 1, 2])
+    assert noise["fid"]["std"] > 0 and noise["heldout_quality"]["std"] > 0  # different seeds, different samples
+    assert sampling_noise(evaluator, model, [0])["fid"] == {"mean": evaluator.evaluate(model).metrics["fid"], "std": 0.0}
 
 
 def test_acpo_eval_prints_and_writes_every_figure(tmp_path, capsys, digits_assets):

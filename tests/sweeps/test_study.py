@@ -1,6 +1,7 @@
 """`acpo study` end to end, tiny: 2 methods x 2 seeds x 1 trial of 2 steps on a local Ray instance and a
-real MLflow server (integration tier); its report recomputed from its own per-checkpoint table; bad
-studies fail in one line before Ray starts (unit tier)."""
+real MLflow server (integration tier); its report recomputed from its own per-checkpoint table; run
+again under another name, the same trials with the same figures; bad studies fail in one line before
+Ray starts (unit tier)."""
 
 import json
 
@@ -13,13 +14,13 @@ from tests.sweeps.test_sweep import mlflow_server  # noqa: F401 - the module's M
 TINY = ["train.steps=2", "train.batch_size=8", "train.eval_every=1", "eval.samples=16", "eval.sampling_steps=[2]", "train.cpus_per_worker=1"]
 
 
-def tiny_study(tmp_path, uri, methods=("baseline", "acpo")):
+def tiny_study(tmp_path, uri, methods=("baseline", "acpo"), name="tiny"):
     shipped = read_study("digits")
-    data = {"name": "tiny", "preset": "digits", "seeds": [0, 1], "trials": 1, "set": TINY, "storage_dir": str(tmp_path),
+    data = {"name": name, "preset": "digits", "noise_seeds": 2, "seeds": [0, 1], "trials": 1, "set": TINY, "storage_dir": str(tmp_path),
             "tracking_uri": uri, "methods": {m: shipped.methods[m].model_dump() for m in methods}}
     for method in data["methods"].values():  # keep the spaces off train.steps: the budget is the same for all
         method["space"] = {k: v for k, v in method["space"].items() if k != "train.steps"}
-    path = tmp_path / "tiny.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -61,6 +62,7 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
     sweeps = {r.data.tags["acpo.sweep"] for r in runs if r.data.tags.get("mlflow.parentRunId") == study_run.info.run_id
               and r.data.tags.get("acpo.role") == "sweep"}
     assert sweeps == {"baseline-seed0", "baseline-seed1", "acpo-seed0", "acpo-seed1"}
+    assert {"baseline.hypervolume", "acpo.reward_gap", "acpo.hacked_checkpoints", "noise.fid"} <= set(study_run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(study_run.info.run_id, "report")}
     assert {"report/fronts.png", "report/report.md", "report/report.html"} <= artifacts
     # --resume of a finished study runs nothing again and writes the same table
@@ -71,6 +73,41 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
     finally:
         ray.shutdown()
     assert (report / "report.md").read_text() == before
+    # the same study again (one method, under another name), its seed-1 sweep failing: reported, not
+    # fatal; --resume runs that one alone; then the same trials were proposed, with the same figures
+    import sweeps.acpo_sweep
+
+    real_run_sweep = sweeps.acpo_sweep.run_sweep
+
+    def failing_seed1(config, sweep, resume=False):
+        if sweep.name == "baseline-seed1":
+            raise RuntimeError("injected failure")
+        return real_run_sweep(config, sweep, resume)
+
+    again = tiny_study(tmp_path, mlflow_server, methods=("baseline",), name="tiny-again")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        sweeps.acpo_sweep.run_sweep = failing_seed1
+        assert main(["--study", str(again)]) == 0
+        failed = json.loads((tmp_path / "tiny-again" / "report" / "summary.json").read_text())
+        assert failed["failures"] == {"baseline-seed1": "injected failure"} and failed["methods"]["baseline"]["seeds"] == [0]
+        assert "baseline-seed1 failed: injected failure" in (tmp_path / "tiny-again" / "report" / "report.md").read_text()
+        sweeps.acpo_sweep.run_sweep = real_run_sweep
+        assert main(["--study", str(again), "--resume"]) == 0
+    finally:
+        sweeps.acpo_sweep.run_sweep = real_run_sweep
+        ray.shutdown()
+
+    def proposed(name, seed):
+        folder = tmp_path / name / "sweeps" / f"baseline-seed{seed}"
+        return sorted(json.loads(p.read_text())["train.learning_rate"] for p in folder.glob("work/*/params.json"))
+
+    for seed in (0, 1):
+        assert proposed("tiny", seed) and proposed("tiny", seed) == proposed("tiny-again", seed)
+    figures = json.loads((tmp_path / "tiny-again" / "report" / "summary.json").read_text())["methods"]["baseline"]
+    assert figures["seeds"] == [0, 1]
+    for key in ("hypervolume", "best_fid", "reward_gap"):
+        assert figures[key] == pytest.approx(summary["methods"]["baseline"][key], nan_ok=True)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -88,6 +125,13 @@ def test_bad_studies_fail_in_one_line_before_ray(capsys, overrides, message):
     assert len(err.splitlines()) == 1 and re.search(message, err), err
 
 
-def test_shipped_study_validates(capsys):
-    assert main(["--study", "digits", "--dry-run"]) == 0
-    assert set(json.loads(capsys.readouterr().out)["methods"]) == {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}
+@pytest.mark.parametrize("preset, methods", [
+    ("digits", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
+    ("digits-t2i", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
+    ("cifar10", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
+    ("sd15", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
+])
+def test_shipped_studies_validate(capsys, preset, methods):
+    assert main(["--preset", preset, "--dry-run"]) == 0
+    study = json.loads(capsys.readouterr().out)
+    assert set(study["methods"]) == methods and study["preset"] == preset and len(study["seeds"]) >= 3

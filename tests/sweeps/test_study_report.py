@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from sweeps.study_report import hacked, markdown_table, plot_fronts, reward_gap, summarize
+from eval.evaluate import reward_gap
+from sweeps.study_report import hacked, markdown_table, plot_fronts, summarize
 
 BASE = {"fid": 100.0, "heldout_quality": 0.80, "trained_quality": 0.50}
 
@@ -19,6 +20,16 @@ def test_hacking_flag_fires_when_the_trained_reward_rises_and_the_held_out_score
     assert not hacked(row("m", 0, 1, 105.0, 0.85, 0.90), BASE, 0.1)  # both up, FID within the tolerance
     assert not hacked(row("m", 0, 1, 150.0, 0.70, 0.40), BASE, 0.1)  # everything worse, but the reward did not rise: not hacking
     assert hacked(row("m", 0, 1, 95.0, 0.70, 0.40), BASE, 0.1, trained_lower_better=True)  # a lower-is-better reward "rose"
+
+
+def test_hacking_flag_ignores_changes_within_the_evaluation_noise():
+    noise = {"fid": 10.0, "heldout_quality": 0.02, "trained_quality": 0.01}
+    assert not hacked(row("m", 0, 1, 95.0, 0.79, 0.515), BASE, 0.1, noise=noise)  # reward up by 1.5 std only
+    assert not hacked(row("m", 0, 1, 125.0, 0.79, 0.60), BASE, 0.1, noise=noise)  # FID past 110, not past 110 + 2 std
+    assert not hacked(row("m", 0, 1, 95.0, 0.77, 0.60), BASE, 0.1, noise=noise)  # held-out down by 1.5 std
+    assert hacked(row("m", 0, 1, 95.0, 0.75, 0.60), BASE, 0.1, noise=noise)  # reward up 10 std, held-out down 2.5 std
+    assert hacked(row("m", 0, 1, 135.0, 0.80, 0.60), BASE, 0.1, noise=noise)  # FID past 110 + 2 std
+    assert hacked(row("m", 0, 1, 95.0, 0.77, 0.60), BASE, 0.1, noise=noise, margin=1.0)  # a tighter margin
 
 
 def test_summary_figures_agree_with_a_recomputation():
@@ -43,7 +54,7 @@ def test_summary_figures_agree_with_a_recomputation():
     assert [(h["seed"], h["fid"]) for h in control["hacking"]] == [(0, 300.0)]
     assert control["hypervolume"][0] == pytest.approx((0.0 + (100 - 98) * (0.82 - 0.80)) / 2)
     table = markdown_table(summary, BASE)
-    assert "| acpo | 2 |" in table and "**yes**: 1 of 2 checkpoints" in table
+    assert "| acpo | 2 | 4 |" in table and "**yes**: 1 of 2 checkpoints" in table
 
 
 def test_fronts_plot_is_written(tmp_path):
