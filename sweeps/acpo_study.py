@@ -60,7 +60,7 @@ class StudyConfig(Section):
 def read_study(name_or_path: str, overrides: list[str] | None = None) -> StudyConfig:
     """A shipped study by name (`sweeps/studies/<name>.yaml`) or a YAML file, with `key=value` overrides
     of its top-level fields (`seeds=[0, 1]`, `trials=1`), validated."""
-    from sweeps.presets import _load_yaml, apply_overrides
+    from sweeps.presets import apply_overrides, read_yaml_mapping
 
     path = Path(name_or_path)
     if not path.suffix:
@@ -68,7 +68,7 @@ def read_study(name_or_path: str, overrides: list[str] | None = None) -> StudyCo
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.yaml")))
         raise FileNotFoundError(f"study not found: {name_or_path} (shipped: {known})")
-    data = apply_overrides(_load_yaml(path.read_text()) or {}, list(overrides or []))
+    data = apply_overrides(read_yaml_mapping(path, "study"), list(overrides or []))
     return validate(StudyConfig, data, "study.")
 
 
@@ -116,11 +116,11 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
     from sweeps.tracking import SweepTracking
 
     check_study(study, directory, resume)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "study.json").write_text(json.dumps(study.model_dump(), indent=2) + "\n")
     first_config, first_sweep = method_sweep(study, next(iter(study.methods)), study.seeds[0], directory)
     uri = tracking_uri(first_sweep)
-    tracking = SweepTracking(uri, study.name, study.name)
+    tracking = SweepTracking(uri, study.name, study.name)  # before anything is written: a dead server leaves no study behind
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "study.json").write_text(json.dumps(study.model_dump(), indent=2) + "\n")
     study_run = tracking.run("study", study.name)  # the study's own run; every method's sweep nests under it
     tracking.log_params(study_run, {"methods": ", ".join(study.methods), "seeds": study.seeds, "trials": study.trials,
                                     "budget": " ".join(study.set), "preset": study.preset})

@@ -70,6 +70,17 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file holding a mapping (a preset, a study), or a one-line error naming it."""
+    try:
+        data = _load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping at the top level")
+    return data
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
@@ -86,12 +97,7 @@ def read_preset(name_or_path: str, _seen: tuple = ()) -> dict:
             raise ConfigError(f"unknown preset {name_or_path!r} (known: {', '.join(preset_names())})")
     if not path.is_file():
         raise ConfigError(f"preset file not found: {path}")
-    try:
-        data = _load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"preset {path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"preset {path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "preset")
     parent = data.pop("extends", None)
     if parent is None:
         return data

@@ -125,6 +125,14 @@ def test_bad_studies_fail_in_one_line_before_ray(capsys, overrides, message):
     assert len(err.splitlines()) == 1 and re.search(message, err), err
 
 
+def test_broken_study_file_fails_in_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nmethods: [unclosed\n")
+    assert main(["--study", str(broken), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"study {broken}: not valid YAML" in err, err
+
+
 @pytest.mark.parametrize("preset, methods", [
     ("digits", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
     ("digits-t2i", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
