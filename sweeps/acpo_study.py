@@ -149,9 +149,10 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
                 failures[sweep.name] = (str(error).strip().splitlines() or [type(error).__name__])[-1]
                 print(f"[study] {sweep.name} failed: {failures[sweep.name]}", file=sys.stderr, flush=True)
     report = write_report(study, directory, failures)
-    tracking.log_metrics(study_run, {f"{method}.{name}": s[name][0] for method, s in report["summary"].items()
-                                     for name in ("hypervolume", "best_fid", "best_heldout_within_tolerance", "reward_gap")})
-    tracking.log_metrics(study_run, {f"{method}.hacked_checkpoints": len(s["hacking"]) for method, s in report["summary"].items()})
+    for method, s in report["summary"].items():
+        tracking.log_metrics(study_run, {**{f"{method}.{name}": s[name][0] for name in
+                                            ("hypervolume", "best_fid", "best_heldout_within_tolerance", "reward_gap")},
+                                         f"{method}.hacked_checkpoints": len(s["hacking"])})
     tracking.client.log_artifacts(study_run, str(directory / "report"), artifact_path="report")
     tracking.client.set_terminated(study_run)
     return report
