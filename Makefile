@@ -22,11 +22,15 @@ MLFLOW_PORT  ?= 5000
 MLFLOW_URI   := http://127.0.0.1:$(MLFLOW_PORT)
 SWEEP_NAME   ?= digits-acpo-$(shell date +%Y%m%d-%H%M%S)
 # Ray 2.60 clusters require a token (~/.ray/auth_token) once one exists; every ray command here uses it.
+# The head binds every port it opens (GCS, raylet, object manager, metrics, client, agents) to 127.0.0.1:
+# Ray binds them to the node's IP, and turns 127.0.0.1 into that IP unless cluster mode is off
+# (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, ray_constants.ENABLE_RAY_CLUSTER). A one-machine head only.
 export RAY_AUTH_MODE := token
 services: $(STAMP)
 	@mkdir -p $(RUNS)
 	@test -f $$HOME/.ray/auth_token || $(VENV)/bin/ray get-auth-token --generate >/dev/null
-	@$(VENV)/bin/ray status >/dev/null 2>&1 || $(VENV)/bin/ray start --head --dashboard-host=127.0.0.1 --disable-usage-stats >$(RUNS)/ray-start.log 2>&1
+	@$(VENV)/bin/ray status >/dev/null 2>&1 || RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 \
+		--dashboard-host=127.0.0.1 --disable-usage-stats >$(RUNS)/ray-start.log 2>&1
 	@curl -sf $(MLFLOW_URI)/health >/dev/null || { nohup $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db \
 		--artifacts-destination $(RUNS)/mlflow-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) >$(RUNS)/mlflow.log 2>&1 & }
 	@for i in $$(seq 60); do curl -sf $(MLFLOW_URI)/health >/dev/null && break; sleep 1; done

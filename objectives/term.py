@@ -25,6 +25,8 @@ What a term needs and owns is declared on the term itself (the defaults below: n
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 
@@ -86,8 +88,8 @@ def require_number(option: str, value, minimum: float = 0.0, allow_none: bool = 
     """A number >= minimum (not a bool); `None` passes through when allowed."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise OptionError(option, f"expected a number >= {minimum:g}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise OptionError(option, f"expected a finite number >= {minimum:g}, got {value!r}")
     return float(value)
 
 

@@ -103,12 +103,21 @@ def check_study(study: StudyConfig, directory: Path, resume: bool):
         raise ConfigError(f"--resume: no study to resume at {directory}")
     if not resume and (directory / "study.json").is_file():
         raise ConfigError(f"study.name: {directory} already holds a study; pass --resume, or choose another name")
-    for method in study.methods:
+    from sweeps.acpo_sweep import tracking_uri
+    from sweeps.preflight import check_inputs, check_services, check_storage_folder
+
+    check_storage_folder(directory, "study.storage_dir")
+    for number, method in enumerate(study.methods):
         config, sweep = method_sweep(study, method, study.seeds[0], directory)
+        if number == 0:
+            check_services(tracking_uri(sweep), "study.tracking_uri" if study.tracking_uri else "$MLFLOW_TRACKING_URI")
         try:
             check_space(sweep, config)
+            unchecked = check_inputs(config)
         except ConfigError as error:
             raise ConfigError(f"study.methods.{method}: {error}") from None
+        for line in unchecked:
+            print(f"[study] {method}: not checked before the run: {line}", file=sys.stderr, flush=True)
 
 
 def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict:
@@ -180,7 +189,7 @@ def study_rows(study: StudyConfig, directory: Path) -> list[dict]:
         for seed in study.seeds:
             sweep_dir = directory / "sweeps" / f"{method}-seed{seed}"
             if sweep_dir.is_dir():
-                rows += [{**row, "method": method, "seed": seed} for row in evaluated_checkpoints(sweep_dir)]
+                rows += [{**row, "method": method, "seed": seed} for row in evaluated_checkpoints(sweep_dir)[0]]
     return rows
 
 

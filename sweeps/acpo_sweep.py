@@ -28,34 +28,77 @@ if __package__ in (None, ""):  # `python sweeps/acpo_sweep.py`: import from the 
 
 from eval.evaluate import OBJECTIVES  # noqa: E402
 from sweeps.presets import SweepConfig, load, set_values  # noqa: E402
-from sweeps.space import check_space  # noqa: E402
+from sweeps.space import check_space, pin_searched  # noqa: E402
 from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
 from trainers.config import Config, ConfigError  # noqa: E402
 
 
 def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False) -> dict:
     uri, directory = tracking_uri(sweep), sweep_dir(sweep)
-    check_storage(sweep, directory, resume)
-    print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
-    tracking, parent = start_tracking(config, sweep, uri)
-    evaluate_base(config, directory, tracking, parent)
+    preflight(config, sweep, directory, uri, resume)  # files, services, storage: one line and nothing written when bad
     import ray
+
+    from sweeps.tracking import SpoolReplayer
+    from trainers.ray_train import TrainingError, check_resources, root_message
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one
-    tuner = restore_tuner(config, sweep, directory, uri, parent) if resume else build_tuner(config, sweep, directory, uri, parent)
-    results = tuner.fit()
-    close_interrupted(sweep, directory, tracking)
-    errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
-    if errors:
-        print(f"[sweep] {len(errors)} trial(s) failed; first: {errors[0]}", file=sys.stderr, flush=True)
-    selection = select_and_register(sweep, directory, uri)
+    check_resources(config)
+    sweep_id = claim_folder(sweep, directory, uri)
+    print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
+    tracking, parent = start_tracking(config, sweep, uri, sweep_id, directory)
+    try:
+        evaluate_base(config, directory, tracking, parent)
+        replayer = SpoolReplayer(tracking, directory, parent).start()
+        tuner = restore_tuner(config, sweep, directory) if resume else build_tuner(config, sweep, directory)
+        results = tuner.fit()
+        finish_tracking(replayer, sweep.tracking_wait_s)
+        close_interrupted(sweep, directory, tracking)
+        errors = [root_message(r.error) for r in results if r.error]
+        if errors:
+            print(f"[sweep] {len(errors)} trial(s) failed; first: {errors[0]}", file=sys.stderr, flush=True)
+            if len(errors) == len(results):
+                raise TrainingError(f"every trial failed ({len(errors)}); first: {errors[0]}")
+        selection = select_and_register(sweep, directory, uri)
+    except BaseException as error:
+        end_failed(tracking, parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
     tracking.client.set_terminated(parent)
     return selection
 
 
+def preflight(config: Config, sweep: SweepConfig, directory: Path, uri: str, resume: bool) -> None:
+    """Everything that can be checked before Ray starts: the folder rule, the storage folder, the
+    services, every file the config names. `--dry-run` runs it too."""
+    from sweeps.preflight import check_inputs, check_services, check_storage_folder
+
+    check_storage(sweep, directory, resume)
+    check_storage_folder(directory, "sweep.storage_dir")
+    check_services(uri, "sweep.tracking_uri" if sweep.tracking_uri else "$MLFLOW_TRACKING_URI")
+    for line in check_inputs(config):
+        print(f"[sweep] not checked before the run: {line}", file=sys.stderr, flush=True)
+
+
+def end_failed(tracking, parent: str, status: str) -> None:
+    """A sweep that ends in an error: its parent and every run still running end FAILED (or KILLED).
+    Best effort: the server may be what failed."""
+    try:
+        tracking.end_runs(status, roles=("trial", "base"))
+        tracking.client.set_terminated(parent, status=status)
+    except Exception as error:  # noqa: BLE001 - the sweep's own error is the one to report
+        print(f"[sweep] could not mark the MLflow runs {status}: {str(error).strip().splitlines()[-1][:200]}", file=sys.stderr)
+
+
+def finish_tracking(replayer, wait_s: float) -> None:
+    """Wait a bounded time for the trials' spooled records to reach MLflow; say what is left."""
+    pending = replayer.finish(wait_s)
+    if pending:
+        print(f"[sweep] MLflow: {sum(pending.values())} record(s) of {len(pending)} trial(s) still spooled after {wait_s:g} s "
+              "(they stay in work/<trial>/tracking.jsonl; --resume or `acpo select` replays them)", file=sys.stderr, flush=True)
+
+
 def check_storage(sweep: SweepConfig, directory: Path, resume: bool) -> None:
-    """A new sweep needs a new name; --resume needs a sweep to resume. Then the folder exists."""
+    """A new sweep needs a new name; --resume needs a sweep to resume. Writes nothing."""
     from ray import tune
 
     if not sweep.space:
@@ -65,7 +108,33 @@ def check_storage(sweep: SweepConfig, directory: Path, resume: bool) -> None:
         raise ConfigError(f"--resume: no sweep to resume at {tune_dir}")
     if not resume and tune_dir.exists():
         raise ConfigError(f"sweep.name: {directory} already holds a sweep; pass --resume, or choose another name")
+
+
+SWEEP_ID = "sweep_id"  # the file in the sweep's folder holding its id (its MLflow runs carry it as a tag)
+
+
+def claim_folder(sweep: SweepConfig, directory: Path, uri: str) -> str:
+    """The sweep's id: read from its folder, or made for a new one. A name that another sweep folder
+    already uses in the MLflow experiment is refused (its runs would merge with this one's)."""
+    import uuid
+
+    from sweeps.tracking import SweepTracking
+
+    id_file = directory / SWEEP_ID
+    sweep_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex
+    other = SweepTracking(uri, sweep.name, sweep.experiment, sweep_id).other_sweep()
+    if other is not None:
+        raise ConfigError(f"sweep.name: '{sweep.name}' is already used in MLflow experiment '{sweep.experiment or sweep.name}' "
+                          f"by the sweep at {other}; choose another name (or --resume that sweep)")
     directory.mkdir(parents=True, exist_ok=True)
+    if not id_file.is_file():
+        id_file.write_text(sweep_id + "\n")
+    return sweep_id
+
+
+def read_sweep_id(directory: Path) -> str:
+    id_file = directory / SWEEP_ID
+    return id_file.read_text().strip() if id_file.is_file() else ""
 
 
 def sweep_dir(sweep: SweepConfig) -> Path:
@@ -101,12 +170,13 @@ def tracking_uri(sweep: SweepConfig) -> str:
                       "--host 127.0.0.1) or point at yours")
 
 
-def start_tracking(config: Config, sweep: SweepConfig, uri: str):
+def start_tracking(config: Config, sweep: SweepConfig, uri: str, sweep_id: str, directory: Path):
     """The sweep's MLflow experiment and parent run (found again on --resume), with its settings."""
     from sweeps.tracking import SweepTracking
 
-    tracking = SweepTracking(uri, sweep.name, sweep.experiment)
+    tracking = SweepTracking(uri, sweep.name, sweep.experiment, sweep_id)
     parent = tracking.run("sweep", sweep.name, sweep.parent_run or None)
+    tracking.client.set_tag(parent, "acpo.folder", str(directory))
     tracking.log_params(parent, {"preset": config.preset, "num_samples": sweep.num_samples, "algorithm": sweep.algorithm,
                                  "fid_tolerance": sweep.fid_tolerance, **{f"space.{k}": v for k, v in sweep.space.items()}})
     return tracking, parent
@@ -132,7 +202,7 @@ def evaluate_base(config: Config, directory: Path, tracking, parent: str) -> dic
     return base
 
 
-def build_tuner(config: Config, sweep: SweepConfig, directory: Path, uri: str, parent: str):
+def build_tuner(config: Config, sweep: SweepConfig, directory: Path):
     """A new Tuner: Optuna's multi-objective search over the space, its study on disk, as many
     concurrent trials as the cluster fits, FIFO (an early stopper on one metric would bias the front)."""
     import ray
@@ -155,7 +225,7 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: Path, uri: str, p
                           storage=RDBStorage(f"sqlite:///{directory / 'optuna.db'}"), seed=sweep.seed)
     print(f"[sweep] {sweep.num_samples} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
     return tune.Tuner(
-        trainable(config, sweep, directory, uri, parent),
+        trainable(config, directory),
         param_space=tune_space(sweep),
         tune_config=tune.TuneConfig(search_alg=search, scheduler=FIFOScheduler(), num_samples=sweep.num_samples,
                                     max_concurrent_trials=concurrency),
@@ -163,46 +233,48 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: Path, uri: str, p
     )
 
 
-def restore_tuner(config: Config, sweep: SweepConfig, directory: Path, uri: str, parent: str):
+def restore_tuner(config: Config, sweep: SweepConfig, directory: Path):
     """The interrupted Tuner with its searcher: unfinished trials resume from their last checkpoint."""
     from ray import tune
 
-    return tune.Tuner.restore(str(directory / "tune"), trainable=trainable(config, sweep, directory, uri, parent),
+    return tune.Tuner.restore(str(directory / "tune"), trainable=trainable(config, directory),
                               resume_unfinished=True, resume_errored=True)
 
 
-def trainable(config: Config, sweep: SweepConfig, directory: Path, uri: str, parent: str):
+def trainable(config: Config, directory: Path):
     from ray import tune
 
     return tune.with_resources(
-        tune.with_parameters(run_trial, base_config=config.to_dict(), directory=str(directory), uri=uri,
-                             sweep_name=sweep.name, parent_id=parent, experiment=sweep.experiment),
+        tune.with_parameters(run_trial, base_config=config.to_dict(), directory=str(directory)),
         # The trial function only drives its TorchTrainer; the workers hold the CPUs and GPUs. A bundle
         # cannot be empty, and a CPU fraction here would leave no whole CPU for the last worker.
         {"cpu": 0, "memory": 1},
     )
 
 
-def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_name: str, parent_id: str, experiment: str = "") -> None:
-    """One Tune trial: the trainer's TorchTrainer, fitted (Train V2: the trial function is its driver)."""
+def run_trial(params: dict, base_config: dict, directory: str) -> None:
+    """One Tune trial: the trainer's TorchTrainer, fitted (Train V2: the trial function is its driver).
+    What MLflow should show goes to the trial's spool; the driver replays it (sweeps/tracking.py)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sweeps.tracking import MlflowReportCallback, SweepTracking
-    from trainers.ray_train import build_trainer
+    from sweeps.tracking import SPOOL, SpoolCallback, spool
+    from trainers.ray_train import build_trainer, root_message
 
     trial = tune.get_context().get_trial_id()
     work = Path(directory) / "work" / trial
     config = Config.from_dict(set_values(base_config, {**params, "train.output_dir": str(work)}))
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    tracking = SweepTracking(uri, sweep_name, experiment)
-    run_id = tracking.run("trial", f"trial-{trial}", parent_id, trial=trial)
-    tracking.log_params(run_id, params)
+    spool(work / SPOOL, {"op": "start", "params": params})
     # Same name and storage after a driver restart: Ray Train picks the run up from its last checkpoint.
     trainer = build_trainer(config, name=trial, storage_path=Path(directory) / "trials",
-                            callbacks=[TuneReportCallback(), MlflowReportCallback(uri, sweep_name, run_id, experiment)])
-    trainer.fit()
+                            callbacks=[TuneReportCallback(), SpoolCallback(work / SPOOL)])
+    try:
+        trainer.fit()
+    except Exception as error:
+        spool(work / SPOOL, {"op": "end", "status": "FAILED", "error": root_message(error)})
+        raise
     # A trial whose training had finished when the driver was killed, but which Tune had not yet
     # recorded as done, is run again on --resume: its Train run is complete, so fit() reports
     # nothing and Tune would end the trial with no figures. Report the last evaluated checkpoint's
@@ -210,7 +282,7 @@ def run_trial(params: dict, base_config: dict, directory: str, uri: str, sweep_n
     checkpoints = sorted((Path(directory) / "trials" / trial).glob(f"{CHECKPOINT_GLOB}/metrics.json"))
     if checkpoints:
         tune.report(json.loads(checkpoints[-1].read_text()))
-    tracking.client.set_terminated(run_id)
+    spool(work / SPOOL, {"op": "end", "status": "FINISHED"})
 
 
 def close_interrupted(sweep: SweepConfig, directory: Path, tracking) -> int:
@@ -224,8 +296,7 @@ def close_interrupted(sweep: SweepConfig, directory: Path, tracking) -> int:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         interrupted += 1
-    for run in tracking.client.search_runs([tracking.experiment_id], filter_string=f"tags.`acpo.sweep` = '{sweep.name}' and attributes.status = 'RUNNING' and tags.`acpo.role` = 'trial'"):
-        tracking.client.set_terminated(run.info.run_id, status="KILLED")
+    tracking.end_runs("KILLED")
     if interrupted:
         print(f"[sweep] {interrupted} trial(s) interrupted with the previous driver, recorded as failed", flush=True)
     return interrupted
@@ -233,51 +304,85 @@ def close_interrupted(sweep: SweepConfig, directory: Path, tracking) -> int:
 
 def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
     """Select; log the selection to the sweep's parent run; export the champion in diffusers layout
-    and register it with alias `champion`."""
-    from sweeps.tracking import SweepTracking
+    and register it with alias `champion`. Records the trials left spooled are replayed first."""
+    from sweeps.tracking import SpoolReplayer, SweepTracking
 
     selection = select(sweep, directory)
-    tracking = SweepTracking(uri, sweep.name, sweep.experiment)
+    tracking = SweepTracking(uri, sweep.name, sweep.experiment, read_sweep_id(directory))
     parent = tracking.run("sweep", sweep.name)
+    finish_tracking(SpoolReplayer(tracking, directory, parent), sweep.tracking_wait_s)
     tracking.log_selection(parent, selection, directory)
     champion = selection["champion"]
     if champion is not None and sweep.register_champion:
         exported = export_champion(Path(champion["checkpoint"]), directory / "champion")
         selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection)
-        (directory / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+        write_json(directory / "selection.json", selection)
     return selection
 
 
 def select(sweep: SweepConfig, directory: Path) -> dict:
     """Pareto front, hypervolume and champion over every evaluated checkpoint (no MLflow), written
-    to `selection.json` and drawn in `pareto.png`."""
+    to `selection.json` and drawn in `pareto.png`. A checkpoint on the front must load (files
+    readable, tensors of the model's shapes) before it counts; those that do not are listed under
+    `unreadable` and left out, and the front is taken again without them."""
     from sweeps.selection import hypervolume, pareto_front, select_champion
+    from trainers.checkpoint import verify_checkpoint
 
     base_file = directory / "base_metrics.json"
     if not base_file.is_file():
         raise FileNotFoundError(f"no sweep at {directory} (base_metrics.json missing)")
     base = json.loads(base_file.read_text())
-    rows = evaluated_checkpoints(directory)
-    front = pareto_front(rows)
+    rows, unreadable = evaluated_checkpoints(directory)
+    verified: set[str] = set()
+    while True:
+        front = pareto_front(rows)
+        broken = []
+        for row in (r for r in front if r["checkpoint"] not in verified):
+            try:
+                verify_checkpoint(row["checkpoint"])
+                verified.add(row["checkpoint"])
+            except Exception as error:  # noqa: BLE001 - whatever makes it unloadable, it cannot be the champion
+                broken.append(row)
+                unreadable.append({"checkpoint": row["checkpoint"], "error": (str(error).strip().splitlines() or [type(error).__name__])[-1]})
+        if not broken:
+            break
+        rows = [r for r in rows if r not in broken]
+    for item in unreadable:
+        print(f"[sweep] skipped an unreadable checkpoint: {item['checkpoint']}: {item['error']}", file=sys.stderr, flush=True)
     champion, rule = select_champion(rows, base, sweep.fid_tolerance)
     selection = {"base": {name: base[name] for name in OBJECTIVES}, "rule": rule, "fid_tolerance": sweep.fid_tolerance,
-                 "hypervolume": hypervolume(front, base), "evaluated": len(rows), "front": front, "champion": champion}
-    (directory / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+                 "hypervolume": hypervolume(front, base), "evaluated": len(rows), "front": front, "champion": champion,
+                 "unreadable": unreadable}
+    write_json(directory / "selection.json", selection)
     plot_front(rows, front, base, champion, directory / "pareto.png")
     return selection
 
 
-def evaluated_checkpoints(directory: Path) -> list[dict]:
-    """Every evaluated checkpoint of every trial: the table the selection runs on."""
-    rows = []
+def write_json(path: Path, data) -> None:
+    """Whole or not at all: a driver killed mid-write leaves the previous file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluated_checkpoints(directory: Path) -> tuple[list[dict], list[dict]]:
+    """Every evaluated checkpoint of every trial: the table the selection runs on; and those whose
+    figures cannot be read."""
+    rows, unreadable = [], []
     for metrics_file in sorted(directory.glob(f"trials/*/{CHECKPOINT_GLOB}/metrics.json")):
         checkpoint = metrics_file.parent
         trial = checkpoint.parent.name
         params_file = directory / "work" / trial / "params.json"
-        params = json.loads(params_file.read_text()) if params_file.is_file() else {}
-        metrics = json.loads(metrics_file.read_text())
+        try:
+            params = json.loads(params_file.read_text()) if params_file.is_file() else {}
+            metrics = json.loads(metrics_file.read_text())
+            if not all(isinstance(metrics.get(name), (int, float)) for name in OBJECTIVES):
+                raise ValueError(f"no {' and '.join(OBJECTIVES)} in {metrics_file.name}")
+        except ValueError as error:  # JSONDecodeError included
+            unreadable.append({"checkpoint": str(checkpoint), "error": f"{metrics_file.name}: {error}"})
+            continue
         rows.append({"trial": trial, "checkpoint": str(checkpoint), **metrics, **{f"param:{k}": v for k, v in params.items()}})
-    return rows
+    return rows, unreadable
 
 
 def plot_front(rows, front, base, champion, path: Path) -> None:
@@ -318,10 +423,13 @@ def export_champion(checkpoint: Path, out: Path) -> Path:
 
     model = load_checkpoint_model(checkpoint)
     merge_lora(model.unet)
-    if out.exists():
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_base_model(model, tmp)
+    shutil.copy(checkpoint / "metrics.json", tmp / "metrics.json")
+    if out.exists():  # the previous export goes only once the new one is whole
         shutil.rmtree(out)
-    save_base_model(model, out)
-    shutil.copy(checkpoint / "metrics.json", out / "metrics.json")
+    os.replace(tmp, out)
     return out
 
 
@@ -358,8 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"sweep.name={args.name}")
     try:
         config, sweep = load(args.preset, overrides)
+        sweep = pin_searched(sweep, overrides)
         check_space(sweep, config)
         if args.dry_run:
+            preflight(config, sweep, sweep_dir(sweep), tracking_uri(sweep), args.resume)
             print(json.dumps({"config": config.to_dict(), "sweep": sweep.model_dump()}, indent=2))
             return 0
         selection = run_sweep(config, sweep, resume=args.resume)

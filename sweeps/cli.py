@@ -38,8 +38,14 @@ DIGITS_NOTE = ("(digits preset: classifier FID, not Inception FID; trained and h
 def cmd_train(args) -> int:
     from sweeps.presets import load
 
+    from sweeps.preflight import check_inputs, check_ray_address
+
     overrides = list(args.overrides) + ([f"train.workers={args.workers}"] if args.workers else [])
     config, _ = load(args.preset, overrides)
+    for line in check_inputs(config):  # every file the config names, opened; before Ray starts
+        print(f"[train] not checked before the run: {line}", file=sys.stderr, flush=True)
+    if not args.local:
+        check_ray_address()
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0

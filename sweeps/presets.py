@@ -38,6 +38,7 @@ class SweepConfig(Section):
     fid_tolerance: float = Field(0.1, ge=0)  # champion rule: FID <= base FID * (1 + tolerance)
     storage_dir: str = "runs/sweeps"  # experiment, Optuna storage, trials' checkpoints (shared storage on a cluster)
     tracking_uri: str = ""  # MLflow; "" = $MLFLOW_TRACKING_URI, else a server answering at 127.0.0.1:5000
+    tracking_wait_s: float = Field(120.0, ge=0)  # at the end, how long to wait for an unreachable MLflow before leaving records spooled
     seed: int = 0  # Optuna's sampler
     space: dict[str, Any] = Field(default_factory=dict, min_length=1)  # dotted config key -> distribution
 

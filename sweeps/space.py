@@ -17,6 +17,9 @@ and a range must be possible; both are checked before Ray starts.
 
 from __future__ import annotations
 
+import math
+import sys
+
 from trainers.config import Config, ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -48,6 +51,8 @@ def _distribution(key: str, spec):
     if not isinstance(args, list) or len(args) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args):
         raise ConfigError(f"{where}.{kind}: expected [low, high], got {args!r}")
     low, high = args
+    if not all(math.isfinite(v) for v in args):
+        raise ConfigError(f"{where}.{kind}: bounds must be finite numbers, got {args!r}")
     if not low < high:
         raise ConfigError(f"{where}.{kind}: low ({low}) must be below high ({high})")
     if kind == "loguniform" and low <= 0:
@@ -88,6 +93,22 @@ def check_space(sweep, config: Config) -> None:
                 Config.from_dict(set_values(config_dict, {key: value}))
             except ConfigError as error:
                 raise ConfigError(f"sweep.space.{key}: {value!r} is not a valid value ({error})") from None
+
+
+def pin_searched(sweep, overrides: list[str]):
+    """A `--set KEY=VALUE` on a key the space searches pins that dimension: the key leaves the space
+    (the value set stays in the run config), and the sweep says so. Pinning every dimension is an error."""
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    pinned = sorted(keys & set(sweep.space))
+    if not pinned:
+        return sweep
+    space = {key: spec for key, spec in sweep.space.items() if key not in pinned}
+    if not space:
+        raise ConfigError(f"--set {pinned[0]}: pins the only dimension(s) sweep.space searches ({', '.join(pinned)}); "
+                          "nothing is left to search (run `acpo train` for one run)")
+    for key in pinned:
+        print(f"[sweep] --set {key} pins a searched dimension: {key} is fixed, not searched ({len(space)} dimension(s) left)", file=sys.stderr, flush=True)
+    return sweep.model_copy(update={"space": space})
 
 
 def tune_space(sweep) -> dict:

@@ -1,14 +1,27 @@
 """MLflow for the sweep: one parent run per sweep, a child run for the base model and one per trial.
 
-Runs are found again by tag (`acpo.sweep`, `acpo.role`, `acpo.trial`), never created twice: a
-resumed sweep logs into the runs it started. Each trial's metrics are written by one writer, a Ray
-Train callback on that trial's controller (it sees rank 0's reports), so workers never talk to MLflow.
+Runs are found again by tag (`acpo.sweep_id`, `acpo.role`, `acpo.trial`), never created twice: a
+resumed sweep logs into the runs it started. The sweep id lives in the sweep's folder (`sweep_id`),
+so two sweeps of one name never share a parent run (the name is refused instead).
+
+Training never waits on MLflow. A trial writes what it has to log (its parameters, each report's
+metrics, each checkpoint's sample grid, how it ended) to a spool in its folder,
+`work/<trial>/tracking.jsonl`, one JSON line per record, appended in one write; a Ray Train callback
+on the trial's controller writes the reports, so workers never talk to MLflow. The sweep's driver
+replays every spool into MLflow in order from a background thread (`SpoolReplayer`), keeping its place
+in `tracking.sent`; when the server is down it waits and tries again, however long the outage. A
+replay after a restart makes no duplicates: metrics carry the time they were spooled, and MLflow
+stores a (key, step, time, value) once; parameters, artifacts and run ends are idempotent too.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 # MLflow's usage telemetry (on by default, at `import mlflow`) unsets an environment variable from a
@@ -17,6 +30,7 @@ from pathlib import Path
 # 36 down in a measured study. Off unless the user turns it on; set before mlflow is imported.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from mlflow.entities import Metric  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray.train.v2.api.callback import UserCallback  # noqa: E402
@@ -28,9 +42,10 @@ _MAX_VALUE = 500
 
 
 class SweepTracking:
-    def __init__(self, tracking_uri: str, sweep: str, experiment: str = ""):
-        """`experiment`: the MLflow experiment ("" = the sweep's name; a study's sweeps share one)."""
-        self.uri, self.sweep, self.experiment = tracking_uri, sweep, experiment or sweep
+    def __init__(self, tracking_uri: str, sweep: str, experiment: str = "", sweep_id: str = ""):
+        """`experiment`: the MLflow experiment ("" = the sweep's name; a study's sweeps share one).
+        `sweep_id`: the sweep folder's id; its runs are found by it ("": by name, as a study's run is)."""
+        self.uri, self.sweep, self.experiment, self.sweep_id = tracking_uri, sweep, experiment or sweep, sweep_id
         self.client = MlflowClient(tracking_uri)
         found = self.client.get_experiment_by_name(self.experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
@@ -38,17 +53,38 @@ class SweepTracking:
     def run(self, role: str, name: str, parent_id: str | None = None, trial: str | None = None) -> str:
         """The run with these tags, created once."""
         query = f"tags.`acpo.sweep` = '{self.sweep}' and tags.`acpo.role` = '{role}'"
+        if self.sweep_id:
+            query += f" and tags.`acpo.sweep_id` = '{self.sweep_id}'"
         if trial:
             query += f" and tags.`acpo.trial` = '{trial}'"
         found = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
         if found:
             return found[0].info.run_id
         tags = {"acpo.sweep": self.sweep, "acpo.role": role, "mlflow.runName": name}
+        if self.sweep_id:
+            tags["acpo.sweep_id"] = self.sweep_id
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         if trial:
             tags["acpo.trial"] = trial
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+
+    def other_sweep(self) -> str | None:
+        """The folder of another sweep that already uses this name in this experiment, if any."""
+        query = f"tags.`acpo.sweep` = '{self.sweep}' and tags.`acpo.role` = 'sweep'"
+        for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=10):
+            if run.data.tags.get("acpo.sweep_id") != self.sweep_id:
+                return run.data.tags.get("acpo.folder", "a sweep of an earlier version")
+        return None
+
+    def end_runs(self, status: str, roles=("trial",)) -> None:
+        """Every run of this sweep still RUNNING with one of `roles` ends with `status`."""
+        query = f"tags.`acpo.sweep` = '{self.sweep}' and attributes.status = 'RUNNING'"
+        if self.sweep_id:
+            query += f" and tags.`acpo.sweep_id` = '{self.sweep_id}'"
+        for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000):
+            if run.data.tags.get("acpo.role") in roles:
+                self.client.set_terminated(run.info.run_id, status=status)
 
     def log_params(self, run_id: str, params: dict) -> None:
         existing = self.client.get_run(run_id).data.params
@@ -57,10 +93,8 @@ class SweepTracking:
                 self.client.log_param(run_id, key, str(value)[:_MAX_VALUE])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.client.log_metric(run_id, key.replace("@", "_at_"), float(value), step=step)
-
+        for key, value in finite_metrics(metrics).items():
+            self.client.log_metric(run_id, key, value, step=step)
 
     def log_selection(self, run_id: str, selection: dict, directory: Path) -> None:
         """The selection on the sweep's parent run: figures, the front's plot and table, the champion's place."""
@@ -90,21 +124,137 @@ class SweepTracking:
         return {"model": model_name, "version": version.version, "alias": "champion", "source": source}
 
 
-class MlflowReportCallback(UserCallback):
-    """Ray Train callback: each report of rank 0 -> metrics of the trial's MLflow run, and the
-    checkpoint's sample grid as an artifact."""
+SPOOL, SENT = "tracking.jsonl", "tracking.sent"  # in each trial's folder, `<sweep>/work/<trial>/`
 
-    def __init__(self, tracking_uri: str, sweep: str, run_id: str, experiment: str = ""):
-        self.tracking_uri, self.sweep, self.run_id, self.experiment = tracking_uri, sweep, run_id, experiment
-        self._tracking = None  # made on the controller at the first report (the callback is shipped there)
+
+def spool(path: Path, record: dict) -> None:
+    """Append one record as one line, in one write (O_APPEND: lines from one writer never interleave)."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def finite_metrics(metrics: dict) -> dict:
+    """The numbers MLflow can hold, under names it accepts (`fid@25` -> `fid_at_25`)."""
+    return {key.replace("@", "_at_"): float(value) for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+
+
+class SpoolCallback(UserCallback):
+    """Ray Train callback: each report of rank 0 -> a `metrics` record in the trial's spool, and the
+    checkpoint's sample grid -> an `artifact` record. Appends to a local file: never blocks."""
+
+    def __init__(self, spool_path: str | Path):
+        self.spool_path = str(spool_path)
 
     def after_report(self, run_context, metrics, checkpoint):
-        if self._tracking is None:
-            self._tracking = SweepTracking(self.tracking_uri, self.sweep, self.experiment)
-        tracking = self._tracking
         rank0 = metrics[0]
         step = int(rank0.get("step", 0))
-        tracking.log_metrics(self.run_id, rank0, step)
+        spool(Path(self.spool_path), {"op": "metrics", "step": step, "time": int(time.time() * 1000), "metrics": finite_metrics(rank0)})
         grid = Path(checkpoint.path) / "samples.png" if checkpoint else None
         if grid is not None and grid.is_file():
-            tracking.client.log_artifact(self.run_id, str(grid), artifact_path=f"samples/{checkpoint_name(step)}")
+            spool(Path(self.spool_path), {"op": "artifact", "file": str(grid), "artifact_path": f"samples/{checkpoint_name(step)}"})
+
+
+def complete_records(path: Path) -> list[str]:
+    """The spool's complete lines (a line being written has no newline yet)."""
+    text = path.read_text() if path.is_file() else ""
+    return text.split("\n")[:-1]
+
+
+def sent_count(spool_path: Path) -> int:
+    sent = spool_path.with_name(SENT)
+    return int(sent.read_text() or 0) if sent.is_file() else 0
+
+
+def pending_records(directory: Path) -> dict[str, int]:
+    """Records not yet in MLflow, by trial."""
+    out = {}
+    for path in sorted(Path(directory).glob(f"work/*/{SPOOL}")):
+        left = len(complete_records(path)) - sent_count(path)
+        if left:
+            out[path.parent.name] = left
+    return out
+
+
+class SpoolReplayer:
+    """Replays every trial's spool of a sweep into MLflow, in order, from the driver: in a background
+    thread while the sweep runs (`start`), and to the end within a time limit (`finish`)."""
+
+    def __init__(self, tracking: SweepTracking, directory: Path, parent_id: str, retry_seconds: float = 5.0):
+        self.tracking, self.directory, self.parent_id, self.retry_seconds = tracking, Path(directory), parent_id, retry_seconds
+        self._runs: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._down_since: float | None = None
+        self.skipped = 0  # lines that did not parse (a writer killed mid-line): counted, never retried forever
+
+    def start(self) -> "SpoolReplayer":
+        self._thread = threading.Thread(target=self._loop, name="mlflow-spool-replay", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.replay_once()
+            self._stop.wait(self.retry_seconds)
+
+    def finish(self, timeout: float) -> dict[str, int]:
+        """Stop the thread, then replay until nothing is pending or `timeout` seconds passed; returns what is still pending."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        deadline = time.monotonic() + timeout
+        while not self.replay_once() and time.monotonic() < deadline:
+            time.sleep(min(self.retry_seconds, max(0.0, deadline - time.monotonic())))
+        return pending_records(self.directory)
+
+    def replay_once(self) -> bool:
+        """One pass over every spool; True when everything is in MLflow. An unreachable server ends the pass."""
+        try:
+            for path in sorted(self.directory.glob(f"work/*/{SPOOL}")):
+                self._replay(path)
+        except Exception as error:  # noqa: BLE001 - server down or refusing: keep the records, try again later
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+                print(f"[tracking] MLflow unreachable ({reason}); training goes on, records stay spooled and are replayed "
+                      "when it answers", file=sys.stderr, flush=True)
+            return False
+        if self._down_since is not None:
+            print(f"[tracking] MLflow answers again after {time.monotonic() - self._down_since:.0f} s; spooled records replayed", flush=True)
+            self._down_since = None
+        return True
+
+    def _replay(self, path: Path) -> None:
+        trial, lines, sent = path.parent.name, complete_records(path), sent_count(path)
+        for number in range(sent, len(lines)):
+            try:
+                record = json.loads(lines[number])
+            except json.JSONDecodeError:
+                self.skipped += 1
+            else:
+                self._apply(trial, record)
+            tmp = path.with_name(f".{SENT}.tmp")
+            tmp.write_text(str(number + 1))
+            os.replace(tmp, path.with_name(SENT))
+
+    def _apply(self, trial: str, record: dict) -> None:
+        run_id = self._runs.get(trial)
+        if run_id is None:
+            run_id = self._runs[trial] = self.tracking.run("trial", f"trial-{trial}", self.parent_id, trial=trial)
+        op = record.get("op")
+        if op == "start":
+            self.tracking.log_params(run_id, record.get("params", {}))
+        elif op == "metrics":
+            step, stamp = int(record["step"]), int(record["time"])
+            metrics = [Metric(key, value, stamp, step) for key, value in record["metrics"].items()]
+            if metrics:
+                self.tracking.client.log_batch(run_id, metrics=metrics)
+        elif op == "artifact" and Path(record["file"]).is_file():
+            self.tracking.client.log_artifact(run_id, record["file"], artifact_path=record["artifact_path"])
+        elif op == "end":
+            self.tracking.client.set_terminated(run_id, status=record.get("status", "FINISHED"))

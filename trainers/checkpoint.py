@@ -88,9 +88,34 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
     return directory
 
 
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint folder that cannot be restored or loaded (a file missing, corrupt or of the wrong shapes)."""
+
+
 def read_checkpoint(directory: str | Path, *, model: torch.nn.Module, optimizer, ema=None, objective=None, device="cpu") -> int:
-    """Restore a run's state in place; returns the step the checkpoint was taken after."""
+    """Restore a run's state in place; returns the step the checkpoint was taken after. Any failure
+    is an `UnreadableCheckpointError` naming the folder (the trainer then tries an older one)."""
     directory = Path(directory)
+    try:
+        return _read_checkpoint(directory, model=model, optimizer=optimizer, ema=ema, objective=objective, device=device)
+    except Exception as error:  # noqa: BLE001 - whatever broke, this folder cannot be resumed from
+        raise UnreadableCheckpointError(f"checkpoint {directory}: {_reason(error)}") from error
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """The checkpoint loads as a model, with tensors of the model's shapes; else an UnreadableCheckpointError naming it."""
+    try:
+        load_checkpoint_model(directory)
+    except Exception as error:  # noqa: BLE001 - whatever broke, it cannot be selected or exported
+        raise UnreadableCheckpointError(f"checkpoint {directory}: {_reason(error)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1][:300]}" if lines else type(error).__name__
+
+
+def _read_checkpoint(directory: Path, *, model, optimizer, ema, objective, device) -> int:
     state_file = directory / "state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"not a training checkpoint (no state.json): {directory}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers.utils import logging as diffusers_logging
 
 # The digits base model: ~1.1M parameters, 16x16 grayscale, one attention level at 8x8.
 DIGITS_UNET_CONFIG = dict(
@@ -27,6 +28,8 @@ DIGITS_UNET_CONFIG = dict(
 # squaredcos_cap_v2 (improved DDPM) rather than linear: at 16x16 the linear schedule destroys the
 # image too early, wasting most timesteps on pure noise.
 DIGITS_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+
+diffusers_logging.disable_progress_bar()  # "Loading pipeline components" on stderr would break one-line errors
 
 
 @dataclass

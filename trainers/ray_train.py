@@ -15,6 +15,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from trainers.checkpoint import CHECKPOINT_GLOB, UnreadableCheckpointError
 from trainers.config import Config
 
 
@@ -39,9 +40,18 @@ def train_worker(config_dict: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored is None:
         train(config, report, rank, world_size)
-    else:
-        with restored.as_directory() as path:  # a restart after a failure: same step, same data order
-            train(config, report, rank, world_size, resume_from=path)
+        return
+    with restored.as_directory() as path:  # a restart after a failure: same step, same data order
+        # The newest checkpoint first; one that cannot be read (corrupted on disk, cut short) gives way
+        # to the next older one of the same run, and with none left the run starts over.
+        candidates = [Path(path)] + sorted((p for p in Path(path).parent.glob(CHECKPOINT_GLOB) if p.name < Path(path).name),
+                                           reverse=True)
+        for candidate in candidates + [None]:
+            try:
+                train(config, report, rank, world_size, resume_from=candidate)
+                return
+            except UnreadableCheckpointError as error:
+                print(f"[train] cannot resume from it: {error}; trying an older checkpoint", flush=True)
 
 
 def build_trainer(config: Config, name: str, storage_path: str | Path, callbacks=()) -> TorchTrainer:
@@ -88,10 +98,13 @@ def run_training(config: Config, name: str = "train", storage_path: str | Path |
 
 def root_message(error: BaseException) -> str:
     """The first worker's own error as one line (`FloatingPointError: non-finite loss at step 3 ...`)."""
-    failures = getattr(error, "worker_failures", None) or {}
-    cause = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
-    while getattr(cause, "cause", None) is not None:  # RayTaskError wraps the worker's exception
-        cause = cause.cause
+    cause = error
+    for _ in range(10):  # Tune's and Ray's wrappers (RayTaskError.cause), Train's worker failures, in any order
+        failures = getattr(cause, "worker_failures", None) or {}
+        inner = next(iter(failures.values()), None) or getattr(cause, "controller_failure", None) or getattr(cause, "cause", None)
+        if inner is None or inner is cause:
+            break
+        cause = inner
     text = str(cause).strip().splitlines()
     last = [line for line in text if line.strip()][-1] if text else type(cause).__name__
     return last if ":" in last else f"{type(cause).__name__}: {last}"

@@ -82,7 +82,7 @@ def test_objective_shares_one_forward_and_weights_terms(unet):
         ({"denoise": -0.1}, r"objective.denoise.weight: expected a number >= 0"),
         ({"denoise": {"weight": "high"}}, r"objective.denoise.weight"),
         ({"denoise": {"min_snr": 5}}, r"objective.denoise.min_snr: unknown option"),
-        ({"denoise": {"min_snr_gamma": -1}}, r"objective.denoise.min_snr_gamma: expected a number >= 0"),
+        ({"denoise": {"min_snr_gamma": -1}}, r"objective.denoise.min_snr_gamma: expected a finite number >= 0"),
         ({}, r"objective: expected a non-empty mapping"),
     ],
 )
