@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install services demo study stop test assets clean
+.PHONY: install services demo study stop test test-faults assets clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -56,9 +56,13 @@ stop:
 	-pkill -f "mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db"
 
 # Both tiers: the fast unit tests, then the integration tests (Ray, MLflow server, kills, sweeps).
+# The fault suite's injected faults (-m slow, ~20 minutes) are `make test-faults`; CI runs both.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
-	$(PY) -m pytest -q -m integration
+	$(PY) -m pytest -q -m "integration and not slow"
+
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -s -m slow
 
 # Re-create assets/digits (~30 minutes on 2 CPU cores), then assets/digits-t2i (~15) from scratch.
 assets: $(STAMP)

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python sweeps/acpo_study.py`: import from the 
 from pydantic import Field  # noqa: E402
 
 from sweeps.presets import load  # noqa: E402
+from sweeps.space import pin_searched  # noqa: E402
 from trainers.config import ConfigError, Section, validate  # noqa: E402
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
@@ -90,7 +91,8 @@ def method_sweep(study: StudyConfig, method: str, seed: int, directory: Path):
         "sweep.register_champion=false",
     ] + ([f"sweep.tracking_uri={study.tracking_uri}"] if study.tracking_uri else [])
     try:
-        return load(study.preset, overrides)
+        config, sweep = load(study.preset, overrides)
+        return config, pin_searched(sweep, list(study.set))  # the study's budget wins over a method's search
     except ConfigError as error:
         raise ConfigError(f"study.methods.{method}: {error}") from None
 

@@ -18,6 +18,8 @@ exported champion.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -51,7 +53,7 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False) -> dict:
         evaluate_base(config, directory, tracking, parent)
         replayer = SpoolReplayer(tracking, directory, parent).start()
         tuner = restore_tuner(config, sweep, directory) if resume else build_tuner(config, sweep, directory)
-        results = tuner.fit()
+        results = fit_tuner(tuner, directory)
         finish_tracking(replayer, sweep.tracking_wait_s)
         close_interrupted(sweep, directory, tracking)
         errors = [root_message(r.error) for r in results if r.error]
@@ -65,6 +67,25 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False) -> dict:
         raise
     tracking.client.set_terminated(parent)
     return selection
+
+
+LOW_SPACE = 256 * 2**20  # below this much free space in the storage folder, a failure is blamed on it
+
+
+def fit_tuner(tuner, directory: Path):
+    """`tuner.fit()`. With the storage disk full, Tune fails in its own ways (an empty pickled error,
+    a half-written state file): said as what it is, with what to do."""
+    import shutil
+
+    try:
+        return tuner.fit()
+    except Exception as error:
+        free = shutil.disk_usage(directory).free
+        if free >= LOW_SPACE:
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:160]
+        raise OSError(errno.ENOSPC, f"No space left on device: {free / 2**20:.0f} MB free in {directory} "
+                                    f"(Ray Tune failed with {type(error).__name__}: {reason})") from error
 
 
 def preflight(config: Config, sweep: SweepConfig, directory: Path, uri: str, resume: bool) -> None:
@@ -258,7 +279,7 @@ def run_trial(params: dict, base_config: dict, directory: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sweeps.tracking import SPOOL, SpoolCallback, spool
+    from sweeps.tracking import SPOOL, SpoolCallback, spool, spool_unreported
     from trainers.ray_train import build_trainer, root_message
 
     trial = tune.get_context().get_trial_id()
@@ -270,19 +291,48 @@ def run_trial(params: dict, base_config: dict, directory: str) -> None:
     # Same name and storage after a driver restart: Ray Train picks the run up from its last checkpoint.
     trainer = build_trainer(config, name=trial, storage_path=Path(directory) / "trials",
                             callbacks=[TuneReportCallback(), SpoolCallback(work / SPOOL)])
+    checkpoints = Path(directory) / "trials" / trial
+    set_aside_unreadable_record(checkpoints)
     try:
         trainer.fit()
     except Exception as error:
-        spool(work / SPOOL, {"op": "end", "status": "FAILED", "error": root_message(error)})
+        spool_unreported(work / SPOOL, checkpoints)
+        broken = set_aside_unreadable_record(checkpoints)
+        message = f"{broken}; {root_message(error)}" if broken else root_message(error)
+        spool(work / SPOOL, {"op": "end", "status": "FAILED", "error": message})
+        if broken:
+            raise RuntimeError(message) from error
         raise
+    spool_unreported(work / SPOOL, checkpoints)
     # A trial whose training had finished when the driver was killed, but which Tune had not yet
     # recorded as done, is run again on --resume: its Train run is complete, so fit() reports
     # nothing and Tune would end the trial with no figures. Report the last evaluated checkpoint's
     # (in an ordinary trial this repeats the last report: same step, same figures).
-    checkpoints = sorted((Path(directory) / "trials" / trial).glob(f"{CHECKPOINT_GLOB}/metrics.json"))
-    if checkpoints:
-        tune.report(json.loads(checkpoints[-1].read_text()))
+    evaluated = sorted(checkpoints.glob(f"{CHECKPOINT_GLOB}/metrics.json"))
+    if evaluated:
+        tune.report(json.loads(evaluated[-1].read_text()))
     spool(work / SPOOL, {"op": "end", "status": "FINISHED"})
+
+
+def set_aside_unreadable_record(checkpoints: Path) -> str | None:
+    """Ray Train's record of a trial's checkpoints (`checkpoint_manager_snapshot.json`) is rewritten in
+    place; a full disk can leave it empty, and Ray then cannot start the trial again, ever. Such a
+    record is renamed aside: the trial then restarts from its first step (its checkpoint folders are
+    rewritten as it goes). Returns what happened, naming the file and the free space, or None."""
+    import shutil
+
+    record = checkpoints / "checkpoint_manager_snapshot.json"
+    try:
+        json.loads(record.read_text())
+        return None
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as error:
+        with contextlib.suppress(OSError):
+            os.replace(record, record.with_name(record.name + ".unreadable"))
+        free = shutil.disk_usage(checkpoints).free / 2**20
+        return (f"{record} was unreadable ({type(error).__name__}), set aside; {free:.0f} MB free in {checkpoints.parent.parent}: "
+                "if the disk was full, free space and --resume (the trial restarts)")
 
 
 def close_interrupted(sweep: SweepConfig, directory: Path, tracking) -> int:
@@ -305,18 +355,24 @@ def close_interrupted(sweep: SweepConfig, directory: Path, tracking) -> int:
 def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
     """Select; log the selection to the sweep's parent run; export the champion in diffusers layout
     and register it with alias `champion`. Records the trials left spooled are replayed first."""
-    from sweeps.tracking import SpoolReplayer, SweepTracking
+    from sweeps.tracking import SpoolReplayer, SweepTracking, TrackingError
 
     selection = select(sweep, directory)
-    tracking = SweepTracking(uri, sweep.name, sweep.experiment, read_sweep_id(directory))
-    parent = tracking.run("sweep", sweep.name)
-    finish_tracking(SpoolReplayer(tracking, directory, parent), sweep.tracking_wait_s)
-    tracking.log_selection(parent, selection, directory)
     champion = selection["champion"]
-    if champion is not None and sweep.register_champion:
-        exported = export_champion(Path(champion["checkpoint"]), directory / "champion")
-        selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection)
-        write_json(directory / "selection.json", selection)
+    exported = export_champion(Path(champion["checkpoint"]), directory / "champion") if champion and sweep.register_champion else None
+    try:
+        tracking = SweepTracking(uri, sweep.name, sweep.experiment, read_sweep_id(directory))
+        parent = tracking.run("sweep", sweep.name)
+        finish_tracking(SpoolReplayer(tracking, directory, parent), sweep.tracking_wait_s)
+        tracking.log_selection(parent, selection, directory)
+        if exported is not None:
+            selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection)
+            write_json(directory / "selection.json", selection)
+    except Exception as error:  # noqa: BLE001 - the server (or the network) failed; the selection is safe on disk
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+        raise TrackingError(f"MLflow at {uri} failed during the selection ({reason}); the selection is in {directory / 'selection.json'}"
+                            f"{' and the champion in ' + str(exported) if exported else ''}: run `acpo select --sweep {sweep.name}` "
+                            "when the server answers") from None
     return selection
 
 
@@ -333,6 +389,7 @@ def select(sweep: SweepConfig, directory: Path) -> dict:
         raise FileNotFoundError(f"no sweep at {directory} (base_metrics.json missing)")
     base = json.loads(base_file.read_text())
     rows, unreadable = evaluated_checkpoints(directory)
+    print(f"[sweep] selecting the champion among {len(rows)} evaluated checkpoints", flush=True)
     verified: set[str] = set()
     while True:
         front = pareto_front(rows)

@@ -17,6 +17,7 @@ Bad input ends with one line on stderr naming the field or file, exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -247,10 +248,18 @@ def report_error(error: BaseException) -> int:
     from eval.quality import UnreadableFileError
     from objectives.registry import ObjectiveError
     from trainers.config import ConfigError
+    from sweeps.tracking import TrackingError
     from trainers.ray_train import TrainingError
 
+    if isinstance(error, OSError) and (error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or "No space left on device" in str(error)):
+        # The storage filled up (or went read-only) under the sweep: what is written stays consistent
+        # (checkpoints and records are written aside and renamed); free space, then --resume.
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        print(f"acpo: error: the storage folder cannot be written{where}: {str(error).strip().splitlines()[-1][:200]}; "
+              "free space (or make it writable) and --resume", file=sys.stderr)
+        return 2
     if not isinstance(error, (ConfigError, ObjectiveError, FileNotFoundError, NotADirectoryError, UnreadableFileError,
-                              FloatingPointError, TrainingError)):
+                              FloatingPointError, TrainingError, TrackingError)):
         raise error
     print(f"acpo: error: {error}", file=sys.stderr)
     return 2

@@ -16,6 +16,7 @@ stores a (key, step, time, value) once; parameters, artifacts and run ends are i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,16 +30,25 @@ from pathlib import Path
 # (requests' proxy lookup) fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'. It took one trial of
 # 36 down in a measured study. Off unless the user turns it on; set before mlflow is imported.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's client retries a failing request 7 times with exponential backoff (~4 minutes) before it
+# raises. Nothing here waits on it: trials spool, and the replay thread has its own retry loop; so a
+# call fails within seconds and the replay says the server is down instead of hanging in a retry.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 from mlflow.entities import Metric  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray.train.v2.api.callback import UserCallback  # noqa: E402
 
-from trainers.checkpoint import checkpoint_name  # noqa: E402
+from trainers.checkpoint import CHECKPOINT_GLOB, checkpoint_name  # noqa: E402
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
 _MAX_VALUE = 500
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not be reached for a step that needs it; the message says what is safe on disk."""
 
 
 class SweepTracking:
@@ -153,10 +163,46 @@ class SpoolCallback(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         rank0 = metrics[0]
         step = int(rank0.get("step", 0))
-        spool(Path(self.spool_path), {"op": "metrics", "step": step, "time": int(time.time() * 1000), "metrics": finite_metrics(rank0)})
+        # A step reported again (a restart from an older checkpoint) keeps the time of its first report:
+        # the same figures are then the same MLflow entry, not a second point at that step.
+        stamp = spooled_steps(Path(self.spool_path)).get(step, int(time.time() * 1000))
+        spool(Path(self.spool_path), {"op": "metrics", "step": step, "time": stamp, "metrics": finite_metrics(rank0)})
         grid = Path(checkpoint.path) / "samples.png" if checkpoint else None
         if grid is not None and grid.is_file():
             spool(Path(self.spool_path), {"op": "artifact", "file": str(grid), "artifact_path": f"samples/{checkpoint_name(step)}"})
+
+
+def spooled_steps(spool_path: Path) -> dict[int, int]:
+    """Step -> the time of its first metrics record in the spool."""
+    steps = {}
+    for line in complete_records(spool_path):
+        with contextlib.suppress(ValueError, KeyError):
+            record = json.loads(line)
+            if record.get("op") == "metrics":
+                steps.setdefault(int(record["step"]), int(record["time"]))
+    return steps
+
+
+def spool_unreported(spool_path: Path, checkpoints: Path) -> int:
+    """Evaluations on disk that the spool lacks (the trial's controller was killed between a
+    checkpoint's upload and its callback, and the resumed run started after that step): appended,
+    stamped with the figures file's time so that a second pass adds nothing. Returns how many."""
+    spooled = spooled_steps(spool_path)
+    added = 0
+    for metrics_file in sorted(checkpoints.glob(f"{CHECKPOINT_GLOB}/metrics.json")):
+        try:
+            metrics = json.loads(metrics_file.read_text())
+            step = int(metrics["step"])
+        except (ValueError, KeyError):
+            continue  # unreadable figures: the selection lists the checkpoint as such
+        if step in spooled:
+            continue
+        spool(spool_path, {"op": "metrics", "step": step, "time": int(metrics_file.stat().st_mtime * 1000), "metrics": finite_metrics(metrics)})
+        grid = metrics_file.with_name("samples.png")
+        if grid.is_file():
+            spool(spool_path, {"op": "artifact", "file": str(grid), "artifact_path": f"samples/{checkpoint_name(step)}"})
+        added += 1
+    return added
 
 
 def complete_records(path: Path) -> list[str]:
@@ -221,11 +267,11 @@ class SpoolReplayer:
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
-                print(f"[tracking] MLflow unreachable ({reason}); training goes on, records stay spooled and are replayed "
-                      "when it answers", file=sys.stderr, flush=True)
+                print(f"[tracking] replay to MLflow paused ({reason}); training goes on, records stay spooled and are "
+                      "replayed when it can go on", file=sys.stderr, flush=True)
             return False
         if self._down_since is not None:
-            print(f"[tracking] MLflow answers again after {time.monotonic() - self._down_since:.0f} s; spooled records replayed", flush=True)
+            print(f"[tracking] replay to MLflow resumed after {time.monotonic() - self._down_since:.0f} s; spooled records replayed", flush=True)
             self._down_since = None
         return True
 

@@ -1,0 +1,521 @@
+"""The fault suite: bad inputs a hostile-but-fair user would try, and faults injected into real tiny
+sweeps on the digits preset (a local Ray per sweep, a real MLflow server on loopback). Prints a line
+per case and the totals:
+
+    bad inputs: tried N, clean N
+    faults: injected N, survived N; lost: trials N, metrics N, checkpoints N
+
+    .venv/bin/python bench/faults.py [--only bad|faults] [--outage 300]
+
+A bad input is clean when the sweep exits 2 with one `acpo: error:` line naming the field or file,
+no traceback, within a minute, and leaves nothing in the storage folder (`--set` on a searched key
+is clean when it pins the dimension and says so). A fault is survived when the sweep (resumed where
+the fault killed it) ends with every trial, every checkpoint it evaluated loading, and every
+evaluation's figures in MLflow exactly once. tests/test_faults.py runs the same cases (pytest -m
+integration; the faults also -m slow). Needs root for the two mounts (a read-only folder; a full
+disk): without it those two cases are reported as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY = ["train.batch_size=8", "train.eval_every=2", "eval.samples=16", "eval.sampling_steps=[2]", "train.cpus_per_worker=1",
+        "sweep.space.train.steps={randint: [2, 4], step: 2}"]
+
+
+@dataclass
+class Outcome:
+    name: str
+    ok: bool
+    detail: str
+    lost_trials: int = 0
+    lost_metrics: int = 0
+    lost_checkpoints: int = 0
+
+
+class MlflowServer:
+    """`mlflow server` on SQLite and loopback; stop() and start() again on the same port and database."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> "MlflowServer":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        import urllib.request
+
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+
+def sweep_args(name: str, storage: Path, uri: str, samples: int = 2, *extra: str) -> list[str]:
+    return ["--name", name, "--num-samples", str(samples), "--set", f"sweep.storage_dir={storage}", "--set", f"sweep.tracking_uri={uri}",
+            *sum((["--set", item] for item in [*TINY, *extra]), [])]
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+
+def bad_input_files(work: Path) -> dict[str, Path]:
+    """The broken files and folders the probes name."""
+    import shutil
+
+    files = {}
+    work.mkdir(parents=True, exist_ok=True)
+    files["random"] = work / "random.safetensors"
+    files["random"].write_bytes(os.urandom(4096))
+    classifier = ROOT / "assets" / "digits" / "classifier.safetensors"
+    files["truncated"] = work / "classifier-truncated.safetensors"
+    files["truncated"].write_bytes(classifier.read_bytes()[: classifier.stat().st_size // 2])
+    files["empty"] = work / "empty-folder"
+    files["empty"].mkdir(exist_ok=True)
+    files["texts"] = work / "text-folder"
+    files["texts"].mkdir(exist_ok=True)
+    for i in range(3):
+        (files["texts"] / f"note{i}.txt").write_text("not an image\n")
+    files["yaml"] = work / "broken.yaml"
+    files["yaml"].write_text("train: [steps: 3\n")
+    files["base"] = work / "base-truncated"
+    shutil.rmtree(files["base"], ignore_errors=True)
+    shutil.copytree(ROOT / "assets" / "digits" / "base", files["base"])
+    weights = files["base"] / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    files["others"] = work / "writable-by-others"
+    files["others"].mkdir(exist_ok=True)
+    files["others"].chmod(0o777)
+    files["readonly"] = work / "read-only"
+    files["readonly"].mkdir(exist_ok=True)
+    return files
+
+
+def bad_inputs(work: Path, uri: str) -> list[tuple[str, list[str], dict, str]]:
+    """(name, sweep arguments after the storage/tracking ones, environment, what the error line must say)."""
+    f = bad_input_files(work)
+    nr = "objective.nr_iqa.metric={arch: cnniqa, weights: %s}"
+    return [
+        ("unknown key", ["--set", "train.nosuch=1"], {}, "unknown key 'train.nosuch'"),
+        ("wrong type", ["--set", "train.steps=ten"], {}, "train.steps"),
+        ("out of range", ["--set", "train.learning_rate=-1"], {}, "train.learning_rate"),
+        ("missing weights file", ["--set", "eval.heldout_quality.weights=/nonexistent.safetensors"], {}, "eval.heldout_quality.weights"),
+        ("unknown preset", ["--preset", "nosuch"], {}, "unknown preset"),
+        ("--resume of nothing", ["--resume"], {}, "--resume"),
+        ("malformed --set", ["--set", "train.steps"], {}, "expected key=value"),
+        ("broken YAML preset", ["--preset", str(f["yaml"])], {}, "not valid YAML"),
+        ("unknown space key", ["--set", "sweep.space.train.warmup={randint: [1, 5]}"], {}, "sweep.space.train.warmup"),
+        ("reversed range", ["--set", "sweep.space.objective.anchor.weight={loguniform: [10, 1]}"], {}, "must be below"),
+        ("unknown algorithm", ["--set", "sweep.algorithm=grid"], {}, "sweep.algorithm"),
+        ("unknown term", ["--set", "objective.nosuch=1"], {}, "objective.nosuch"),
+        ("negative weight", ["--set", "objective.denoise=-1"], {}, "objective.denoise.weight"),
+        ("NaN term weight", ["--set", "objective.anchor.weight=.nan"], {}, "objective.anchor.weight"),
+        ("infinite term weight", ["--set", "objective.nr_iqa.weight=.inf"], {}, "objective.nr_iqa.weight"),
+        ("NaN learning rate", ["--set", "train.learning_rate=.nan"], {}, "train.learning_rate"),
+        ("infinite log-uniform bound", ["--set", "sweep.space.train.learning_rate={loguniform: [1.0e-5, .inf]}"], {},
+         "sweep.space.train.learning_rate"),
+        ("one evaluation sample", ["--set", "eval.samples=1"], {}, "eval.samples"),
+        ("unknown quality model", ["--set", "eval.trained_quality=nosuch"], {}, "eval.trained_quality"),
+        ("t_range beyond the scheduler", ["--set", "objective.nr_iqa.t_range=[0, 5000]"], {}, "objective.nr_iqa.t_range"),
+        ("reward weights of random bytes", ["--set", nr % f["random"]], {}, str(f["random"])),
+        ("held-out weights of random bytes", ["--set", f"eval.heldout_quality.weights={f['random']}"], {}, str(f["random"])),
+        ("truncated feature extractor", ["--set", f"eval.feature_extractor_weights={f['truncated']}"], {}, str(f["truncated"])),
+        ("truncated base model", ["--set", f"model.base={f['base']}"], {}, "model.base"),
+        ("data folder missing", ["--set", "data.source=folder", "--set", f"data.path={work / 'no-such-folder'}"], {}, "data.path"),
+        ("data folder empty", ["--set", "data.source=folder", "--set", f"data.path={f['empty']}"], {}, "data.path"),
+        ("data folder of text files", ["--set", "data.source=folder", "--set", f"data.path={f['texts']}"], {}, "data.path"),
+        ("tracking server down", ["--set", "sweep.tracking_uri=http://127.0.0.1:9"], {}, "sweep.tracking_uri"),
+        ("RAY_ADDRESS with nothing there", [], {"RAY_ADDRESS": "127.0.0.1:9"}, "RAY_ADDRESS"),
+        ("workers beyond the cluster's CPUs", ["--set", "train.workers=64"], {"RAY_ADDRESS": "local"}, "train.workers"),
+        ("storage writable by others", ["--set", f"sweep.storage_dir={f['others']}"], {}, "writable by others"),
+        ("read-only storage", ["--set", f"sweep.storage_dir={f['readonly']}"], {}, "sweep.storage_dir"),
+    ]
+
+
+def run_probe(name: str, args: list[str], env: dict, expect: str, storage: Path, uri: str, sweep_name: str = "probe") -> Outcome:
+    """One bad input through the sweep's entry point, in this process (later --set values win)."""
+    from sweeps.acpo_sweep import main
+
+    storage.mkdir(parents=True, exist_ok=True)
+    before = set(storage.rglob("*"))
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    out, err = io.StringIO(), io.StringIO()
+    started = time.time()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([*sweep_args(sweep_name, storage, uri), *args])
+            except BaseException as error:  # noqa: BLE001 - a probe that escapes is a finding, not a crash of the suite
+                code, err = -1, io.StringIO(f"uncaught {type(error).__name__}: {error}")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    seconds = time.time() - started
+    lines = [line for line in err.getvalue().splitlines() if line.startswith("acpo: error:")]
+    left = set(storage.rglob("*")) - before
+    problems = []
+    if code != 2:
+        problems.append(f"exit {code}")
+    if len(lines) != 1 or expect not in lines[0]:
+        problems.append(f"error lines {lines[:2] or err.getvalue().strip().splitlines()[-1:]}")
+    if "Traceback" in err.getvalue():
+        problems.append("a traceback")
+    if left:
+        problems.append(f"left {len(left)} file(s) in the storage folder")
+    if seconds > 60:
+        problems.append(f"took {seconds:.0f} s")
+    return Outcome(name, not problems, "; ".join(problems) or (lines[0][len("acpo: error: "):][:150]))
+
+
+def pin_probe(storage: Path, uri: str) -> Outcome:
+    """`--set` on a searched key pins that dimension and says so."""
+    from sweeps.acpo_sweep import main
+
+    storage.mkdir(parents=True, exist_ok=True)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*sweep_args("probe-pin", storage, uri), "--set", "train.steps=20", "--dry-run"])
+    space = json.loads(out.getvalue())["sweep"]["space"] if code == 0 else {}
+    ok = code == 0 and "train.steps" not in space and "pins a searched dimension" in err.getvalue()
+    return Outcome("--set on a searched key", ok, "pinned, said so" if ok else f"exit {code}, space {sorted(space)}")
+
+
+def collision_probe(storage: Path, uri: str) -> Outcome:
+    """A sweep name another sweep folder already uses in MLflow is refused."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("probe-taken") or client.get_experiment(client.create_experiment("probe-taken"))
+    client.create_run(experiment.experiment_id, tags={"acpo.sweep": "probe-taken", "acpo.role": "sweep", "acpo.sweep_id": "elsewhere",
+                                                      "acpo.folder": "/elsewhere/probe-taken"})
+    return run_probe("name used in MLflow by another folder", [], {"RAY_ADDRESS": "local"}, "already used in MLflow", storage, uri,
+                     sweep_name="probe-taken")
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` read-only for everyone, root included (a read-only tmpfs mounted on it); None without root."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield True
+        finally:
+            folder.chmod(0o755)
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], check=True)
+    try:
+        yield True
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def run_bad_inputs(work: Path, uri: str) -> list[Outcome]:
+    outcomes = []
+    for number, (name, args, env, expect) in enumerate(bad_inputs(work / "files", uri)):
+        storage = work / f"storage-{number}"
+        if name == "read-only storage":
+            storage = work / "files" / "read-only"
+            with read_only(storage):
+                outcomes.append(run_probe(name, args, env, expect, storage, uri))
+        else:
+            if name == "storage writable by others":
+                storage = work / "files" / "writable-by-others"
+            outcomes.append(run_probe(name, args, env, expect, storage, uri))
+    taken = work / "storage-taken"
+    (taken / "probe" / "tune").mkdir(parents=True, exist_ok=True)
+    outcomes.append(run_probe("name collision on disk", [], {}, "already holds a sweep", taken, uri))
+    outcomes.append(pin_probe(work / "storage-pin", uri))
+    outcomes.append(collision_probe(work / "storage-mlflow", uri))
+    return outcomes
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+def start_driver(name: str, storage: Path, uri: str, samples: int, extra: list[str], log: Path, resume: bool = False) -> subprocess.Popen:
+    """The sweep driver as its own process group with its own local Ray (never a cluster the user runs)."""
+    command = [sys.executable, str(ROOT / "sweeps" / "acpo_sweep.py"), *sweep_args(name, storage, uri, samples, *extra)]
+    return subprocess.Popen([*command, *(["--resume"] if resume else [])], env={**os.environ, "RAY_ADDRESS": "local"},
+                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    time.sleep(2)  # the group's Ray processes go with it
+
+
+def wait_for(condition, seconds: float, what: str, poll: float = 0.2) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(poll)
+    raise TimeoutError(f"{what} did not happen within {seconds:.0f} s")
+
+
+def finished(process: subprocess.Popen, seconds: float = 900) -> int:
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        return -9
+
+
+def losses(directory: Path, uri: str, name: str, trials: int, deliberately_broken: set[str] = frozenset()) -> tuple[int, int, int, list[str]]:
+    """What a finished sweep lost: trials not finished, evaluations missing from (or doubled in)
+    MLflow, checkpoints that do not load (other than those the fault broke on purpose)."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers.checkpoint import verify_checkpoint
+
+    problems = []
+    lost_checkpoints = 0
+    for checkpoint in sorted(directory.glob("trials/*/step_*")):
+        if str(checkpoint) in deliberately_broken:
+            continue
+        try:
+            verify_checkpoint(checkpoint)
+        except Exception as error:  # noqa: BLE001
+            lost_checkpoints += 1
+            problems.append(str(error)[:120])
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = {r.data.tags.get("acpo.trial"): r for r in client.search_runs([experiment.experiment_id], max_results=500)
+            if r.data.tags.get("acpo.role") == "trial"}
+    lost_trials = max(0, trials - sum(r.info.status == "FINISHED" for r in runs.values()))  # a trial's run ends FINISHED after its fit
+    lost_metrics = 0
+    for trial_dir in sorted(directory.glob("trials/*")):
+        if not trial_dir.is_dir():
+            continue
+        steps = sorted(int(p.parent.name.split("_")[1]) for p in trial_dir.glob("step_*/metrics.json"))
+        run = runs.get(trial_dir.name)
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "fid")] if run else []
+        missing = [s for s in steps if s not in history]
+        doubled = len(history) - len(set(history))
+        lost_metrics += len(missing)
+        if doubled:
+            problems.append(f"trial {trial_dir.name}: {doubled} evaluation(s) logged twice")
+    return lost_trials, lost_metrics, lost_checkpoints, problems
+
+
+def judged(name: str, code: int, directory: Path, uri: str, sweep: str, trials: int, note: str, broken=frozenset()) -> Outcome:
+    if code != 0:
+        return Outcome(name, False, f"exit {code}; {note}", lost_trials=trials)
+    lost_trials, lost_metrics, lost_checkpoints, problems = losses(directory, uri, sweep, trials, broken)
+    selection = json.loads((directory / "selection.json").read_text())
+    if selection.get("champion") is None:
+        problems.append("no champion")
+    ok = not (lost_trials or lost_metrics or lost_checkpoints or problems)
+    return Outcome(name, ok, "; ".join([note, *problems]), lost_trials, lost_metrics, lost_checkpoints)
+
+
+def fault_corrupt_newest_checkpoint(work: Path, uri: str) -> Outcome:
+    """The driver killed mid-trial; the trial's newest checkpoint then corrupted; --resume."""
+    name, log = "fault-corrupt", work / "corrupt.log"
+    # Evaluations slow enough (64 samples, 8 sampling steps) that the kill lands mid-trial.
+    extra = ["sweep.max_concurrent=1", "train.steps=12", "eval.samples=64", "eval.sampling_steps=[8]"]
+    driver = start_driver(name, work, uri, 1, extra, log)
+    trials = work / name / "trials"
+
+    def registered_two():
+        snapshots = list(trials.glob("*/checkpoint_manager_snapshot.json"))
+        return snapshots and "step_000004" in snapshots[0].read_text()
+
+    wait_for(registered_two, 400, "a trial's second registered checkpoint", poll=0.05)
+    kill_group(driver)
+    # The checkpoint a resume starts from: the newest Ray Train registered (its snapshot names them).
+    snapshot = next(trials.glob("*/checkpoint_manager_snapshot.json"))
+    registered = json.loads(snapshot.read_text())["checkpoint_results"]
+    newest = snapshot.parent / registered[-1]["checkpoint_dir_name"]
+    weights = newest / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code = finished(start_driver(name, work, uri, 1, extra, log, resume=True))
+    text = log.read_text()
+    note = f"corrupted {newest.name}; resumed from an older checkpoint" if "cannot resume from it" in text else f"corrupted {newest.name}"
+    return judged("corrupt newest checkpoint on resume", code, work / name, uri, name, 1, note)
+
+
+def fault_corrupt_at_selection(work: Path, uri: str) -> Outcome:
+    """After a finished sweep, the champion's checkpoint corrupted; `acpo select` again."""
+    name = "fault-corrupt"
+    directory = work / name
+    before = json.loads((directory / "selection.json").read_text())["champion"]
+    broken = Path(before["checkpoint"])
+    weights = broken / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = subprocess.run([sys.executable, "-m", "sweeps.cli", "select", "--sweep", name, "--set", f"sweep.storage_dir={work}",
+                             "--set", f"sweep.tracking_uri={uri}", *sum((["--set", item] for item in TINY), [])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    selection = json.loads((directory / "selection.json").read_text())
+    skipped = [u["checkpoint"] for u in selection.get("unreadable", [])]
+    champion = selection.get("champion")
+    ok = result.returncode == 0 and str(broken) in skipped and champion is not None and champion["checkpoint"] != str(broken)
+    note = f"champion {broken.name} corrupted; skipped, new champion {champion['trial']}/{champion['checkpoint'].rsplit('/', 1)[-1]}" \
+        if ok else f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}"
+    return Outcome("corrupt champion at selection", ok, note)
+
+
+def fault_driver_killed_in_selection(work: Path, uri: str) -> Outcome:
+    name, log = "fault-select", work / "select.log"
+    driver = start_driver(name, work, uri, 2, ["sweep.max_concurrent=1"], log)
+    wait_for(lambda: "selecting the champion" in log.read_text(), 600, "the selection", poll=0.05)
+    kill_group(driver)
+    code = finished(start_driver(name, work, uri, 2, ["sweep.max_concurrent=1"], log, resume=True))
+    return judged("driver killed during selection", code, work / name, uri, name, 2, "killed while selecting; --resume selected")
+
+
+def fault_worker_killed_in_checkpoint_write(work: Path, uri: str) -> Outcome:
+    import psutil
+
+    name, log = "fault-worker", work / "worker.log"
+    extra = ["sweep.max_concurrent=1", "train.steps=12"]
+    driver = start_driver(name, work, uri, 1, extra, log)
+    workdir = work / name / "work"
+    writing = lambda: any(p.name.startswith(".step_") for p in workdir.glob("*/checkpoints/.step_*"))  # noqa: E731
+    wait_for(writing, 600, "a checkpoint write", poll=0.01)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGKILL)
+    code = finished(driver)
+    return judged("worker killed during a checkpoint write", code, work / name, uri, name, 1, f"killed {len(workers)} worker(s) mid-write")
+
+
+def fault_mlflow_outage(work: Path, server: MlflowServer, outage: float) -> Outcome:
+    name, log = "fault-outage", work / "outage.log"
+    extra = ["sweep.max_concurrent=1", f"sweep.tracking_wait_s={outage + 600:g}"]
+    driver = start_driver(name, work, server.uri, 3, extra, log)
+    wait_for(lambda: (work / name / "work").is_dir() and any((work / name / "work").glob("*/tracking.jsonl")), 600, "the first trial")
+    server.stop()
+    down = time.time()
+    while time.time() - down < outage and driver.poll() is None:
+        time.sleep(1)
+    still_training = driver.poll() is None
+    time.sleep(max(0.0, outage - (time.time() - down)))
+    server.start()
+    code = finished(driver, outage + 900)
+    note = f"MLflow down {outage:.0f} s mid-sweep ({'the sweep trained on meanwhile' if still_training else 'the sweep finished training meanwhile'})"
+    return judged("MLflow down mid-sweep", code, work / name, server.uri, name, 3, note)
+
+
+def fault_disk_full(work: Path, uri: str) -> Outcome:
+    """The storage folder on a 30 MB tmpfs: full at the second checkpoint; then grown, --resume."""
+    if os.geteuid() != 0:
+        return Outcome("disk full in the storage folder", False, "not run: mounting a tmpfs needs root")
+    name, log = "fault-disk", work / "disk.log"
+    mount = work / "small-disk"
+    mount.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m,mode=0700", "tmpfs", str(mount)], check=True)
+    try:
+        extra = ["sweep.max_concurrent=1", "train.steps=6"]
+        code = finished(start_driver(name, mount, uri, 1, extra, log))
+        tail = [line for line in log.read_text().splitlines() if line.startswith("acpo: error:")]
+        full = code == 2 and tail and ("No space left" in tail[-1] or "MB free" in tail[-1])
+        subprocess.run(["mount", "-o", "remount,size=400m", str(mount)], check=True)
+        code = finished(start_driver(name, mount, uri, 1, extra, log, resume=True))
+        note = f"failed in one line ({tail[-1][13:90]}...), grown, resumed" if full else f"first run: {tail[-1:] or 'no one-line error'}"
+        outcome = judged("disk full in the storage folder", code, mount / name, uri, name, 1, note)
+        outcome.ok = outcome.ok and bool(full)
+        return outcome
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def run_faults(work: Path, server: MlflowServer, outage: float) -> list[Outcome]:
+    work.mkdir(parents=True, exist_ok=True)
+    cases = [lambda: fault_corrupt_newest_checkpoint(work, server.uri), lambda: fault_corrupt_at_selection(work, server.uri),
+             lambda: fault_driver_killed_in_selection(work, server.uri), lambda: fault_worker_killed_in_checkpoint_write(work, server.uri),
+             lambda: fault_disk_full(work, server.uri), lambda: fault_mlflow_outage(work, server, outage)]
+    outcomes = []
+    for case in cases:
+        try:
+            outcomes.append(case())
+        except Exception as error:  # noqa: BLE001 - a case that breaks is reported, the others still run
+            outcomes.append(Outcome(getattr(case, "__name__", "fault"), False, f"{type(error).__name__}: {error}"))
+        o = outcomes[-1]
+        print(f"[faults] {o.name}: {'survived' if o.ok else 'NOT survived'} ({o.detail}; lost: trials {o.lost_trials}, "
+              f"metrics {o.lost_metrics}, checkpoints {o.lost_checkpoints})", flush=True)
+    return outcomes
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report(outcomes: list[Outcome], title: str = "") -> None:
+    for o in outcomes:
+        print(f"  {'ok ' if o.ok else 'BAD'}  {o.name:<40} {o.detail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["bad", "faults"], default="")
+    parser.add_argument("--outage", type=float, default=300.0, help="seconds MLflow stays down mid-sweep (default 300)")
+    parser.add_argument("--work", default="", help="scratch folder (default: a new temporary one)")
+    args = parser.parse_args(argv)
+    import tempfile
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="acpo-faults-"))
+    work.chmod(0o700)
+    server = MlflowServer(work / "mlflow").start()
+    try:
+        bad = run_bad_inputs(work / "bad", server.uri) if args.only != "faults" else []
+        faults = run_faults(work / "faults", server, args.outage) if args.only != "bad" else []
+    finally:
+        server.stop()
+    if bad:
+        print("bad inputs:")
+        report(bad, "bad inputs")
+    if faults:
+        print("faults:")
+        report(faults, "faults")
+    print(totals(bad, faults))
+    return 0 if all(o.ok for o in bad + faults) else 1
+
+
+def totals(bad: list[Outcome], faults: list[Outcome]) -> str:
+    return (f"bad inputs: tried {len(bad)}, clean {sum(o.ok for o in bad)}\n"
+            f"faults: injected {len(faults)}, survived {sum(o.ok for o in faults)}; lost: trials {sum(o.lost_trials for o in faults)}, "
+            f"metrics {sum(o.lost_metrics for o in faults)}, checkpoints {sum(o.lost_checkpoints for o in faults)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
