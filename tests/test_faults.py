@@ -5,6 +5,7 @@ run by CI after `make test`)."""
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -12,6 +13,7 @@ from trainers.config import PROJECT_ROOT
 
 _spec = importlib.util.spec_from_file_location("faults", PROJECT_ROOT / "bench" / "faults.py")
 faults = importlib.util.module_from_spec(_spec)
+sys.modules["faults"] = faults  # dataclasses look their module up there
 _spec.loader.exec_module(faults)
 
 pytestmark = pytest.mark.integration
