@@ -456,7 +456,8 @@ def fault_disk_full(work: Path, uri: str) -> Outcome:
         note = f"failed in one line ({tail[-1][13:90]}...), grown, resumed" if full else f"first run: {tail[-1:] or 'no one-line error'}"
         outcome = judged("disk full in the storage folder", code, mount / name, uri, name, 1, note)
         outcome.ok = outcome.ok and bool(full)
-        if not outcome.ok and full and "pickle data was truncated" in log.read_text():
+        text = log.read_text()
+        if not outcome.ok and full and ("pickle data was truncated" in text or "Failed to restore the run state" in text):
             # Ray Tune rewrites its searcher's state (tune/searcher-state-*.pkl) in place; when the full
             # disk cuts it short, Tune cannot restore the experiment and starts it over without a space.
             outcome.limitation = ("Ray Tune's searcher state was cut short by the full disk (Ray writes it in place); "
