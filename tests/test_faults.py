@@ -1,6 +1,6 @@
 """The fault suite of bench/faults.py as tests. Every bad input a hostile-but-fair user tried fails in
 one line before Ray starts, leaving nothing behind (integration tier, ~2 minutes); every injected
-fault is survived with nothing lost (`-m slow`: real sweeps, MLflow down for 5 minutes; ~20 minutes,
+fault is survived with nothing lost (`-m slow`: real sweeps, MLflow down for 5 minutes; ~12 minutes,
 run by CI after `make test`)."""
 
 import importlib.util
