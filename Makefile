@@ -56,7 +56,7 @@ stop:
 	-pkill -f "mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db"
 
 # Both tiers: the fast unit tests, then the integration tests (Ray, MLflow server, kills, sweeps).
-# The fault suite's injected faults (-m slow, ~20 minutes) are `make test-faults`; CI runs both.
+# The fault suite's injected faults (-m slow, ~12 minutes) are `make test-faults`; CI runs both.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 	$(PY) -m pytest -q -m "integration and not slow"
