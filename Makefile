@@ -22,7 +22,8 @@ MLFLOW_PORT  ?= 5000
 MLFLOW_URI   := http://127.0.0.1:$(MLFLOW_PORT)
 SWEEP_NAME   ?= digits-acpo-$(shell date +%Y%m%d-%H%M%S)
 # Ray 2.60 clusters require a token (~/.ray/auth_token) once one exists; every ray command here uses it.
-# The head binds every port it opens (GCS, raylet, object manager, metrics, client, agents) to 127.0.0.1:
+# The head binds every port Ray opens (GCS, raylet, object manager, metrics, client, agents) to 127.0.0.1
+# (torch.distributed's rendezvous store in a training worker is torch's, on all interfaces: README):
 # Ray binds them to the node's IP, and turns 127.0.0.1 into that IP unless cluster mode is off
 # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, ray_constants.ENABLE_RAY_CLUSTER). A one-machine head only.
 export RAY_AUTH_MODE := token

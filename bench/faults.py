@@ -122,7 +122,7 @@ def bad_input_files(work: Path) -> dict[str, Path]:
     return files
 
 
-def bad_inputs(work: Path, uri: str) -> list[tuple[str, list[str], dict, str]]:
+def bad_inputs(work: Path) -> list[tuple[str, list[str], dict, str]]:
     """(name, sweep arguments after the storage/tracking ones, environment, what the error line must say)."""
     f = bad_input_files(work)
     nr = "objective.nr_iqa.metric={arch: cnniqa, weights: %s}"
@@ -250,7 +250,7 @@ def read_only(folder: Path):
 
 def run_bad_inputs(work: Path, uri: str) -> list[Outcome]:
     outcomes = []
-    for number, (name, args, env, expect) in enumerate(bad_inputs(work / "files", uri)):
+    for number, (name, args, env, expect) in enumerate(bad_inputs(work / "files")):
         storage = work / f"storage-{number}"
         if name == "read-only storage":
             storage = work / "files" / "read-only"
@@ -487,7 +487,7 @@ def run_faults(work: Path, server: MlflowServer, outage: float) -> list[Outcome]
 # ---------------------------------------------------------------------------------------------- report
 
 
-def report(outcomes: list[Outcome], title: str = "") -> None:
+def report(outcomes: list[Outcome]) -> None:
     for o in outcomes:
         print(f"  {'ok ' if o.ok else 'BAD'}  {o.name:<40} {o.detail}" + (f" [known limitation: {o.limitation}]" if o.limitation else ""))
 
@@ -510,10 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     if bad:
         print("bad inputs:")
-        report(bad, "bad inputs")
+        report(bad)
     if faults:
         print("faults:")
-        report(faults, "faults")
+        report(faults)
     print(totals(bad, faults))
     return 0 if all(o.ok for o in bad + faults) else 1
 

@@ -33,7 +33,7 @@ from pydantic import Field  # noqa: E402
 
 from sweeps.presets import load  # noqa: E402
 from sweeps.space import pin_searched  # noqa: E402
-from trainers.config import ConfigError, Section, validate  # noqa: E402
+from trainers.config import ConfigError, Section, last_line, validate  # noqa: E402
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 
@@ -155,9 +155,9 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
                     shutil.copy(directory / shared, sweep_dir / shared)
             print(f"[study] {sweep.name}", flush=True)
             try:
-                run_sweep(config, sweep, resume=(sweep_dir / "tune").exists())
+                run_sweep(config, sweep, resume=(sweep_dir / "tune").exists(), inputs_checked=True)
             except Exception as error:  # noqa: BLE001 - a failed method is reported in the table, not fatal
-                failures[sweep.name] = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+                failures[sweep.name] = last_line(error)
                 print(f"[study] {sweep.name} failed: {failures[sweep.name]}", file=sys.stderr, flush=True)
     report = write_report(study, directory, failures)
     for method, s in report["summary"].items():

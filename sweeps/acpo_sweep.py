@@ -32,12 +32,13 @@ from eval.evaluate import OBJECTIVES  # noqa: E402
 from sweeps.presets import SweepConfig, load, set_values  # noqa: E402
 from sweeps.space import check_space, pin_searched  # noqa: E402
 from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
-from trainers.config import Config, ConfigError  # noqa: E402
+from trainers.config import Config, ConfigError, last_line  # noqa: E402
 
 
-def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False) -> dict:
+def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_checked: bool = False) -> dict:
+    """`inputs_checked`: the caller opened the config's files already (a study, once per method)."""
     uri, directory = tracking_uri(sweep), sweep_dir(sweep)
-    preflight(config, sweep, directory, uri, resume)  # files, services, storage: one line and nothing written when bad
+    preflight(config, sweep, directory, uri, resume, inputs_checked)  # one line and nothing written when bad
     import ray
 
     from sweeps.tracking import SpoolReplayer
@@ -83,12 +84,12 @@ def fit_tuner(tuner, directory: Path):
         free = shutil.disk_usage(directory).free
         if free >= LOW_SPACE:
             raise
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:160]
+        reason = last_line(error)[:160]
         raise OSError(errno.ENOSPC, f"No space left on device: {free / 2**20:.0f} MB free in {directory} "
                                     f"(Ray Tune failed with {type(error).__name__}: {reason})") from error
 
 
-def preflight(config: Config, sweep: SweepConfig, directory: Path, uri: str, resume: bool) -> None:
+def preflight(config: Config, sweep: SweepConfig, directory: Path, uri: str, resume: bool, inputs_checked: bool = False) -> None:
     """Everything that can be checked before Ray starts: the folder rule, the storage folder, the
     services, every file the config names. `--dry-run` runs it too."""
     from sweeps.preflight import check_inputs, check_services, check_storage_folder
@@ -96,7 +97,7 @@ def preflight(config: Config, sweep: SweepConfig, directory: Path, uri: str, res
     check_storage(sweep, directory, resume)
     check_storage_folder(directory, "sweep.storage_dir")
     check_services(uri, "sweep.tracking_uri" if sweep.tracking_uri else "$MLFLOW_TRACKING_URI")
-    for line in check_inputs(config):
+    for line in [] if inputs_checked else check_inputs(config):
         print(f"[sweep] not checked before the run: {line}", file=sys.stderr, flush=True)
 
 
@@ -107,7 +108,7 @@ def end_failed(tracking, parent: str, status: str) -> None:
         tracking.end_runs(status, roles=("trial", "base"))
         tracking.client.set_terminated(parent, status=status)
     except Exception as error:  # noqa: BLE001 - the sweep's own error is the one to report
-        print(f"[sweep] could not mark the MLflow runs {status}: {str(error).strip().splitlines()[-1][:200]}", file=sys.stderr)
+        print(f"[sweep] could not mark the MLflow runs {status}: {last_line(error)[:200]}", file=sys.stderr)
 
 
 def finish_tracking(replayer, wait_s: float) -> None:
@@ -369,7 +370,7 @@ def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
             selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection)
             write_json(directory / "selection.json", selection)
     except Exception as error:  # noqa: BLE001 - the server (or the network) failed; the selection is safe on disk
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+        reason = last_line(error)[:200]
         raise TrackingError(f"MLflow at {uri} failed during the selection ({reason}); the selection is in {directory / 'selection.json'}"
                             f"{' and the champion in ' + str(exported) if exported else ''}: run `acpo select --sweep {sweep.name}` "
                             "when the server answers") from None
@@ -400,7 +401,7 @@ def select(sweep: SweepConfig, directory: Path) -> dict:
                 verified.add(row["checkpoint"])
             except Exception as error:  # noqa: BLE001 - whatever makes it unloadable, it cannot be the champion
                 broken.append(row)
-                unreadable.append({"checkpoint": row["checkpoint"], "error": (str(error).strip().splitlines() or [type(error).__name__])[-1]})
+                unreadable.append({"checkpoint": row["checkpoint"], "error": last_line(error)})
         if not broken:
             break
         rows = [r for r in rows if r not in broken]
@@ -417,9 +418,9 @@ def select(sweep: SweepConfig, directory: Path) -> dict:
 
 def write_json(path: Path, data) -> None:
     """Whole or not at all: a driver killed mid-write leaves the previous file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from eval.fidelity import write_whole
+
+    write_whole(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def evaluated_checkpoints(directory: Path) -> tuple[list[dict], list[dict]]:

@@ -24,13 +24,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from trainers.config import Config, ConfigError
+from trainers.config import last_line as one_line
 
 PROBE_SECONDS = 5.0
-
-
-def one_line(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def _is_local(path: str) -> bool:
@@ -92,16 +88,11 @@ def check_inputs(config: Config) -> list[str]:
 
 def check_objective(config: Config, base) -> None:
     """Build the objective as the trainer does: term weights files load, t ranges fit the scheduler."""
-    from eval.image_sets import captioned_images
     from objectives.registry import ObjectiveError, build_objective
-    from objectives.term import BuildEnv
+    from trainers.loop import objective_env
 
-    env = BuildEnv(model_channels=base.model_channels, image_channels=base.channels,
-                   num_train_timesteps=base.scheduler.config.num_train_timesteps, text_conditioned=base.text_conditioned,
-                   reference=lambda: captioned_images(config.data, base.text_conditioned), resolution=base.resolution,
-                   cache_dir=config.eval.cache_dir or None)
     try:
-        build_objective(config.objective, env)
+        build_objective(config.objective, objective_env(config, base, "cpu"))
     except ObjectiveError as error:
         raise ConfigError(str(error)) from None
     except Exception as error:  # noqa: BLE001 - a term's file or setting that only building reveals

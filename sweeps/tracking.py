@@ -42,6 +42,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from ray.train.v2.api.callback import UserCallback  # noqa: E402
 
 from trainers.checkpoint import CHECKPOINT_GLOB, checkpoint_name  # noqa: E402
+from trainers.config import last_line  # noqa: E402
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
 _MAX_VALUE = 500
@@ -166,10 +167,14 @@ class SpoolCallback(UserCallback):
         # A step reported again (a restart from an older checkpoint) keeps the time of its first report:
         # the same figures are then the same MLflow entry, not a second point at that step.
         stamp = spooled_steps(Path(self.spool_path)).get(step, int(time.time() * 1000))
-        spool(Path(self.spool_path), {"op": "metrics", "step": step, "time": stamp, "metrics": finite_metrics(rank0)})
-        grid = Path(checkpoint.path) / "samples.png" if checkpoint else None
-        if grid is not None and grid.is_file():
-            spool(Path(self.spool_path), {"op": "artifact", "file": str(grid), "artifact_path": f"samples/{checkpoint_name(step)}"})
+        spool_evaluation(Path(self.spool_path), step, stamp, rank0, Path(checkpoint.path) / "samples.png" if checkpoint else None)
+
+
+def spool_evaluation(spool_path: Path, step: int, stamp: int, metrics: dict, grid: Path | None) -> None:
+    """One evaluation: its figures, and its sample grid when there is one."""
+    spool(spool_path, {"op": "metrics", "step": step, "time": stamp, "metrics": finite_metrics(metrics)})
+    if grid is not None and grid.is_file():
+        spool(spool_path, {"op": "artifact", "file": str(grid), "artifact_path": f"samples/{checkpoint_name(step)}"})
 
 
 def spooled_steps(spool_path: Path) -> dict[int, int]:
@@ -197,10 +202,7 @@ def spool_unreported(spool_path: Path, checkpoints: Path) -> int:
             continue  # unreadable figures: the selection lists the checkpoint as such
         if step in spooled:
             continue
-        spool(spool_path, {"op": "metrics", "step": step, "time": int(metrics_file.stat().st_mtime * 1000), "metrics": finite_metrics(metrics)})
-        grid = metrics_file.with_name("samples.png")
-        if grid.is_file():
-            spool(spool_path, {"op": "artifact", "file": str(grid), "artifact_path": f"samples/{checkpoint_name(step)}"})
+        spool_evaluation(spool_path, step, int(metrics_file.stat().st_mtime * 1000), metrics, metrics_file.with_name("samples.png"))
         added += 1
     return added
 
@@ -266,7 +268,7 @@ class SpoolReplayer:
         except Exception as error:  # noqa: BLE001 - server down or refusing: keep the records, try again later
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+                reason = last_line(error)[:200]
                 print(f"[tracking] replay to MLflow paused ({reason}); training goes on, records stay spooled and are "
                       "replayed when it can go on", file=sys.stderr, flush=True)
             return False
@@ -276,6 +278,8 @@ class SpoolReplayer:
         return True
 
     def _replay(self, path: Path) -> None:
+        from eval.fidelity import write_whole
+
         trial, lines, sent = path.parent.name, complete_records(path), sent_count(path)
         for number in range(sent, len(lines)):
             try:
@@ -284,9 +288,7 @@ class SpoolReplayer:
                 self.skipped += 1
             else:
                 self._apply(trial, record)
-            tmp = path.with_name(f".{SENT}.tmp")
-            tmp.write_text(str(number + 1))
-            os.replace(tmp, path.with_name(SENT))
+            write_whole(path.with_name(SENT), lambda tmp, count=number + 1: Path(tmp).write_text(str(count)))
 
     def _apply(self, trial: str, record: dict) -> None:
         run_id = self._runs.get(trial)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainers.config import last_line
 from trainers.lora import add_lora
 from trainers.models import BaseModel, load_base_model, save_base_model
 
@@ -99,7 +100,7 @@ def read_checkpoint(directory: str | Path, *, model: torch.nn.Module, optimizer,
     try:
         return _read_checkpoint(directory, model=model, optimizer=optimizer, ema=ema, objective=objective, device=device)
     except Exception as error:  # noqa: BLE001 - whatever broke, this folder cannot be resumed from
-        raise UnreadableCheckpointError(f"checkpoint {directory}: {_reason(error)}") from error
+        raise UnreadableCheckpointError(f"checkpoint {directory}: {last_line(error, with_type=True)[:300]}") from error
 
 
 def verify_checkpoint(directory: str | Path) -> None:
@@ -107,12 +108,7 @@ def verify_checkpoint(directory: str | Path) -> None:
     try:
         load_checkpoint_model(directory)
     except Exception as error:  # noqa: BLE001 - whatever broke, it cannot be selected or exported
-        raise UnreadableCheckpointError(f"checkpoint {directory}: {_reason(error)}") from None
-
-
-def _reason(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[-1][:300]}" if lines else type(error).__name__
+        raise UnreadableCheckpointError(f"checkpoint {directory}: {last_line(error, with_type=True)[:300]}") from None
 
 
 def _read_checkpoint(directory: Path, *, model, optimizer, ema, objective, device) -> int:

@@ -21,6 +21,15 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
 
+def last_line(error: BaseException, with_type: bool = False) -> str:
+    """An exception as one line: its message's last non-empty line (where Python, pyarrow and most
+    libraries put the reason), or its type's name when it has no message."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{type(error).__name__}: {lines[-1]}" if with_type else lines[-1]
+
+
 # Keys that were renamed, so that a config written for an old name fails naming the new one (renamed
 # objective terms: objectives/registry.py).
 RENAMED = {

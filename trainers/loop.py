@@ -101,11 +101,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
     if base.channels != config.data.channels or base.resolution != config.data.resolution:
         raise ConfigError(f"data: base model takes {base.channels}x{base.resolution}x{base.resolution} images, "
                           f"data.channels/resolution say {config.data.channels}x{config.data.resolution}")
-    env = BuildEnv(device=str(device), model_channels=base.model_channels, image_channels=base.channels,
-                   num_train_timesteps=base.scheduler.config.num_train_timesteps, text_conditioned=base.text_conditioned,
-                   reference=lambda: captioned_images(config.data, base.text_conditioned), resolution=base.resolution,
-                   cache_dir=config.eval.cache_dir or None)
-    objective = build_objective(config.objective, env)
+    objective = build_objective(config.objective, objective_env(config, base, device))
     model, frozen = setup_models(config, base, objective)
 
     # Optimizer (the model's trainable weights and the terms' own modules), EMA, evaluator, data.
@@ -180,6 +176,14 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
                                               metrics=metrics, samples=evaluation.samples)
             report(metrics, checkpoint)
     return {"metrics": metrics, "checkpoint": str(checkpoint) if checkpoint else None, "model": model}
+
+
+def objective_env(config: Config, base: BaseModel, device) -> BuildEnv:
+    """What the objective's terms are built against: the base model's shapes and scheduler, the data."""
+    return BuildEnv(device=str(device), model_channels=base.model_channels, image_channels=base.channels,
+                    num_train_timesteps=base.scheduler.config.num_train_timesteps, text_conditioned=base.text_conditioned,
+                    reference=lambda: captioned_images(config.data, base.text_conditioned), resolution=base.resolution,
+                    cache_dir=config.eval.cache_dir or None)
 
 
 def eval_model(model: torch.nn.Module, base: BaseModel, ema: Ema | None, objective: Objective) -> BaseModel:
