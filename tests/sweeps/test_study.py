@@ -79,10 +79,10 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
 
     real_run_sweep = sweeps.acpo_sweep.run_sweep
 
-    def failing_seed1(config, sweep, resume=False):
+    def failing_seed1(config, sweep, resume=False, **options):
         if sweep.name == "baseline-seed1":
             raise RuntimeError("injected failure")
-        return real_run_sweep(config, sweep, resume)
+        return real_run_sweep(config, sweep, resume, **options)
 
     again = tiny_study(tmp_path, mlflow_server, methods=("baseline",), name="tiny-again")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
