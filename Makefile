@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install services demo study stop test test-faults assets clean
+.PHONY: install services demo study stop test test-faults bench assets clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -64,6 +64,16 @@ test: $(STAMP)
 
 test-faults: $(STAMP)
 	$(PY) -m pytest -q -s -m slow
+
+# The performance figures of the README (bench/, one script per question, ratios measured side by side):
+# ~25 minutes on 2 CPU cores, run alone. On a CUDA machine sd_shape.py runs at Stable Diffusion 1.5 size.
+bench: $(STAMP)
+	$(PY) bench/step_overhead.py
+	$(PY) bench/anchor_lora.py
+	$(PY) bench/feedback_cost.py
+	$(PY) bench/eval_speed.py
+	$(PY) bench/sd_shape.py --compile off
+	$(PY) bench/sweep_overhead.py --trials 3
 
 # Re-create assets/digits (~30 minutes on 2 CPU cores), then assets/digits-t2i (~15) from scratch.
 assets: $(STAMP)

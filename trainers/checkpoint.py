@@ -24,13 +24,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from trainers.config import last_line
-from trainers.lora import add_lora
-from trainers.models import BaseModel, load_base_model, save_base_model
+
+if TYPE_CHECKING:
+    from trainers.models import BaseModel
 
 
 CHECKPOINT_GLOB = "step_*"  # every checkpoint folder of a run, in step order when sorted
@@ -50,6 +52,7 @@ def _lora_settings(model_config) -> dict:
 def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module, base: BaseModel, config, optimizer,
                      ema=None, objective=None, world_size: int = 1, metrics: dict | None = None, samples=None) -> Path:
     from objectives.lpips_x0 import CascadedDenoiser
+    from trainers.models import BaseModel, save_base_model
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +142,8 @@ def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = T
     """A checkpoint as a ready-to-sample model: the full pipeline, or the base with the adapter
     loaded; with `use_ema` and an EMA file, the averaged weights; with a `cascade/`, the Cas-DM head."""
     from objectives.lpips_x0 import CascadedDenoiser, core_denoiser
+    from trainers.lora import add_lora
+    from trainers.models import load_base_model
 
     directory = Path(directory)
     model_dir = directory / "model" if (directory / "model").is_dir() else directory

@@ -120,6 +120,12 @@ class DataConfig(Section):
     caption: str = "a handwritten digit {label}"  # text models: caption per image; {label} is filled where the data has labels
     resolution: Positive = 16
     channels: Literal[1, 3] = 1
+    # Feeding the GPU (trainers/data.py): batch order stays a function of (seed, rank, step) whatever these say.
+    workers: NonNegative = 0  # DataLoader worker processes (0: read in the training process; in-memory digits need none)
+    prefetch: Positive = 2  # batches each worker reads ahead
+    cache_latents: bool = True  # latent models: encode the training images with the VAE once, keyed by content and VAE weights
+    cache_captions: bool = True  # text models: encode each distinct caption once
+    cache_dir: str = ""  # latent cache, shareable by a sweep's trials ("" = $ACPO_LATENT_CACHE or ~/.cache/acpo/latents)
 
 
 class TrainConfig(Section):
@@ -133,6 +139,7 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.0, ge=0, lt=1)  # EMA of the trainable weights, used for evaluation; 0 disables
     mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16: autocast on CUDA (ignored on CPU); no: fp32 everywhere
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    compile: bool = False  # torch.compile the trainable UNet (first steps pay the compilation)
     eval_every: NonNegative = 0  # evaluate + checkpoint every N steps (0: only at the end)
     output_dir: str = "runs/digits"  # checkpoints and the resolved config go here
     # Ray Train (ignored by `acpo train --local`)
@@ -233,8 +240,9 @@ class Config(Section):
         self.eval.trained_quality = resolve_quality_paths(self.eval.trained_quality)
         self.eval.heldout_quality = resolve_quality_paths(self.eval.heldout_quality)
         self.eval.extra_quality = {k: resolve_quality_paths(v) for k, v in self.eval.extra_quality.items()}
-        if self.eval.cache_dir:
-            self.eval.cache_dir = str(Path(self.eval.cache_dir).expanduser().resolve())
+        for section in (self.eval, self.data):
+            if section.cache_dir:
+                section.cache_dir = str(Path(section.cache_dir).expanduser().resolve())
         self.objective = _resolve_option_paths(self.objective)
 
 

@@ -1,33 +1,164 @@
-"""Training batches: batch `index` of rank `rank`, a pure function of (seed, index)."""
+"""Training batches, and the caches that keep a GPU fed: what the loop reads each micro-step.
+
+Batch `index` of rank `rank` is a pure function of (seed, index): each epoch is one seeded
+permutation of the dataset, dealt round-robin to ranks, so a resumed run sees exactly the batches the
+uninterrupted run would have, and no two ranks see the same image in an epoch. A `DataLoader` reads
+them (worker processes, pinned memory, prefetch) in that order: its sampler starts at the resumed
+index, and the loader returns batches in sampler order whatever its workers do.
+
+For latent models the VAE's encoding of every training image is computed once and cached
+(`LatentCache`): the moments of its latent distribution (mean, std) as safetensors, keyed by the
+images' content and the VAE's weights, like the reference-feature cache of `eval/fidelity.py`. A
+latent is then drawn from those moments with the step's own generator, cached or not, so a cached
+run is the same run as an uncached one. Fixed captions (a template per label, a small caption set)
+are encoded once per distinct caption (`PromptCache`).
+"""
 
 from __future__ import annotations
 
-import torch
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from eval.fidelity import write_whole
 from eval.sampling import derive_seed
 from trainers.config import ConfigError
 
+LATENT_CACHE_VERSION = "1"  # bump when what the cache holds changes
 
-class ShardedBatches:
-    """Each epoch is one seeded permutation of the dataset, dealt round-robin to ranks, so a resumed
-    run sees exactly the batches the uninterrupted run would have, and no two ranks see the same
-    image in an epoch. Items are images, or (image, label or caption) pairs; a batch is
-    `(images [B, C, H, W], labels or captions or None)`."""
 
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.dataset, self.batch_size, self.seed, self.rank, self.world_size = dataset, batch_size, seed, rank, world_size
-        self.per_epoch = (len(dataset) // world_size) // batch_size
+class ShardedBatchSampler(Sampler):
+    """Yields the dataset indices of this rank's micro-batches `start, start + 1, ..., stop - 1`."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 stop: int | None = None):
+        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
+        self.per_epoch = (size // world_size) // batch_size
         if self.per_epoch < 1:
-            raise ConfigError(f"train.batch_size: {batch_size} x {world_size} workers is more than the {len(dataset)} training images")
-        self._epoch, self._order = None, None
+            raise ConfigError(f"train.batch_size: {batch_size} x {world_size} workers is more than the {size} training images")
+        self.start, self.stop = start, stop
 
-    def __call__(self, index: int):
+    def indices(self, index: int) -> list[int]:
         epoch, i = divmod(index, self.per_epoch)
-        if epoch != self._epoch:  # the same permutation on every rank: the epoch's seed has no rank in it
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, "data order", epoch))
-            order = torch.randperm(len(self.dataset), generator=generator)
-            self._epoch, self._order = epoch, order[self.rank::self.world_size]
-        items = [self.dataset[int(j)] for j in self._order[i * self.batch_size:(i + 1) * self.batch_size]]
-        if isinstance(items[0], (list, tuple)):
-            return torch.stack([item[0] for item in items]), [item[1] for item in items]  # digit labels or captions
-        return torch.stack(items), None
+        # The same permutation on every rank: the epoch's seed has no rank in it.
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(derive_seed(self.seed, "data order", epoch)))
+        return order[self.rank::self.world_size][i * self.batch_size:(i + 1) * self.batch_size].tolist()
+
+    def __iter__(self):
+        return (self.indices(index) for index in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def collate(items: list):
+    """`(images [B, ...], labels or captions as a list, or None)`: what the loop takes apart."""
+    if isinstance(items[0], (list, tuple)):
+        return torch.stack([item[0] for item in items]), [item[1] for item in items]
+    return torch.stack(items), None
+
+
+def batch_loader(dataset: Dataset, batch_size: int, seed: int, rank: int, world_size: int, start: int, stop: int,
+                 workers: int = 0, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
+    """Micro-batches `start..stop-1` of this rank, read by `workers` processes (0: in this one)."""
+    sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size, start, stop)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=prefetch if workers else None, persistent_workers=False)
+
+
+def latent_moments(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> the VAE posterior's mean and std, stacked per image: `[N, 2, c, h, w]`."""
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    # Contiguous: the VAE's convolutions may hand back channels-last tensors, and a UNet fed another
+    # memory layout than the cached run's takes other kernels, and other bits.
+    return torch.stack([posterior.mean, posterior.std], dim=1).float().contiguous()
+
+
+def sample_latents(moments: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """One draw from the posterior (`moments` from `latent_moments`, on any device), scaled as the UNet
+    was trained: with the step's generator, so that the cached and the uncached run draw the same."""
+    mean, std = moments[:, 0], moments[:, 1]
+    draw = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean + std * draw) * scaling_factor
+
+
+class EncodedDataset(Dataset):
+    """The training set with each image replaced by its cached `[2, c, h, w]` latent moments, and the
+    labels or captions the images came with (None for images alone)."""
+
+    def __init__(self, moments: torch.Tensor, second: list | None):
+        self.moments, self.second = moments, second
+
+    def __len__(self) -> int:
+        return len(self.moments)
+
+    def __getitem__(self, i):
+        item = self.moments[i]
+        return (item, self.second[i]) if self.second is not None else item
+
+
+def tensor_digest(tensors, digest=None):
+    """sha256 over tensors' shapes, dtypes and bytes (a cache key from content, never from a name)."""
+    digest = digest or hashlib.sha256()
+    for tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest
+
+
+DEFAULT_LATENT_CACHE = Path(os.environ.get("ACPO_LATENT_CACHE", Path.home() / ".cache" / "acpo" / "latents"))
+
+
+def cached_latents(dataset: Dataset, vae: torch.nn.Module, device, cache_dir: str | Path | None = None, chunk: int = 32,
+                   workers: int = 0, log=print) -> EncodedDataset:
+    """Every training image encoded once (in chunks of `chunk`), or read from the cache when the same
+    images were encoded by the same VAE before: the trials of a sweep share one encoding. The images
+    are read once to key the cache, and once more to encode them on a miss."""
+    reader = lambda: DataLoader(dataset, batch_size=chunk, shuffle=False, collate_fn=collate, num_workers=workers)  # noqa: E731
+    content, second = tensor_digest([torch.tensor([int(LATENT_CACHE_VERSION)])]), []
+    for images, labels in reader():
+        tensor_digest([images], content)
+        second.extend(labels or [])
+    second = [x if isinstance(x, str) else int(x) for x in second] or None
+    weights = tensor_digest(vae.state_dict().values()).hexdigest()
+    key = hashlib.sha256(f"{content.hexdigest()}:{weights}".encode()).hexdigest()[:32]
+    path = Path(cache_dir or DEFAULT_LATENT_CACHE) / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            moments = load_file(path)["moments"]
+            if moments.shape[:2] == (len(dataset), 2):
+                return EncodedDataset(moments, second)
+            log(f"[data] latent cache {path} holds {tuple(moments.shape)}, not {len(dataset)} images' moments; encoding again")
+        except Exception as error:  # noqa: BLE001 - a file cut short by a killed writer: encode again, replace it
+            log(f"[data] latent cache {path} unreadable ({error}); encoding again")
+    moments = torch.cat([latent_moments(vae, images.to(device)).cpu() for images, _ in reader()])
+    write_whole(path, lambda tmp: save_file({"moments": moments.contiguous()}, tmp))
+    log(f"[data] encoded the {len(dataset)} training images once: {path}")
+    return EncodedDataset(moments, second)
+
+
+class PromptCache:
+    """Prompt -> the text encoder's conditioning, each distinct prompt encoded alone and kept (least
+    recently used dropped beyond `size`). Alone, so that a prompt's encoding has the same bits whatever
+    batch it first came in: a resumed run, which fills the cache in another order, stays exact."""
+
+    def __init__(self, encode_prompt, size: int = 2048):
+        self.encode_prompt, self.size, self.rows = encode_prompt, size, OrderedDict()
+
+    def __call__(self, prompts: list[str]) -> dict:
+        for prompt in prompts:
+            if prompt in self.rows:
+                self.rows.move_to_end(prompt)
+            else:
+                self.rows[prompt] = self.encode_prompt([prompt])
+                if len(self.rows) > self.size:
+                    self.rows.popitem(last=False)
+        keys = self.rows[prompts[0]].keys()
+        return {key: torch.cat([self.rows[prompt][key] for prompt in prompts]) for key in keys}

@@ -3,8 +3,9 @@ Never imports ray: `trainers/ray_train.py` runs this same function on every Ray 
 
 `train(config, report, rank, world_size, resume_from)` reports through the
 `report(metrics: dict, checkpoint: Path | None)` callback it is given: the command line prints, the
-Ray wrapper forwards to `ray.train.report`. Every report carries `step`, `fid`, `heldout_quality` and
-the per-term losses averaged since the previous report; every rank reports the same number of times
+Ray wrapper forwards to `ray.train.report`. Every report carries `step`, `fid`, `heldout_quality`,
+the per-term losses averaged since the previous report and rank 0's clocks (`time/train_s`,
+`time/eval_s`; the first also `time/setup_s`: what bench/sweep_overhead.py sums); every rank reports the same number of times
 (Ray's report is a barrier), only rank 0 evaluates and writes checkpoints.
 
 With several workers the process group is already up (Ray Train's TorchConfig: gloo on CPU, nccl on
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
+import time
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from objectives.registry import Objective, build_objective
 from objectives.term import BuildEnv
 from trainers.checkpoint import checkpoint_name, read_checkpoint, write_checkpoint
 from trainers.config import Config, ConfigError
-from trainers.data import ShardedBatches
+from trainers.data import PromptCache, batch_loader, cached_latents, latent_moments, sample_latents
 from trainers.ema import Ema
 from trainers.lora import AdaptersDisabled, add_lora
 from trainers.models import BaseModel, load_base_model
@@ -88,7 +89,8 @@ def setup_models(config: Config, base: BaseModel, objective: Objective):
 
 def train(config: Config, report=print_report, rank: int = 0, world_size: int = 1, resume_from: str | Path | None = None) -> dict:
     """Fine-tune `config.model.base` with `config.objective`; returns the last metrics and checkpoint."""
-    settings = config.train
+    settings, data = config.train, config.data
+    started = time.perf_counter()
 
     # Device, and the seed of model construction: LoRA init and term heads are the same on every
     # rank, so all ranks start identical without a broadcast (data and noise are seeded per rank).
@@ -98,19 +100,18 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
 
     # The base model, the objective, the trainable model and the frozen base.
     base = load_base_model(config.model.base, device)
-    if base.channels != config.data.channels or base.resolution != config.data.resolution:
+    if base.channels != data.channels or base.resolution != data.resolution:
         raise ConfigError(f"data: base model takes {base.channels}x{base.resolution}x{base.resolution} images, "
-                          f"data.channels/resolution say {config.data.channels}x{config.data.resolution}")
+                          f"data.channels/resolution say {data.channels}x{data.resolution}")
     objective = build_objective(config.objective, objective_env(config, base, device))
     model, frozen = setup_models(config, base, objective)
 
-    # Optimizer (the model's trainable weights and the terms' own modules), EMA, evaluator, data.
+    # Optimizer (the model's trainable weights and the terms' own modules), EMA, evaluator.
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     parameters = list(trainable.values()) + objective.trainable_parameters()
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     ema = Ema(trainable, settings.ema_decay) if settings.ema_decay > 0 else None
     evaluator = Evaluator.from_config(config, device) if rank == 0 else None
-    batches = ShardedBatches(training_set(config.data), settings.batch_size, settings.seed, rank, world_size)
 
     # Resume: the same step, weights, optimizer, EMA and term state as when the checkpoint was taken.
     start = 0
@@ -121,13 +122,27 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
+    # Data: micro-batches from the resumed one on, as latent moments when the VAE's encodings are
+    # cached, conditioning from the caption cache for text models.
+    accumulation = settings.gradient_accumulation
+    dataset = training_set(data)
+    if base.latent and data.cache_latents:
+        dataset = cached_latents(dataset, base.vae, device, data.cache_dir or None, workers=data.workers)
+    batches = iter(batch_loader(dataset, settings.batch_size, settings.seed, rank, world_size, start=start * accumulation,
+                                stop=settings.steps * accumulation, workers=data.workers, prefetch=data.prefetch, pin_memory=use_cuda))
+    encode_prompt = PromptCache(base.encode_prompt) if base.text_conditioned and data.cache_captions else base.encode_prompt
+    if settings.compile:
+        model.compile()  # in place: parameter names and checkpoints stay those of the plain UNet
+
     # bf16 autocast on CUDA only: CPU autocast is slower than fp32 for these convolutions.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and settings.mixed_precision == "bf16")
     num_timesteps = base.scheduler.config.num_train_timesteps
-    accumulation = settings.gradient_accumulation
     logged, metrics, checkpoint = {}, {}, None
+    times = {"time/setup_s": time.perf_counter() - started}  # the first report carries the set-up time
+    clock = time.perf_counter()
     for step in range(start + 1, settings.steps + 1):
         # Accumulate gradients over micro-batches.
+        step_values = []
         for micro in range(accumulation):
             index = (step - 1) * accumulation + micro
             # One seed per (seed, micro-batch, rank): a generator for noise, t and the terms' own draws,
@@ -136,26 +151,36 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             step_seed = derive_seed(settings.seed, "step", index, rank)
             generator = torch.Generator().manual_seed(step_seed)
             torch.manual_seed(step_seed)
-            pixels, labels = batches(index)
-            prompts = captions(config.data.caption, labels, len(pixels)) if base.text_conditioned else None
-            conditioning = base.encode_prompt(prompts) if prompts else {}
-            x0 = base.encode_images(pixels.to(device))
+            images, labels = next(batches)
+            images = images.to(device, non_blocking=True)
+            prompts = captions(data.caption, labels, len(images)) if base.text_conditioned else None
+            conditioning = encode_prompt(prompts) if prompts else {}
+            if base.latent:  # a latent drawn from the posterior with this step's generator, cached or not
+                moments = images if data.cache_latents else latent_moments(base.vae, images)
+                x0 = sample_latents(moments, base.vae.config.scaling_factor, generator)
+            else:
+                x0 = images
             noise = torch.randn(x0.shape, generator=generator).to(device)
             t = torch.randint(0, num_timesteps, (len(x0),), generator=generator).to(device)
             ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t, conditioning=conditioning, prompts=prompts,
                               base=frozen, vae=base.vae, encode_prompt=base.encode_prompt, generator=generator)
             with autocast:
                 loss, parts = objective(ctx, step)
-            if not math.isfinite(loss.item()):  # a sync point, worth it: NaN training is never silent
-                bad = [name for name, value in parts.items() if not torch.isfinite(value)]
-                raise FloatingPointError(f"non-finite loss at step {step} (term: {', '.join(bad) or 'total'})")
             (loss / accumulation).backward()  # the one place accumulation is normalized
             # Terms' own modules (the discriminator) learn from every micro-batch too, on its x0, detached.
             own_loss, own_parts = objective.own_losses(ctx, step)
             if own_loss is not None:
                 (own_loss / accumulation).backward()
-            for name, value in {"loss": loss.detach(), **parts, **own_parts}.items():
-                logged.setdefault(name, []).append(value.float().item())
+            step_values.append({"loss": loss.detach(), **parts, **own_parts})
+
+        # One host sync per step, before the update: NaN training is never silent, and never reaches the weights.
+        if not bool(torch.isfinite(torch.stack([v.float() for values in step_values for v in values.values()])).all()):
+            bad = sorted({name for values in step_values for name, v in values.items() if name != "loss" and not torch.isfinite(v)})
+            raise FloatingPointError(f"non-finite loss at step {step} (term: {', '.join(bad) or 'total'})")
+        for values in step_values:  # summed on the device; read back only when reported
+            for name, value in values.items():
+                total, count = logged.get(name, (0.0, 0))
+                logged[name] = (total + value.float(), count + 1)
 
         # Update the model, then the terms' own optimizers (the discriminator), then the EMA.
         optimizer_step(optimizer, parameters, settings.grad_clip, world_size)
@@ -163,18 +188,24 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
         if ema is not None:
             ema.update(trainable)
 
-        # Evaluate, checkpoint (rank 0) and report (every rank).
+        # Evaluate, checkpoint (rank 0) and report (every rank), with where the time went since the last report.
         if step == settings.steps or (settings.eval_every and step % settings.eval_every == 0):
+            if use_cuda:
+                torch.cuda.synchronize(device)
+            times["time/train_s"] = time.perf_counter() - clock
             metrics = {"step": step, "resumed_from": start,  # 0 unless this process restarted from a checkpoint
-                       **{f"loss/{k}" if k != "loss" else k: sum(v) / len(v) for k, v in logged.items()}}
+                       **{f"loss/{k}" if k != "loss" else k: float(total) / count for k, (total, count) in logged.items()}}
             logged, checkpoint = {}, None
             if rank == 0:
+                clock = time.perf_counter()
                 evaluation = evaluator.evaluate(eval_model(model, base, ema, objective))
-                metrics.update(evaluation.metrics)
+                times["time/eval_s"] = time.perf_counter() - clock
+                metrics.update(evaluation.metrics, **times)
                 checkpoint = write_checkpoint(out / "checkpoints" / checkpoint_name(step), step=step, model=model, base=base,
                                               config=config, optimizer=optimizer, ema=ema, objective=objective, world_size=world_size,
                                               metrics=metrics, samples=evaluation.samples)
             report(metrics, checkpoint)
+            times, clock = {}, time.perf_counter()
     return {"metrics": metrics, "checkpoint": str(checkpoint) if checkpoint else None, "model": model}
 
 

@@ -72,13 +72,6 @@ class BaseModel:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.latent else 1
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels `[N, C, H, W]` in [-1, 1] -> the UNet's space (scaled VAE latents; identity for pixel models)."""
-        if not self.latent:
-            return images
-        return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
-
     def encode_prompt(self, prompts: list[str]) -> dict:
         """Prompts -> the UNet's conditioning kwargs; the text encoder is frozen, so no graph."""
         if not self.text_conditioned:

@@ -13,7 +13,7 @@ from sweeps.presets import load
 from tests.tiny_models import build_tiny_sd
 from trainers.checkpoint import load_checkpoint_model
 from trainers.config import ConfigError
-from trainers.data import ShardedBatches
+from trainers.data import ShardedBatchSampler, batch_loader
 from trainers.loop import train
 from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, save_base_model
 
@@ -29,11 +29,12 @@ def weights(model):
 
 
 def test_resume_is_exact(tmp_path, digits_assets):
-    """Resumed at step 2, across the adversarial term's stage boundary (it starts at step 3)."""
+    """Resumed at step 2, across the adversarial term's stage boundary (it starts at step 3), with the
+    batches read by DataLoader worker processes."""
     objective = ("objective={denoise: 1.0, anchor: 2.0, nr_iqa: {weight: 0.3, metric: {arch: cnniqa, weights: "
                  f"{digits_assets}/quality_cnniqa.safetensors}}, t_range: [0, 400]}}, adversarial: {{weight: 0.1, from_step: 3, discriminator: "
                  f"{{arch: cnniqa, weights: {digits_assets}/quality_cnniqa.safetensors}}, x0: one_step}}}}")
-    common = ["train.steps=4", "train.eval_every=2", "train.ema_decay=0.9", objective]
+    common = ["train.steps=4", "train.eval_every=2", "train.ema_decay=0.9", objective, "data.workers=2"]
     straight = train(small_config(tmp_path / "a", *common), report=lambda *_: None)
     resumed = train(small_config(tmp_path / "b", *common), report=lambda *_: None,
                     resume_from=tmp_path / "a" / "checkpoints" / "step_000002")
@@ -68,12 +69,18 @@ def test_checkpoints_are_complete_and_load_for_sampling(tmp_path, digits_assets)
 
 
 def test_sharded_batches_partition_each_epoch_and_repeat_by_index():
+    ranks = [ShardedBatchSampler(40, 5, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    seen = [j for r in (0, 1) for i in range(4) for j in ranks[r].indices(i)]
+    assert sorted(seen) == list(range(40))  # one epoch: every image once, over both ranks
+    assert ShardedBatchSampler(40, 5, seed=3, rank=1, world_size=2).indices(6) == ranks[1].indices(6)
+    assert ranks[0].indices(4) != ranks[0].indices(0)  # the next epoch is reshuffled
+
+
+def test_loader_with_workers_reads_the_batches_in_sampler_order_from_the_resumed_index():
     data = torch.arange(40).float().view(40, 1)
-    ranks = [ShardedBatches(data, 5, seed=3, rank=r, world_size=2) for r in (0, 1)]
-    seen = torch.cat([ranks[r](i)[0] for r in (0, 1) for i in range(4)]).flatten().long()
-    assert sorted(seen.tolist()) == list(range(40))  # one epoch: every image once, over both ranks
-    assert torch.equal(ShardedBatches(data, 5, seed=3, rank=1, world_size=2)(6)[0], ranks[1](6)[0])
-    assert not torch.equal(ranks[0](4)[0], ranks[0](0)[0])  # the next epoch is reshuffled
+    sampler = ShardedBatchSampler(40, 5, seed=3, rank=1, world_size=2)
+    loaded = [images.flatten().long().tolist() for images, _ in batch_loader(data, 5, 3, 1, 2, start=3, stop=9, workers=2)]
+    assert loaded == [sampler.indices(i) for i in range(3, 9)]  # workers race; the loader keeps the order
 
 
 def _rank_main(rank, world_size, port, base, out, result_dir):
@@ -133,6 +140,26 @@ def test_latent_text_model_lora_changes_only_the_adapters(tmp_path, tiny_sd, dig
     assert stored.keys() == adapters.keys()  # the checkpoint holds the adapter only
     sampled = load_checkpoint_model(reports[-1][1])
     assert sampled.text_conditioned and sampled.latent
+
+
+def test_latent_cache_is_the_same_run_bit_for_bit(tmp_path, tiny_sd):
+    """The VAE's encodings cached once (then read back) or computed every step: the same losses and
+    weights, bit for bit, for the SD-shaped model and the same seed."""
+    runs = {}
+    for name, cached in (("writes the cache", True), ("uncached", False), ("reads the cache", True)):
+        config = small_config(tmp_path / name.replace(" ", "_"), "train.steps=3", "train.eval_every=1", f"model.base={tiny_sd}",
+                              f"data.cache_latents={str(cached).lower()}", f"data.cache_dir={tmp_path / 'cache'}",
+                              "objective={denoise: 1.0, anchor: 1.0}")
+        losses = []
+        result = train(config, report=lambda m, c=None: losses.append(m["loss"]))
+        runs[name] = losses, weights(result["model"])
+        if name == "writes the cache":
+            [cache] = (tmp_path / "cache").glob("*.safetensors")
+            written = cache.stat().st_mtime_ns
+    assert cache.stat().st_mtime_ns == written  # the third run read it
+    (a, wa), (b, wb), (c, wc) = runs.values()
+    assert a == b == c and len(a) == 3
+    assert all(torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]) for k in wa)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the bf16 autocast path only runs there")
