@@ -160,6 +160,8 @@ def bad_inputs(work: Path) -> list[tuple[str, list[str], dict, str]]:
         ("workers beyond the cluster's CPUs", ["--set", "train.workers=64"], {"RAY_ADDRESS": "local"}, "train.workers"),
         ("storage writable by others", ["--set", f"sweep.storage_dir={f['others']}"], {}, "writable by others"),
         ("read-only storage", ["--set", f"sweep.storage_dir={f['readonly']}"], {}, "sweep.storage_dir"),
+        ("read-only latent cache", ["--preset", "digits-t2i", "--set", f"data.cache_dir={f['readonly']}/latents"], {}, "data.cache_dir"),
+        ("negative DataLoader workers", ["--set", "data.workers=-1"], {}, "data.workers"),
     ]
 
 
@@ -252,9 +254,9 @@ def run_bad_inputs(work: Path, uri: str) -> list[Outcome]:
     outcomes = []
     for number, (name, args, env, expect) in enumerate(bad_inputs(work / "files")):
         storage = work / f"storage-{number}"
-        if name == "read-only storage":
-            storage = work / "files" / "read-only"
-            with read_only(storage):
+        if name.startswith("read-only"):  # the storage folder, or the latent cache's
+            storage = work / "files" / "read-only" if name == "read-only storage" else storage
+            with read_only(work / "files" / "read-only"):
                 outcomes.append(run_probe(name, args, env, expect, storage, uri))
         else:
             if name == "storage writable by others":

@@ -4,7 +4,7 @@ input ends in one line naming the field or file (exit 2) instead of a sweep whos
     check_inputs(config)        every file the config names opened with the loader the run uses: the
                                 base model (and t ranges against its scheduler, by building the
                                 objective), the training images, the reference set, the quality
-                                models and the feature extractor
+                                models and the feature extractor; the latent cache's folder is writable
     check_services(uri)         the MLflow server and $RAY_ADDRESS answer within a few seconds
     check_storage_folder(dir)   the storage folder is writable, and writable by its owner only
 
@@ -79,11 +79,30 @@ def check_inputs(config: Config) -> list[str]:
         _checked("eval.feature_extractor_weights", _extractor, config.eval.feature_extractor, config.eval.feature_extractor_weights, False)
     else:
         unchecked.append(f"eval.feature_extractor: {config.eval.feature_extractor} (torch-fidelity downloads its weights)")
+    if data.cache_latents and (base is None or base.latent):  # the worker writes the encoded training set there
+        from trainers.data import DEFAULT_LATENT_CACHE
+
+        check_writable("data.cache_dir", Path(data.cache_dir or DEFAULT_LATENT_CACHE))
     if base is not None:
         check_objective(config, base)
     else:
         unchecked.append("objective: built when the run starts (it needs the base model)")
     return unchecked
+
+
+def check_writable(field: str, folder: Path) -> None:
+    """`folder`, or while it does not exist its nearest existing parent, is a folder this user can
+    write in (probed with a temporary file; nothing is created)."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{field}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{field}: cannot write in {existing} ({error.strerror or one_line(error)})") from None
 
 
 def check_objective(config: Config, base) -> None:
@@ -143,16 +162,7 @@ def check_storage_folder(folder: Path, field: str) -> None:
     """`folder` (or, while it does not exist, its nearest existing parent) is a folder this user can
     write to, and no one else can: `--resume` unpickles Ray Tune's state from it (tuner.pkl, the
     searcher), so whoever can write there can run code in the driver."""
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{field}: {existing} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise ConfigError(f"{field}: cannot write in {existing} ({error.strerror or one_line(error)})") from None
+    check_writable(field, folder)
     for path in (p for p in (folder.parent, folder) if p.exists()):
         mode = path.stat()
         if mode.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or mode.st_uid != os.geteuid():

@@ -57,7 +57,9 @@ class SweepTracking:
         """`experiment`: the MLflow experiment ("" = the sweep's name; a study's sweeps share one).
         `sweep_id`: the sweep folder's id; its runs are found by it ("": by name, as a study's run is)."""
         self.uri, self.sweep, self.experiment, self.sweep_id = tracking_uri, sweep, experiment or sweep, sweep_id
-        self.client = MlflowClient(tracking_uri)
+        # The champion is registered on the sweep's own server: without registry_uri, MLflow would follow a
+        # $MLFLOW_REGISTRY_URI left behind by any earlier mlflow.set_registry_uri in this process (found by the tests).
+        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         found = self.client.get_experiment_by_name(self.experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
 

@@ -125,6 +125,7 @@ def test_a_cas_dm_champion_samples_with_its_head_from_the_registry(tmp_path, mlf
                                                     tracking_uri=mlflow_server)
     finally:
         mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri(None) leaves the variable it set
     champion = load_base_model(local)
     assert isinstance(champion.unet, CascadedDenoiser)
     with torch.no_grad():
