@@ -55,14 +55,12 @@ def train_worker(config_dict: dict) -> None:
                 print(f"[train] cannot resume from it: {error}; trying an older checkpoint", flush=True)
 
 
-# Ray Train's controller polls its workers every 2 s by default, and a run's start and end each wait
-# for a poll: 0.5 s took ~3 s off every sweep trial here (bench/sweep_overhead.py; Ray's floor for an
-# empty trial went from 12.7 to 9.3 s), for one cheap actor call more per second. Ray Train passes the
-# variable from the process that builds the trainer to its controller and workers; a user's value wins.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
-
 def build_trainer(config: Config, name: str, storage_path: str | Path, callbacks=()) -> TorchTrainer:
+    # Ray Train's controller polls its workers every 2 s by default, and a run's start and end each wait
+    # for a poll: 0.5 s took ~3 s off every sweep trial here (bench/sweep_overhead.py; Ray's floor for an
+    # empty trial went from 12.7 to 9.3 s), for one cheap actor call more per second. Ray Train passes the
+    # variable from the process that builds the trainer to its controller and workers; a user's value wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     settings = config.train
     resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
     return TorchTrainer(
