@@ -219,6 +219,8 @@ def evaluate_base(config: Config, directory: Path, tracking, parent: str) -> dic
     base = json.loads(base_file.read_text())
     base_run = tracking.run("base", "base model", parent)
     tracking.log_metrics(base_run, base)
+    if (directory / "base_samples.png").is_file():
+        tracking.log_grid(base_run, directory / "base_samples.png", step=0)
     tracking.client.set_terminated(base_run)
     return base
 
@@ -368,8 +370,10 @@ def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
         finish_tracking(SpoolReplayer(tracking, directory, parent), sweep.tracking_wait_s)
         tracking.log_selection(parent, selection, directory)
         if exported is not None:
-            selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection)
+            selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection,
+                                                                 sampling_settings(Path(champion["checkpoint"]), exported))
             write_json(directory / "selection.json", selection)
+        tracking.describe_sweep(parent, selection)
     except Exception as error:  # noqa: BLE001 - the server (or the network) failed; the selection is safe on disk
         reason = last_line(error)[:200]
         raise TrackingError(f"MLflow at {uri} failed during the selection ({reason}); the selection is in {directory / 'selection.json'}"
@@ -378,13 +382,26 @@ def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
     return selection
 
 
+def sampling_settings(checkpoint: Path, exported: Path) -> dict:
+    """How the champion was sampled when it was evaluated (its run's config): the registered model
+    samples the same way (`trainers/mlflow_model.py`); a text model with the evaluation's prompts."""
+    from eval.image_sets import captions
+
+    config = Config.from_dict(json.loads((checkpoint / "config.json").read_text()))
+    text = (exported / "text_encoder").is_dir()
+    prompts = (list(config.eval.prompts) or captions(config.data.caption, list(range(10)), 10)) if text else []
+    return {"sampler": config.eval.sampler, "guidance_scale": config.eval.guidance_scale, "prompts": prompts,
+            "steps": config.eval.sampling_steps[0]}
+
+
 def select(sweep: SweepConfig, directory: Path) -> dict:
     """Pareto front, hypervolume and champion over every evaluated checkpoint (no MLflow), written
-    to `selection.json` and drawn in `pareto.png`. A checkpoint on the front must load (files
+    to `selection.json` and drawn in `pareto.png` and `pareto.html`. A checkpoint on the front must load (files
     readable, tensors of the model's shapes) before it counts; those that do not are listed under
     `unreadable` and left out, and the front is taken again without them."""
     from eval.evaluate import OBJECTIVES
 
+    from sweeps.front_plots import front_figure, plot_front
     from sweeps.selection import hypervolume, pareto_front, select_champion
     from trainers.checkpoint import verify_checkpoint
 
@@ -416,6 +433,8 @@ def select(sweep: SweepConfig, directory: Path) -> dict:
                  "unreadable": unreadable}
     write_json(directory / "selection.json", selection)
     plot_front(rows, front, base, champion, directory / "pareto.png")
+    # self-contained (plotly.js inside): the MLflow UI shows it with no network, as any browser does the file
+    front_figure(rows, front, base, champion).write_html(directory / "pareto.html", include_plotlyjs=True)
     return selection
 
 
@@ -446,34 +465,6 @@ def evaluated_checkpoints(directory: Path) -> tuple[list[dict], list[dict]]:
             continue
         rows.append({"trial": trial, "checkpoint": str(checkpoint), **metrics, **{f"param:{k}": v for k, v in params.items()}})
     return rows, unreadable
-
-
-def plot_front(rows, front, base, champion, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([r["fid"] for r in rows], [r["heldout_quality"] for r in rows], s=14, c="0.7", label="evaluated checkpoints")
-    ax.plot([r["fid"] for r in front], [r["heldout_quality"] for r in front], "o-", c="tab:red", ms=5, label="Pareto front")
-    ax.scatter([base["fid"]], [base["heldout_quality"]], marker="*", s=160, c="black", label="base model")
-    if champion:
-        ax.scatter([champion["fid"]], [champion["heldout_quality"]], s=160, facecolors="none", edgecolors="tab:blue", linewidths=2,
-                   label="champion")
-    save_front_plot(fig, ax, path)
-
-
-def save_front_plot(fig, ax, path: Path) -> None:
-    """The axes every FID / held-out quality plot shares (a sweep's front, a study's fronts), then the file."""
-    import matplotlib.pyplot as plt
-
-    ax.set_xlabel("FID (lower is better)")
-    ax.set_ylabel("held-out quality (higher is better)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def export_champion(checkpoint: Path, out: Path) -> Path:

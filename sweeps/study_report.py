@@ -111,7 +111,7 @@ def plot_fronts(rows: list[dict], base: dict, path, zoom: float = 1.5) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sweeps.acpo_sweep import save_front_plot
+    from sweeps.front_plots import save_front_plot
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

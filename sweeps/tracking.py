@@ -35,17 +35,23 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # call fails within seconds and the replay says the server is down instead of hanging in a retry.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per upload would drown the sweep's log
 
-from mlflow.entities import Metric  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray.train.v2.api.callback import UserCallback  # noqa: E402
 
-from trainers.checkpoint import CHECKPOINT_GLOB, checkpoint_name  # noqa: E402
+from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
 from trainers.config import last_line  # noqa: E402
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
 _MAX_VALUE = 500
+# MLflow 3's UI opens an experiment in its GenAI view (traces, "detect issues") unless the experiment
+# says what it is; with this kind it opens on the training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Sample grids of 16 px digits are ~136 px wide: upscaled (nearest, so pixels stay pixels) to at least this.
+GRID_WIDTH = 512
 
 
 class TrackingError(RuntimeError):
@@ -61,7 +67,10 @@ class SweepTracking:
         # $MLFLOW_REGISTRY_URI left behind by any earlier mlflow.set_registry_uri in this process (found by the tests).
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         found = self.client.get_experiment_by_name(self.experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment, tags=EXPERIMENT_KIND)
+        if found and not all(found.tags.get(k) == v for k, v in EXPERIMENT_KIND.items()):
+            for key, value in EXPERIMENT_KIND.items():  # an experiment made before, or by hand
+                self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def run(self, role: str, name: str, parent_id: str | None = None, trial: str | None = None) -> str:
         """The run with these tags, created once."""
@@ -101,40 +110,158 @@ class SweepTracking:
 
     def log_params(self, run_id: str, params: dict) -> None:
         existing = self.client.get_run(run_id).data.params
-        for key, value in params.items():
-            if key not in existing:  # a resumed trial keeps its parameters (MLflow refuses a change)
-                self.client.log_param(run_id, key, str(value)[:_MAX_VALUE])
+        # a resumed trial keeps its parameters (MLflow refuses a change); one request per 100 (MLflow's limit)
+        new = [Param(key, str(value)[:_MAX_VALUE]) for key, value in params.items() if key not in existing]
+        for start in range(0, len(new), 100):
+            self.client.log_batch(run_id, params=new[start:start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        for key, value in finite_metrics(metrics).items():
-            self.client.log_metric(run_id, key, value, step=step)
+        stamp = int(time.time() * 1000)
+        batch = [Metric(key, value, stamp, step) for key, value in finite_metrics(metrics).items()]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def log_grid(self, run_id: str, grid: Path, step: int, stamp: int | None = None, key: str = "samples") -> None:
+        """A sample grid as a step-indexed image (MLflow's image view compares them across steps and
+        runs), upscaled to a readable size. Once per (key, step): a replay adds no second image."""
+        from PIL import Image
+
+        if any(f"/{key}+step+{step}+" in a.path for a in self.client.list_artifacts(run_id, "images")):
+            return
+        with Image.open(grid) as image:
+            image.load()
+        scale = max(1, -(-GRID_WIDTH // image.width))
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+        self.client.log_image(run_id, image, key=key, step=step, timestamp=stamp)
 
     def log_selection(self, run_id: str, selection: dict, directory: Path) -> None:
-        """The selection on the sweep's parent run: figures, the front's plot and table, the champion's place."""
+        """The selection on the sweep's parent run: figures, the front's plots (PNG and interactive
+        HTML) and table, the champion's place."""
         base, champion = selection["base"], selection["champion"]
         self.log_metrics(run_id, {"hypervolume": selection["hypervolume"], "evaluated_checkpoints": selection["evaluated"],
                                   **{f"base_{k}": v for k, v in base.items()},
                                   **({f"champion_{k}": champion[k] for k in base} if champion else {})})
-        self.client.log_artifact(run_id, str(directory / "pareto.png"))
+        for name in ("pareto.png", "pareto.html", "selection.json"):
+            self.client.log_artifact(run_id, str(directory / name))
         columns = ("trial", "step", *base, "checkpoint")
         self.client.log_table(run_id, {k: [r.get(k) for r in selection["front"]] for k in columns}, artifact_file="pareto_front.json")
-        self.client.log_artifact(run_id, str(directory / "selection.json"))
         if champion:
             self.client.set_tag(run_id, "acpo.champion", f"{champion['trial']}/step {champion['step']}")
 
-    def register_champion(self, run_id: str, exported: Path, model_name: str, selection: dict) -> dict:
-        """The exported champion as an artifact of the parent run, registered as a new version of
-        `model_name` with alias `champion`."""
-        self.client.log_artifacts(run_id, str(exported), artifact_path="champion")
+    def trial_runs(self) -> dict[str, str]:
+        """Trial id -> its MLflow run id, for this sweep."""
+        query = f"tags.`acpo.sweep` = '{self.sweep}' and tags.`acpo.role` = 'trial'"
+        if self.sweep_id:
+            query += f" and tags.`acpo.sweep_id` = '{self.sweep_id}'"
+        return {r.data.tags["acpo.trial"]: r.info.run_id
+                for r in self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000)}
+
+    def describe_sweep(self, run_id: str, selection: dict) -> str:
+        """The parent run's description (MLflow's note, Markdown): what a reader needs at a glance."""
+        note = sweep_note(self.sweep, self.experiment_id, selection, self.trial_runs())
+        self.client.set_tag(run_id, "mlflow.note.content", note)
+        return note
+
+    def register_champion(self, run_id: str, exported: Path, model_name: str, selection: dict, settings: dict) -> dict:
+        """The exported champion as an MLflow model (pyfunc: `trainers/mlflow_model.py`, the pipeline
+        as its artifact) under the parent run's `champion/`, registered as a new version of
+        `model_name` with alias `champion`, its figures and parameters as the version's tags."""
+        import tempfile
+
+        champion = selection["champion"]
+        with tempfile.TemporaryDirectory(prefix="champion-model.") as tmp:
+            save_champion_model(exported, Path(tmp) / "model", settings)
+            self.client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path="champion")
         source = f"{self.client.get_run(run_id).info.artifact_uri}/champion"
         try:
             self.client.create_registered_model(model_name)
         except MlflowException:
             pass  # registered by an earlier sweep: the champion becomes a new version
-        tags = {"rule": selection["rule"][:200], "checkpoint": selection["champion"]["checkpoint"], "sweep": self.sweep}
-        version = self.client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
+        tags = {"fid": f"{champion['fid']:.4f}", "heldout_quality": f"{champion['heldout_quality']:.4f}", "trial": champion["trial"],
+                "step": str(champion.get("step", "")), "rule": selection["rule"][:200], "checkpoint": champion["checkpoint"],
+                "sweep": self.sweep, **{k: str(v)[:_MAX_VALUE] for k, v in champion.items() if k.startswith("param:")}}
+        version = self.client.create_model_version(model_name, source=source, run_id=run_id, tags=tags,
+                                                   description=version_note(self.sweep, selection))
         self.client.set_registered_model_alias(model_name, "champion", version.version)
         return {"model": model_name, "version": version.version, "alias": "champion", "source": source}
+
+
+def _params(row: dict) -> str:
+    return ", ".join(f"{k[6:]}={v:.4g}" if isinstance(v, float) else f"{k[6:]}={v}" for k, v in row.items() if k.startswith("param:"))
+
+
+def version_note(sweep: str, selection: dict) -> str:
+    base, champion = selection["base"], selection["champion"]
+    return (f"Champion of sweep `{sweep}`: trial {champion['trial']}, step {champion.get('step', '?')}; "
+            f"FID {champion['fid']:.3f} (base {base['fid']:.3f}), held-out quality {champion['heldout_quality']:.4f} "
+            f"(base {base['heldout_quality']:.4f}). Rule: {selection['rule']}. Parameters: {_params(champion)}.\n\n"
+            "Load: `mlflow.pyfunc.load_model(\"models:/NAME@champion\").predict(pandas.DataFrame({\"num_images\": [8], "
+            "\"steps\": [25], \"seed\": [0]}))` (uint8 images), or the diffusers pipeline in `artifacts/`.")
+
+
+def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict[str, str]) -> str:
+    """The sweep in Markdown: base, champion and rule, the front as a table linking each trial's run."""
+    base, champion = selection["base"], selection["champion"]
+
+    def trial_link(trial: str) -> str:
+        run = trial_runs.get(trial)
+        return f"[{trial}](#/experiments/{experiment_id}/runs/{run})" if run else trial
+
+    lines = [f"## Sweep `{sweep}`", "",
+             f"{selection['evaluated']} evaluated checkpoints; {len(selection['front'])} on the Pareto front; "
+             f"hypervolume against the base model {selection['hypervolume']:.4g}.", "",
+             "| | FID (lower is better) | held-out quality (higher is better) |", "|---|---:|---:|",
+             f"| base model | {base['fid']:.3f} | {base['heldout_quality']:.4f} |"]
+    if champion:
+        lines.append(f"| **champion**: trial {trial_link(champion['trial'])}, step {champion.get('step', '?')} | "
+                     f"**{champion['fid']:.3f}** | **{champion['heldout_quality']:.4f}** |")
+    lines += ["", f"Rule: {selection['rule']}."]
+    if champion:
+        lines.append(f"Champion's parameters: {_params(champion)}.")
+    registered = selection.get("registered")
+    if registered:
+        lines.append(f"Registered as [{registered['model']} version {registered['version']}]"
+                     f"(#/models/{registered['model']}/versions/{registered['version']}), alias `@champion`.")
+    lines += ["", "### Pareto front", "", "| trial | step | FID | held-out quality | parameters |", "|---|---:|---:|---:|---|"]
+    for row in selection["front"]:
+        mark = " (champion)" if champion and row["checkpoint"] == champion["checkpoint"] else ""
+        lines.append(f"| {trial_link(row['trial'])}{mark} | {row.get('step', '?')} | {row['fid']:.3f} | {row['heldout_quality']:.4f} | {_params(row)} |")
+    if selection.get("unreadable"):
+        lines += ["", f"{len(selection['unreadable'])} checkpoint(s) could not be read and were left out (selection.json)."]
+    lines += ["", "Artifacts: `pareto.html` (interactive: each trial's path across its checkpoints), `pareto.png`, "
+              "`pareto_front.json`, `selection.json`" + (", `champion/` (the registered MLflow model)." if registered else ".")]
+    return "\n".join(lines) + "\n"
+
+
+def save_champion_model(exported: Path, out: Path, settings: dict) -> Path:
+    """`exported` (a diffusers folder, `cascade/` for Cas-DM) as an MLflow pyfunc model folder at `out`:
+    the code of `trainers/mlflow_model.py` (no pickle), the packages it imports as code, a signature
+    and an input example, `settings` (sampler, guidance_scale, prompts, steps) as its model config."""
+    from importlib.metadata import version
+
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    import trainers
+
+    root = Path(trainers.__file__).resolve().parent.parent
+    text = bool(settings["prompts"])
+    columns = [ColSpec("long", "num_images"), ColSpec("long", "steps"), ColSpec("long", "seed")]
+    example = {"num_images": [2], "steps": [int(settings["steps"])], "seed": [0]}
+    if text:
+        columns.append(ColSpec("string", "prompt", required=False))
+        example["prompt"] = [settings["prompts"][0]]
+    signature = ModelSignature(inputs=Schema(columns), outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]))
+    requirements = [f"{name}=={version(name).split('+')[0]}" for name in
+                    ("torch", "diffusers", "transformers", "safetensors", "numpy", "pandas", "pillow", "pydantic", "pyyaml")]
+    mlflow.pyfunc.save_model(path=str(out), python_model=str(root / "trainers" / "mlflow_model.py"), artifacts={"pipeline": str(exported)},
+                             code_paths=[str(root / package) for package in ("trainers", "eval", "objectives")],
+                             signature=signature, input_example=pd.DataFrame(example), pip_requirements=requirements,
+                             model_config={k: settings[k] for k in ("sampler", "guidance_scale", "prompts")})
+    return out
 
 
 SPOOL, SENT = "tracking.jsonl", "tracking.sent"  # in each trial's folder, `<sweep>/work/<trial>/`
@@ -176,7 +303,7 @@ def spool_evaluation(spool_path: Path, step: int, stamp: int, metrics: dict, gri
     """One evaluation: its figures, and its sample grid when there is one."""
     spool(spool_path, {"op": "metrics", "step": step, "time": stamp, "metrics": finite_metrics(metrics)})
     if grid is not None and grid.is_file():
-        spool(spool_path, {"op": "artifact", "file": str(grid), "artifact_path": f"samples/{checkpoint_name(step)}"})
+        spool(spool_path, {"op": "image", "file": str(grid), "step": step, "time": stamp})
 
 
 def spooled_steps(spool_path: Path) -> dict[int, int]:
@@ -304,7 +431,9 @@ class SpoolReplayer:
             metrics = [Metric(key, value, stamp, step) for key, value in record["metrics"].items()]
             if metrics:
                 self.tracking.client.log_batch(run_id, metrics=metrics)
-        elif op == "artifact" and Path(record["file"]).is_file():
+        elif op == "image" and Path(record["file"]).is_file():
+            self.tracking.log_grid(run_id, Path(record["file"]), int(record["step"]), int(record["time"]))
+        elif op == "artifact" and Path(record["file"]).is_file():  # spools of sweeps started before images had steps
             self.tracking.client.log_artifact(run_id, record["file"], artifact_path=record["artifact_path"])
         elif op == "end":
             self.tracking.client.set_terminated(run_id, status=record.get("status", "FINISHED"))

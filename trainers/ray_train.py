@@ -31,8 +31,11 @@ def train_worker(config_dict: dict) -> None:
     config = Config.from_dict(config_dict)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    system = SystemMetrics().start() if rank == 0 else None  # rank 0's report is the one the sweep keeps
 
     def report(metrics: dict, checkpoint: Path | None = None) -> None:
+        if system is not None:
+            metrics = {**metrics, **system.since_last()}
         # Only rank 0 writes checkpoints; every rank reports (ray.train.report is a barrier).
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,
                          checkpoint_dir_name=Path(checkpoint).name if checkpoint else None,
@@ -53,6 +56,54 @@ def train_worker(config_dict: dict) -> None:
                 return
             except UnreadableCheckpointError as error:
                 print(f"[train] cannot resume from it: {error}; trying an older checkpoint", flush=True)
+
+
+class SystemMetrics:
+    """MLflow's own system monitors (CPU, memory; GPU when NVML answers), sampled in a thread every
+    $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's default, 10) on rank 0's node, and
+    averaged over each report's interval: reported with the evaluation as `system/<name>`, so a trial's
+    MLflow run has them by step, through the same spool as everything else."""
+
+    def __init__(self):
+        import threading
+
+        from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+
+        self.monitors = [CPUMonitor()]
+        try:
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+            self.monitors.append(GPUMonitor())
+        except (ImportError, RuntimeError):  # no nvidia-ml-py, or no GPU: CPU and memory only
+            pass
+        self.interval = float(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10)
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._sample, name="system-metrics", daemon=True)
+
+    def start(self) -> "SystemMetrics":
+        self._collect()
+        self.thread.start()
+        return self
+
+    def _collect(self) -> None:
+        with self.lock:
+            for monitor in self.monitors:
+                monitor.collect_metrics()
+
+    def _sample(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._collect()
+
+    def since_last(self) -> dict:
+        """The mean of every sample since the previous call (one sample taken now)."""
+        self._collect()
+        with self.lock:
+            out = {}
+            for monitor in self.monitors:
+                out.update({f"system/{k}": v for k, v in monitor.aggregate_metrics().items()})
+                monitor.clear_metrics()
+        return out
 
 
 def build_trainer(config: Config, name: str, storage_path: str | Path, callbacks=()) -> TorchTrainer:

@@ -57,7 +57,7 @@ def runs_of(client, name):
 
 
 @pytest.mark.integration
-def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits_assets):
+def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits_assets, monkeypatch):
     import mlflow
     import ray
     from mlflow.tracking import MlflowClient
@@ -71,6 +71,7 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
     finally:
         ray.shutdown()
     client = MlflowClient(mlflow_server)
+    assert client.get_experiment_by_name("e2e").tags["mlflow.experimentKind"] == "custom_model_development"
     runs = runs_of(client, "e2e")
     parents = [r for r in runs if r.data.tags.get("acpo.role") == "sweep"]
     trials = [r for r in runs if r.data.tags.get("acpo.role") == "trial"]
@@ -83,16 +84,33 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
         assert {"objective.anchor.weight", "objective.nr_iqa.weight"} <= set(trial.data.params)
         history = client.get_metric_history(trial.info.run_id, "fid")
         assert [m.step for m in history] == sorted(m.step for m in history) and history[0].step == 2
-        assert client.list_artifacts(trial.info.run_id, "samples")  # sample grids
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(trial.data.metrics)
+        images = [a.path for a in client.list_artifacts(trial.info.run_id, "images") if a.path.endswith(".png")]
+        steps = sorted(int(path.split("+")[2]) for path in images)  # images/samples+step+S+timestamp+T+uuid.png
+        assert steps == [m.step for m in history]  # one sample grid per evaluation, at its step
     artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"pareto.png", "pareto_front.json", "selection.json", "champion"} <= artifacts
+    assert {"pareto.png", "pareto.html", "pareto_front.json", "selection.json", "champion"} <= artifacts
+    selection = json.loads((tmp_path / "e2e" / "selection.json").read_text())
+    winner = selection["champion"]
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert f"**champion**: trial [{winner['trial']}](#/experiments/" in note and f"{winner['fid']:.3f}" in note
     version = client.get_model_version_by_alias("e2e", "champion")
+    assert version.tags["trial"] == winner["trial"] and version.tags["step"] == str(winner["step"])
+    assert float(version.tags["fid"]) == pytest.approx(winner["fid"], abs=1e-4) and "objective.anchor.weight" in str(version.tags)
+    assert winner["trial"] in version.description
+    import pandas as pd
+
+    with monkeypatch.context() as env:  # as a user would: the server in the environment, models:/ through its registry
+        env.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        env.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
+        model = mlflow.pyfunc.load_model("models:/e2e@champion")
+    images = model.predict(pd.DataFrame({"num_images": [4], "steps": [2], "seed": [0]}))
+    assert images.shape == (4, 16, 16, 1) and images.dtype.name == "uint8" and 0 < images.mean() < 255
     local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "download"), tracking_uri=mlflow_server)
-    champion = load_base_model(local)
+    champion = load_base_model(Path(local) / "artifacts" / "champion")  # the plain diffusers folder inside the MLflow model
     with torch.no_grad():
         out = champion.unet(torch.randn(2, 1, 16, 16), torch.tensor([10, 500])).sample
     assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
-    selection = json.loads((tmp_path / "e2e" / "selection.json").read_text())
     assert selection["evaluated"] >= 3  # every trial's checkpoints at steps 2 and (some) 4
     within = [r for r in selection["front"] if r["fid"] <= selection["base"]["fid"] * 1.1]
     if within:  # the tolerance rule: the best held-out quality among them
@@ -126,7 +144,7 @@ def test_a_cas_dm_champion_samples_with_its_head_from_the_registry(tmp_path, mlf
     finally:
         mlflow.set_registry_uri(None)
         os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri(None) leaves the variable it set
-    champion = load_base_model(local)
+    champion = load_base_model(Path(local) / "artifacts" / "champion")
     assert isinstance(champion.unet, CascadedDenoiser)
     with torch.no_grad():
         out = champion.unet(torch.randn(2, 1, 16, 16), torch.tensor([10, 500])).sample

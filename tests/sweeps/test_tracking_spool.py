@@ -50,7 +50,7 @@ def test_an_unreachable_server_keeps_every_record_until_it_answers(tmp_path, tra
     with monkeypatch.context() as patch:
         patch.setattr(tracking.client, "log_batch", down)
         assert not replayer.replay_once()
-    assert pending_records(tmp_path) == {"t1": 4}  # the start went through, the first metrics record did not
+    assert pending_records(tmp_path) == {"t1": 5}  # nothing went through: parameters and metrics both go in batches
     assert replayer.finish(timeout=5) == {}
 
 
@@ -74,3 +74,49 @@ def test_two_sweeps_of_one_name_are_told_apart_by_their_folder_id(tmp_path):
     assert second.other_sweep() == "/a/same"
     assert first.other_sweep() is None
     assert second.run("sweep", "same") != first.run("sweep", "same")
+
+
+def test_the_experiment_opens_on_training_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    made = SweepTracking(uri, "new", sweep_id="x")
+    assert made.client.get_experiment(made.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).create_experiment("by-hand")  # an experiment made before: MLflow infers its kind (GenAI, with no runs)
+    found = SweepTracking(uri, "by-hand", sweep_id="y")
+    assert found.client.get_experiment(found.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_sample_grids_become_step_indexed_readable_images_once(tmp_path, tracking):
+    from PIL import Image
+
+    path = spooled_trial(tmp_path, steps=())
+    for step in (2, 4):
+        grid = tmp_path / f"grid{step}.png"
+        Image.new("L", (136, 69), color=step * 40).save(grid)
+        spool(path, {"op": "image", "file": str(grid), "step": step, "time": 1_700_000_000_000 + step})
+    parent = tracking.run("sweep", "s")
+    assert SpoolReplayer(tracking, tmp_path, parent).replay_once()
+    run = tracking.run("trial", "trial-t1", parent, trial="t1")
+
+    def images():
+        return sorted(a.path for a in tracking.client.list_artifacts(run, "images") if a.path.endswith(".png"))
+
+    assert [p.split("+")[2] for p in images()] == ["2", "4"]  # images/samples+step+2+timestamp+...png
+    local = tracking.client.download_artifacts(run, images()[0], str(tmp_path))
+    with Image.open(local) as shown:
+        assert shown.size == (136 * 4, 69 * 4)  # nearest x4: at least 512 px wide
+    path.with_name(SENT).unlink()  # a replay from the start adds no second image
+    assert SpoolReplayer(tracking, tmp_path, parent).replay_once()
+    assert len(images()) == 2
+
+
+def test_metrics_and_params_go_in_one_request(tracking, monkeypatch):
+    run = tracking.run("base", "base")
+    calls = []
+    original = tracking.client.log_batch
+    monkeypatch.setattr(tracking.client, "log_batch", lambda *a, **k: calls.append(k) or original(*a, **k))
+    tracking.log_metrics(run, {"fid": 80.0, "heldout_quality": 0.9, "kid": 0.01, "skipped": float("nan")})
+    tracking.log_params(run, {f"p{i}": i for i in range(150)})
+    assert [len(c.get("metrics", [])) for c in calls] == [3, 0, 0] and [len(c.get("params", [])) for c in calls] == [0, 100, 50]
+    assert tracking.client.get_run(run).data.metrics == {"fid": 80.0, "heldout_quality": 0.9, "kid": 0.01}

@@ -1,0 +1,90 @@
+"""The sweep's front, drawn: a PNG (matplotlib, for files and reports) and an interactive HTML page
+(plotly), from the selection's table of evaluated checkpoints.
+
+Both show the same story: every evaluated checkpoint, each trial's path through its checkpoints in
+step order (a trial can pass the champion on its way to a worse end), the Pareto front, the base
+model and the champion, each front point labelled with its trial and step. The HTML adds what a
+mouse can ask for: any point's trial, step, figures and parameters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+
+def trial_paths(rows: list[dict]) -> dict[str, list[dict]]:
+    """Each trial's evaluated checkpoints, in step order."""
+    paths = defaultdict(list)
+    for row in rows:
+        paths[row["trial"]].append(row)
+    return {trial: sorted(points, key=lambda r: r.get("step", 0)) for trial, points in sorted(paths.items())}
+
+
+def label(row: dict) -> str:
+    return f"{row['trial']} @{row.get('step', '?')}"
+
+
+def plot_front(rows: list[dict], front: list[dict], base: dict, champion: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for number, (trial, points) in enumerate(trial_paths(rows).items()):
+        ax.plot([r["fid"] for r in points], [r["heldout_quality"] for r in points], "-o", lw=0.8, ms=3, alpha=0.45,
+                color=plt.cm.tab20(number % 20), label="trials, step by step" if number == 0 else None)
+        ax.annotate(f"{trial} @{points[-1].get('step', '?')}", (points[-1]["fid"], points[-1]["heldout_quality"]), fontsize=6,
+                    color="0.45", xytext=(3, -6), textcoords="offset points")
+    ax.plot([r["fid"] for r in front], [r["heldout_quality"] for r in front], "o-", c="tab:red", ms=6, lw=1.5, label="Pareto front")
+    for row in front:
+        ax.annotate(label(row), (row["fid"], row["heldout_quality"]), fontsize=7, color="tab:red", xytext=(4, 4), textcoords="offset points")
+    ax.scatter([base["fid"]], [base["heldout_quality"]], marker="*", s=200, c="black", zorder=5, label="base model")
+    if champion:
+        ax.scatter([champion["fid"]], [champion["heldout_quality"]], s=260, facecolors="none", edgecolors="tab:blue", linewidths=2.5,
+                   zorder=6, label=f"champion ({label(champion)})")
+    ax.set_title("Evaluated checkpoints: each trial's path, the front, the champion", fontsize=10)
+    save_front_plot(fig, ax, path)
+
+
+def save_front_plot(fig, ax, path: Path) -> None:
+    """The axes every FID / held-out quality plot shares (a sweep's front, a study's fronts), then the file."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("FID (lower is better)")
+    ax.set_ylabel("held-out quality (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def front_figure(rows: list[dict], front: list[dict], base: dict, champion: dict | None):
+    """The same plot as a plotly figure: hover a point for its trial, step, figures and parameters."""
+    import plotly.graph_objects as go
+
+    def hover(row: dict) -> str:
+        params = "<br>".join(f"{k[6:]} = {v:.4g}" if isinstance(v, float) else f"{k[6:]} = {v}"
+                             for k, v in row.items() if k.startswith("param:"))
+        return f"trial {row['trial']}, step {row.get('step', '?')}<br>FID {row['fid']:.3f}, held-out {row['heldout_quality']:.4f}<br>{params}"
+
+    fig = go.Figure()
+    for trial, points in trial_paths(rows).items():
+        fig.add_trace(go.Scatter(x=[r["fid"] for r in points], y=[r["heldout_quality"] for r in points], mode="lines+markers",
+                                 name=f"trial {trial}", legendgroup="trials", opacity=0.6, text=[hover(r) for r in points],
+                                 hoverinfo="text"))
+    fig.add_trace(go.Scatter(x=[r["fid"] for r in front], y=[r["heldout_quality"] for r in front], mode="lines+markers+text",
+                             name="Pareto front", line={"color": "crimson", "width": 3}, marker={"size": 10},
+                             text=[label(r) for r in front], textposition="top right", hovertext=[hover(r) for r in front],
+                             hoverinfo="text"))
+    fig.add_trace(go.Scatter(x=[base["fid"]], y=[base["heldout_quality"]], mode="markers", name="base model",
+                             marker={"symbol": "star", "size": 18, "color": "black"},
+                             hovertext=[f"base model<br>FID {base['fid']:.3f}, held-out {base['heldout_quality']:.4f}"], hoverinfo="text"))
+    if champion:
+        fig.add_trace(go.Scatter(x=[champion["fid"]], y=[champion["heldout_quality"]], mode="markers", name=f"champion ({label(champion)})",
+                                 marker={"symbol": "circle-open", "size": 24, "color": "royalblue", "line": {"width": 3}},
+                                 hovertext=["champion<br>" + hover(champion)], hoverinfo="text"))
+    fig.update_layout(title="Evaluated checkpoints: each trial's path, the front, the champion",
+                      xaxis_title="FID (lower is better)", yaxis_title="held-out quality (higher is better)", template="plotly_white")
+    return fig
