@@ -27,21 +27,26 @@ SWEEP_NAME   ?= digits-acpo-$(shell date +%Y%m%d-%H%M%S)
 # Ray binds them to the node's IP, and turns 127.0.0.1 into that IP unless cluster mode is off
 # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, ray_constants.ENABLE_RAY_CLUSTER). A one-machine head only.
 export RAY_AUTH_MODE := token
+RAY_LOCAL := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+RAY_DASHBOARD := http://127.0.0.1:8265
+# What `make services` starts, it records (runs/ray.pid, runs/mlflow.pid: each the leader of its own
+# process group, via setsid) and `make stop` ends exactly those groups; a Ray or MLflow already running
+# is used and left alone (a head is up when its dashboard answers). `ray start --block` stays in the foreground and takes its Ray processes down on SIGTERM.
 services: $(STAMP)
 	@mkdir -p $(RUNS)
 	@test -f $$HOME/.ray/auth_token || $(VENV)/bin/ray get-auth-token --generate >/dev/null
-	@$(VENV)/bin/ray status >/dev/null 2>&1 || RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 \
-		--dashboard-host=127.0.0.1 --disable-usage-stats >$(RUNS)/ray-start.log 2>&1
-	@curl -sf $(MLFLOW_URI)/health >/dev/null || { nohup $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db \
-		--artifacts-destination $(RUNS)/mlflow-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) >$(RUNS)/mlflow.log 2>&1 & }
-	@for i in $$(seq 60); do curl -sf $(MLFLOW_URI)/health >/dev/null && break; sleep 1; done
+	@curl -s -o /dev/null $(RAY_DASHBOARD) || { $(RAY_LOCAL) setsid $(VENV)/bin/ray start --head --block \
+		--node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --disable-usage-stats >$(RUNS)/ray-start.log 2>&1 & echo $$! >$(RUNS)/ray.pid; }
+	@curl -sf $(MLFLOW_URI)/health >/dev/null || { setsid $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db \
+		--artifacts-destination $(RUNS)/mlflow-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) >$(RUNS)/mlflow.log 2>&1 & echo $$! >$(RUNS)/mlflow.pid; }
+	@for i in $$(seq 90); do curl -s -o /dev/null $(RAY_DASHBOARD) && curl -sf $(MLFLOW_URI)/health >/dev/null && break; sleep 1; done
 
-SUBMIT := $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . \
+SUBMIT := $(VENV)/bin/ray job submit --address $(RAY_DASHBOARD) --working-dir . \
 		--runtime-env-json '{"excludes": [".venv", "runs", ".git", "*.pyc"]}' --
 demo: services
 	$(SUBMIT) $(abspath $(PY)) sweeps/acpo_sweep.py --set sweep.name=$(SWEEP_NAME) --set sweep.model_name=digits-acpo \
 		--set sweep.storage_dir=$(RUNS)/sweeps --set sweep.tracking_uri=$(MLFLOW_URI)
-	@echo "MLflow UI: $(MLFLOW_URI)  (experiment $(SWEEP_NAME); registered model digits-acpo@champion)"
+	@echo "MLflow UI: the experiment's link is printed above (experiment $(SWEEP_NAME) at $(MLFLOW_URI); registered model digits-acpo@champion)"
 
 # A study (sweeps/studies/$(STUDY).yaml) on the same services: `make study` is the digits study
 # (~35 minutes on 2 CPU cores), `make study STUDY=digits-t2i` another. Report: runs/studies/<name>/report/.
@@ -52,9 +57,13 @@ study: services
 		--set storage_dir=$(RUNS)/studies --set tracking_uri=$(MLFLOW_URI)
 	@echo "MLflow UI: $(MLFLOW_URI)  (experiment $(STUDY_NAME)); report: $(RUNS)/studies/$(STUDY_NAME)/report/report.html"
 
+# Only the process groups `make services` recorded, and only while the recorded process is still the one
+# started (a reused process id is left alone): SIGTERM, up to 30 s to go, then SIGKILL.
 stop:
-	-$(VENV)/bin/ray stop
-	-pkill -f "mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db"
+	@for name in mlflow ray; do f=$(RUNS)/$$name.pid; test -f $$f || continue; pid=$$(cat $$f); \
+		if ps -o args= -p $$pid 2>/dev/null | grep -q -e "mlflow server" -e "ray start"; then kill -TERM -$$pid; \
+			for i in $$(seq 30); do kill -0 -$$pid 2>/dev/null || break; sleep 1; done; \
+			kill -KILL -$$pid 2>/dev/null; echo "stopped $$name (process group $$pid)"; fi; rm -f $$f; done
 
 # Both tiers: the fast unit tests, then the integration tests (Ray, MLflow server, kills, sweeps).
 # The fault suite's injected faults (-m slow, ~12 minutes) are `make test-faults`; CI runs both.

@@ -374,6 +374,8 @@ def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
                                                                  sampling_settings(Path(champion["checkpoint"]), exported))
             write_json(directory / "selection.json", selection)
         tracking.describe_sweep(parent, selection)
+        selection["mlflow"] = {"experiment_id": tracking.experiment_id, "parent_run_id": parent, "url": tracking.experiment_url()}
+        write_json(directory / "selection.json", selection)
     except Exception as error:  # noqa: BLE001 - the server (or the network) failed; the selection is safe on disk
         reason = last_line(error)[:200]
         raise TrackingError(f"MLflow at {uri} failed during the selection ({reason}); the selection is in {directory / 'selection.json'}"
@@ -489,7 +491,8 @@ def export_champion(checkpoint: Path, out: Path) -> Path:
 
 def print_summary(selection: dict, uri: str, sweep: SweepConfig) -> None:
     base, champion = selection["base"], selection.get("champion")
-    print(f"\nMLflow: {uri}  (experiment '{sweep.name}')")
+    link = selection.get("mlflow", {}).get("url", uri)
+    print(f"\nMLflow: {link}  (experiment '{sweep.experiment or sweep.name}', its runs)")
     print(f"base model:  FID {base['fid']:.3f}  held-out quality {base['heldout_quality']:.4f}")
     print(f"front: {len(selection['front'])} of {selection['evaluated']} evaluated checkpoints; hypervolume {selection['hypervolume']:.4g}")
     if champion:

@@ -148,6 +148,11 @@ class SweepTracking:
         if champion:
             self.client.set_tag(run_id, "acpo.champion", f"{champion['trial']}/step {champion['step']}")
 
+    def experiment_url(self) -> str:
+        """The experiment's page in the MLflow UI, on its runs: MLflow 3.17's UI picks its GenAI or
+        model-training view from the URL (or the browser's last choice), not from the experiment's tag."""
+        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+
     def trial_runs(self) -> dict[str, str]:
         """Trial id -> its MLflow run id, for this sweep."""
         query = f"tags.`acpo.sweep` = '{self.sweep}' and tags.`acpo.role` = 'trial'"
@@ -207,7 +212,10 @@ def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict
         run = trial_runs.get(trial)
         return f"[{trial}](#/experiments/{experiment_id}/runs/{run})" if run else trial
 
-    lines = [f"## Sweep `{sweep}`", "",
+    headline = (f"**Champion: trial {trial_link(champion['trial'])}, step {champion.get('step', '?')}: FID {champion['fid']:.3f} "
+                f"(base {base['fid']:.3f}), held-out quality {champion['heldout_quality']:.4f} (base {base['heldout_quality']:.4f}).**"
+                if champion else "**No champion: no checkpoint has finite figures.**")
+    lines = [headline, "", f"## Sweep `{sweep}`", "",
              f"{selection['evaluated']} evaluated checkpoints; {len(selection['front'])} on the Pareto front; "
              f"hypervolume against the base model {selection['hypervolume']:.4g}.", "",
              "| | FID (lower is better) | held-out quality (higher is better) |", "|---|---:|---:|",
@@ -426,6 +434,9 @@ class SpoolReplayer:
         op = record.get("op")
         if op == "start":
             self.tracking.log_params(run_id, record.get("params", {}))
+            base_grid = self.directory / "base_samples.png"
+            if base_grid.is_file():  # step 0 of the trial's images: the base model, same sampling noise as every later grid
+                self.tracking.log_grid(run_id, base_grid, step=0)
         elif op == "metrics":
             step, stamp = int(record["step"]), int(record["time"])
             metrics = [Metric(key, value, stamp, step) for key, value in record["metrics"].items()]

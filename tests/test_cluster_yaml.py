@@ -20,6 +20,15 @@ def test_cluster_yaml_validates_against_rays_schema():
     assert any("mlflow server" in command for command in config["head_setup_commands"])
 
 
+def test_tracking_is_postgres_and_behind_basic_auth_when_it_listens_beyond_loopback():
+    config = yaml.safe_load((PROJECT_ROOT / "cluster.yaml").read_text())
+    server = next(command for command in config["head_setup_commands"] if "mlflow server" in command)
+    assert "--backend-store-uri postgresql://" in server and "sqlite" not in server  # no SQLite on NFS
+    assert "--host 127.0.0.1" in server or "--app-name basic-auth" in server
+    assert any("RAY_AUTH_MODE=token" in command for command in config["head_start_ray_commands"])
+    assert all("RAY_AUTH_MODE=token" in command for command in config["worker_start_ray_commands"] if "ray start" in command)
+
+
 def test_the_schema_check_would_catch_a_broken_file():
     config = yaml.safe_load((PROJECT_ROOT / "cluster.yaml").read_text())
     config["available_node_types"]["gpu_worker"]["max_workers"] = "eight"

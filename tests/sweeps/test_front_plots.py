@@ -46,6 +46,7 @@ def test_the_note_summarises_and_links_trials():
     selection = {"base": BASE, "champion": champion, "front": front, "evaluated": len(table), "hypervolume": 0.01,
                  "rule": "highest held-out quality with FID <= 88", "registered": {"model": "m", "version": "3"}}
     note = sweep_note("s", "7", selection, {"a": "run-a", "b": "run-b"})
+    assert note.startswith("**Champion: trial [a](#/experiments/7/runs/run-a), step 100: FID 82.000 (base 80.000)")
     assert "| base model | 80.000 | 0.9500 |" in note
     assert "[a](#/experiments/7/runs/run-a), step 100" in note
     assert "| [b](#/experiments/7/runs/run-b) | 100 | 81.000 | 0.9600 | train.steps=200 |" in note

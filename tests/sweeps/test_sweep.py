@@ -87,12 +87,14 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(trial.data.metrics)
         images = [a.path for a in client.list_artifacts(trial.info.run_id, "images") if a.path.endswith(".png")]
         steps = sorted(int(path.split("+")[2]) for path in images)  # images/samples+step+S+timestamp+T+uuid.png
-        assert steps == [m.step for m in history]  # one sample grid per evaluation, at its step
+        assert steps == [0] + [m.step for m in history]  # the base model's grid at step 0, then one per evaluation at its step
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"pareto.png", "pareto.html", "pareto_front.json", "selection.json", "champion"} <= artifacts
     selection = json.loads((tmp_path / "e2e" / "selection.json").read_text())
     winner = selection["champion"]
+    assert selection["mlflow"]["url"].endswith(f"/#/experiments/{selection['mlflow']['experiment_id']}?workflowType=machine_learning")
     note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert note.startswith(f"**Champion: trial [{winner['trial']}]")
     assert f"**champion**: trial [{winner['trial']}](#/experiments/" in note and f"{winner['fid']:.3f}" in note
     version = client.get_model_version_by_alias("e2e", "champion")
     assert version.tags["trial"] == winner["trial"] and version.tags["step"] == str(winner["step"])

@@ -1,0 +1,57 @@
+"""`make services` / `make stop`: stop ends exactly the process groups services started (their ids
+recorded under runs/), not another process that merely looks like them (integration tier)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from trainers.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except urllib.error.HTTPError:
+        return True  # the dashboard answers 401 without a token: it is up
+    except OSError:
+        return False
+
+
+def test_stop_ends_what_services_started_and_nothing_else(tmp_path):
+    if answers("http://127.0.0.1:8265"):
+        pytest.skip("a Ray head already answers on 127.0.0.1:8265; make services would use it")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = tmp_path / "runs"
+    # a process whose command line matches the old `pkill -f "mlflow server ..."` pattern, and Ray's
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"mlflow server --backend-store-uri sqlite:///{runs}/mlflow.db",
+                              "ray start --head"], start_new_session=True)
+    make = ["make", "-C", str(PROJECT_ROOT), f"RUNS={runs}", f"MLFLOW_PORT={port}"]
+    try:
+        subprocess.run([*make, "services"], check=True, timeout=300, capture_output=True)
+        assert answers(f"http://127.0.0.1:{port}/health") and answers("http://127.0.0.1:8265")
+        started = {name: int((runs / f"{name}.pid").read_text()) for name in ("ray", "mlflow")}
+        groups = {name: [int(p) for p in subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()]
+                  for name, pid in started.items()}
+        assert len(groups["ray"]) > 2 and groups["mlflow"]  # ray start, GCS, raylet, dashboard...; the server and its workers
+        stop = subprocess.run([*make, "stop"], check=True, timeout=200, capture_output=True, text=True)
+        assert "stopped ray" in stop.stdout and "stopped mlflow" in stop.stdout
+        time.sleep(1)
+        alive = [pid for pids in groups.values() for pid in pids if os.path.exists(f"/proc/{pid}") and
+                 "zombie" not in open(f"/proc/{pid}/status").read()]
+        assert alive == [] and not answers(f"http://127.0.0.1:{port}/health") and not answers("http://127.0.0.1:8265")
+        assert decoy.poll() is None  # the look-alike lives on
+        assert not (runs / "ray.pid").exists() and not (runs / "mlflow.pid").exists()
+    finally:
+        os.killpg(decoy.pid, signal.SIGKILL)
+        subprocess.run([*make, "stop"], timeout=200, capture_output=True)
