@@ -1,0 +1,39 @@
+"""A sweep on a Ray cluster of three nodes (a head that schedules nothing, two worker nodes), all on
+this machine (`ray.cluster_utils.Cluster`: a GCS and a raylet per node): the trials' training
+workers run on the worker nodes, the sweep completes and registers its champion (integration tier).
+Storage is a local folder, which every node of this one machine sees."""
+
+import json
+
+import pytest
+
+from tests.sweeps.test_sweep import mlflow_server, sweep_args  # noqa: F401 - the fixture, shared
+
+pytestmark = pytest.mark.integration
+
+
+def test_trials_train_on_the_worker_nodes(tmp_path, mlflow_server, digits_assets):  # noqa: F811
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+
+    from sweeps.acpo_sweep import main
+
+    # the dashboard: Ray's state API (which node each actor ran on) is served by it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+    workers = {cluster.add_node(num_cpus=1).node_id for _ in range(2)}
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        assert main(sweep_args("multinode", tmp_path, mlflow_server, samples=2)) == 0
+        actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000, raise_on_missing_output=False)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    nodes = {actor.node_id for actor in actors}
+    assert len(actors) >= 2 and nodes <= workers, f"training workers ran on {nodes}; worker nodes: {workers}"
+    assert len(nodes) == 2  # two trials at a time, one CPU per node: one on each
+    selection = json.loads((tmp_path / "multinode" / "selection.json").read_text())
+    assert selection["champion"] and selection["registered"]["version"]
+    assert MlflowClient(mlflow_server).get_model_version_by_alias("multinode", "champion").tags["trial"] == selection["champion"]["trial"]
