@@ -490,13 +490,15 @@ def export_champion(checkpoint: Path, out: Path) -> Path:
 
 
 def print_summary(selection: dict, uri: str, sweep: SweepConfig) -> None:
+    from sweeps.selection import params_text
+
     base, champion = selection["base"], selection.get("champion")
     link = selection.get("mlflow", {}).get("url", uri)
     print(f"\nMLflow: {link}  (experiment '{sweep.experiment or sweep.name}', its runs)")
     print(f"base model:  FID {base['fid']:.3f}  held-out quality {base['heldout_quality']:.4f}")
     print(f"front: {len(selection['front'])} of {selection['evaluated']} evaluated checkpoints; hypervolume {selection['hypervolume']:.4g}")
     if champion:
-        params = ", ".join(f"{k[6:]}={v:.4g}" if isinstance(v, float) else f"{k[6:]}={v}" for k, v in champion.items() if k.startswith("param:"))
+        params = params_text(champion)
         print(f"champion:    FID {champion['fid']:.3f}  held-out quality {champion['heldout_quality']:.4f}  ({selection['rule']})")
         print(f"             trial {champion['trial']} step {champion['step']}: {params}")
         registered = selection.get("registered")

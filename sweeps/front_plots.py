@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from sweeps.selection import params_text
+
 
 def trial_paths(rows: list[dict]) -> dict[str, list[dict]]:
     """Each trial's evaluated checkpoints, in step order."""
@@ -65,8 +67,7 @@ def front_figure(rows: list[dict], front: list[dict], base: dict, champion: dict
     import plotly.graph_objects as go
 
     def hover(row: dict) -> str:
-        params = "<br>".join(f"{k[6:]} = {v:.4g}" if isinstance(v, float) else f"{k[6:]} = {v}"
-                             for k, v in row.items() if k.startswith("param:"))
+        params = params_text(row, "<br>", " = ")
         return f"trial {row['trial']}, step {row.get('step', '?')}<br>FID {row['fid']:.3f}, held-out {row['heldout_quality']:.4f}<br>{params}"
 
     fig = go.Figure()

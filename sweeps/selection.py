@@ -70,3 +70,9 @@ def select_champion(rows: list[dict], base: dict, fid_tolerance: float) -> tuple
     if within:
         return max(within, key=lambda r: (r["heldout_quality"], -r["fid"])), f"highest held-out quality with FID <= {limit:.4g} (base {base['fid']:.4g} + {fid_tolerance:.0%})"
     return knee(front), f"knee of the front (no point has FID <= {limit:.4g})"
+
+
+def params_text(row: dict, separator: str = ", ", equals: str = "=") -> str:
+    """A row's searched parameters (`param:KEY` entries) as text, floats to 4 significant digits."""
+    return separator.join(f"{k[6:]}{equals}{v:.4g}" if isinstance(v, float) else f"{k[6:]}{equals}{v}"
+                          for k, v in row.items() if k.startswith("param:"))

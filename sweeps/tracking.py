@@ -42,13 +42,15 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray.train.v2.api.callback import UserCallback  # noqa: E402
 
+from sweeps.selection import params_text  # noqa: E402
 from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
 from trainers.config import last_line  # noqa: E402
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
 _MAX_VALUE = 500
-# MLflow 3's UI opens an experiment in its GenAI view (traces, "detect issues") unless the experiment
-# says what it is; with this kind it opens on the training runs.
+# What the experiment is, for MLflow 3's UI (GenAI view or model training). MLflow 3.17's UI reads it only
+# with its workflow switch off; with the switch (the default) the view comes from the URL, which is why
+# the sweep prints `experiment_url()`, or from the browser's last choice.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # Sample grids of 16 px digits are ~136 px wide: upscaled (nearest, so pixels stay pixels) to at least this.
 GRID_WIDTH = 512
@@ -191,17 +193,13 @@ class SweepTracking:
         return {"model": model_name, "version": version.version, "alias": "champion", "source": source}
 
 
-def _params(row: dict) -> str:
-    return ", ".join(f"{k[6:]}={v:.4g}" if isinstance(v, float) else f"{k[6:]}={v}" for k, v in row.items() if k.startswith("param:"))
-
-
 def version_note(sweep: str, selection: dict) -> str:
     base, champion = selection["base"], selection["champion"]
     return (f"Champion of sweep `{sweep}`: trial {champion['trial']}, step {champion.get('step', '?')}; "
             f"FID {champion['fid']:.3f} (base {base['fid']:.3f}), held-out quality {champion['heldout_quality']:.4f} "
-            f"(base {base['heldout_quality']:.4f}). Rule: {selection['rule']}. Parameters: {_params(champion)}.\n\n"
+            f"(base {base['heldout_quality']:.4f}). Rule: {selection['rule']}. Parameters: {params_text(champion)}.\n\n"
             "Load: `mlflow.pyfunc.load_model(\"models:/NAME@champion\").predict(pandas.DataFrame({\"num_images\": [8], "
-            "\"steps\": [25], \"seed\": [0]}))` (uint8 images), or the diffusers pipeline in `artifacts/`.")
+            "\"steps\": [25], \"seed\": [0]}))` (uint8 images), or the diffusers pipeline in `artifacts/champion/`.")
 
 
 def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict[str, str]) -> str:
@@ -225,7 +223,7 @@ def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict
                      f"**{champion['fid']:.3f}** | **{champion['heldout_quality']:.4f}** |")
     lines += ["", f"Rule: {selection['rule']}."]
     if champion:
-        lines.append(f"Champion's parameters: {_params(champion)}.")
+        lines.append(f"Champion's parameters: {params_text(champion)}.")
     registered = selection.get("registered")
     if registered:
         lines.append(f"Registered as [{registered['model']} version {registered['version']}]"
@@ -233,7 +231,7 @@ def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict
     lines += ["", "### Pareto front", "", "| trial | step | FID | held-out quality | parameters |", "|---|---:|---:|---:|---|"]
     for row in selection["front"]:
         mark = " (champion)" if champion and row["checkpoint"] == champion["checkpoint"] else ""
-        lines.append(f"| {trial_link(row['trial'])}{mark} | {row.get('step', '?')} | {row['fid']:.3f} | {row['heldout_quality']:.4f} | {_params(row)} |")
+        lines.append(f"| {trial_link(row['trial'])}{mark} | {row.get('step', '?')} | {row['fid']:.3f} | {row['heldout_quality']:.4f} | {params_text(row)} |")
     if selection.get("unreadable"):
         lines += ["", f"{len(selection['unreadable'])} checkpoint(s) could not be read and were left out (selection.json)."]
     lines += ["", "Artifacts: `pareto.html` (interactive: each trial's path across its checkpoints), `pareto.png`, "
