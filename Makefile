@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install services demo study stop test test-faults bench assets clean
+.PHONY: install services demo study stop test test-faults postgres bench assets clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -67,9 +67,15 @@ stop:
 
 # Both tiers: the fast unit tests, then the integration tests (Ray, MLflow server, kills, sweeps).
 # The fault suite's injected faults (-m slow, ~12 minutes) are `make test-faults`; CI runs both.
-test: $(STAMP)
+test: $(STAMP) postgres
 	$(PY) -m pytest -q -m "not integration"
 	$(PY) -m pytest -q -m "integration and not slow"
+
+# PostgreSQL's server, for the integration test that tracks a multi-node sweep in it (tests/servers.py):
+# Debian's package, installed when missing (root, or sudo).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
 test-faults: $(STAMP)
 	$(PY) -m pytest -q -s -m slow

@@ -1,18 +1,26 @@
 """A sweep on a Ray cluster of three nodes (a head that schedules nothing, two worker nodes), all on
-this machine (`ray.cluster_utils.Cluster`: a GCS and a raylet per node): the trials' training
-workers run on the worker nodes, the sweep completes and registers its champion (integration tier).
-Storage is a local folder, which every node of this one machine sees."""
+this machine (`ray.cluster_utils.Cluster`: a GCS and a raylet per node), tracked by an MLflow server
+on PostgreSQL (the cluster's tracking setup, cluster.yaml): the trials' training workers run on the
+worker nodes, the sweep completes and registers its champion (integration tier). Storage is a local
+folder, which every node of this one machine sees."""
 
 import json
 
 import pytest
 
-from tests.sweeps.test_sweep import mlflow_server, sweep_args  # noqa: F401 - the fixture, shared
+from tests.servers import mlflow_server, postgres
+from tests.sweeps.test_sweep import sweep_args
 
 pytestmark = pytest.mark.integration
 
 
-def test_trials_train_on_the_worker_nodes(tmp_path, mlflow_server, digits_assets):  # noqa: F811
+@pytest.fixture(scope="module")
+def postgres_mlflow(tmp_path_factory):
+    with postgres() as database, mlflow_server(database, tmp_path_factory.mktemp("artifacts")) as uri:
+        yield uri
+
+
+def test_trials_train_on_the_worker_nodes(tmp_path, postgres_mlflow, digits_assets):
     import ray
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
@@ -26,7 +34,7 @@ def test_trials_train_on_the_worker_nodes(tmp_path, mlflow_server, digits_assets
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        assert main(sweep_args("multinode", tmp_path, mlflow_server, samples=2)) == 0
+        assert main(sweep_args("multinode", tmp_path, postgres_mlflow, samples=2)) == 0
         actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000, raise_on_missing_output=False)
     finally:
         ray.shutdown()
@@ -36,4 +44,8 @@ def test_trials_train_on_the_worker_nodes(tmp_path, mlflow_server, digits_assets
     assert len(nodes) == 2  # two trials at a time, one CPU per node: one on each
     selection = json.loads((tmp_path / "multinode" / "selection.json").read_text())
     assert selection["champion"] and selection["registered"]["version"]
-    assert MlflowClient(mlflow_server).get_model_version_by_alias("multinode", "champion").tags["trial"] == selection["champion"]["trial"]
+    client = MlflowClient(postgres_mlflow)
+    assert client.get_model_version_by_alias("multinode", "champion").tags["trial"] == selection["champion"]["trial"]
+    runs = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    assert sorted(r.data.tags["acpo.role"] for r in runs) == ["base", "sweep", "trial", "trial"]  # in PostgreSQL
+    assert all(r.info.status == "FINISHED" for r in runs)

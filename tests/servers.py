@@ -1,0 +1,78 @@
+"""Real servers for integration tests, started on 127.0.0.1 and stopped by the test: PostgreSQL
+(Debian's `postgresql` package: initdb + pg_ctl on a throwaway data folder) and an MLflow server on a
+given backend store."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        raise RuntimeError("PostgreSQL's server is not installed: apt-get install postgresql (make test does it as root)")
+    return Path(found[-1]).parent
+
+
+@contextmanager
+def postgres(database: str = "mlflow"):
+    """A PostgreSQL server of its own (trust auth, loopback only); yields its SQLAlchemy URI. As root
+    it runs as the `postgres` user (PostgreSQL refuses root)."""
+    bindir, port = postgres_bin(), free_port()
+    folder = Path(tempfile.mkdtemp(prefix="acpo-pg-"))
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data = folder / "data"
+    run = lambda *command: subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=120)  # noqa: E731
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8")
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", database)
+        yield f"postgresql://mlflow@127.0.0.1:{port}/{database}"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def mlflow_server(backend_store: str, artifacts: Path):
+    """`mlflow server` on a free loopback port; yields its URL."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store,
+                               "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError(f"mlflow server on {backend_store.split('@')[-1]} exited with {server.returncode}")
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not answer within 120 s")
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
