@@ -372,7 +372,6 @@ def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
         if exported is not None:
             selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection,
                                                                  sampling_settings(Path(champion["checkpoint"]), exported))
-            write_json(directory / "selection.json", selection)
         tracking.describe_sweep(parent, selection)
         selection["mlflow"] = {"experiment_id": tracking.experiment_id, "parent_run_id": parent, "url": tracking.experiment_url()}
         write_json(directory / "selection.json", selection)

@@ -3,7 +3,6 @@ recorded under runs/), not another process that merely looks like them (integrat
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from tests.servers import free_port
 from trainers.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -29,9 +29,7 @@ def answers(url: str) -> bool:
 def test_stop_ends_what_services_started_and_nothing_else(tmp_path):
     if answers("http://127.0.0.1:8265"):
         pytest.skip("a Ray head already answers on 127.0.0.1:8265; make services would use it")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     runs = tmp_path / "runs"
     # a process whose command line matches the old `pkill -f "mlflow server ..."` pattern, and Ray's
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"mlflow server --backend-store-uri sqlite:///{runs}/mlflow.db",

@@ -5,7 +5,6 @@ presets and --dry-run need neither (unit tier)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import servers
 from trainers.config import PROJECT_ROOT
 
 TINY = ["train.batch_size=8", "train.eval_every=2", "eval.samples=16", "eval.sampling_steps=[2]", "train.cpus_per_worker=1",
@@ -23,27 +23,8 @@ TINY = ["train.batch_size=8", "train.eval_every=2", "eval.samples=16", "eval.sam
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-                               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start")
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    with servers.mlflow_server(f"sqlite:///{folder}/mlflow.db", folder / "artifacts") as uri:
+        yield uri
 
 
 def sweep_args(name, storage, uri, samples=3):

@@ -20,7 +20,8 @@ def spooled_trial(directory, trial="t1", steps=(2, 4, 6)):
 
 
 @pytest.fixture
-def tracking(tmp_path):
+def tracking(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a SQLite store's artifacts go to ./mlruns: here, not into the checkout
     return SweepTracking(f"sqlite:///{tmp_path / 'mlflow.db'}", "s", sweep_id="id-1")
 
 

@@ -2,7 +2,6 @@
 SD-shaped latent model, EMA, NaN stop, and the CUDA bf16 path where a GPU exists."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from sweeps.presets import load
+from tests.servers import free_port
 from tests.tiny_models import build_tiny_sd
 from trainers.checkpoint import load_checkpoint_model
 from trainers.config import ConfigError
@@ -100,9 +100,7 @@ def _rank_main(rank, world_size, port, base, out, result_dir):
 def test_two_workers_keep_identical_weights_and_the_loss_goes_down(tmp_path):
     torch.manual_seed(0)  # an untrained model, so denoising has something to learn
     base = save_base_model(BaseModel(build_digits_unet(block_out_channels=(16, 32, 32)), build_digits_scheduler()), tmp_path / "base")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank_main, args=(2, port, str(base), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

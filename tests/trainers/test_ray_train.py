@@ -70,4 +70,3 @@ def test_nan_through_ray_is_one_line(tmp_path, capsys, local_ray, digits_assets)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("acpo: error: non-finite loss at step") and "denoise" in err[-1]  # the worker's own message
-
