@@ -427,7 +427,7 @@ def fault_mlflow_outage(work: Path, server: MlflowServer, outage: float) -> Outc
     name, log = "fault-outage", work / "outage.log"
     extra = ["sweep.max_concurrent=1", f"sweep.tracking_wait_s={outage + 600:g}"]
     driver = start_driver(name, work, server.uri, 3, extra, log)
-    wait_for(lambda: (work / name / "work").is_dir() and any((work / name / "work").glob("*/tracking.jsonl")), 600, "the first trial")
+    wait_for(lambda: (work / name / "work").is_dir() and any((work / name / "work").glob("*/tracking")), 600, "the first trial")
     server.stop()
     down = time.time()
     while time.time() - down < outage and driver.poll() is None:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch.utils.data import Dataset
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
@@ -34,7 +34,8 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 # Online presets use torch-fidelity's Inception; the digits preset names its classifier instead.
 DEFAULT_FEATURE_EXTRACTOR = "inception-v3-compat"
-DEFAULT_CACHE_DIR = Path(os.environ.get("ACPO_FIDELITY_CACHE", Path.home() / ".cache" / "acpo" / "fidelity"))
+# a folder or a URI (eval/storage.py)
+DEFAULT_CACHE_DIR = os.environ.get("ACPO_FIDELITY_CACHE") or str(Path.home() / ".cache" / "acpo" / "fidelity")
 
 
 class _Uint8Images(Dataset):
@@ -98,23 +99,16 @@ def content_key(reference: torch.Tensor, feature_extractor: str, weights: str | 
 def reference_features(reference: torch.Tensor, feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR, weights: str | None = None,
                        cache_dir: str | Path | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """The reference set's features, from the cache when the same content was seen before."""
-    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
-    path = cache_dir / f"{content_key(reference, feature_extractor, weights)}.safetensors"
-    if path.is_file():
-        return load_file(path)["features"]
+    from eval import storage
+
+    # A local folder or object storage (`s3://...`): one cache for every node of a cluster. Written
+    # whole, so the trials of a sweep sharing it never read half a file.
+    location = storage.join(cache_dir or DEFAULT_CACHE_DIR, f"{content_key(reference, feature_extractor, weights)}.safetensors")
+    if storage.is_file(location):
+        return safetensors_load(storage.read_bytes(location))["features"]
     features = extract_features(reference, feature_extractor, weights, device)
-    write_whole(path, lambda tmp: save_file({"features": features.contiguous()}, tmp))
+    storage.write_bytes(location, safetensors_save({"features": features.contiguous()}))
     return features
-
-
-def write_whole(path: Path, write) -> None:
-    """`write(tmp)` into a temporary file beside `path`, then rename it there: concurrent readers (the
-    trials of a sweep sharing a cache) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def mean_pairwise_distance(features: torch.Tensor) -> float:

@@ -278,7 +278,8 @@ def mean_reward(model: QualityModel, images01: torch.Tensor, prompts: list[str] 
     import hashlib
     import json
 
-    from eval.fidelity import DEFAULT_CACHE_DIR, to_uint8, write_whole
+    from eval import storage
+    from eval.fidelity import DEFAULT_CACHE_DIR, to_uint8
 
     digest = hashlib.sha256()
     pixels = to_uint8(images01).contiguous()
@@ -288,15 +289,14 @@ def mean_reward(model: QualityModel, images01: torch.Tensor, prompts: list[str] 
     digest.update(json.dumps(spec, sort_keys=True).encode())
     if isinstance(spec, dict):
         digest.update(Path(spec["weights"]).read_bytes())
-    folder = Path(cache_dir or DEFAULT_CACHE_DIR) / "reward-targets"
-    path = folder / f"{digest.hexdigest()[:24]}.json"
-    if path.is_file():
-        return float(json.loads(path.read_text())["mean"])
+    location = storage.join(cache_dir or DEFAULT_CACHE_DIR, "reward-targets", f"{digest.hexdigest()[:24]}.json")
+    if storage.is_file(location):
+        return float(json.loads(storage.read_text(location))["mean"])
     scores = []
     with torch.no_grad():
         for start in range(0, len(images01), batch_size):
             batch = images01[start:start + batch_size].to(device)
             scores.append(model(batch, None if prompts is None else prompts[start:start + batch_size]).float().cpu())
     mean = torch.cat(scores).mean().item()
-    write_whole(path, lambda tmp: Path(tmp).write_text(json.dumps({"mean": mean, "model": model.name, "images": len(images01)}) + "\n"))
+    storage.write_text(location, json.dumps({"mean": mean, "model": model.name, "images": len(images01)}) + "\n")
     return mean

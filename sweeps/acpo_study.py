@@ -274,10 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"seeds={list(range(args.seeds))}"] if args.seeds else [])
     try:
         study = read_study(args.study, overrides)
+        from eval.storage import is_remote
         from sweeps.acpo_sweep import sweep_dir
 
+        if is_remote(study.storage_dir):  # its report and per-method sweeps are read as local files
+            raise ConfigError(f"study.storage_dir: {study.storage_dir}: a study needs a folder (shared on a cluster); "
+                              "object storage is for a single sweep's sweep.storage_dir")
         _, first = method_sweep(study, next(iter(study.methods)), study.seeds[0], Path("."))
-        directory = sweep_dir(first.model_copy(update={"storage_dir": study.storage_dir, "name": study.name}))
+        directory = Path(sweep_dir(first.model_copy(update={"storage_dir": study.storage_dir, "name": study.name})))
         if args.dry_run:
             check_study(study, directory, resume=True if (directory / "study.json").is_file() else False)
             print(json.dumps(study.model_dump(), indent=2))

@@ -10,9 +10,11 @@ and the champion selected from the Pareto front and registered.
 `run_sweep` reads top to bottom: resolve the storage and tracking, evaluate the base model once, build
 (or restore) the Tuner, fit it, select the champion. MLflow's tracking URI comes from
 `sweep.tracking_uri` or $MLFLOW_TRACKING_URI (an `mlflow server`). Everything else lives under
-`<sweep.storage_dir>/<sweep.name>/`: the Tune experiment (`tune/`), the Optuna study (`optuna.db`),
-each trial's checkpoints (`trials/<trial>/step_*`), the base model's metrics, the selection and the
-exported champion.
+`<sweep.storage_dir>/<sweep.name>/`, a folder or object storage (`s3://bucket/prefix`: every read and
+write goes through eval/storage.py, Ray's through the same pyarrow layer): the Tune experiment
+(`tune/`), each trial's checkpoints (`trials/<trial>/step_*`) and records (`work/<trial>/`: its
+parameters and tracking spool), the base model's metrics and grid, the selection, the front's plots
+and the exported champion; in a local folder also the Optuna study (`optuna.db`, see optuna_storage).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python sweeps/acpo_sweep.py`: import from the project root, not from sweeps/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from eval import storage  # noqa: E402
 from sweeps.presets import SweepConfig, load, set_values  # noqa: E402
 from sweeps.space import check_space, pin_searched  # noqa: E402
 from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
@@ -72,7 +75,7 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
 LOW_SPACE = 256 * 2**20  # below this much free space in the storage folder, a failure is blamed on it
 
 
-def fit_tuner(tuner, directory: Path):
+def fit_tuner(tuner, directory: str):
     """`tuner.fit()`. With the storage disk full, Tune fails in its own ways (an empty pickled error,
     a half-written state file): said as what it is, with what to do."""
     import shutil
@@ -80,6 +83,8 @@ def fit_tuner(tuner, directory: Path):
     try:
         return tuner.fit()
     except Exception as error:
+        if storage.is_remote(directory):
+            raise
         free = shutil.disk_usage(directory).free
         if free >= LOW_SPACE:
             raise
@@ -88,13 +93,16 @@ def fit_tuner(tuner, directory: Path):
                                     f"(Ray Tune failed with {type(error).__name__}: {reason})") from error
 
 
-def preflight(config: Config, sweep: SweepConfig, directory: Path, uri: str, resume: bool, inputs_checked: bool = False) -> None:
+def preflight(config: Config, sweep: SweepConfig, directory: str, uri: str, resume: bool, inputs_checked: bool = False) -> None:
     """Everything that can be checked before Ray starts: the folder rule, the storage folder, the
     services, every file the config names. `--dry-run` runs it too."""
-    from sweeps.preflight import check_inputs, check_services, check_storage_folder
+    from sweeps.preflight import check_inputs, check_object_storage, check_services, check_storage_folder
 
+    if storage.is_remote(directory):
+        check_object_storage(directory, "sweep.storage_dir")
+    else:
+        check_storage_folder(Path(directory), "sweep.storage_dir")
     check_storage(sweep, directory, resume)
-    check_storage_folder(directory, "sweep.storage_dir")
     check_services(uri, "sweep.tracking_uri" if sweep.tracking_uri else "$MLFLOW_TRACKING_URI")
     for line in [] if inputs_checked else check_inputs(config):
         print(f"[sweep] not checked before the run: {line}", file=sys.stderr, flush=True)
@@ -115,58 +123,59 @@ def finish_tracking(replayer, wait_s: float) -> None:
     pending = replayer.finish(wait_s)
     if pending:
         print(f"[sweep] MLflow: {sum(pending.values())} record(s) of {len(pending)} trial(s) still spooled after {wait_s:g} s "
-              "(they stay in work/<trial>/tracking.jsonl; --resume or `acpo select` replays them)", file=sys.stderr, flush=True)
+              "(they stay in work/<trial>/tracking/; --resume or `acpo select` replays them)", file=sys.stderr, flush=True)
 
 
-def check_storage(sweep: SweepConfig, directory: Path, resume: bool) -> None:
+def check_storage(sweep: SweepConfig, directory: str, resume: bool) -> None:
     """A new sweep needs a new name; --resume needs a sweep to resume. Writes nothing."""
     from ray import tune
 
     if not sweep.space:
         raise ConfigError("sweep.space: expected a non-empty mapping of config key -> distribution")
-    tune_dir = directory / "tune"
-    if resume and not tune.Tuner.can_restore(str(tune_dir)):
+    tune_dir = storage.join(directory, "tune")
+    if resume and not tune.Tuner.can_restore(tune_dir):
         raise ConfigError(f"--resume: no sweep to resume at {tune_dir}")
-    if not resume and tune_dir.exists():
+    if not resume and storage.exists(tune_dir):
         raise ConfigError(f"sweep.name: {directory} already holds a sweep; pass --resume, or choose another name")
 
 
 SWEEP_ID = "sweep_id"  # the file in the sweep's folder holding its id (its MLflow runs carry it as a tag)
 
 
-def claim_folder(sweep: SweepConfig, directory: Path, uri: str) -> str:
+def claim_folder(sweep: SweepConfig, directory: str, uri: str) -> str:
     """The sweep's id: read from its folder, or made for a new one. A name that another sweep folder
     already uses in the MLflow experiment is refused (its runs would merge with this one's)."""
     import uuid
 
     from sweeps.tracking import SweepTracking
 
-    id_file = directory / SWEEP_ID
-    sweep_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex
+    sweep_id = read_sweep_id(directory) or uuid.uuid4().hex
     other = SweepTracking(uri, sweep.name, sweep.experiment, sweep_id).other_sweep()
     if other is not None:
         raise ConfigError(f"sweep.name: '{sweep.name}' is already used in MLflow experiment '{sweep.experiment or sweep.name}' "
                           f"by the sweep at {other}; choose another name (or --resume that sweep)")
-    directory.mkdir(parents=True, exist_ok=True)
-    if not id_file.is_file():
-        id_file.write_text(sweep_id + "\n")
+    storage.makedirs(directory)
+    if not read_sweep_id(directory):
+        storage.write_text(storage.join(directory, SWEEP_ID), sweep_id + "\n")
     return sweep_id
 
 
-def read_sweep_id(directory: Path) -> str:
-    id_file = directory / SWEEP_ID
-    return id_file.read_text().strip() if id_file.is_file() else ""
+def read_sweep_id(directory: str) -> str:
+    id_file = storage.join(directory, SWEEP_ID)
+    return storage.read_text(id_file).strip() if storage.is_file(id_file) else ""
 
 
-def sweep_dir(sweep: SweepConfig) -> Path:
+def sweep_dir(sweep: SweepConfig) -> str:
     """Where the sweep's files live. A relative `sweep.storage_dir` resolves against the working
     directory, except under `ray job submit --working-dir`: there the working directory is Ray's
     temporary copy of the project, deleted with the job, so it resolves against ~/acpo instead.
-    On a cluster, pass an absolute path on shared storage (cluster.yaml: /shared)."""
-    storage = Path(sweep.storage_dir).expanduser()
-    if not storage.is_absolute() and "working_dir" in json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}):
-        storage = Path.home() / "acpo" / storage
-    return storage.resolve() / sweep.name
+    On a cluster, pass object storage (`s3://bucket/prefix`) or an absolute path on shared storage."""
+    if storage.is_remote(sweep.storage_dir):
+        return storage.join(sweep.storage_dir, sweep.name)
+    folder = Path(storage.resolve(sweep.storage_dir) if sweep.storage_dir.startswith("file://") else sweep.storage_dir).expanduser()
+    if not folder.is_absolute() and "working_dir" in json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}):
+        folder = Path.home() / "acpo" / folder
+    return str(folder.resolve() / sweep.name)
 
 
 LOCAL_MLFLOW = "http://127.0.0.1:5000"  # where `make demo` starts the MLflow server
@@ -191,7 +200,7 @@ def tracking_uri(sweep: SweepConfig) -> str:
                       "--host 127.0.0.1) or point at yours")
 
 
-def start_tracking(config: Config, sweep: SweepConfig, uri: str, sweep_id: str, directory: Path):
+def start_tracking(config: Config, sweep: SweepConfig, uri: str, sweep_id: str, directory: str):
     """The sweep's MLflow experiment and parent run (found again on --resume), with its settings."""
     from sweeps.tracking import SweepTracking
 
@@ -203,10 +212,12 @@ def start_tracking(config: Config, sweep: SweepConfig, uri: str, sweep_id: str, 
     return tracking, parent
 
 
-def evaluate_base(config: Config, directory: Path, tracking, parent: str) -> dict:
+def evaluate_base(config: Config, directory: str | Path, tracking, parent: str) -> dict:
     """The base model, evaluated once (the reference point of the front), in its own child run."""
-    base_file = directory / "base_metrics.json"
-    if not base_file.is_file():
+    base_file, grid = storage.join(directory, "base_metrics.json"), storage.join(directory, "base_samples.png")
+    if not storage.is_file(base_file):
+        import io
+
         from eval.evaluate import Evaluator
         from trainers.models import load_base_model
 
@@ -214,19 +225,21 @@ def evaluate_base(config: Config, directory: Path, tracking, parent: str) -> dic
 
         print("[sweep] evaluating the base model", flush=True)
         evaluation = Evaluator.from_config(config).evaluate(load_base_model(config.model.base))
-        save_image(evaluation.samples, directory / "base_samples.png", nrow=8, padding=1)  # next to the checkpoints' grids
-        base_file.write_text(json.dumps(evaluation.metrics, indent=2) + "\n")
-    base = json.loads(base_file.read_text())
+        png = io.BytesIO()
+        save_image(evaluation.samples, png, format="png", nrow=8, padding=1)  # next to the checkpoints' grids
+        storage.write_bytes(grid, png.getvalue())
+        storage.write_text(base_file, json.dumps(evaluation.metrics, indent=2) + "\n")
+    base = json.loads(storage.read_text(base_file))
     base_run = tracking.run("base", "base model", parent)
     tracking.log_metrics(base_run, base)
-    if (directory / "base_samples.png").is_file():
-        tracking.log_grid(base_run, directory / "base_samples.png", step=0)
+    if storage.is_file(grid):
+        tracking.log_grid(base_run, grid, step=0)
     tracking.client.set_terminated(base_run)
     return base
 
 
-def build_tuner(config: Config, sweep: SweepConfig, directory: Path):
-    """A new Tuner: Optuna's multi-objective search over the space, its study on disk, as many
+def build_tuner(config: Config, sweep: SweepConfig, directory: str):
+    """A new Tuner: Optuna's multi-objective search over the space, its study stored, as many
     concurrent trials as the cluster fits, FIFO (an early stopper on one metric would bias the front)."""
     import ray
     from optuna.samplers import NSGAIISampler, TPESampler
@@ -245,8 +258,9 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: Path):
         fit = int(ray.cluster_resources().get("CPU", 1) // (settings.workers * settings.cpus_per_worker))
     concurrency = sweep.max_concurrent or max(1, fit)
     sampler = NSGAIISampler(seed=sweep.seed) if sweep.algorithm == "nsga2" else TPESampler(seed=sweep.seed, multivariate=True)
+    url = optuna_storage(sweep, directory)
     search = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=sampler, study_name=sweep.name,
-                          storage=RDBStorage(f"sqlite:///{directory / 'optuna.db'}"), seed=sweep.seed)
+                          storage=RDBStorage(url) if url else None, seed=sweep.seed)
     print(f"[sweep] {sweep.num_samples} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
     return tune.Tuner(
         trainable(config, directory),
@@ -254,23 +268,33 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: Path):
         # reuse_actors: the next trial runs in the finished trial's actor, not a new process (~2.5 s a trial here)
         tune_config=tune.TuneConfig(search_alg=search, scheduler=FIFOScheduler(), num_samples=sweep.num_samples,
                                     max_concurrent_trials=concurrency, reuse_actors=True),
-        run_config=tune.RunConfig(name="tune", storage_path=str(directory)),
+        run_config=tune.RunConfig(name="tune", storage_path=directory),  # a folder or a URI: Ray's pyarrow layer
     )
 
 
-def restore_tuner(config: Config, sweep: SweepConfig, directory: Path):
+def optuna_storage(sweep: SweepConfig, directory: str) -> str | None:
+    """The Optuna study's storage URL: `sweep.optuna_storage` (any of Optuna's RDB URLs: on a cluster, the
+    tracking server's PostgreSQL), else SQLite in a local sweep folder. SQLite cannot live in object
+    storage: there the default is None, a study in memory, which Tune saves with its searcher's state
+    in the store and restores on --resume."""
+    if sweep.optuna_storage:
+        return sweep.optuna_storage
+    return None if storage.is_remote(directory) else f"sqlite:///{storage.join(directory, 'optuna.db')}"
+
+
+def restore_tuner(config: Config, sweep: SweepConfig, directory: str):
     """The interrupted Tuner with its searcher: unfinished trials resume from their last checkpoint."""
     from ray import tune
 
-    return tune.Tuner.restore(str(directory / "tune"), trainable=trainable(config, directory),
+    return tune.Tuner.restore(storage.join(directory, "tune"), trainable=trainable(config, directory),
                               resume_unfinished=True, resume_errored=True)
 
 
-def trainable(config: Config, directory: Path):
+def trainable(config: Config, directory: str):
     from ray import tune
 
     return tune.with_resources(
-        tune.with_parameters(run_trial, base_config=config.to_dict(), directory=str(directory)),
+        tune.with_parameters(run_trial, base_config=config.to_dict(), directory=directory),
         # The trial function only drives its TorchTrainer; the workers hold the CPUs and GPUs. A bundle
         # cannot be empty, and a CPU fraction here would leave no whole CPU for the last worker.
         {"cpu": 0, "memory": 1},
@@ -280,6 +304,9 @@ def trainable(config: Config, directory: Path):
 def run_trial(params: dict, base_config: dict, directory: str) -> None:
     """One Tune trial: the trainer's TorchTrainer, fitted (Train V2: the trial function is its driver).
     What MLflow should show goes to the trial's spool; the driver replays it (sweeps/tracking.py)."""
+    import shutil
+    import tempfile
+
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -287,67 +314,76 @@ def run_trial(params: dict, base_config: dict, directory: str) -> None:
     from trainers.ray_train import build_trainer, root_message
 
     trial = tune.get_context().get_trial_id()
-    work = Path(directory) / "work" / trial
-    config = Config.from_dict(set_values(base_config, {**params, "train.output_dir": str(work)}))
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    spool(work / SPOOL, {"op": "start", "params": params})
+    records = storage.join(directory, "work", trial)  # the trial's parameters and spool, where the driver reads them
+    # Where the workers write a checkpoint before Ray Train uploads it to `trials/`: beside the records in
+    # a local sweep folder; on object storage, a scratch folder on this node, removed when the trial ends.
+    scratch = Path(tempfile.gettempdir()) / "acpo-scratch" / f"{storage.name(directory)}-{trial}"
+    output = scratch if storage.is_remote(directory) else Path(records)
+    config = Config.from_dict(set_values(base_config, {**params, "train.output_dir": str(output)}))
+    storage.write_text(storage.join(records, "params.json"), json.dumps(params, indent=2) + "\n")
+    log = storage.join(records, SPOOL)
+    spool(log, {"op": "start", "params": params})
+    checkpoints = storage.join(directory, "trials", trial)
     # Same name and storage after a driver restart: Ray Train picks the run up from its last checkpoint.
-    trainer = build_trainer(config, name=trial, storage_path=Path(directory) / "trials",
-                            callbacks=[TuneReportCallback(), SpoolCallback(work / SPOOL)])
-    checkpoints = Path(directory) / "trials" / trial
+    trainer = build_trainer(config, name=trial, storage_path=storage.join(directory, "trials"),
+                            callbacks=[TuneReportCallback(), SpoolCallback(log, checkpoints)])
     set_aside_unreadable_record(checkpoints)
     try:
         trainer.fit()
     except Exception as error:
-        spool_unreported(work / SPOOL, checkpoints)
+        spool_unreported(log, checkpoints)
         broken = set_aside_unreadable_record(checkpoints)
         message = f"{broken}; {root_message(error)}" if broken else root_message(error)
-        spool(work / SPOOL, {"op": "end", "status": "FAILED", "error": message})
+        spool(log, {"op": "end", "status": "FAILED", "error": message})
         if broken:
             raise RuntimeError(message) from error
         raise
-    spool_unreported(work / SPOOL, checkpoints)
+    finally:
+        if output == scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    spool_unreported(log, checkpoints)
     # A trial whose training had finished when the driver was killed, but which Tune had not yet
     # recorded as done, is run again on --resume: its Train run is complete, so fit() reports
     # nothing and Tune would end the trial with no figures. Report the last evaluated checkpoint's
     # (in an ordinary trial this repeats the last report: same step, same figures).
-    evaluated = sorted(checkpoints.glob(f"{CHECKPOINT_GLOB}/metrics.json"))
+    evaluated = storage.glob(checkpoints, f"{CHECKPOINT_GLOB}/metrics.json")
     if evaluated:
-        tune.report(json.loads(evaluated[-1].read_text()))
-    spool(work / SPOOL, {"op": "end", "status": "FINISHED"})
+        tune.report(json.loads(storage.read_text(evaluated[-1])))
+    spool(log, {"op": "end", "status": "FINISHED"})
 
 
-def set_aside_unreadable_record(checkpoints: Path) -> str | None:
+def set_aside_unreadable_record(checkpoints: str) -> str | None:
     """Ray Train's record of a trial's checkpoints (`checkpoint_manager_snapshot.json`) is rewritten in
     place; a full disk can leave it empty, and Ray then cannot start the trial again, ever. Such a
     record is renamed aside: the trial then restarts from its first step (its checkpoint folders are
     rewritten as it goes). Returns what happened, naming the file and the free space, or None."""
     import shutil
 
-    record = checkpoints / "checkpoint_manager_snapshot.json"
+    record = storage.join(checkpoints, "checkpoint_manager_snapshot.json")
     try:
-        json.loads(record.read_text())
+        json.loads(storage.read_text(record))
         return None
     except FileNotFoundError:
         return None
     except (ValueError, OSError) as error:
         with contextlib.suppress(OSError):
-            os.replace(record, record.with_name(record.name + ".unreadable"))
-        free = shutil.disk_usage(checkpoints).free / 2**20
-        return (f"{record} was unreadable ({type(error).__name__}), set aside; {free:.0f} MB free in {checkpoints.parent.parent}: "
+            storage.move(record, record + ".unreadable")
+        where = storage.parent(storage.parent(checkpoints))
+        free = "" if storage.is_remote(checkpoints) else f"; {shutil.disk_usage(checkpoints).free / 2**20:.0f} MB free in {where}"
+        return (f"{record} was unreadable ({type(error).__name__}), set aside{free}: "
                 "if the disk was full, free space and --resume (the trial restarts)")
 
 
-def close_interrupted(sweep: SweepConfig, directory: Path, tracking) -> int:
+def close_interrupted(sweep: SweepConfig, directory: str, tracking) -> int:
     """After the Tuner is done, nothing of this sweep is running. A trial that Optuna or MLflow still
     shows as running was interrupted with the driver before Tune's experiment state recorded it
     (Tune then ran a fresh trial in its place): record it as failed / killed, not as a duplicate."""
     import optuna
 
-    study = optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{directory / 'optuna.db'}")
     interrupted = 0
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    url = optuna_storage(sweep, directory)  # a study in memory is the searcher's own (restored with it by Tune)
+    study = optuna.load_study(study_name=sweep.name, storage=url) if url else None
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if study else []:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         interrupted += 1
     tracking.end_runs("KILLED")
@@ -356,60 +392,89 @@ def close_interrupted(sweep: SweepConfig, directory: Path, tracking) -> int:
     return interrupted
 
 
-def select_and_register(sweep: SweepConfig, directory: Path, uri: str) -> dict:
+def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str) -> dict:
     """Select; log the selection to the sweep's parent run; export the champion in diffusers layout
-    and register it with alias `champion`. Records the trials left spooled are replayed first."""
+    (to `champion/` in the sweep's storage) and register it with alias `champion`. Records the trials
+    left spooled are replayed first."""
+    import tempfile
+
     from sweeps.tracking import SpoolReplayer, SweepTracking, TrackingError
 
+    directory = str(directory)
     selection = select(sweep, directory)
     champion = selection["champion"]
-    exported = export_champion(Path(champion["checkpoint"]), directory / "champion") if champion and sweep.register_champion else None
-    try:
-        tracking = SweepTracking(uri, sweep.name, sweep.experiment, read_sweep_id(directory))
-        parent = tracking.run("sweep", sweep.name)
-        finish_tracking(SpoolReplayer(tracking, directory, parent), sweep.tracking_wait_s)
-        tracking.log_selection(parent, selection, directory)
-        if exported is not None:
-            selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection,
-                                                                 sampling_settings(Path(champion["checkpoint"]), exported))
-        tracking.describe_sweep(parent, selection)
-        selection["mlflow"] = {"experiment_id": tracking.experiment_id, "parent_run_id": parent, "url": tracking.experiment_url()}
-        write_json(directory / "selection.json", selection)
-    except Exception as error:  # noqa: BLE001 - the server (or the network) failed; the selection is safe on disk
-        reason = last_line(error)[:200]
-        raise TrackingError(f"MLflow at {uri} failed during the selection ({reason}); the selection is in {directory / 'selection.json'}"
-                            f"{' and the champion in ' + str(exported) if exported else ''}: run `acpo select --sweep {sweep.name}` "
-                            "when the server answers") from None
+    stored = storage.join(directory, "champion")
+    with tempfile.TemporaryDirectory(prefix="acpo-champion.") as stage:
+        exported = None
+        if champion and sweep.register_champion:
+            exported = export_champion(champion["checkpoint"], Path(stage) / "champion")
+            store_folder(exported, stored)
+        try:
+            tracking = SweepTracking(uri, sweep.name, sweep.experiment, read_sweep_id(directory))
+            parent = tracking.run("sweep", sweep.name)
+            finish_tracking(SpoolReplayer(tracking, directory, parent), sweep.tracking_wait_s)
+            tracking.log_selection(parent, selection, directory)
+            if exported is not None:
+                selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection,
+                                                                     sampling_settings(champion["checkpoint"], exported))
+            tracking.describe_sweep(parent, selection)
+            selection["mlflow"] = {"experiment_id": tracking.experiment_id, "parent_run_id": parent, "url": tracking.experiment_url()}
+            write_json(storage.join(directory, "selection.json"), selection)
+        except Exception as error:  # noqa: BLE001 - the server (or the network) failed; the selection is safe in storage
+            reason = last_line(error)[:200]
+            raise TrackingError(f"MLflow at {uri} failed during the selection ({reason}); the selection is in "
+                                f"{storage.join(directory, 'selection.json')}{' and the champion in ' + stored if exported else ''}: "
+                                f"run `acpo select --sweep {sweep.name}` when the server answers") from None
     return selection
 
 
-def sampling_settings(checkpoint: Path, exported: Path) -> dict:
+def store_folder(local: Path, location: str) -> None:
+    """A finished local folder into the sweep's storage: in a local folder it replaces the previous one
+    only once whole (a rename); in object storage its files are uploaded over the previous ones."""
+    import shutil
+
+    if storage.is_remote(location):
+        storage.delete(location)
+        storage.upload(local, location)
+        return
+    tmp = Path(location).with_name(f".{Path(location).name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(local, tmp)
+    if Path(location).exists():
+        shutil.rmtree(location)
+    os.replace(tmp, location)
+
+
+def sampling_settings(checkpoint: str, exported: Path) -> dict:
     """How the champion was sampled when it was evaluated (its run's config): the registered model
     samples the same way (`trainers/mlflow_model.py`); a text model with the evaluation's prompts."""
     from eval.image_sets import captions
 
-    config = Config.from_dict(json.loads((checkpoint / "config.json").read_text()))
+    config = Config.from_dict(json.loads(storage.read_text(storage.join(checkpoint, "config.json"))))
     text = (exported / "text_encoder").is_dir()
     prompts = (list(config.eval.prompts) or captions(config.data.caption, list(range(10)), 10)) if text else []
     return {"sampler": config.eval.sampler, "guidance_scale": config.eval.guidance_scale, "prompts": prompts,
             "steps": config.eval.sampling_steps[0]}
 
 
-def select(sweep: SweepConfig, directory: Path) -> dict:
+def select(sweep: SweepConfig, directory: str | Path) -> dict:
     """Pareto front, hypervolume and champion over every evaluated checkpoint (no MLflow), written
     to `selection.json` and drawn in `pareto.png` and `pareto.html`. A checkpoint on the front must load (files
     readable, tensors of the model's shapes) before it counts; those that do not are listed under
     `unreadable` and left out, and the front is taken again without them."""
+    import tempfile
+
     from eval.evaluate import OBJECTIVES
 
     from sweeps.front_plots import front_figure, plot_front
     from sweeps.selection import hypervolume, pareto_front, select_champion
     from trainers.checkpoint import verify_checkpoint
 
-    base_file = directory / "base_metrics.json"
-    if not base_file.is_file():
+    directory = str(directory)
+    base_file = storage.join(directory, "base_metrics.json")
+    if not storage.is_file(base_file):
         raise FileNotFoundError(f"no sweep at {directory} (base_metrics.json missing)")
-    base = json.loads(base_file.read_text())
+    base = json.loads(storage.read_text(base_file))
     rows, unreadable = evaluated_checkpoints(directory)
     print(f"[sweep] selecting the champion among {len(rows)} evaluated checkpoints", flush=True)
     verified: set[str] = set()
@@ -418,7 +483,8 @@ def select(sweep: SweepConfig, directory: Path) -> dict:
         broken = []
         for row in (r for r in front if r["checkpoint"] not in verified):
             try:
-                verify_checkpoint(row["checkpoint"])
+                with storage.local_copy(row["checkpoint"]) as local:  # downloaded from object storage
+                    verify_checkpoint(local)
                 verified.add(row["checkpoint"])
             except Exception as error:  # noqa: BLE001 - whatever makes it unloadable, it cannot be the champion
                 broken.append(row)
@@ -432,59 +498,54 @@ def select(sweep: SweepConfig, directory: Path) -> dict:
     selection = {"base": {name: base[name] for name in OBJECTIVES}, "rule": rule, "fid_tolerance": sweep.fid_tolerance,
                  "hypervolume": hypervolume(front, base), "evaluated": len(rows), "front": front, "champion": champion,
                  "unreadable": unreadable}
-    write_json(directory / "selection.json", selection)
-    plot_front(rows, front, base, champion, directory / "pareto.png")
-    # self-contained (plotly.js inside): the MLflow UI shows it with no network, as any browser does the file
-    front_figure(rows, front, base, champion).write_html(directory / "pareto.html", include_plotlyjs=True)
+    write_json(storage.join(directory, "selection.json"), selection)
+    with tempfile.TemporaryDirectory(prefix="acpo-front.") as stage:
+        plot_front(rows, front, base, champion, Path(stage) / "pareto.png")
+        # self-contained (plotly.js inside): the MLflow UI shows it with no network, as any browser does the file
+        front_figure(rows, front, base, champion).write_html(Path(stage) / "pareto.html", include_plotlyjs=True)
+        for name in ("pareto.png", "pareto.html"):
+            storage.write_bytes(storage.join(directory, name), (Path(stage) / name).read_bytes())
     return selection
 
 
-def write_json(path: Path, data) -> None:
+def write_json(location: str, data) -> None:
     """Whole or not at all: a driver killed mid-write leaves the previous file."""
-    from eval.fidelity import write_whole
-
-    write_whole(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    storage.write_text(location, json.dumps(data, indent=2) + "\n")
 
 
-def evaluated_checkpoints(directory: Path) -> tuple[list[dict], list[dict]]:
+def evaluated_checkpoints(directory: str) -> tuple[list[dict], list[dict]]:
     """Every evaluated checkpoint of every trial: the table the selection runs on; and those whose
     figures cannot be read."""
     from eval.evaluate import OBJECTIVES
 
     rows, unreadable = [], []
-    for metrics_file in sorted(directory.glob(f"trials/*/{CHECKPOINT_GLOB}/metrics.json")):
-        checkpoint = metrics_file.parent
-        trial = checkpoint.parent.name
-        params_file = directory / "work" / trial / "params.json"
+    for metrics_file in storage.glob(directory, f"trials/*/{CHECKPOINT_GLOB}/metrics.json"):
+        checkpoint = storage.parent(metrics_file)
+        trial = storage.name(storage.parent(checkpoint))
+        params_file = storage.join(directory, "work", trial, "params.json")
         try:
-            params = json.loads(params_file.read_text()) if params_file.is_file() else {}
-            metrics = json.loads(metrics_file.read_text())
+            params = json.loads(storage.read_text(params_file)) if storage.is_file(params_file) else {}
+            metrics = json.loads(storage.read_text(metrics_file))
             if not all(isinstance(metrics.get(name), (int, float)) for name in OBJECTIVES):
-                raise ValueError(f"no {' and '.join(OBJECTIVES)} in {metrics_file.name}")
+                raise ValueError(f"no {' and '.join(OBJECTIVES)} in metrics.json")
         except ValueError as error:  # JSONDecodeError included
-            unreadable.append({"checkpoint": str(checkpoint), "error": f"{metrics_file.name}: {error}"})
+            unreadable.append({"checkpoint": checkpoint, "error": f"metrics.json: {error}"})
             continue
-        rows.append({"trial": trial, "checkpoint": str(checkpoint), **metrics, **{f"param:{k}": v for k, v in params.items()}})
+        rows.append({"trial": trial, "checkpoint": checkpoint, **metrics, **{f"param:{k}": v for k, v in params.items()}})
     return rows, unreadable
 
 
-def export_champion(checkpoint: Path, out: Path) -> Path:
-    """The champion as a plain diffusers pipeline folder (LoRA merged into the weights)."""
-    import shutil
-
+def export_champion(checkpoint: str, out: Path) -> Path:
+    """The champion as a plain diffusers pipeline folder (LoRA merged into the weights), at the local `out`."""
     from trainers.checkpoint import load_checkpoint_model
     from trainers.lora import merge_lora
     from trainers.models import save_base_model
 
-    model = load_checkpoint_model(checkpoint)
-    merge_lora(model.unet)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_base_model(model, tmp)
-    shutil.copy(checkpoint / "metrics.json", tmp / "metrics.json")
-    if out.exists():  # the previous export goes only once the new one is whole
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with storage.local_copy(checkpoint) as local:
+        model = load_checkpoint_model(local)
+        merge_lora(model.unet)
+        save_base_model(model, out)
+        (out / "metrics.json").write_bytes((local / "metrics.json").read_bytes())
     return out
 
 

@@ -7,6 +7,7 @@ input ends in one line naming the field or file (exit 2) instead of a sweep whos
                                 models and the feature extractor; the latent cache's folder is writable
     check_services(uri)         the MLflow server and $RAY_ADDRESS answer within a few seconds
     check_storage_folder(dir)   the storage folder is writable, and writable by its owner only
+    check_object_storage(uri)   object storage (s3://...) takes and gives back a small object
 
 Types and ranges are pydantic's (trainers/config.py) and the registry's; this is what they cannot
 see without opening files or sockets. Hub ids are not fetched here (offline they would fail, online
@@ -168,3 +169,20 @@ def check_storage_folder(folder: Path, field: str) -> None:
         if mode.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or mode.st_uid != os.geteuid():
             raise ConfigError(f"{field}: {path} is writable by others (mode {stat.filemode(mode.st_mode)}, owner uid {mode.st_uid}); "
                               "--resume loads Ray's pickled state from it: use a folder only you can write (chmod go-w)")
+
+
+def check_object_storage(location: str, field: str) -> None:
+    """A probe object written under `location` and deleted: the bucket exists, the credentials let us
+    write, the endpoint answers. A bucket is the user's to make (and to lock down: --resume unpickles
+    Ray Tune's state from it, as from a folder)."""
+    import uuid
+
+    from eval import storage
+
+    probe = storage.join(location, f".acpo-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.write_text(probe, "probe")
+        storage.delete(probe)
+    except Exception as error:  # noqa: BLE001 - whatever pyarrow says, this store is not usable
+        raise ConfigError(f"{field}: cannot write to {location} ({one_line(error)[:300]}); check the bucket, "
+                          "the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the endpoint (AWS_ENDPOINT_URL)") from None

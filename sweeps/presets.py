@@ -36,7 +36,12 @@ class SweepConfig(Section):
     algorithm: Literal["tpe", "nsga2"] = "tpe"  # Optuna's sampler
     max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's resources fit
     fid_tolerance: float = Field(0.1, ge=0)  # champion rule: FID <= base FID * (1 + tolerance)
-    storage_dir: str = "runs/sweeps"  # experiment, Optuna storage, trials' checkpoints (shared storage on a cluster)
+    # experiment, trials' checkpoints, selection, champion: a folder (shared on a cluster), or object
+    # storage as a URI (s3://bucket/prefix, gs://..., any pyarrow filesystem: eval/storage.py)
+    storage_dir: str = "runs/sweeps"
+    # Optuna's study: an Optuna storage URL (sqlite:///..., postgresql://...); "" = SQLite in a local sweep
+    # folder, or in memory (kept with Tune's searcher state in the store) when storage_dir is a URI
+    optuna_storage: str = ""
     tracking_uri: str = ""  # MLflow; "" = $MLFLOW_TRACKING_URI, else a server answering at 127.0.0.1:5000
     tracking_wait_s: float = Field(120.0, ge=0)  # at the end, how long to wait for an unreachable MLflow before leaving records spooled
     seed: int = 0  # Optuna's sampler

@@ -5,24 +5,27 @@ resumed sweep logs into the runs it started. The sweep id lives in the sweep's f
 so two sweeps of one name never share a parent run (the name is refused instead).
 
 Training never waits on MLflow. A trial writes what it has to log (its parameters, each report's
-metrics, each checkpoint's sample grid, how it ended) to a spool in its folder,
-`work/<trial>/tracking.jsonl`, one JSON line per record, appended in one write; a Ray Train callback
-on the trial's controller writes the reports, so workers never talk to MLflow. The sweep's driver
-replays every spool into MLflow in order from a background thread (`SpoolReplayer`), keeping its place
-in `tracking.sent`; when the server is down it waits and tries again, however long the outage. A
-replay after a restart makes no duplicates: metrics carry the time they were spooled, and MLflow
-stores a (key, step, time, value) once; parameters, artifacts and run ends are idempotent too.
+metrics, each checkpoint's sample grid, how it ended) to a spool among its records,
+`work/<trial>/tracking/`, one small file per record (one object when the sweep's storage is object
+storage, which has no append), written whole; a Ray Train callback on the trial's controller writes
+the reports, so workers never talk to MLflow. The sweep's driver replays every spool into MLflow in
+order from a background thread (`SpoolReplayer`), keeping its place in `tracking.sent`; when the
+server is down it waits and tries again, however long the outage. A replay after a restart makes no
+duplicates: metrics carry the time they were spooled, and MLflow stores a (key, step, time, value)
+once; parameters, images and run ends are idempotent too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 # MLflow's usage telemetry (on by default, at `import mlflow`) unsets an environment variable from a
@@ -42,6 +45,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray.train.v2.api.callback import UserCallback  # noqa: E402
 
+from eval import storage  # noqa: E402
 from sweeps.selection import params_text  # noqa: E402
 from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
 from trainers.config import last_line  # noqa: E402
@@ -123,20 +127,20 @@ class SweepTracking:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
-    def log_grid(self, run_id: str, grid: Path, step: int, stamp: int | None = None, key: str = "samples") -> None:
+    def log_grid(self, run_id: str, grid: str | Path, step: int, stamp: int | None = None, key: str = "samples") -> None:
         """A sample grid as a step-indexed image (MLflow's image view compares them across steps and
         runs), upscaled to a readable size. Once per (key, step): a replay adds no second image."""
         from PIL import Image
 
         if any(f"/{key}+step+{step}+" in a.path for a in self.client.list_artifacts(run_id, "images")):
             return
-        with Image.open(grid) as image:
+        with Image.open(io.BytesIO(storage.read_bytes(grid))) as image:  # a file or an object
             image.load()
         scale = max(1, -(-GRID_WIDTH // image.width))
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
         self.client.log_image(run_id, image, key=key, step=step, timestamp=stamp)
 
-    def log_selection(self, run_id: str, selection: dict, directory: Path) -> None:
+    def log_selection(self, run_id: str, selection: dict, directory: str | Path) -> None:
         """The selection on the sweep's parent run: figures, the front's plots (PNG and interactive
         HTML) and table, the champion's place."""
         base, champion = selection["base"], selection["champion"]
@@ -144,7 +148,8 @@ class SweepTracking:
                                   **{f"base_{k}": v for k, v in base.items()},
                                   **({f"champion_{k}": champion[k] for k in base} if champion else {})})
         for name in ("pareto.png", "pareto.html", "selection.json"):
-            self.client.log_artifact(run_id, str(directory / name))
+            with storage.local_copy(storage.join(directory, name)) as path:
+                self.client.log_artifact(run_id, str(path))
         columns = ("trial", "step", *base, "checkpoint")
         self.client.log_table(run_id, {k: [r.get(k) for r in selection["front"]] for k in columns}, artifact_file="pareto_front.json")
         if champion:
@@ -270,17 +275,27 @@ def save_champion_model(exported: Path, out: Path, settings: dict) -> Path:
     return out
 
 
-SPOOL, SENT = "tracking.jsonl", "tracking.sent"  # in each trial's folder, `<sweep>/work/<trial>/`
+# In each trial's record folder, `<sweep>/work/<trial>/`: the spool, one file per record (object storage
+# has no append), and the name of the last record replayed into MLflow.
+SPOOL, SENT = "tracking", "tracking.sent"
 
 
-def spool(path: Path, record: dict) -> None:
-    """Append one record as one line, in one write (O_APPEND: lines from one writer never interleave)."""
-    line = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+def spool(location: str | Path, record: dict) -> None:
+    """One record as one file (one object on object storage), written whole, named by the time it was
+    written so that a listing gives the records in order. A trial's records come from its Tune
+    function and its Train controller, seconds apart: on a cluster their nodes' clocks (NTP) agree
+    far better than that."""
+    name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+    storage.write_text(storage.join(location, name), json.dumps(record))
+
+
+def record_names(location: str | Path) -> list[str]:
+    """The spool's records, in order (a local file being written is a `.tmp` until renamed)."""
+    return [name for name in storage.listdir(location) if name.endswith(".json")]
+
+
+def read_records(location: str | Path, names: list[str]) -> list[str]:
+    return [storage.read_text(storage.join(location, name)) for name in names]
 
 
 def finite_metrics(metrics: dict) -> dict:
@@ -291,75 +306,80 @@ def finite_metrics(metrics: dict) -> dict:
 
 class SpoolCallback(UserCallback):
     """Ray Train callback: each report of rank 0 -> a `metrics` record in the trial's spool, and the
-    checkpoint's sample grid -> an `artifact` record. Appends to a local file: never blocks."""
+    checkpoint's sample grid (in the trial's checkpoints, `checkpoints`) -> an `image` record. Writes
+    one small file or object: never waits on MLflow."""
 
-    def __init__(self, spool_path: str | Path):
-        self.spool_path = str(spool_path)
+    def __init__(self, spool_location: str | Path, checkpoints: str | Path):
+        self.spool_location, self.checkpoints = str(spool_location), str(checkpoints)
 
     def after_report(self, run_context, metrics, checkpoint):
         rank0 = metrics[0]
         step = int(rank0.get("step", 0))
         # A step reported again (a restart from an older checkpoint) keeps the time of its first report:
         # the same figures are then the same MLflow entry, not a second point at that step.
-        stamp = spooled_steps(Path(self.spool_path)).get(step, int(time.time() * 1000))
-        spool_evaluation(Path(self.spool_path), step, stamp, rank0, Path(checkpoint.path) / "samples.png" if checkpoint else None)
+        stamp = spooled_steps(self.spool_location).get(step, int(time.time() * 1000))
+        grid = storage.join(self.checkpoints, storage.name(checkpoint.path), "samples.png") if checkpoint else None
+        spool_evaluation(self.spool_location, step, stamp, rank0, grid)
 
 
-def spool_evaluation(spool_path: Path, step: int, stamp: int, metrics: dict, grid: Path | None) -> None:
+def spool_evaluation(spool_location: str | Path, step: int, stamp: int, metrics: dict, grid: str | None) -> None:
     """One evaluation: its figures, and its sample grid when there is one."""
-    spool(spool_path, {"op": "metrics", "step": step, "time": stamp, "metrics": finite_metrics(metrics)})
-    if grid is not None and grid.is_file():
-        spool(spool_path, {"op": "image", "file": str(grid), "step": step, "time": stamp})
+    spool(spool_location, {"op": "metrics", "step": step, "time": stamp, "metrics": finite_metrics(metrics)})
+    if grid is not None and storage.is_file(grid):
+        spool(spool_location, {"op": "image", "file": str(grid), "step": step, "time": stamp})
 
 
-def spooled_steps(spool_path: Path) -> dict[int, int]:
+def spooled_steps(spool_location: str | Path) -> dict[int, int]:
     """Step -> the time of its first metrics record in the spool."""
     steps = {}
-    for line in complete_records(spool_path):
+    for text in read_records(spool_location, record_names(spool_location)):
         with contextlib.suppress(ValueError, KeyError):
-            record = json.loads(line)
+            record = json.loads(text)
             if record.get("op") == "metrics":
                 steps.setdefault(int(record["step"]), int(record["time"]))
     return steps
 
 
-def spool_unreported(spool_path: Path, checkpoints: Path) -> int:
-    """Evaluations on disk that the spool lacks (the trial's controller was killed between a
-    checkpoint's upload and its callback, and the resumed run started after that step): appended,
-    stamped with the figures file's time so that a second pass adds nothing. Returns how many."""
-    spooled = spooled_steps(spool_path)
+def spool_unreported(spool_location: str | Path, checkpoints: str | Path) -> int:
+    """Evaluations in the trial's checkpoints that the spool lacks (the trial's controller was killed
+    between a checkpoint's upload and its callback, and the resumed run started after that step):
+    added, stamped with the figures file's time so that a second pass adds nothing. Returns how many."""
+    spooled = spooled_steps(spool_location)
     added = 0
-    for metrics_file in sorted(checkpoints.glob(f"{CHECKPOINT_GLOB}/metrics.json")):
+    for metrics_file in storage.glob(checkpoints, f"{CHECKPOINT_GLOB}/metrics.json"):
         try:
-            metrics = json.loads(metrics_file.read_text())
+            metrics = json.loads(storage.read_text(metrics_file))
             step = int(metrics["step"])
         except (ValueError, KeyError):
             continue  # unreadable figures: the selection lists the checkpoint as such
         if step in spooled:
             continue
-        spool_evaluation(spool_path, step, int(metrics_file.stat().st_mtime * 1000), metrics, metrics_file.with_name("samples.png"))
+        grid = storage.join(storage.parent(metrics_file), "samples.png")
+        spool_evaluation(spool_location, step, int(storage.mtime(metrics_file) * 1000), metrics, grid)
         added += 1
     return added
 
 
-def complete_records(path: Path) -> list[str]:
-    """The spool's complete lines (a line being written has no newline yet)."""
-    text = path.read_text() if path.is_file() else ""
-    return text.split("\n")[:-1]
+def last_sent(spool_location: str | Path) -> str:
+    """The name of the last record replayed into MLflow ("" for none)."""
+    sent = storage.join(storage.parent(spool_location), SENT)
+    return storage.read_text(sent).strip() if storage.is_file(sent) else ""
 
 
-def sent_count(spool_path: Path) -> int:
-    sent = spool_path.with_name(SENT)
-    return int(sent.read_text() or 0) if sent.is_file() else 0
+def trial_spools(directory: str | Path) -> dict[str, str]:
+    """Trial id -> its spool, for every trial of the sweep that has one."""
+    work = storage.join(directory, "work")
+    return {trial: storage.join(work, trial, SPOOL) for trial in storage.listdir(work)}
 
 
-def pending_records(directory: Path) -> dict[str, int]:
+def pending_records(directory: str | Path) -> dict[str, int]:
     """Records not yet in MLflow, by trial."""
     out = {}
-    for path in sorted(Path(directory).glob(f"work/*/{SPOOL}")):
-        left = len(complete_records(path)) - sent_count(path)
+    for trial, location in trial_spools(directory).items():
+        sent = last_sent(location)
+        left = sum(1 for name in record_names(location) if name > sent)
         if left:
-            out[path.parent.name] = left
+            out[trial] = left
     return out
 
 
@@ -367,8 +387,8 @@ class SpoolReplayer:
     """Replays every trial's spool of a sweep into MLflow, in order, from the driver: in a background
     thread while the sweep runs (`start`), and to the end within a time limit (`finish`)."""
 
-    def __init__(self, tracking: SweepTracking, directory: Path, parent_id: str, retry_seconds: float = 5.0):
-        self.tracking, self.directory, self.parent_id, self.retry_seconds = tracking, Path(directory), parent_id, retry_seconds
+    def __init__(self, tracking: SweepTracking, directory: str | Path, parent_id: str, retry_seconds: float = 5.0):
+        self.tracking, self.directory, self.parent_id, self.retry_seconds = tracking, str(directory), parent_id, retry_seconds
         self._runs: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -398,8 +418,8 @@ class SpoolReplayer:
     def replay_once(self) -> bool:
         """One pass over every spool; True when everything is in MLflow. An unreachable server ends the pass."""
         try:
-            for path in sorted(self.directory.glob(f"work/*/{SPOOL}")):
-                self._replay(path)
+            for trial, location in trial_spools(self.directory).items():
+                self._replay(trial, location)
         except Exception as error:  # noqa: BLE001 - server down or refusing: keep the records, try again later
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -412,18 +432,16 @@ class SpoolReplayer:
             self._down_since = None
         return True
 
-    def _replay(self, path: Path) -> None:
-        from eval.fidelity import write_whole
-
-        trial, lines, sent = path.parent.name, complete_records(path), sent_count(path)
-        for number in range(sent, len(lines)):
+    def _replay(self, trial: str, location: str) -> None:
+        sent = last_sent(location)
+        for name in (n for n in record_names(location) if n > sent):
             try:
-                record = json.loads(lines[number])
+                record = json.loads(storage.read_text(storage.join(location, name)))
             except json.JSONDecodeError:
                 self.skipped += 1
             else:
                 self._apply(trial, record)
-            write_whole(path.with_name(SENT), lambda tmp, count=number + 1: Path(tmp).write_text(str(count)))
+            storage.write_text(storage.join(storage.parent(location), SENT), name)
 
     def _apply(self, trial: str, record: dict) -> None:
         run_id = self._runs.get(trial)
@@ -432,17 +450,15 @@ class SpoolReplayer:
         op = record.get("op")
         if op == "start":
             self.tracking.log_params(run_id, record.get("params", {}))
-            base_grid = self.directory / "base_samples.png"
-            if base_grid.is_file():  # step 0 of the trial's images: the base model, same sampling noise as every later grid
+            base_grid = storage.join(self.directory, "base_samples.png")
+            if storage.is_file(base_grid):  # step 0 of the trial's images: the base model, same sampling noise as every later grid
                 self.tracking.log_grid(run_id, base_grid, step=0)
         elif op == "metrics":
             step, stamp = int(record["step"]), int(record["time"])
             metrics = [Metric(key, value, stamp, step) for key, value in record["metrics"].items()]
             if metrics:
                 self.tracking.client.log_batch(run_id, metrics=metrics)
-        elif op == "image" and Path(record["file"]).is_file():
-            self.tracking.log_grid(run_id, Path(record["file"]), int(record["step"]), int(record["time"]))
-        elif op == "artifact" and Path(record["file"]).is_file():  # spools of sweeps started before images had steps
-            self.tracking.client.log_artifact(run_id, record["file"], artifact_path=record["artifact_path"])
+        elif op == "image" and storage.is_file(record["file"]):
+            self.tracking.log_grid(run_id, record["file"], int(record["step"]), int(record["time"]))
         elif op == "end":
             self.tracking.client.set_terminated(run_id, status=record.get("status", "FINISHED"))

@@ -71,3 +71,12 @@ def digits_assets():
     if missing:
         pytest.fail(f"committed digits assets missing under {root}: {missing}; re-create them with `acpo assets build`")
     return root
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-compatible server on 127.0.0.1 (moto's) with a bucket; yields `s3://<bucket>`."""
+    from tests.servers import s3_server
+
+    with s3_server() as root:
+        yield root

@@ -1,6 +1,6 @@
-"""Real servers for integration tests, started on 127.0.0.1 and stopped by the test: PostgreSQL
-(Debian's `postgresql` package: initdb + pg_ctl on a throwaway data folder) and an MLflow server on a
-given backend store."""
+"""Real servers for tests, started on 127.0.0.1 and stopped by the test: PostgreSQL (Debian's
+`postgresql` package: initdb + pg_ctl on a throwaway data folder), an S3-compatible server (moto's,
+from PyPI) and an MLflow server on a given backend store and artifact destination."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def postgres(database: str = "mlflow"):
 
 
 @contextmanager
-def mlflow_server(backend_store: str, artifacts: Path):
-    """`mlflow server` on a free loopback port; yields its URL."""
+def mlflow_server(backend_store: str, artifacts: str | Path):
+    """`mlflow server` on a free loopback port, its artifacts in a folder or object storage (s3://...,
+    through boto3 and the AWS_* variables); yields its URL."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store,
                                "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port)],
@@ -76,3 +77,49 @@ def mlflow_server(backend_store: str, artifacts: Path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+S3_BUCKET = "acpo"
+
+
+@contextmanager
+def s3_server():
+    """moto's S3 server in its own process on a free loopback port, with a bucket `acpo`. While it runs,
+    the standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) point every client at it:
+    pyarrow, Ray's storage, boto3 (MLflow), and processes started meanwhile. Yields `s3://acpo`."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    settings = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        for _ in range(120):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError(f"moto's S3 server exited with {server.returncode}")
+                time.sleep(0.25)
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield f"s3://{S3_BUCKET}"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def s3_keys(prefix: str = "") -> list[str]:
+    """Every object's key in the test bucket under `prefix` (the server of `s3_server`)."""
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]

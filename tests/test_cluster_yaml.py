@@ -1,6 +1,7 @@
 """cluster.yaml is a real Ray cluster launcher file: it validates against the schema ray ships."""
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -34,3 +35,16 @@ def test_the_schema_check_would_catch_a_broken_file():
     config["available_node_types"]["gpu_worker"]["max_workers"] = "eight"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(config, json.loads(SCHEMA.read_text()))
+
+
+def test_the_nodes_share_one_bucket_and_no_file_system():
+    text = (PROJECT_ROOT / "cluster.yaml").read_text()
+    config = yaml.safe_load(text)
+    server = next(command for command in config["head_setup_commands"] if "mlflow server" in command)
+    artifacts = re.search(r"--artifacts-destination (s3://[^/\s]+)/", server)
+    assert artifacts, "MLflow's artifacts are not in a bucket"
+    bucket = artifacts.group(1)
+    for setting in ("sweep.storage_dir", "eval.cache_dir"):  # the documented job command
+        assert re.search(rf"--set {re.escape(setting)}={re.escape(bucket)}/", text), f"{setting} is not in {bucket}"
+    assert not any("nfs" in command or "/shared" in command for command in config["setup_commands"] + config["head_setup_commands"])
+    assert all("IamInstanceProfile" in node["node_config"] for name, node in config["available_node_types"].items() if name != config["head_node_type"])

@@ -240,9 +240,14 @@ class Config(Section):
         self.eval.trained_quality = resolve_quality_paths(self.eval.trained_quality)
         self.eval.heldout_quality = resolve_quality_paths(self.eval.heldout_quality)
         self.eval.extra_quality = {k: resolve_quality_paths(v) for k, v in self.eval.extra_quality.items()}
+        from eval.storage import is_remote, resolve
+
+        if is_remote(self.data.cache_dir):
+            raise ConfigError(f"data.cache_dir: {self.data.cache_dir} is a URI; the latent cache is a local folder on each node "
+                              "(object storage serves sweep.storage_dir and eval.cache_dir)")
         for section in (self.eval, self.data):
-            if section.cache_dir:
-                section.cache_dir = str(Path(section.cache_dir).expanduser().resolve())
+            if section.cache_dir:  # eval's may be object storage (a URI), shared by every node
+                section.cache_dir = resolve(section.cache_dir)
         self.objective = _resolve_option_paths(self.objective)
 
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from eval.fidelity import write_whole
+from eval.storage import write_whole
 from eval.sampling import derive_seed
 from trainers.config import ConfigError
 

@@ -16,6 +16,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from eval.storage import resolve
 from trainers.checkpoint import CHECKPOINT_GLOB, UnreadableCheckpointError
 from trainers.config import Config
 
@@ -45,17 +46,29 @@ def train_worker(config_dict: dict) -> None:
     if restored is None:
         train(config, report, rank, world_size)
         return
-    with restored.as_directory() as path:  # a restart after a failure: same step, same data order
-        # The newest checkpoint first; one that cannot be read (corrupted on disk, cut short) gives way
-        # to the next older one of the same run, and with none left the run starts over.
-        candidates = [Path(path)] + sorted((p for p in Path(path).parent.glob(CHECKPOINT_GLOB) if p.name < Path(path).name),
-                                           reverse=True)
-        for candidate in candidates + [None]:
+    # A restart after a failure: same step, same data order. The newest checkpoint first; one that
+    # cannot be read (corrupted, cut short) gives way to the next older one of the same run, each read
+    # where Ray keeps it (a folder, or downloaded from object storage), and with none left the run starts over.
+    for candidate in [restored.path, *older_checkpoints(restored)]:
+        with Checkpoint(candidate, filesystem=restored.filesystem).as_directory() as path:
             try:
-                train(config, report, rank, world_size, resume_from=candidate)
+                train(config, report, rank, world_size, resume_from=Path(path))
                 return
             except UnreadableCheckpointError as error:
                 print(f"[train] cannot resume from it: {error}; trying an older checkpoint", flush=True)
+    train(config, report, rank, world_size)
+
+
+def older_checkpoints(checkpoint: Checkpoint) -> list[str]:
+    """The run's checkpoints older than `checkpoint`, newest first, as paths in its filesystem."""
+    import fnmatch
+
+    import pyarrow.fs as pafs
+
+    folder, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(folder))
+    return sorted((i.path for i in infos if i.type == pafs.FileType.Directory and fnmatch.fnmatchcase(i.base_name, CHECKPOINT_GLOB)
+                   and i.base_name < name), reverse=True)
 
 
 class SystemMetrics:
@@ -120,7 +133,7 @@ def build_trainer(config: Config, name: str, storage_path: str | Path, callbacks
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=resolve(storage_path),  # a folder or a URI (s3://...): Ray Train uploads the checkpoints there
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints or None),
             callbacks=list(callbacks),

@@ -1,8 +1,9 @@
 """A sweep on a Ray cluster of three nodes (a head that schedules nothing, two worker nodes), all on
 this machine (`ray.cluster_utils.Cluster`: a GCS and a raylet per node), tracked by an MLflow server
 on PostgreSQL (the cluster's tracking setup, cluster.yaml): the trials' training workers run on the
-worker nodes, the sweep completes and registers its champion (integration tier). Storage is a local
-folder, which every node of this one machine sees."""
+worker nodes, the sweep completes and registers its champion (integration tier). The nodes share
+nothing but object storage: the sweep's storage and MLflow's artifacts are in an S3-compatible server
+on 127.0.0.1 (moto's), and no local sweep folder is written."""
 
 import json
 
@@ -15,12 +16,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def postgres_mlflow(tmp_path_factory):
-    with postgres() as database, mlflow_server(database, tmp_path_factory.mktemp("artifacts")) as uri:
+def postgres_mlflow(s3):
+    with postgres() as database, mlflow_server(database, f"{s3}/mlflow-multinode") as uri:
         yield uri
 
 
-def test_trials_train_on_the_worker_nodes(tmp_path, postgres_mlflow, digits_assets):
+def test_trials_train_on_the_worker_nodes(tmp_path, s3, postgres_mlflow, digits_assets):
     import ray
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
@@ -28,13 +29,17 @@ def test_trials_train_on_the_worker_nodes(tmp_path, postgres_mlflow, digits_asse
 
     from sweeps.acpo_sweep import main
 
-    # the dashboard: Ray's state API (which node each actor ran on) is served by it
+    from eval import storage
+    from tests.servers import s3_keys
+
+    # the dashboard: Ray's state API (which node each actor ran on) is served by it. The nodes start
+    # with the S3 server's AWS_* variables (set by the s3 fixture), as a cluster's nodes get their credentials.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
     workers = {cluster.add_node(num_cpus=1).node_id for _ in range(2)}
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        assert main(sweep_args("multinode", tmp_path, postgres_mlflow, samples=2)) == 0
+        assert main(sweep_args("multinode", f"{s3}/multinode-sweeps", postgres_mlflow, samples=2)) == 0
         actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000, raise_on_missing_output=False)
     finally:
         ray.shutdown()
@@ -42,10 +47,12 @@ def test_trials_train_on_the_worker_nodes(tmp_path, postgres_mlflow, digits_asse
     nodes = {actor.node_id for actor in actors}
     assert len(actors) >= 2 and nodes <= workers, f"training workers ran on {nodes}; worker nodes: {workers}"
     assert len(nodes) == 2  # two trials at a time, one CPU per node: one on each
-    selection = json.loads((tmp_path / "multinode" / "selection.json").read_text())
+    selection = json.loads(storage.read_text(f"{s3}/multinode-sweeps/multinode/selection.json"))
     assert selection["champion"] and selection["registered"]["version"]
     client = MlflowClient(postgres_mlflow)
     assert client.get_model_version_by_alias("multinode", "champion").tags["trial"] == selection["champion"]["trial"]
     runs = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
     assert sorted(r.data.tags["acpo.role"] for r in runs) == ["base", "sweep", "trial", "trial"]  # in PostgreSQL
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert any(key.endswith("/champion/MLmodel") for key in s3_keys("mlflow-multinode/"))  # the registered model, in the bucket
+    assert list(tmp_path.iterdir()) == []

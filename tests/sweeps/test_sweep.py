@@ -209,11 +209,13 @@ def test_storage_and_tracking_defaults_for_a_plain_ray_job(tmp_path, monkeypatch
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sweep = SweepConfig(name="s", storage_dir="runs/sweeps")
-    assert acpo_sweep.sweep_dir(sweep) == tmp_path / "runs" / "sweeps" / "s"
+    assert acpo_sweep.sweep_dir(sweep) == str(tmp_path / "runs" / "sweeps" / "s")
     # Under `ray job submit --working-dir`, the working directory is a temporary copy: not there.
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
-    assert acpo_sweep.sweep_dir(sweep) == tmp_path / "home" / "acpo" / "runs" / "sweeps" / "s"
-    assert acpo_sweep.sweep_dir(SweepConfig(name="s", storage_dir="/shared/sweeps")) == Path("/shared/sweeps/s")
+    assert acpo_sweep.sweep_dir(sweep) == str(tmp_path / "home" / "acpo" / "runs" / "sweeps" / "s")
+    assert acpo_sweep.sweep_dir(SweepConfig(name="s", storage_dir="/shared/sweeps")) == "/shared/sweeps/s"
+    assert acpo_sweep.sweep_dir(SweepConfig(name="s", storage_dir="file:///shared/sweeps")) == "/shared/sweeps/s"
+    assert acpo_sweep.sweep_dir(SweepConfig(name="s", storage_dir="s3://bucket/sweeps/")) == "s3://bucket/sweeps/s"  # not resolved locally
 
     monkeypatch.setattr(acpo_sweep, "LOCAL_MLFLOW", mlflow_server)  # a server answering on this machine
     assert acpo_sweep.tracking_uri(sweep) == mlflow_server

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from sweeps.tracking import SENT, SPOOL, SpoolReplayer, SweepTracking, pending_records, spool, spool_unreported
+from sweeps.tracking import (SENT, SPOOL, SpoolReplayer, SweepTracking, pending_records, read_records, record_names, spool,
+                             spool_unreported)
 
 
 def spooled_trial(directory, trial="t1", steps=(2, 4, 6)):
@@ -63,7 +64,7 @@ def test_evaluations_on_disk_missing_from_the_spool_are_added_once(tmp_path):
         (checkpoints / f"step_{step:06d}" / "metrics.json").write_text(json.dumps({"step": step, "fid": 90.0}))
     assert spool_unreported(path, checkpoints) == 1  # step 2: reported before a kill, never spooled
     assert spool_unreported(path, checkpoints) == 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if '"metrics"' in line]
+    steps = [json.loads(text)["step"] for text in read_records(path, record_names(path)) if '"metrics"' in text]
     assert sorted(steps) == [2, 4]
 
 
@@ -121,3 +122,31 @@ def test_metrics_and_params_go_in_one_request(tracking, monkeypatch):
     tracking.log_params(run, {f"p{i}": i for i in range(150)})
     assert [len(c.get("metrics", [])) for c in calls] == [3, 0, 0] and [len(c.get("params", [])) for c in calls] == [0, 100, 50]
     assert tracking.client.get_run(run).data.metrics == {"fid": 80.0, "heldout_quality": 0.9, "kid": 0.01}
+
+
+def test_a_spool_in_object_storage_is_replayed_in_order_with_its_images(s3, tracking):
+    import io
+    import uuid
+
+    from PIL import Image
+
+    from eval import storage
+
+    directory = f"{s3}/{uuid.uuid4().hex[:8]}"
+    location = storage.join(directory, "work", "t1", SPOOL)
+    spool(location, {"op": "start", "params": {"train.steps": 4}})
+    png = io.BytesIO()
+    Image.new("L", (136, 69), color=80).save(png, format="png")
+    grid = storage.join(directory, "trials", "t1", "step_000004", "samples.png")
+    storage.write_bytes(grid, png.getvalue())
+    for step in (2, 4):
+        spool(location, {"op": "metrics", "step": step, "time": 1_700_000_000_000 + step, "metrics": {"fid": 100.0 - step}})
+    spool(location, {"op": "image", "file": grid, "step": 4, "time": 1_700_000_000_004})
+    spool(location, {"op": "end", "status": "FINISHED"})
+    assert pending_records(directory) == {"t1": 5}
+    parent = tracking.run("sweep", "s")
+    assert SpoolReplayer(tracking, directory, parent).replay_once() and pending_records(directory) == {}
+    run = tracking.client.get_run(tracking.run("trial", "trial-t1", parent, trial="t1"))
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in tracking.client.get_metric_history(run.info.run_id, "fid")] == [(2, 98.0), (4, 96.0)]
+    assert [a.path.split("+")[2] for a in tracking.client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")] == ["4"]

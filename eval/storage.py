@@ -1,0 +1,206 @@
+"""Where a sweep's files live: a local folder or object storage, read and written one way.
+
+A *location* is a local path or a URI that pyarrow's filesystem layer opens (`s3://bucket/prefix`,
+`gs://bucket/prefix`, `file:///abs/path`, `hdfs://...`): the same layer Ray Train and Ray Tune
+store through, so `sweep.storage_dir` means the same thing to Ray and to us. Credentials and the
+endpoint come from the provider's standard settings (for S3: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible server), as for
+Ray and MLflow (boto3).
+
+Writes are whole or not at all: a local file is written beside its place and renamed into it; an
+object store's PUT is atomic. Object stores have no append and no rename: callers that append (the
+tracking spool) write one object per record instead.
+
+It sits in eval/ because eval is the bottom of the project's imports and the reference-feature cache
+(eval) reads and writes through it, as do the trainers and the sweeps above it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.fs as pafs
+
+
+def is_remote(location: str | Path) -> bool:
+    """A URI other than file://: no local path reaches it."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def resolve(location: str | Path) -> str:
+    """An absolute local path (file:// URIs become paths), or the URI without a trailing slash."""
+    text = str(location)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if is_remote(text):
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())
+
+
+def join(location: str | Path, *parts: str) -> str:
+    if not is_remote(location):
+        return str(Path(location).joinpath(*parts))
+    return "/".join([str(location).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def name(location: str | Path) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(location: str | Path) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[0]
+
+
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem and the path within it."""
+    if is_remote(location):
+        return pafs.FileSystem.from_uri(str(location))
+    return pafs.LocalFileSystem(), resolve(location)
+
+
+def _info(location) -> pafs.FileInfo:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path)
+
+
+def exists(location: str | Path) -> bool:
+    return _info(location).type != pafs.FileType.NotFound
+
+
+def is_file(location: str | Path) -> bool:
+    return _info(location).type == pafs.FileType.File
+
+
+def mtime(location: str | Path) -> float:
+    """Seconds since the epoch (an object's upload time)."""
+    info = _info(location)
+    return info.mtime.timestamp() if info.mtime is not None else 0.0
+
+
+def read_bytes(location: str | Path) -> bytes:
+    if not is_remote(location):
+        return Path(resolve(location)).read_bytes()
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not found: {location}") from None
+
+
+def read_text(location: str | Path) -> str:
+    return read_bytes(location).decode()
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Whole or not at all (concurrent readers never see half a file)."""
+    if not is_remote(location):
+        write_whole(Path(resolve(location)), lambda tmp: Path(tmp).write_bytes(data))
+        return
+    fs, path = filesystem(location)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def write_text(location: str | Path, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def write_whole(path: Path, write: Callable[[str], object]) -> None:
+    """`write(tmp)` into a temporary file beside the local `path`, then rename it there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def listdir(location: str | Path) -> list[str]:
+    """Names of the entries directly under `location`, sorted ([] when there is none)."""
+    fs, path = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(info.base_name for info in infos)
+
+
+def glob(location: str | Path, pattern: str) -> list[str]:
+    """Locations of the files under `location` whose relative path matches `pattern` segment by
+    segment (`trials/*/step_*/metrics.json`), sorted. One listing of the pattern's fixed prefix."""
+    parts = pattern.split("/")
+    fixed = 0
+    while fixed < len(parts) - 1 and not any(c in parts[fixed] for c in "*?["):
+        fixed += 1
+    root = join(location, *parts[:fixed]) if fixed else str(location)
+    rest = parts[fixed:]
+    fs, path = filesystem(root)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=len(rest) > 1, allow_not_found=True))
+    found = []
+    for info in infos:
+        relative = info.path[len(path.rstrip("/")) + 1:].split("/")
+        if info.type == pafs.FileType.File and len(relative) == len(rest) and all(map(fnmatch.fnmatchcase, relative, rest)):
+            found.append(join(root, *relative))
+    return sorted(found)
+
+
+def makedirs(location: str | Path) -> None:
+    """A local folder is made; an object store has no folders to make."""
+    if not is_remote(location):
+        Path(resolve(location)).mkdir(parents=True, exist_ok=True)
+
+
+def move(source: str | Path, destination: str | Path) -> None:
+    fs, path = filesystem(source)
+    fs.move(path, filesystem(destination)[1])
+
+
+def delete(location: str | Path) -> None:
+    """A file or a whole folder; nothing when it is not there."""
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def upload(local: str | Path, location: str | Path) -> None:
+    """A local file or folder copied to `location` (for a folder: its files under it)."""
+    fs, path = filesystem(location)
+    if Path(local).is_dir():
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    else:
+        write_bytes(location, Path(local).read_bytes())
+
+
+@contextlib.contextmanager
+def local_copy(location: str | Path):
+    """A local path holding what `location` holds (a file or a folder): the path itself when local,
+    else a download into a temporary folder, deleted afterwards (its base name kept)."""
+    if not is_remote(location):
+        yield Path(resolve(location))
+        return
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"not found: {location}")
+    scratch = Path(tempfile.mkdtemp(prefix="acpo-download."))
+    target = scratch / name(location)
+    try:
+        if info.type == pafs.FileType.Directory:
+            pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        else:
+            target.write_bytes(read_bytes(location))
+        yield target
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
