@@ -16,6 +16,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 
 def free_port() -> int:
@@ -94,25 +95,19 @@ def s3_server():
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     settings = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
     try:
-        for _ in range(120):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise RuntimeError(f"moto's S3 server exited with {server.returncode}")
-                time.sleep(0.25)
-        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
-        yield f"s3://{S3_BUCKET}"
+        with mock.patch.dict(os.environ, settings):  # restored afterwards
+            for _ in range(120):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if server.poll() is not None:
+                        raise RuntimeError(f"moto's S3 server exited with {server.returncode}")
+                    time.sleep(0.25)
+            boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+            yield f"s3://{S3_BUCKET}"
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
