@@ -172,7 +172,7 @@ def sweep_dir(sweep: SweepConfig) -> str:
     On a cluster, pass object storage (`s3://bucket/prefix`) or an absolute path on shared storage."""
     if storage.is_remote(sweep.storage_dir):
         return storage.join(sweep.storage_dir, sweep.name)
-    folder = Path(storage.resolve(sweep.storage_dir) if sweep.storage_dir.startswith("file://") else sweep.storage_dir).expanduser()
+    folder = Path(sweep.storage_dir.removeprefix("file://")).expanduser()
     if not folder.is_absolute() and "working_dir" in json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}):
         folder = Path.home() / "acpo" / folder
     return str(folder.resolve() / sweep.name)

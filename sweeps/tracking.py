@@ -311,13 +311,17 @@ class SpoolCallback(UserCallback):
 
     def __init__(self, spool_location: str | Path, checkpoints: str | Path):
         self.spool_location, self.checkpoints = str(spool_location), str(checkpoints)
+        self.steps: dict[int, int] | None = None  # step -> time of its first report; read from the spool once
 
     def after_report(self, run_context, metrics, checkpoint):
         rank0 = metrics[0]
         step = int(rank0.get("step", 0))
         # A step reported again (a restart from an older checkpoint) keeps the time of its first report:
-        # the same figures are then the same MLflow entry, not a second point at that step.
-        stamp = spooled_steps(self.spool_location).get(step, int(time.time() * 1000))
+        # the same figures are then the same MLflow entry, not a second point at that step. The spool is
+        # read once per controller (on object storage, one request per record), then kept up to date here.
+        if self.steps is None:
+            self.steps = spooled_steps(self.spool_location)
+        stamp = self.steps.setdefault(step, int(time.time() * 1000))
         grid = storage.join(self.checkpoints, storage.name(checkpoint.path), "samples.png") if checkpoint else None
         spool_evaluation(self.spool_location, step, stamp, rank0, grid)
 
@@ -390,10 +394,11 @@ class SpoolReplayer:
     def __init__(self, tracking: SweepTracking, directory: str | Path, parent_id: str, retry_seconds: float = 5.0):
         self.tracking, self.directory, self.parent_id, self.retry_seconds = tracking, str(directory), parent_id, retry_seconds
         self._runs: dict[str, str] = {}
+        self._sent: dict[str, str] = {}  # trial -> the last record replayed (read from `tracking.sent` once)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._down_since: float | None = None
-        self.skipped = 0  # lines that did not parse (a writer killed mid-line): counted, never retried forever
+        self.skipped = 0  # records that did not parse: counted, never retried forever
 
     def start(self) -> "SpoolReplayer":
         self._thread = threading.Thread(target=self._loop, name="mlflow-spool-replay", daemon=True)
@@ -433,15 +438,23 @@ class SpoolReplayer:
         return True
 
     def _replay(self, trial: str, location: str) -> None:
-        sent = last_sent(location)
-        for name in (n for n in record_names(location) if n > sent):
-            try:
-                record = json.loads(storage.read_text(storage.join(location, name)))
-            except json.JSONDecodeError:
-                self.skipped += 1
-            else:
-                self._apply(trial, record)
-            storage.write_text(storage.join(storage.parent(location), SENT), name)
+        """The trial's records after the last one replayed. Its place is written once per pass, also
+        when the server fails mid-pass; a replay from an older place adds nothing twice anyway."""
+        sent = self._sent.get(trial)
+        if sent is None:
+            sent = self._sent[trial] = last_sent(location)
+        try:
+            for name in (n for n in record_names(location) if n > sent):
+                try:
+                    record = json.loads(storage.read_text(storage.join(location, name)))
+                except json.JSONDecodeError:
+                    self.skipped += 1
+                else:
+                    self._apply(trial, record)
+                self._sent[trial] = name
+        finally:
+            if self._sent[trial] != sent:
+                storage.write_text(storage.join(storage.parent(location), SENT), self._sent[trial])
 
     def _apply(self, trial: str, record: dict) -> None:
         run_id = self._runs.get(trial)
