@@ -468,7 +468,6 @@ def select(sweep: SweepConfig, directory: str | Path) -> dict:
 
     from sweeps.front_plots import front_figure, plot_front
     from sweeps.selection import hypervolume, pareto_front, select_champion
-    from trainers.checkpoint import verify_checkpoint
 
     directory = str(directory)
     base_file = storage.join(directory, "base_metrics.json")
@@ -482,13 +481,12 @@ def select(sweep: SweepConfig, directory: str | Path) -> dict:
         front = pareto_front(rows)
         broken = []
         for row in (r for r in front if r["checkpoint"] not in verified):
-            try:
-                with storage.local_copy(row["checkpoint"]) as local:  # downloaded from object storage
-                    verify_checkpoint(local)
+            error = checkpoint_error(row["checkpoint"])
+            if error is None:
                 verified.add(row["checkpoint"])
-            except Exception as error:  # noqa: BLE001 - whatever makes it unloadable, it cannot be the champion
+            else:
                 broken.append(row)
-                unreadable.append({"checkpoint": row["checkpoint"], "error": last_line(error)})
+                unreadable.append({"checkpoint": row["checkpoint"], "error": error})
         if not broken:
             break
         rows = [r for r in rows if r not in broken]
@@ -506,6 +504,22 @@ def select(sweep: SweepConfig, directory: str | Path) -> dict:
         for name in ("pareto.png", "pareto.html"):
             storage.write_bytes(storage.join(directory, name), (Path(stage) / name).read_bytes())
     return selection
+
+
+def checkpoint_error(location: str) -> str | None:
+    """Why the checkpoint at `location` cannot be loaded, or None. Read from a download when it is in
+    object storage; the message names the checkpoint's location, not the temporary download."""
+    from trainers.checkpoint import verify_checkpoint
+
+    try:
+        with storage.local_copy(location) as local:
+            try:
+                verify_checkpoint(local)
+            except Exception as error:  # noqa: BLE001 - whatever makes it unloadable, it cannot be the champion
+                return last_line(error).replace(str(local), location)
+    except Exception as error:  # noqa: BLE001 - the download itself failed
+        return last_line(error)
+    return None
 
 
 def write_json(location: str, data) -> None:
