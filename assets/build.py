@@ -28,15 +28,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from eval.degradations import FAMILIES, degrade
-from eval.digits_classifier import DigitsClassifier, confident_fraction
+from assets.degradations import FAMILIES, degrade
+from eval.digits_fid import confident_fraction
 from eval.fidelity import fidelity_metrics
-from eval.quality import DigitsHeldoutIQA, load_quality_model, quality_spearman
+from assets.digits_networks import DigitsClassifier, DigitsHeldoutIQA
+from eval.quality import QualityModel, load_quality_model
 from eval.sampling import sample_images
-from eval.image_sets import DigitsDataset, digits_data_hash
+from trainers.image_sets import DigitsDataset, digits_data_hash
 from trainers.ema import Ema
 from trainers.loop import optimizer_step
-from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, count_parameters, save_base_model
+from trainers.models import DiffusionModel, build_digits_scheduler, build_digits_unet, count_parameters, save_base_model
 
 ASSET_FILES = {
     "classifier": "classifier.safetensors",
@@ -223,7 +224,7 @@ def segmenter_figures(net: torch.nn.Module) -> dict:
             "pixel_accuracy_heldout": round((truth == predicted).float().mean().item(), 4)}
 
 
-def train_base_model(steps: int, seed: int = 0, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, log=print) -> tuple[BaseModel, dict]:
+def train_base_model(steps: int, seed: int = 0, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, log=print) -> tuple[DiffusionModel, dict]:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 2)
     train = DigitsDataset("train").images
@@ -258,13 +259,13 @@ def train_base_model(steps: int, seed: int = 0, batch_size: int = 64, lr: float 
         "training": {"steps": steps, "batch_size": batch_size, "optimizer": f"AdamW lr {lr}, warm-up + cosine", "ema_decay": ema_decay,
                      "grad_clip": 1.0, "seed": seed, "seconds": round(time.time() - started, 1)},
     }
-    return BaseModel(unet=unet, scheduler=scheduler), card
+    return DiffusionModel(unet=unet, scheduler=scheduler), card
 
 
-def base_model_figures(model: BaseModel, classifier_path: Path, num_samples: int, sampling_steps: int, seed: int = 0) -> dict:
+def base_model_figures(model: DiffusionModel, classifier_path: Path, num_samples: int, sampling_steps: int, seed: int = 0) -> dict:
     """The base model's quality bars: confident-classification rate and classifier FID, with the real
     held-out split as the yardstick (its FID against train is the best a sampler could hope for)."""
-    from eval.digits_classifier import FEATURE_EXTRACTOR_NAME, load_digits_classifier
+    from eval.digits_fid import FEATURE_EXTRACTOR_NAME, load_digits_classifier
 
     classifier = load_digits_classifier(classifier_path)
     samples = sample_images(model.unet, model.scheduler.config, num_samples, steps=sampling_steps, seed=seed)
@@ -333,3 +334,19 @@ def build_digits_assets(out_dir: str | Path, budget: AssetBudget | None = None, 
         _write_card(Path(target), card)
         log(f"[assets] {name}: {json.dumps(card.get('figures', {}))}")
     return cards
+
+
+def quality_spearman(model: QualityModel, images: torch.Tensor, family: dict, severities=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0) -> float:
+    """Spearman correlation between the model's quality and the *negated* true severity, pooled over
+    every degradation in `family` at every grade (1.0: ranks quality perfectly; reported in cards)."""
+    from scipy.stats import spearmanr
+
+    generator = torch.Generator().manual_seed(seed)
+    scores, truth = [], []
+    with torch.no_grad():
+        for kind in family:
+            for s in severities:
+                severity = torch.full((len(images),), float(s))
+                scores.append(model(degrade(images, kind, severity, generator)))
+                truth.append(-severity)
+    return float(spearmanr(torch.cat(scores).numpy(), torch.cat(truth).numpy()).statistic)

@@ -1,5 +1,5 @@
 """Train the offline `digits-t2i` stand-in: a small latent text-to-image model with Stable Diffusion's
-component types, on the digits captioned "a thick handwritten 7" (`eval.image_sets.digits_captions`).
+component types, on the digits captioned "a thick handwritten 7" (`trainers.image_sets.digits_captions`).
 
     acpo assets build-t2i [--out assets/digits-t2i] [--quick]
 
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eval.image_sets import DigitsDataset, digits_captions, digits_data_hash
+from trainers.image_sets import DigitsDataset, digits_captions, digits_data_hash
 from trainers.ema import Ema
 from trainers.loop import optimizer_step
-from trainers.models import BaseModel, count_parameters, save_base_model
+from trainers.models import DiffusionModel, count_parameters, save_base_model
 
 PROMPT_MAX_TOKENS = 32
 CFG_DROPOUT = 0.1  # fraction of training captions replaced by "" (the unconditional branch of guidance)
@@ -152,7 +152,7 @@ def train_t2i_unet(vae, text_encoder, tokenizer, steps: int, seed: int, batch_si
     data = DigitsDataset("train")
     texts = digits_captions("train")
     unet, scheduler = build_unet(), build_scheduler()
-    model = BaseModel(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    model = DiffusionModel(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     with torch.no_grad():
         posterior = vae.encode(data.images).latent_dist  # the data is small: encode once, sample per batch
         mean, std = posterior.mean, posterior.std
@@ -181,15 +181,15 @@ def train_t2i_unet(vae, text_encoder, tokenizer, steps: int, seed: int, batch_si
     ema.copy_to(unet)
     unet.eval().requires_grad_(False)
     return model, {"steps": steps, "batch_size": batch_size, "optimizer": f"AdamW lr {lr}, warm-up + cosine", "ema_decay": ema_decay,
-                   "cfg_caption_dropout": CFG_DROPOUT, "captions": "eval.image_sets.digits_captions: 'a [thin|thick] handwritten D'",
+                   "cfg_caption_dropout": CFG_DROPOUT, "captions": "trainers.image_sets.digits_captions: 'a [thin|thick] handwritten D'",
                    "seed": seed, "seconds": round(time.time() - started, 1)}
 
 
 @torch.no_grad()
-def t2i_figures(model: BaseModel, classifier_path: Path, num_samples: int, sampling_steps: int, seed: int = 0) -> dict:
+def t2i_figures(model: DiffusionModel, classifier_path: Path, num_samples: int, sampling_steps: int, seed: int = 0) -> dict:
     """The fraction of samples the digits classifier reads as the prompted digit, at guidance 1 and
     3, and classifier FID against the held-out split (prompts "a handwritten D", D cycling 0-9)."""
-    from eval.digits_classifier import FEATURE_EXTRACTOR_NAME, load_digits_classifier
+    from eval.digits_fid import FEATURE_EXTRACTOR_NAME, load_digits_classifier
     from eval.fidelity import fidelity_metrics
     from eval.sampling import sample_images
 
@@ -210,7 +210,7 @@ def t2i_figures(model: BaseModel, classifier_path: Path, num_samples: int, sampl
 
 def build_digits_t2i(out_dir: str | Path, classifier_path: str | Path, budget: T2IBudget | None = None, seed: int = 0, log=print) -> dict:
     """Train the VAE, then the UNet on its latents; write `out_dir/base` and its card; return the card."""
-    from eval.digits_classifier import load_digits_classifier
+    from eval.digits_fid import load_digits_classifier
 
     budget = budget or T2IBudget()
     classifier_path = Path(classifier_path)

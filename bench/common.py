@@ -142,7 +142,7 @@ class ObjectiveStep:
     The trainable UNet counts its forward calls in `calls`."""
 
     def __init__(self, config, device: torch.device):
-        from eval.image_sets import captions, training_set
+        from trainers.image_sets import captions, training_set
         from objectives.registry import build_objective
         from trainers.data import collate, latent_moments, sample_latents
         from trainers.loop import objective_env, setup_models

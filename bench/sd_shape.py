@@ -60,7 +60,7 @@ def build(size: str, folder: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from assets.digits_t2i import build_tokenizer
-    from trainers.models import BaseModel, save_base_model
+    from trainers.models import DiffusionModel, save_base_model
 
     spec = SIZES[size]
     torch.manual_seed(0)
@@ -71,7 +71,7 @@ def build(size: str, folder: Path) -> Path:
                                                 pad_token_id=tokenizer.pad_token_id))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               prediction_type="epsilon", steps_offset=1, clip_sample=False)
-    model = BaseModel(unet=UNet2DConditionModel(**spec["unet"]), scheduler=scheduler, vae=AutoencoderKL(**spec["vae"]),
+    model = DiffusionModel(unet=UNet2DConditionModel(**spec["unet"]), scheduler=scheduler, vae=AutoencoderKL(**spec["vae"]),
                       text_encoder=text_encoder, tokenizer=tokenizer)
     return save_base_model(model, folder)
 
@@ -81,7 +81,7 @@ def write_images(folder: Path, count: int, resolution: int) -> Path:
     import torch.nn.functional as F
     from PIL import Image
 
-    from eval.image_sets import DigitsDataset
+    from trainers.image_sets import DigitsDataset
 
     folder.mkdir(parents=True, exist_ok=True)
     images = DigitsDataset("train").images[:count]
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dataset(config):
-    from eval.image_sets import training_set
+    from trainers.image_sets import training_set
 
     return training_set(config.data)
 

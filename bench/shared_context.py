@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.image_sets import DigitsDataset, images_only  # noqa: E402
+from trainers.image_sets import DigitsDataset, images_only  # noqa: E402
 from objectives.context import StepContext  # noqa: E402
 from objectives.registry import Objective, Weight, build_objective  # noqa: E402
 from trainers.models import load_base_model  # noqa: E402

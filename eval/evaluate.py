@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 
 from eval.fidelity import fidelity_metrics
-from eval.image_sets import captions, reference_images
+from trainers.image_sets import captions, reference_images
 from eval.quality import QualityModel, load_clip_score, load_quality_model
 from eval.sampling import sample_images
 
-# The sweep's two objectives: what the Pareto front, the selection and MLflow's charts are made of.
-OBJECTIVES = {"fid": "min", "heldout_quality": "max"}
+# The Pareto front's two axes (the sweep's two targets: fidelity down, held-out quality up): what the front,
+# the selection and MLflow's charts are made of. Not "objectives": the objective is the training loss.
+FRONT_AXES = {"fid": "min", "heldout_quality": "max"}
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, model) -> Evaluation:
-        """`model`: a diffusion model as `trainers.models.BaseModel` holds one (unet, scheduler, and
+        """`model`: a diffusion model as `trainers.models.DiffusionModel` holds one (unet, scheduler, and
         for latent text models vae and encode_prompt). Unconditional models ignore the prompts."""
         encode_prompt = model.encode_prompt if model.text_conditioned else None
         metrics, grid = {}, None
@@ -114,7 +115,7 @@ class Evaluator:
             if self.clip_score is not None and prompted is not None:
                 metrics[f"clip_score@{steps}"] = self.clip_score(on_device, prompted).float().mean().item()
         first = self.sampling_steps[0]
-        metrics.update({name: metrics[f"{name}@{first}"] for name in (*OBJECTIVES, "trained_quality")})  # what reports compare
+        metrics.update({name: metrics[f"{name}@{first}"] for name in (*FRONT_AXES, "trained_quality")})  # what reports compare
         return Evaluation(metrics, grid)
 
 

@@ -19,7 +19,6 @@ directory on a cluster cannot smuggle in a pickle.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -31,6 +30,9 @@ from torch.utils.data import Dataset
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset, resolve_feature_layer_for_metric
+
+from trainers.common import storage
+from trainers.common.keys import ContentKey
 
 # Online presets use torch-fidelity's Inception; the digits preset names its classifier instead.
 DEFAULT_FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -57,10 +59,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def prepare_feature_extractor(name: str) -> str:
     """Make sure `name` is registered with torch-fidelity (our digits classifier registers lazily)."""
-    from eval import digits_classifier
+    from eval import digits_fid
 
-    if name == digits_classifier.FEATURE_EXTRACTOR_NAME:
-        digits_classifier.register()
+    if name == digits_fid.FEATURE_EXTRACTOR_NAME:
+        digits_fid.register()
     return name
 
 
@@ -85,22 +87,16 @@ def extract_features(images: torch.Tensor, feature_extractor: str = DEFAULT_FEAT
 def content_key(reference: torch.Tensor, feature_extractor: str, weights: str | None) -> str:
     """Cache key from what the figures depend on: the quantized reference images, the extractor and
     its layer, and the bytes of its weights file (a retrained classifier is a different extractor)."""
-    digest = hashlib.sha256()
-    pixels = to_uint8(reference).contiguous()
-    digest.update(str(tuple(pixels.shape)).encode())
-    digest.update(pixels.numpy().tobytes())
     layer = resolve_feature_layer_for_metric("fid", feature_extractor=prepare_feature_extractor(feature_extractor))
-    digest.update(f"{feature_extractor}:{layer}".encode())
+    key = ContentKey().pixels(to_uint8(reference)).text(f"{feature_extractor}:{layer}")
     if weights:
-        digest.update(Path(weights).read_bytes())
-    return f"{feature_extractor}-{digest.hexdigest()[:24]}"
+        key.file(weights)
+    return f"{feature_extractor}-{key.hex()}"
 
 
 def reference_features(reference: torch.Tensor, feature_extractor: str = DEFAULT_FEATURE_EXTRACTOR, weights: str | None = None,
                        cache_dir: str | Path | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """The reference set's features, from the cache when the same content was seen before."""
-    from eval import storage
-
     # A local folder or object storage (`s3://...`): one cache for every node of a cluster. Written
     # whole, so the trials of a sweep sharing it never read half a file.
     location = storage.join(cache_dir or DEFAULT_CACHE_DIR, f"{content_key(reference, feature_extractor, weights)}.safetensors")

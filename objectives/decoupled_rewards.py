@@ -17,7 +17,7 @@ As UniFL runs it: the reward models are prompt-conditioned where the model is (I
 PickScore, HPSv2 or the digits-t2i stand-in `digits_prompt_agreement`; image-only pyiqa models work
 too); `target: auto` sets alpha_d from data, the mean reward of a reference set (UniFL: of preferred
 samples; by default here the real training images with their captions), computed once and cached
-(`eval.quality.mean_reward`); with `prompts`, each step generates one image per prompt drawn at
+(`objectives.nr_iqa.mean_reward`); with `prompts`, each step generates one image per prompt drawn at
 random from a pool selected offline (UniFL's active prompt selection: `objectives/prompt_select.py`).
 
 Ours, named as ours: UniFL trains its own per-aspect reward models on its annotated data; we take

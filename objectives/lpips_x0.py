@@ -106,7 +106,8 @@ class CascadedDenoiser(nn.Module):
 
     @classmethod
     def load(cls, folder: Path, unet: nn.Module, scheduler_config) -> "CascadedDenoiser":
-        from eval.quality import UnreadableFileError, read_state_dict
+        from trainers.common.errors import UnreadableFileError
+        from trainers.common.weights import read_state_dict
 
         try:
             settings = json.loads((folder / "config.json").read_text())

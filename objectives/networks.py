@@ -84,7 +84,7 @@ def load_feature_network(spec, device="cpu", option: str = "network") -> Feature
     name, weights = _parse(spec, option)
     check_network_spec(spec, option)
     if name == "digits-classifier":
-        from eval.digits_classifier import load_digits_classifier
+        from eval.digits_fid import load_digits_classifier
 
         body = load_digits_classifier(weights).body
         return FeatureNetwork(body, taps=(1, 3, 6), prepare=_digits_prepare).to(device)  # relu after each conv
@@ -95,7 +95,7 @@ def load_feature_network(spec, device="cpu", option: str = "network") -> Feature
     except Exception as error:  # torchvision raises URLError/RuntimeError when the download fails
         raise OptionError(option, f"could not load vgg16 ImageNet weights ({type(error).__name__}: {str(error).splitlines()[0]})") from None
     if weights:
-        from eval.quality import read_state_dict
+        from trainers.common.weights import read_state_dict
 
         vgg.load_state_dict(read_state_dict(weights))
     return FeatureNetwork(vgg.features, taps=(3, 8, 15, 22), prepare=_imagenet_prepare).to(device)  # relu1_2..relu4_3

@@ -12,11 +12,15 @@ inside the graph for latent models.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
-from eval.quality import check_quality_spec
+from eval.quality import QualityModel, check_quality_spec
 from objectives.context import StepContext, X0Source
 from objectives.term import BuildEnv, OptionError, Term, require_number
+from trainers.common import storage
+from trainers.common.keys import ContentKey
 
 
 def load_reward(spec, env: BuildEnv, option: str):
@@ -44,14 +48,13 @@ def check_target_reference(value) -> str:
 
 def auto_target(model, spec, env: BuildEnv, reference: str, option: str) -> float:
     """`target: auto`: the model's mean reward on the reference set (UniFL sets its hinge targets from
-    data), with each image's caption for a prompt-conditioned model; cached (`eval.quality.mean_reward`)."""
-    from eval.quality import mean_reward
+    data), with each image's caption for a prompt-conditioned model; cached (`mean_reward`)."""
 
     try:
         if reference == "data":
             images, prompts = env.reference()
         else:
-            from eval.image_sets import captioned_folder
+            from trainers.image_sets import captioned_folder
 
             images, prompts = captioned_folder(reference, env.resolution, env.image_channels)
     except (FileNotFoundError, ValueError) as error:
@@ -91,3 +94,27 @@ class NrIqa(Term):
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         images = (ctx.image(ctx.generated(self.source)) + 1) / 2
         return quality_loss(self.quality(images, ctx.prompts), self.quality.lower_better, self.target)
+
+
+def mean_reward(model: QualityModel, images01: torch.Tensor, prompts: list[str] | None, spec, cache_dir=None,
+                batch_size: int = 250, device="cpu") -> float:
+    """The mean score of `model` over a reference set (real training images, or preferred samples),
+    with their prompts for a prompt-conditioned model: what `target: auto` sets a hinge target to
+    (UniFL's alpha_d, the mean reward of preferred samples). Computed once per (images, prompts,
+    model spec, weights file bytes) and cached as JSON under the fidelity cache folder."""
+    from eval.fidelity import DEFAULT_CACHE_DIR, to_uint8
+
+    key = ContentKey().pixels(to_uint8(images01)).json(prompts).json(spec)
+    if isinstance(spec, dict):
+        key.file(spec["weights"])
+    location = storage.join(cache_dir or DEFAULT_CACHE_DIR, "reward-targets", f"{key.hex()}.json")
+    if storage.is_file(location):
+        return float(json.loads(storage.read_text(location))["mean"])
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(images01), batch_size):
+            batch = images01[start:start + batch_size].to(device)
+            scores.append(model(batch, None if prompts is None else prompts[start:start + batch_size]).float().cpu())
+    mean = torch.cat(scores).mean().item()
+    storage.write_text(location, json.dumps({"mean": mean, "model": model.name, "images": len(images01)}) + "\n")
+    return mean

@@ -30,7 +30,7 @@ def min_words(prompt: str, count: int = 3) -> bool:
 
 def names_a_digit(prompt: str) -> bool:
     """The digits-t2i filter: the prompt asks for a digit (prompt agreement is undefined otherwise)."""
-    from eval.quality import prompted_digit
+    from assets.digits_networks import prompted_digit
 
     try:
         prompted_digit(prompt)

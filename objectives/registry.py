@@ -11,7 +11,6 @@ import math
 
 import torch
 
-from eval.quality import SpecError
 from objectives.adversarial import Adversarial
 from objectives.anchor import Anchor
 from objectives.context import StepContext
@@ -200,7 +199,7 @@ def _construct(name: str, options: dict, prefix: str, env: BuildEnv | None):
         if env is not None:
             term.setup(env)
         return term
-    except (OptionError, SpecError) as error:
+    except OptionError as error:
         raise ObjectiveError(f"{prefix}.{name}.{error.option}: {error.message}") from None
     except (TypeError, ValueError, FileNotFoundError) as error:
         raise ObjectiveError(f"{prefix}.{name}: {error}") from None

@@ -18,33 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from assets.digits_networks import DigitsSegmenter
 from objectives.term import OptionError
 
 TORCHVISION_SEGMENTERS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large")
 DIGITS_SEGMENTER = "digits-segmenter"
 FOREGROUND_THRESHOLD = 0.35  # a digits pixel (in [0, 1]) at or above this is stroke: the segmenter's training masks
-
-
-class DigitsSegmenter(nn.Module):
-    """A two-level U-Net: `[N, 1, 16, 16]` in [0, 1] -> `[N, 11, 16, 16]` logits (0: background,
-    1 + d: stroke of digit d). The digit needs the whole image, so the bottleneck sees 8x8 context
-    through two dilated convolutions."""
-
-    classes = 11
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.encode = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU())
-        self.bottleneck = nn.Sequential(
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=2, dilation=2), nn.SiLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=4, dilation=4), nn.SiLU(),
-            nn.ConvTranspose2d(2 * width, width, 2, stride=2), nn.SiLU())
-        self.decode = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, self.classes, 1))
-
-    def forward(self, x):
-        skip = self.encode(x * 2 - 1)
-        return self.decode(torch.cat([skip, self.bottleneck(skip)], dim=1))
 
 
 def digit_masks(images01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -94,7 +73,7 @@ def _gray(x):
 
 def load_segmenter(spec, device="cpu", option: str = "segmenter") -> Segmenter:
     name, weights = check_segmenter_spec(spec, option)
-    from eval.quality import read_state_dict
+    from trainers.common.weights import read_state_dict
 
     if name == DIGITS_SEGMENTER:
         net = DigitsSegmenter()

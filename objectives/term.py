@@ -29,17 +29,7 @@ import math
 
 from dataclasses import dataclass
 
-
-class ObjectiveError(ValueError):
-    """A bad objective config; the message names the field (`objective.nr_iqa.t_range: ...`)."""
-
-
-class OptionError(ValueError):
-    """A bad option of one term; `option` is its name (`t_range`, `rewards.color.weight`)."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}")
-        self.option, self.message = option, message
+from trainers.common.errors import ObjectiveError, OptionError  # noqa: F401 - the terms' error types
 
 
 class Term:

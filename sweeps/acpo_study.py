@@ -259,7 +259,7 @@ def champion_grids(study: StudyConfig, directory: Path, out: Path) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweeps.cli import report_error
+    from trainers.common.errors import report_error
 
     parser = argparse.ArgumentParser(prog="acpo_study.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", "--preset", default="digits",
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"seeds={list(range(args.seeds))}"] if args.seeds else [])
     try:
         study = read_study(args.study, overrides)
-        from eval.storage import is_remote
+        from trainers.common.storage import is_remote
         from sweeps.acpo_sweep import sweep_dir
 
         if is_remote(study.storage_dir):  # its report and per-method sweeps are read as local files

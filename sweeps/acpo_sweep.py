@@ -30,7 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python sweeps/acpo_sweep.py`: import from the project root, not from sweeps/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from eval import storage  # noqa: E402
+from trainers.common import storage  # noqa: E402
 from sweeps.presets import SweepConfig, load, set_values  # noqa: E402
 from sweeps.space import check_space, pin_searched  # noqa: E402
 from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
@@ -248,7 +248,7 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str):
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from eval.evaluate import OBJECTIVES  # imported here: the trial actors import this module, and need no pyiqa
+    from eval.evaluate import FRONT_AXES  # imported here: the trial actors import this module, and need no pyiqa
     from sweeps.space import tune_space
 
     settings = config.train
@@ -259,7 +259,7 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str):
     concurrency = sweep.max_concurrent or max(1, fit)
     sampler = NSGAIISampler(seed=sweep.seed) if sweep.algorithm == "nsga2" else TPESampler(seed=sweep.seed, multivariate=True)
     url = optuna_storage(sweep, directory)
-    search = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), sampler=sampler, study_name=sweep.name,
+    search = OptunaSearch(metric=list(FRONT_AXES), mode=list(FRONT_AXES.values()), sampler=sampler, study_name=sweep.name,
                           storage=RDBStorage(url) if url else None, seed=sweep.seed)
     print(f"[sweep] {sweep.num_samples} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
     return tune.Tuner(
@@ -448,7 +448,7 @@ def store_folder(local: Path, location: str) -> None:
 def sampling_settings(checkpoint: str, exported: Path) -> dict:
     """How the champion was sampled when it was evaluated (its run's config): the registered model
     samples the same way (`trainers/mlflow_model.py`); a text model with the evaluation's prompts."""
-    from eval.image_sets import captions
+    from trainers.image_sets import captions
 
     config = Config.from_dict(json.loads(storage.read_text(storage.join(checkpoint, "config.json"))))
     text = (exported / "text_encoder").is_dir()
@@ -464,7 +464,7 @@ def select(sweep: SweepConfig, directory: str | Path) -> dict:
     `unreadable` and left out, and the front is taken again without them."""
     import tempfile
 
-    from eval.evaluate import OBJECTIVES
+    from eval.evaluate import FRONT_AXES
 
     from sweeps.front_plots import front_figure, plot_front
     from sweeps.selection import hypervolume, pareto_front, select_champion
@@ -493,7 +493,7 @@ def select(sweep: SweepConfig, directory: str | Path) -> dict:
     for item in unreadable:
         print(f"[sweep] skipped an unreadable checkpoint: {item['checkpoint']}: {item['error']}", file=sys.stderr, flush=True)
     champion, rule = select_champion(rows, base, sweep.fid_tolerance)
-    selection = {"base": {name: base[name] for name in OBJECTIVES}, "rule": rule, "fid_tolerance": sweep.fid_tolerance,
+    selection = {"base": {name: base[name] for name in FRONT_AXES}, "rule": rule, "fid_tolerance": sweep.fid_tolerance,
                  "hypervolume": hypervolume(front, base), "evaluated": len(rows), "front": front, "champion": champion,
                  "unreadable": unreadable}
     write_json(storage.join(directory, "selection.json"), selection)
@@ -530,7 +530,7 @@ def write_json(location: str, data) -> None:
 def evaluated_checkpoints(directory: str) -> tuple[list[dict], list[dict]]:
     """Every evaluated checkpoint of every trial: the table the selection runs on; and those whose
     figures cannot be read."""
-    from eval.evaluate import OBJECTIVES
+    from eval.evaluate import FRONT_AXES
 
     rows, unreadable = [], []
     for metrics_file in storage.glob(directory, f"trials/*/{CHECKPOINT_GLOB}/metrics.json"):
@@ -540,8 +540,8 @@ def evaluated_checkpoints(directory: str) -> tuple[list[dict], list[dict]]:
         try:
             params = json.loads(storage.read_text(params_file)) if storage.is_file(params_file) else {}
             metrics = json.loads(storage.read_text(metrics_file))
-            if not all(isinstance(metrics.get(name), (int, float)) for name in OBJECTIVES):
-                raise ValueError(f"no {' and '.join(OBJECTIVES)} in metrics.json")
+            if not all(isinstance(metrics.get(name), (int, float)) for name in FRONT_AXES):
+                raise ValueError(f"no {' and '.join(FRONT_AXES)} in metrics.json")
         except ValueError as error:  # JSONDecodeError included
             unreadable.append({"checkpoint": checkpoint, "error": f"metrics.json: {error}"})
             continue
@@ -581,7 +581,7 @@ def print_summary(selection: dict, uri: str, sweep: SweepConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweeps.cli import report_error
+    from trainers.common.errors import report_error
 
     parser = argparse.ArgumentParser(prog="acpo_sweep.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="digits")

@@ -17,10 +17,11 @@ Bad input ends with one line on stderr naming the field or file, exit status 2.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
 from pathlib import Path
+
+from trainers.common.errors import report_error
 
 
 def _add_config_args(parser):
@@ -240,29 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     prompt_select.add_argument("--filter", default="", help="semantic filter module:function (default: at least 3 words)")
     prompt_select.set_defaults(func=cmd_prompts_select)
     return parser
-
-
-def report_error(error: BaseException) -> int:
-    """A user's error (bad config, missing file, a run that failed in a known way) as one line on
-    stderr, exit status 2; anything else is a bug and keeps its traceback. Every entry point ends here."""
-    from eval.quality import UnreadableFileError
-    from objectives.registry import ObjectiveError
-    from trainers.config import ConfigError
-    from sweeps.tracking import TrackingError
-    from trainers.ray_train import TrainingError
-
-    if isinstance(error, OSError) and (error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or "No space left on device" in str(error)):
-        # The storage filled up (or went read-only) under the sweep: what is written stays consistent
-        # (checkpoints and records are written aside and renamed); free space, then --resume.
-        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-        print(f"acpo: error: the storage folder cannot be written{where}: {str(error).strip().splitlines()[-1][:200]}; "
-              "free space (or make it writable) and --resume", file=sys.stderr)
-        return 2
-    if not isinstance(error, (ConfigError, ObjectiveError, FileNotFoundError, NotADirectoryError, UnreadableFileError,
-                              FloatingPointError, TrainingError, TrackingError)):
-        raise error
-    print(f"acpo: error: {error}", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

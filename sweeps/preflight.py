@@ -47,7 +47,7 @@ def _checked(field: str, load, *args):
 def check_inputs(config: Config) -> list[str]:
     """Open every file the config names; returns what was left unchecked (hub ids), one line each."""
     from eval.fidelity import _extractor
-    from eval.image_sets import reference_images, training_set
+    from trainers.image_sets import reference_images, training_set
     from eval.quality import load_quality_model
     from trainers.models import load_base_model
 
@@ -177,7 +177,7 @@ def check_object_storage(location: str, field: str) -> None:
     Ray Tune's state from it, as from a folder)."""
     import uuid
 
-    from eval import storage
+    from trainers.common import storage
 
     probe = storage.join(location, f".acpo-probe-{uuid.uuid4().hex[:8]}")
     try:

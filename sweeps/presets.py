@@ -169,4 +169,5 @@ def load(preset: str = "digits", overrides: list[str] | None = None) -> tuple[Co
     plain `acpo train --set objective={denoise: 1.0}` need not keep the terms the space searches.)"""
     resolved = Preset.from_dict(apply_overrides(read_preset(preset), list(overrides or [])))
     config = Config.model_construct(**{name: getattr(resolved, name) for name in Config.model_fields})
+    config.check_references()  # once, here at the edge; what a worker re-validates is the schema only
     return config, resolved.sweep

@@ -90,7 +90,7 @@ def check_space(sweep, config: Config) -> None:
                 node = node[part]
         for value in args:  # a choice's every value, a range's two ends
             try:
-                Config.from_dict(set_values(config_dict, {key: value}))
+                Config.from_dict(set_values(config_dict, {key: value})).check_references()
             except ConfigError as error:
                 raise ConfigError(f"sweep.space.{key}: {value!r} is not a valid value ({error})") from None
 

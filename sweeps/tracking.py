@@ -45,10 +45,10 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray.train.v2.api.callback import UserCallback  # noqa: E402
 
-from eval import storage  # noqa: E402
+from trainers.common import storage  # noqa: E402
 from sweeps.selection import params_text  # noqa: E402
 from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
-from trainers.config import last_line  # noqa: E402
+from trainers.common.errors import TrackingError, last_line  # noqa: E402,F401 - TrackingError: raised here, caught by the driver
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
 _MAX_VALUE = 500
@@ -58,10 +58,6 @@ _MAX_VALUE = 500
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # Sample grids of 16 px digits are ~136 px wide: upscaled (nearest, so pixels stay pixels) to at least this.
 GRID_WIDTH = 512
-
-
-class TrackingError(RuntimeError):
-    """MLflow could not be reached for a step that needs it; the message says what is safe on disk."""
 
 
 class SweepTracking:

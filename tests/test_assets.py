@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from eval.degradations import HELDOUT_FAMILY, TRAIN_FAMILY
-from eval.digits_classifier import FEATURE_EXTRACTOR_NAME, confident_fraction, load_digits_classifier
+from assets.degradations import HELDOUT_FAMILY, TRAIN_FAMILY
+from eval.digits_fid import FEATURE_EXTRACTOR_NAME, confident_fraction, load_digits_classifier
 from eval.fidelity import fidelity_metrics
-from eval.image_sets import DigitsDataset
-from eval.quality import load_quality_model, quality_spearman
+from trainers.image_sets import DigitsDataset
+from assets.build import quality_spearman
+from eval.quality import load_quality_model
 from eval.sampling import sample_images
 from trainers.models import load_base_model
 
@@ -78,7 +79,7 @@ def test_pure_noise_scores_far_worse_on_both_figures(base_figures):
 
 def test_segmenter_labels_held_out_digits(digits_assets):
     from objectives.segmenters import DigitsSegmenter, digit_masks
-    from eval.quality import read_state_dict
+    from trainers.common.weights import read_state_dict
 
     net = DigitsSegmenter()
     net.load_state_dict(read_state_dict(digits_assets / "segmenter.safetensors"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from assets.build import train_classifier
-from eval.digits_classifier import load_digits_classifier
-from eval.image_sets import DigitsDataset, digits_data_hash
+from eval.digits_fid import load_digits_classifier
+from trainers.image_sets import DigitsDataset, digits_data_hash
 from eval.quality import load_quality_model
 from eval.sampling import sample_images
 from sweeps.cli import main

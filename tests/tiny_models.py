@@ -9,10 +9,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from trainers.models import BaseModel
+from trainers.models import DiffusionModel
 
 
-def build_tiny_sd(image_channels: int = 1, resolution: int = 16, seed: int = 0) -> BaseModel:
+def build_tiny_sd(image_channels: int = 1, resolution: int = 16, seed: int = 0) -> DiffusionModel:
     """A randomly initialized model shaped like Stable Diffusion (UNet2DConditionModel with cross
     attention, AutoencoderKL, CLIP text encoder and tokenizer), small enough for CPU tests. The
     tokenizer is built from a local character vocabulary, since the real one lives on the hub."""
@@ -35,4 +35,4 @@ def build_tiny_sd(image_channels: int = 1, resolution: int = 16, seed: int = 0) 
                               prediction_type="epsilon", steps_offset=1, clip_sample=False)  # Stable Diffusion's schedule
     for module in (vae, text_encoder):
         module.requires_grad_(False).eval()
-    return BaseModel(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    return DiffusionModel(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainers.config import last_line
+from trainers.common.errors import UnreadableCheckpointError, last_line
 
 if TYPE_CHECKING:
-    from trainers.models import BaseModel
+    from trainers.models import DiffusionModel
 
 
 CHECKPOINT_GLOB = "step_*"  # every checkpoint folder of a run, in step order when sorted
@@ -49,10 +49,10 @@ def _lora_settings(model_config) -> dict:
             "targets": list(model_config.lora_targets)}
 
 
-def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module, base: BaseModel, config, optimizer,
+def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module, base: DiffusionModel, config, optimizer,
                      ema=None, objective=None, world_size: int = 1, metrics: dict | None = None, samples=None) -> Path:
     from objectives.lpips_x0 import CascadedDenoiser
-    from trainers.models import BaseModel, save_base_model
+    from trainers.models import DiffusionModel, save_base_model
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
             if isinstance(denoiser, CascadedDenoiser):
                 denoiser.save(tmp / "model" / "cascade")
         else:
-            save_base_model(BaseModel(unet=denoiser, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
+            save_base_model(DiffusionModel(unet=denoiser, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
                                       tokenizer=base.tokenizer), tmp / "model")
         if ema is not None:
             save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
@@ -90,10 +90,6 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-class UnreadableCheckpointError(ValueError):
-    """A checkpoint folder that cannot be restored or loaded (a file missing, corrupt or of the wrong shapes)."""
 
 
 def read_checkpoint(directory: str | Path, *, model: torch.nn.Module, optimizer, ema=None, objective=None, device="cpu") -> int:
@@ -138,7 +134,7 @@ def _model_weights(model_dir: Path, finetune: str) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = True) -> BaseModel:
+def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = True) -> DiffusionModel:
     """A checkpoint as a ready-to-sample model: the full pipeline, or the base with the adapter
     loaded; with `use_ema` and an EMA file, the averaged weights; with a `cascade/`, the Cas-DM head."""
     from objectives.lpips_x0 import CascadedDenoiser, core_denoiser

@@ -3,8 +3,15 @@
 Every field has a default and a comment. Types are strict (`train.steps: ten` is an error, not a
 coercion) and unknown keys are refused; `validate(Section, data)` turns pydantic's report into the
 project's one-line `ConfigError` naming the dotted field (`train.steps: expected an integer, got
-'ten'`). Presets and `--set` overrides are read by `sweeps/presets.py`, the one loader; a Ray worker
-re-validates the resolved dict it is shipped with `Config.from_dict`.
+'ten'`). Presets and `--set` overrides are read by `sweeps/presets.py`, the one loader.
+
+Two checks, kept apart:
+- `Config.from_dict`: the schema (types, ranges, paths made absolute, rules between fields). Pure and
+  cheap: it imports nothing above the bottom layer, and is what a Ray worker or a trial re-runs on
+  the resolved dict it is shipped.
+- `Config.check_references`: what the config refers to (quality models known to pyiqa or present on
+  disk, the objective's terms and their options). It imports eval/ and objectives/ (pyiqa), so it
+  runs once, at the edge: the preset loader, the sweep's space check, the preflight.
 """
 
 from __future__ import annotations
@@ -14,20 +21,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trainers.common.errors import ConfigError, last_line  # noqa: F401 - the config's error, as callers import it
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field."""
-
-
-def last_line(error: BaseException, with_type: bool = False) -> str:
-    """An exception as one line: its message's last non-empty line (where Python, pyarrow and most
-    libraries put the reason), or its type's name when it has no message."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return f"{type(error).__name__}: {lines[-1]}" if with_type else lines[-1]
 
 
 # Keys that were renamed, so that a config written for an old name fails naming the new one (renamed
@@ -183,21 +179,18 @@ class Config(Section):
 
     @classmethod
     def from_dict(cls, data: dict):
-        """Validate types and ranges, resolve project paths, then check what types cannot say
-        (files, metric names, the objective's terms and options). Loads no model."""
+        """The schema: types and ranges, project paths resolved, the rules between fields. Opens no
+        file and imports no model library (`check_references` does, once, at the edge)."""
         check_renamed(data)
         config = validate(cls, data)
         config.resolve_paths()
-        config.check()
+        config.check_fields()
         return config
 
     def to_dict(self) -> dict:
         return self.model_dump()
 
-    def check(self) -> None:
-        from eval.quality import SpecError, check_quality_spec, pyiqa_metric_names
-        from objectives.registry import ObjectiveError, validate_objective
-
+    def check_fields(self) -> None:
         data, evaluation = self.data, self.eval
         if data.caption_column and data.source == "folder":
             raise ConfigError("data.caption_column: only for data.source 'hf' (a column) or 'digits' ('caption': digits_captions)")
@@ -207,15 +200,24 @@ class Config(Section):
             raise ConfigError(f"data.path: required when data.source is {data.source!r}")
         if data.caption_column and not evaluation.prompts:  # the caption template alone has nothing to fill in
             raise ConfigError("eval.prompts: required when data.caption_column is set (what should evaluation prompt with?)")
+        reserved = sorted(set(evaluation.extra_quality) & {"trained_quality", "heldout_quality", "fid", "kid", "diversity", "clip_score"})
+        if reserved:
+            raise ConfigError(f"eval.extra_quality.{reserved[0]}: the name is taken by a built-in metric")
+
+    def check_references(self) -> None:
+        """What types cannot say: every quality model is a pyiqa metric or an architecture with its
+        weights file, the CLIP-score metric exists, the objective's terms and options are valid.
+        Builds no model; imports eval/ and objectives/ (and pyiqa's metric list)."""
+        from eval.quality import OptionError, check_quality_spec, pyiqa_metric_names
+        from objectives.registry import ObjectiveError, validate_objective
+
+        evaluation = self.eval
         for name, spec in evaluation.quality_specs().items():
             option = f"eval.extra_quality.{name}" if name in evaluation.extra_quality else f"eval.{name}"
             try:
                 check_quality_spec(spec, option)
-            except SpecError as error:
+            except OptionError as error:
                 raise ConfigError(str(error)) from None
-        reserved = sorted(set(evaluation.extra_quality) & {"trained_quality", "heldout_quality", "fid", "kid", "diversity", "clip_score"})
-        if reserved:
-            raise ConfigError(f"eval.extra_quality.{reserved[0]}: the name is taken by a built-in metric")
         if evaluation.clip_score and evaluation.clip_score not in pyiqa_metric_names():
             raise ConfigError(f"eval.clip_score: unknown pyiqa metric {evaluation.clip_score!r}")
         try:
@@ -228,7 +230,7 @@ class Config(Section):
         if self.data.source == "folder" or (self.data.source == "hf" and self.data.path.startswith((".", "/", "~"))):
             self.data.path = resolve_path(self.data.path)
         if self.eval.reference.startswith("hf:"):
-            from eval.image_sets import parse_hf_reference
+            from trainers.image_sets import parse_hf_reference
 
             name, split = parse_hf_reference(self.eval.reference)
             if name.startswith((".", "/", "~")):
@@ -240,7 +242,7 @@ class Config(Section):
         self.eval.trained_quality = resolve_quality_paths(self.eval.trained_quality)
         self.eval.heldout_quality = resolve_quality_paths(self.eval.heldout_quality)
         self.eval.extra_quality = {k: resolve_quality_paths(v) for k, v in self.eval.extra_quality.items()}
-        from eval.storage import is_remote, resolve
+        from trainers.common.storage import is_remote, resolve
 
         if is_remote(self.data.cache_dir):
             raise ConfigError(f"data.cache_dir: {self.data.cache_dir} is a URI; the latent cache is a local folder on each node "

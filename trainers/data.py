@@ -16,7 +16,6 @@ are encoded once per distinct caption (`PromptCache`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -25,8 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from eval.storage import write_whole
-from eval.sampling import derive_seed
+from trainers.common.keys import ContentKey
+from trainers.common.storage import write_whole
+from trainers.common.seeds import derive_seed
 from trainers.config import ConfigError
 
 LATENT_CACHE_VERSION = "1"  # bump when what the cache holds changes
@@ -103,16 +103,6 @@ class EncodedDataset(Dataset):
         return (item, self.second[i]) if self.second is not None else item
 
 
-def tensor_digest(tensors, digest=None):
-    """sha256 over tensors' shapes, dtypes and bytes (a cache key from content, never from a name)."""
-    digest = digest or hashlib.sha256()
-    for tensor in tensors:
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest
-
-
 DEFAULT_LATENT_CACHE = Path(os.environ.get("ACPO_LATENT_CACHE", Path.home() / ".cache" / "acpo" / "latents"))
 
 
@@ -122,13 +112,13 @@ def cached_latents(dataset: Dataset, vae: torch.nn.Module, device, cache_dir: st
     images were encoded by the same VAE before: the trials of a sweep share one encoding. The images
     are read once to key the cache, and once more to encode them on a miss."""
     reader = lambda: DataLoader(dataset, batch_size=chunk, shuffle=False, collate_fn=collate, num_workers=workers)  # noqa: E731
-    content, second = tensor_digest([torch.tensor([int(LATENT_CACHE_VERSION)])]), []
+    content, second = ContentKey().tensors([torch.tensor([int(LATENT_CACHE_VERSION)])]), []
     for images, labels in reader():
-        tensor_digest([images], content)
+        content.tensors([images])
         second.extend(labels or [])
     second = [x if isinstance(x, str) else int(x) for x in second] or None
-    weights = tensor_digest(vae.state_dict().values()).hexdigest()
-    key = hashlib.sha256(f"{content.hexdigest()}:{weights}".encode()).hexdigest()[:32]
+    weights = ContentKey().tensors(vae.state_dict().values()).hex(64)
+    key = ContentKey().text(f"{content.hex(64)}:{weights}").hex(32)
     path = Path(cache_dir or DEFAULT_LATENT_CACHE) / f"{key}.safetensors"
     if path.is_file():
         try:

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from eval.evaluate import Evaluator
-from eval.image_sets import captioned_images, captions, training_set
-from eval.sampling import derive_seed
+from trainers.image_sets import captioned_images, captions, training_set
+from trainers.common.seeds import derive_seed
 from objectives.context import StepContext
 from objectives.registry import Objective, build_objective
 from objectives.term import BuildEnv
@@ -35,7 +35,7 @@ from trainers.config import Config, ConfigError
 from trainers.data import PromptCache, batch_loader, cached_latents, latent_moments, sample_latents
 from trainers.ema import Ema
 from trainers.lora import AdaptersDisabled, add_lora
-from trainers.models import BaseModel, load_base_model
+from trainers.models import DiffusionModel, load_base_model
 
 
 def print_report(metrics: dict, checkpoint: Path | None = None) -> None:
@@ -70,7 +70,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, parameters: list[torch.nn.P
     optimizer.zero_grad(set_to_none=True)
 
 
-def setup_models(config: Config, base: BaseModel, objective: Objective):
+def setup_models(config: Config, base: DiffusionModel, objective: Objective):
     """The trainable model, starting as an exact copy of the frozen base, and the frozen base the
     terms see (None when no term reads it). With LoRA the copy carries the adapters and the base is
     the same network with adapters disabled: one set of base weights in memory."""
@@ -209,7 +209,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
     return {"metrics": metrics, "checkpoint": str(checkpoint) if checkpoint else None, "model": model}
 
 
-def objective_env(config: Config, base: BaseModel, device) -> BuildEnv:
+def objective_env(config: Config, base: DiffusionModel, device) -> BuildEnv:
     """What the objective's terms are built against: the base model's shapes and scheduler, the data."""
     return BuildEnv(device=str(device), model_channels=base.model_channels, image_channels=base.channels,
                     num_train_timesteps=base.scheduler.config.num_train_timesteps, text_conditioned=base.text_conditioned,
@@ -217,9 +217,9 @@ def objective_env(config: Config, base: BaseModel, device) -> BuildEnv:
                     cache_dir=config.eval.cache_dir or None)
 
 
-def eval_model(model: torch.nn.Module, base: BaseModel, ema: Ema | None, objective: Objective) -> BaseModel:
+def eval_model(model: torch.nn.Module, base: DiffusionModel, ema: Ema | None, objective: Objective) -> DiffusionModel:
     """What evaluation samples from: the trained weights, or their EMA (in a copy, training goes on),
     with every module a term adds to the model (the Cas-DM head)."""
     unet = ema.copy_to(copy.deepcopy(model)) if ema is not None else model
     unet = objective.wrap_for_sampling(unet, base.scheduler.config)
-    return BaseModel(unet=unet, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+    return DiffusionModel(unet=unet, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer)

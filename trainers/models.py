@@ -33,7 +33,7 @@ diffusers_logging.disable_progress_bar()  # "Loading pipeline components" on std
 
 
 @dataclass
-class BaseModel:
+class DiffusionModel:
     """A denoiser and the noise scheduler it was trained with; for latent text-to-image models
     (Stable Diffusion) also the VAE, the text encoder and its tokenizer."""
 
@@ -91,7 +91,7 @@ def build_digits_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**DIGITS_SCHEDULER_CONFIG)
 
 
-def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") -> BaseModel:
+def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
     """Load a diffusion pipeline from a local diffusers folder or a hub id.
 
     Local folders must exist and hold `model_index.json`; anything else is treated as a hub id, which
@@ -129,10 +129,10 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") 
         from objectives.lpips_x0 import CascadedDenoiser
 
         unet = CascadedDenoiser.load(local / "cascade", unet, scheduler.config)
-    return BaseModel(unet=unet, scheduler=scheduler, tokenizer=getattr(pipe, "tokenizer", None), **frozen)
+    return DiffusionModel(unet=unet, scheduler=scheduler, tokenizer=getattr(pipe, "tokenizer", None), **frozen)
 
 
-def save_base_model(model: BaseModel, path: str | Path) -> Path:
+def save_base_model(model: DiffusionModel, path: str | Path) -> Path:
     """Write a diffusers pipeline folder (DDPMPipeline, or StableDiffusionPipeline for latent text
     models), weights as safetensors, and a Cas-DM head as `cascade/`; `load_base_model` reads it back."""
     from objectives.lpips_x0 import CascadedDenoiser, core_denoiser

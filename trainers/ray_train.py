@@ -16,13 +16,10 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from eval.storage import resolve
-from trainers.checkpoint import CHECKPOINT_GLOB, UnreadableCheckpointError
+from trainers.common.storage import resolve
+from trainers.checkpoint import CHECKPOINT_GLOB
+from trainers.common.errors import TrainingError, UnreadableCheckpointError, root_message
 from trainers.config import Config
-
-
-class TrainingError(RuntimeError):
-    """A training run failed; the message is the worker's own one-line error."""
 
 
 def train_worker(config_dict: dict) -> None:
@@ -164,17 +161,3 @@ def run_training(config: Config, name: str = "train", storage_path: str | Path |
         return build_trainer(config, name, storage).fit()
     except ray.train.TrainingFailedError as error:
         raise TrainingError(root_message(error)) from None
-
-
-def root_message(error: BaseException) -> str:
-    """The first worker's own error as one line (`FloatingPointError: non-finite loss at step 3 ...`)."""
-    cause = error
-    for _ in range(10):  # Tune's and Ray's wrappers (RayTaskError.cause), Train's worker failures, in any order
-        failures = getattr(cause, "worker_failures", None) or {}
-        inner = next(iter(failures.values()), None) or getattr(cause, "controller_failure", None) or getattr(cause, "cause", None)
-        if inner is None or inner is cause:
-            break
-        cause = inner
-    text = str(cause).strip().splitlines()
-    last = [line for line in text if line.strip()][-1] if text else type(cause).__name__
-    return last if ":" in last else f"{type(cause).__name__}: {last}"

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from eval.degradations import degrade
+from assets.degradations import degrade
 from eval.evaluate import Evaluator, reward_gap, sampling_noise
-from eval.image_sets import DigitsDataset, images_only
+from trainers.image_sets import DigitsDataset, images_only
 from eval.quality import load_quality_model
 from eval.sampling import sample_images
 from sweeps.cli import main
@@ -139,7 +139,7 @@ def tiny_text_model():
 
 
 def test_one_seed_scheme_separates_streams_indices_and_ranks():
-    from eval.sampling import derive_seed
+    from trainers.common.seeds import derive_seed
 
     seeds = {derive_seed(seed, stream, index, rank) for seed in (0, 1) for stream in ("step", "data order", "sampling")
              for index in range(50) for rank in range(4)}

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch_fidelity
 
-from eval.digits_classifier import FEATURE_EXTRACTOR_NAME, register
+from eval.digits_fid import FEATURE_EXTRACTOR_NAME, register
 from eval.fidelity import _Uint8Images, fidelity_metrics
-from eval.image_sets import DigitsDataset
+from trainers.image_sets import DigitsDataset
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_small_sample_counts(splits, digits_assets):
 
 
 def test_extractor_rejects_float_images(digits_assets):
-    from eval.digits_classifier import DigitsClassifierFeatureExtractor
+    from eval.digits_fid import DigitsClassifierFeatureExtractor
 
     extractor = DigitsClassifierFeatureExtractor(FEATURE_EXTRACTOR_NAME, ["features"], feature_extractor_weights_path=str(digits_assets / "classifier.safetensors"))
     with pytest.raises(TypeError, match="uint8"):
@@ -53,7 +53,7 @@ def test_extractor_rejects_float_images(digits_assets):
 
 
 def test_reference_features_are_cached_by_content(splits, digits_assets, tmp_path, monkeypatch):
-    from eval.digits_classifier import DigitsClassifierFeatureExtractor
+    from eval.digits_fid import DigitsClassifierFeatureExtractor
     from eval.fidelity import content_key
 
     weights = str(digits_assets / "classifier.safetensors")

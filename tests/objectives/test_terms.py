@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from eval.image_sets import DigitsDataset, images_only
+from trainers.image_sets import DigitsDataset, images_only
 from eval.quality import QualityModel, load_quality_model
 from objectives.context import StepContext
 from objectives.registry import TERMS, ObjectiveError, build_objective, validate_objective
@@ -211,7 +211,7 @@ def _sample_scheduler():
 
 
 def _blurred(digits):
-    from eval.degradations import degrade
+    from assets.degradations import degrade
 
     return degrade((digits + 1) / 2, "gaussian_blur", torch.full((len(digits),), 0.7), torch.Generator().manual_seed(0)) * 2 - 1
 
@@ -322,7 +322,7 @@ def test_bad_objective_in_a_config_fails_at_load(specs):
     from trainers.config import Config, ConfigError
 
     with pytest.raises(ConfigError, match=r"objective.nr_iqa.metric: unknown quality model"):
-        Config.from_dict({"objective": {"denoise": 1.0, "nr_iqa": {"metric": "nope"}}})
+        Config.from_dict({"objective": {"denoise": 1.0, "nr_iqa": {"metric": "nope"}}}).check_references()
 
 
 class Recording(torch.nn.Module):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eval.image_sets import DigitsDataset, images_only
-from eval.quality import load_quality_model, mean_reward
+from trainers.image_sets import DigitsDataset, images_only
+from eval.quality import load_quality_model
+from objectives.nr_iqa import mean_reward
 from objectives.adversarial import Adversarial
 from objectives.context import StepContext
 from objectives.prompt_select import remove_near_duplicates, select_prompts, text_embedder
@@ -173,7 +174,7 @@ def test_target_auto_is_the_mean_reward_on_the_reference_set(specs, tmp_path):
     env = BuildEnv(text_conditioned=True, reference=lambda: (images01, prompts), cache_dir=str(tmp_path))
     term = build_objective(spec, env).terms["decoupled_rewards"][1]
 
-    from eval.digits_classifier import load_digits_classifier
+    from eval.digits_fid import load_digits_classifier
 
     classifier = load_digits_classifier(specs["agreement"]["weights"])
     with torch.no_grad():  # computed here without the reward interface: the classifier's probability of each prompted digit

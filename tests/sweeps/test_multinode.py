@@ -29,7 +29,7 @@ def test_trials_train_on_the_worker_nodes(tmp_path, s3, postgres_mlflow, digits_
 
     from sweeps.acpo_sweep import main
 
-    from eval import storage
+    from trainers.common import storage
     from tests.servers import s3_keys
 
     # the dashboard: Ray's state API (which node each actor ran on) is served by it. The nodes start

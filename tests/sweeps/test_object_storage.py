@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from eval import storage
+from trainers.common import storage
 from tests import servers
 from tests.sweeps.test_sweep import runs_of, sweep_args
 from trainers.config import PROJECT_ROOT

@@ -130,7 +130,7 @@ def test_a_spool_in_object_storage_is_replayed_in_order_with_its_images(s3, trac
 
     from PIL import Image
 
-    from eval import storage
+    from trainers.common import storage
 
     directory = f"{s3}/{uuid.uuid4().hex[:8]}"
     location = storage.join(directory, "work", "t1", SPOOL)

@@ -15,7 +15,7 @@ from trainers.checkpoint import load_checkpoint_model
 from trainers.config import ConfigError
 from trainers.data import ShardedBatchSampler, batch_loader
 from trainers.loop import train
-from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, save_base_model
+from trainers.models import DiffusionModel, build_digits_scheduler, build_digits_unet, save_base_model
 
 QUICK_EVAL = ["eval.samples=8", "eval.sampling_steps=[1]"]
 
@@ -99,7 +99,7 @@ def _rank_main(rank, world_size, port, base, out, result_dir):
 @pytest.mark.integration  # two processes in a gloo group
 def test_two_workers_keep_identical_weights_and_the_loss_goes_down(tmp_path):
     torch.manual_seed(0)  # an untrained model, so denoising has something to learn
-    base = save_base_model(BaseModel(build_digits_unet(block_out_channels=(16, 32, 32)), build_digits_scheduler()), tmp_path / "base")
+    base = save_base_model(DiffusionModel(build_digits_unet(block_out_channels=(16, 32, 32)), build_digits_scheduler()), tmp_path / "base")
     port = free_port()
     mp.spawn(_rank_main, args=(2, port, str(base), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")

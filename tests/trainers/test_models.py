@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trainers.models import BaseModel, build_digits_scheduler, build_digits_unet, count_parameters, load_base_model, save_base_model
+from trainers.models import DiffusionModel, build_digits_scheduler, build_digits_unet, count_parameters, load_base_model, save_base_model
 
 
 def test_digits_unet_size_and_shape():
@@ -13,7 +13,7 @@ def test_digits_unet_size_and_shape():
 
 def test_save_load_roundtrip_is_exact_and_safetensors_only(tmp_path):
     torch.manual_seed(0)
-    model = BaseModel(build_digits_unet(block_out_channels=(8, 16, 16), norm_num_groups=4), build_digits_scheduler())
+    model = DiffusionModel(build_digits_unet(block_out_channels=(8, 16, 16), norm_num_groups=4), build_digits_scheduler())
     path = save_base_model(model, tmp_path / "pipe")
     files = {p.name for p in path.rglob("*") if p.is_file()}
     assert "diffusion_pytorch_model.safetensors" in files

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.image_sets import DigitsDataset, HFImageDataset, ImageFolderDataset, digits_data_hash
+from trainers.image_sets import DigitsDataset, HFImageDataset, ImageFolderDataset, digits_data_hash
 
 
 def test_digits_split_sizes_range_and_labels():
@@ -35,7 +35,7 @@ def test_digits_hash_is_stable_and_recorded_in_the_cards(digits_assets):
 
 
 def test_digits_hash_changes_with_one_pixel(monkeypatch):
-    import eval.image_sets as image_sets
+    import trainers.image_sets as image_sets
 
     original = image_sets._digits_arrays()
     images, labels = original[0].copy(), original[1]

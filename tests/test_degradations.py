@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from eval.degradations import FAMILIES, HELDOUT_FAMILY, TRAIN_FAMILY, degrade
-from eval.image_sets import DigitsDataset
+from assets.degradations import FAMILIES, HELDOUT_FAMILY, TRAIN_FAMILY, degrade
+from trainers.image_sets import DigitsDataset
 
 KINDS = sorted(k for family in FAMILIES.values() for k in family)
 

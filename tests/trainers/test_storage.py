@@ -6,7 +6,7 @@ import uuid
 import pytest
 import torch
 
-from eval import storage
+from trainers.common import storage
 
 
 @pytest.fixture(params=["folder", "s3"])
@@ -43,7 +43,7 @@ def test_files_written_whole_are_read_listed_globbed_copied_and_deleted(root, tm
 
 def test_the_reference_feature_cache_lives_in_object_storage(s3, digits_assets, monkeypatch):
     from eval import fidelity
-    from eval.digits_classifier import FEATURE_EXTRACTOR_NAME
+    from eval.digits_fid import FEATURE_EXTRACTOR_NAME
 
     calls = []
     extract = fidelity.extract_features

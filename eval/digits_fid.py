@@ -1,4 +1,4 @@
-"""The digits classifier, and its registration as a torch-fidelity feature extractor.
+"""The digits classifier (assets/digits_networks.py) as a torch-fidelity feature extractor.
 
 Inception features mean nothing on 16x16 grayscale digits; the standard practice for MNIST-style
 data is FID in the feature space of a classifier trained on the same data. This is that classifier.
@@ -8,40 +8,12 @@ FID/KID computed with it are "classifier FID" on digits, never comparable with I
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from assets.digits_networks import FEATURE_DIM, DigitsClassifier, load_digits_classifier  # noqa: F401 - what callers of the extractor use
+
 FEATURE_EXTRACTOR_NAME = "digits-classifier"
-FEATURE_DIM = 128
-
-
-class DigitsClassifier(nn.Module):
-    """Input `[N, 1, 16, 16]` in [-1, 1]. `features` is the 128-d penultimate layer, `forward` gives logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 4 * 4, FEATURE_DIM), nn.ReLU(),
-        )
-        self.logits = nn.Linear(FEATURE_DIM, 10)
-
-    def features(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.logits(self.features(x))
-
-
-def load_digits_classifier(path, device="cpu") -> DigitsClassifier:
-    from eval.quality import read_state_dict
-
-    model = DigitsClassifier()
-    model.load_state_dict(read_state_dict(path))
-    return model.to(device).eval().requires_grad_(False)
 
 
 class DigitsClassifierFeatureExtractor(FeatureExtractorBase):
