@@ -77,6 +77,8 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
+# The fault suite (tests/fault_suite.py) through pytest: its injected faults (-m slow), printing its table.
+# Alone, from the repo root: `.venv/bin/python -m tests.fault_suite [--only bad|faults]`.
 test-faults: $(STAMP)
 	$(PY) -m pytest -q -s -m slow
 

@@ -30,10 +30,10 @@ TINY = ["eval.samples=16", "eval.sampling_steps=[2]", "train.batch_size=8", "tra
 
 def trial_times(directory: Path) -> dict[str, dict[str, float]]:
     """Per trial, its trainer's own clocks summed over its reports (each checkpoint's metrics.json)."""
-    from trainers.checkpoint import CHECKPOINT_GLOB
+    from trainers.common.layout import metrics_glob
 
     times = {}
-    for metrics_file in sorted((directory / "trials").glob(f"*/{CHECKPOINT_GLOB}/metrics.json")):
+    for metrics_file in sorted(directory.glob(metrics_glob())):
         metrics = json.loads(metrics_file.read_text())
         own = times.setdefault(metrics_file.parent.parent.name, {"setup": 0.0, "train": 0.0, "eval": 0.0})
         for part in own:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="storage folder (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    from faults import MlflowServer
+    from tests.fault_suite import MlflowServer  # the fault suite's loopback MLflow server
 
 
     from sweeps.acpo_sweep import main as sweep_main

@@ -35,11 +35,9 @@ import torch
 from eval.fidelity import fidelity_metrics
 from trainers.image_sets import captions, reference_images
 from eval.quality import QualityModel, load_clip_score, load_quality_model
+from eval.axes import FRONT_AXES
 from eval.sampling import sample_images
 
-# The Pareto front's two axes (the sweep's two targets: fidelity down, held-out quality up): what the front,
-# the selection and MLflow's charts are made of. Not "objectives": the objective is the training loss.
-FRONT_AXES = {"fid": "min", "heldout_quality": "max"}
 
 
 @dataclass

@@ -36,7 +36,7 @@ from trainers.common.keys import ContentKey
 
 # Online presets use torch-fidelity's Inception; the digits preset names its classifier instead.
 DEFAULT_FEATURE_EXTRACTOR = "inception-v3-compat"
-# a folder or a URI (eval/storage.py)
+# a folder or a URI (trainers/common/storage.py)
 DEFAULT_CACHE_DIR = os.environ.get("ACPO_FIDELITY_CACHE") or str(Path.home() / ".cache" / "acpo" / "fidelity")
 
 

@@ -6,261 +6,25 @@ and the same seeds on one base model, then compared on one report.
     python sweeps/acpo_study.py --preset digits --resume          # after an interruption
     acpo study --study my-study.yaml                              # a study file of your own
 
-Every (method, seed) is an ordinary sweep (`sweeps/acpo_sweep.py`: Ray Tune + Optuna seeded with
-the seed, training seeded with it too) named `<method>-seed<seed>` under
-`<storage_dir>/<study>/sweeps/`, tracked in the study's MLflow experiment with its parent run nested
-under the study's run. The base model is evaluated once and shared, then under `noise_seeds`
-sampling seeds (the evaluation noise the report states and the hacking flag looks past). A method
-that fails is reported in the table, not fatal; `--resume` skips finished sweeps and resumes an
-interrupted one.
-The report (`sweeps/study_report.py`) is written to `<storage_dir>/<study>/report/` and logged to
-the study's run.
+This file is the command line only (`acpo study` is the same): the study itself, every (method, seed)
+an ordinary sweep, and its report are sweeps/study.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
-if __package__ in (None, ""):  # `python sweeps/acpo_study.py`: import from the project root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from pydantic import Field  # noqa: E402
-
-from sweeps.presets import load  # noqa: E402
-from sweeps.space import pin_searched  # noqa: E402
-from trainers.config import ConfigError, Section, last_line, validate  # noqa: E402
-
-STUDIES_DIR = Path(__file__).resolve().parent / "studies"
-
-
-class Method(Section):
-    objective: dict[str, Any] = Field(min_length=1)  # the objective, as in a preset
-    space: dict[str, Any] = Field(min_length=1)  # its search space, as in a preset's sweep.space
-
-
-class StudyConfig(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")  # the folder under storage_dir and the MLflow experiment
-    preset: str = "digits"  # the base config every method starts from
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    trials: int = Field(2, ge=1)  # trials per method and seed: the same budget for every method
-    set: list[str] = Field(default_factory=list)  # overrides every method runs with (steps, evaluation)
-    fid_tolerance: float = Field(0.1, ge=0)
-    # The base model re-evaluated under this many sampling seeds: the evaluation noise of every figure,
-    # reported, and the margin the reward-hacking flag needs before a change counts.
-    noise_seeds: int = Field(5, ge=2)
-    storage_dir: str = "runs/studies"
-    tracking_uri: str = ""  # "" = the sweep's rule ($MLFLOW_TRACKING_URI, else 127.0.0.1:5000)
-    methods: dict[str, Method] = Field(min_length=1)
-
-
-def read_study(name_or_path: str, overrides: list[str] | None = None) -> StudyConfig:
-    """A shipped study by name (`sweeps/studies/<name>.yaml`) or a YAML file, with `key=value` overrides
-    of its top-level fields (`seeds=[0, 1]`, `trials=1`), validated."""
-    from sweeps.presets import apply_overrides, read_yaml_mapping
-
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = STUDIES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"study not found: {name_or_path} (shipped: {known})")
-    data = apply_overrides(read_yaml_mapping(path, "study"), list(overrides or []))
-    return validate(StudyConfig, data, "study.")
-
-
-def method_sweep(study: StudyConfig, method: str, seed: int, directory: Path):
-    """The run config and sweep settings of one (method, seed): the study's preset and budget, the
-    method's objective and space, seeded with `seed` (Optuna's sampler and the training)."""
-    spec = study.methods[method]
-    overrides = list(study.set) + [
-        f"objective={json.dumps(spec.objective)}",
-        f"sweep.space={json.dumps(spec.space)}",
-        f"sweep.name={method}-seed{seed}",
-        f"sweep.seed={seed}",
-        f"train.seed={seed}",
-        f"train.output_dir={directory / 'runs'}",
-        f"sweep.num_samples={study.trials}",
-        f"sweep.fid_tolerance={study.fid_tolerance}",
-        f"sweep.storage_dir={directory / 'sweeps'}",
-        f"sweep.experiment={study.name}",
-        "sweep.register_champion=false",
-    ] + ([f"sweep.tracking_uri={study.tracking_uri}"] if study.tracking_uri else [])
-    try:
-        config, sweep = load(study.preset, overrides)
-        return config, pin_searched(sweep, list(study.set))  # the study's budget wins over a method's search
-    except ConfigError as error:
-        raise ConfigError(f"study.methods.{method}: {error}") from None
-
-
-def check_study(study: StudyConfig, directory: Path, resume: bool):
-    """Every method's config and space, validated before anything runs; the folder rule of a sweep."""
-    from sweeps.space import check_space
-
-    if resume and not (directory / "study.json").is_file():
-        raise ConfigError(f"--resume: no study to resume at {directory}")
-    if not resume and (directory / "study.json").is_file():
-        raise ConfigError(f"study.name: {directory} already holds a study; pass --resume, or choose another name")
-    from sweeps.acpo_sweep import tracking_uri
-    from sweeps.preflight import check_inputs, check_services, check_storage_folder
-
-    check_storage_folder(directory, "study.storage_dir")
-    for number, method in enumerate(study.methods):
-        config, sweep = method_sweep(study, method, study.seeds[0], directory)
-        if number == 0:
-            check_services(tracking_uri(sweep), "study.tracking_uri" if study.tracking_uri else "$MLFLOW_TRACKING_URI")
-        try:
-            check_space(sweep, config)
-            unchecked = check_inputs(config)
-        except ConfigError as error:
-            raise ConfigError(f"study.methods.{method}: {error}") from None
-        for line in unchecked:
-            print(f"[study] {method}: not checked before the run: {line}", file=sys.stderr, flush=True)
-
-
-def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict:
-    from sweeps.acpo_sweep import evaluate_base, run_sweep, tracking_uri
-    from sweeps.tracking import SweepTracking
-
-    check_study(study, directory, resume)
-    first_config, first_sweep = method_sweep(study, next(iter(study.methods)), study.seeds[0], directory)
-    uri = tracking_uri(first_sweep)
-    tracking = SweepTracking(uri, study.name, study.name)  # before anything is written: a dead server leaves no study behind
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "study.json").write_text(json.dumps(study.model_dump(), indent=2) + "\n")
-    study_run = tracking.run("study", study.name)  # the study's own run; every method's sweep nests under it
-    tracking.log_params(study_run, {"methods": ", ".join(study.methods), "seeds": study.seeds, "trials": study.trials,
-                                    "budget": " ".join(study.set), "preset": study.preset})
-    evaluate_base(first_config, directory, tracking, study_run)  # once, shared by every method's sweep
-    noise = measure_noise(first_config, directory, study.noise_seeds)
-    tracking.log_metrics(study_run, {f"noise.{name}": figures["std"] for name, figures in noise.items()})
-    print(f"[study] {study.name}: {len(study.methods)} methods x {len(study.seeds)} seeds x {study.trials} trials; files: {directory}",
-          flush=True)
-    failures = {}
-    for method in study.methods:
-        for seed in study.seeds:
-            config, sweep = method_sweep(study, method, seed, directory)
-            sweep = sweep.model_copy(update={"parent_run": study_run})
-            sweep_dir = directory / "sweeps" / sweep.name
-            if (sweep_dir / "selection.json").is_file():
-                print(f"[study] {sweep.name}: done before, kept", flush=True)
-                continue
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            for shared in ("base_metrics.json", "base_samples.png"):
-                if (directory / shared).is_file():
-                    shutil.copy(directory / shared, sweep_dir / shared)
-            print(f"[study] {sweep.name}", flush=True)
-            try:
-                run_sweep(config, sweep, resume=(sweep_dir / "tune").exists(), inputs_checked=True)
-            except Exception as error:  # noqa: BLE001 - a failed method is reported in the table, not fatal
-                failures[sweep.name] = last_line(error)
-                print(f"[study] {sweep.name} failed: {failures[sweep.name]}", file=sys.stderr, flush=True)
-    report = write_report(study, directory, failures)
-    for method, s in report["summary"].items():
-        tracking.log_metrics(study_run, {**{f"{method}.{name}": s[name][0] for name in
-                                            ("hypervolume", "best_fid", "best_heldout_within_tolerance", "reward_gap")},
-                                         f"{method}.hacked_checkpoints": len(s["hacking"])})
-    tracking.client.log_artifacts(study_run, str(directory / "report"), artifact_path="report")
-    tracking.client.set_terminated(study_run)
-    return report
-
-
-def measure_noise(config, directory: Path, seeds: int) -> dict:
-    """`base_noise.json`: the base model's figures over `seeds` sampling seeds (computed once)."""
-    noise_file = directory / "base_noise.json"
-    if not noise_file.is_file():
-        from eval.evaluate import Evaluator, sampling_noise
-        from trainers.models import load_base_model
-
-        print(f"[study] evaluation noise: the base model under {seeds} sampling seeds", flush=True)
-        noise = sampling_noise(Evaluator.from_config(config), load_base_model(config.model.base), range(seeds))
-        noise_file.write_text(json.dumps(noise, indent=2) + "\n")
-    return json.loads(noise_file.read_text())
-
-
-def study_rows(study: StudyConfig, directory: Path) -> list[dict]:
-    """Every evaluated checkpoint of every (method, seed) sweep, with its method and seed."""
-    from sweeps.acpo_sweep import evaluated_checkpoints
-
-    rows = []
-    for method in study.methods:
-        for seed in study.seeds:
-            sweep_dir = directory / "sweeps" / f"{method}-seed{seed}"
-            if sweep_dir.is_dir():
-                rows += [{**row, "method": method, "seed": seed} for row in evaluated_checkpoints(sweep_dir)[0]]
-    return rows
-
-
-def write_report(study: StudyConfig, directory: Path, failures: dict | None = None) -> dict:
-    """`report/`: report.md, a self-contained report.html, fronts.png, and the champions' sample grids."""
-    import base64
-    import html
-
-    from sweeps.study_report import markdown_table, plot_fronts, summarize
-
-    out = directory / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    base = json.loads((directory / "base_metrics.json").read_text())
-    noise_file = directory / "base_noise.json"
-    noise = {name: f["std"] for name, f in json.loads(noise_file.read_text()).items()} if noise_file.is_file() else None
-    rows = study_rows(study, directory)
-    summary = summarize(rows, base, study.fid_tolerance, noise=noise) if rows else {}
-    plot_fronts(rows, base, out / "fronts.png")
-    grids = champion_grids(study, directory, out)
-    failed = "".join(f"- {name} failed: {reason}\n" for name, reason in (failures or {}).items())
-    missing = [m for m in study.methods if m not in summary]
-    text = (f"# Study {study.name}\n\n{len(study.methods)} methods x seeds {study.seeds} x {study.trials} trials each, "
-            f"the same budget: `{' '.join(study.set) or '(the preset)'}` on preset `{study.preset}`.\n\n"
-            + markdown_table(summary, base, noise) + "\n"
-            + (f"No evaluated checkpoints: {', '.join(missing)}.\n\n" if missing else "") + (failed + "\n" if failed else "")
-            + "![fronts](fronts.png)\n\n" + "".join(f"![{name}]({path.name})\n" for name, path in grids.items()))
-    for method, s in summary.items():
-        for h in s["hacking"]:
-            text += f"\n- reward hacking, {method}: seed {h['seed']} trial {h['trial']} step {h['step']} (FID {h['fid']:.1f}, " \
-                    f"held-out {h['heldout_quality']:.4f}, trained {h['trained_quality']:.4f})"
-    (out / "report.md").write_text(text + "\n")
-    images = {p.name: base64.b64encode(p.read_bytes()).decode() for p in [out / "fronts.png", *grids.values()]}
-    body = html.escape(text)
-    for name, data in images.items():
-        body = body.replace(html.escape(f"({name})"), f'<br><img src="data:image/png;base64,{data}"><br>')
-    (out / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>Study {study.name}</title><pre>{body}</pre>\n")
-    (out / "summary.json").write_text(json.dumps({"base": base, "noise": noise, "methods": summary, "failures": failures or {}}, indent=2) + "\n")
-    print((out / "report.md").read_text(), flush=True)
-    return {"summary": summary, "report": str(out / "report.md"), "failures": failures or {}}
-
-
-def champion_grids(study: StudyConfig, directory: Path, out: Path) -> dict[str, Path]:
-    """Each method's champion (first seed with one) next to the base model's samples, upscaled 4x."""
-    from PIL import Image
-
-    grids = {}
-    base_grid = directory / "base_samples.png"
-    for method in study.methods:
-        for seed in study.seeds:
-            selection = directory / "sweeps" / f"{method}-seed{seed}" / "selection.json"
-            champion = json.loads(selection.read_text()).get("champion") if selection.is_file() else None
-            if champion and (Path(champion["checkpoint"]) / "samples.png").is_file():
-                panels = [Image.open(p).convert("L") for p in (base_grid, Path(champion["checkpoint"]) / "samples.png") if p.is_file()]
-                width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
-                sheet = Image.new("L", (width, max(p.height for p in panels)), 255)
-                x = 0
-                for panel in panels:
-                    sheet.paste(panel, (x, 0))
-                    x += panel.width + 8
-                path = out / f"samples_{method}.png"
-                sheet.resize((sheet.width * 4, sheet.height * 4), Image.NEAREST).save(path)
-                grids[f"{method} (right) vs base (left)" if len(panels) == 2 else method] = path
-                break
-    return grids
+from sweeps.driver import sweep_dir
+from sweeps.study import check_study, method_sweep, read_study, run_study
+from trainers.common.errors import report_error
+from trainers.common.storage import is_remote
+from trainers.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainers.common.errors import report_error
-
     parser = argparse.ArgumentParser(prog="acpo_study.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", "--preset", default="digits",
                         help="a shipped study, named for its base preset (sweeps/studies/NAME.yaml: digits, digits-t2i, "
@@ -274,9 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"seeds={list(range(args.seeds))}"] if args.seeds else [])
     try:
         study = read_study(args.study, overrides)
-        from trainers.common.storage import is_remote
-        from sweeps.acpo_sweep import sweep_dir
-
         if is_remote(study.storage_dir):  # its report and per-method sweeps are read as local files
             raise ConfigError(f"study.storage_dir: {study.storage_dir}: a study needs a folder (shared on a cluster); "
                               "object storage is for a single sweep's sweep.storage_dir")

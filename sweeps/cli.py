@@ -130,7 +130,8 @@ def cmd_study(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from sweeps.acpo_sweep import print_summary, select_and_register, sweep_dir, tracking_uri
+    from sweeps.champion import print_summary, select_and_register
+    from sweeps.driver import sweep_dir, tracking_uri
     from sweeps.presets import load
 
     _, sweep = load(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])

@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from trainers.config import Config, ConfigError
-from trainers.config import last_line as one_line
+from trainers.common.errors import last_line
 
 PROBE_SECONDS = 5.0
 
@@ -41,7 +41,7 @@ def _checked(field: str, load, *args):
     except ConfigError:
         raise
     except Exception as error:  # noqa: BLE001 - whatever the loader raised, this input is what broke it
-        raise ConfigError(f"{field}: {one_line(error)}") from None
+        raise ConfigError(f"{field}: {last_line(error)}") from None
 
 
 def check_inputs(config: Config) -> list[str]:
@@ -103,7 +103,7 @@ def check_writable(field: str, folder: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise ConfigError(f"{field}: cannot write in {existing} ({error.strerror or one_line(error)})") from None
+        raise ConfigError(f"{field}: cannot write in {existing} ({error.strerror or last_line(error)})") from None
 
 
 def check_objective(config: Config, base) -> None:
@@ -116,7 +116,7 @@ def check_objective(config: Config, base) -> None:
     except ObjectiveError as error:
         raise ConfigError(str(error)) from None
     except Exception as error:  # noqa: BLE001 - a term's file or setting that only building reveals
-        raise ConfigError(f"objective: {one_line(error)}") from None
+        raise ConfigError(f"objective: {last_line(error)}") from None
 
 
 def check_tracking(uri: str, field: str) -> None:
@@ -129,7 +129,7 @@ def check_tracking(uri: str, field: str) -> None:
                 return
             reason = f"HTTP {response.status}"
     except OSError as error:
-        reason = one_line(getattr(error, "reason", error))
+        reason = last_line(getattr(error, "reason", error))
     raise ConfigError(f"{field}: no MLflow server answers at {uri} within {PROBE_SECONDS:g} s ({reason})")
 
 
@@ -150,7 +150,7 @@ def check_ray_address() -> None:
         with socket.create_connection((host, port), timeout=PROBE_SECONDS):
             return
     except OSError as error:
-        raise ConfigError(f"$RAY_ADDRESS: nothing answers at {host}:{port} within {PROBE_SECONDS:g} s ({one_line(error)}); "
+        raise ConfigError(f"$RAY_ADDRESS: nothing answers at {host}:{port} within {PROBE_SECONDS:g} s ({last_line(error)}); "
                           "start the cluster (ray start --head) or unset RAY_ADDRESS to run on a local Ray") from None
 
 
@@ -184,5 +184,5 @@ def check_object_storage(location: str, field: str) -> None:
         storage.write_text(probe, "probe")
         storage.delete(probe)
     except Exception as error:  # noqa: BLE001 - whatever pyarrow says, this store is not usable
-        raise ConfigError(f"{field}: cannot write to {location} ({one_line(error)[:300]}); check the bucket, "
+        raise ConfigError(f"{field}: cannot write to {location} ({last_line(error)[:300]}); check the bucket, "
                           "the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the endpoint (AWS_ENDPOINT_URL)") from None

@@ -4,14 +4,13 @@ the validated run config and the sweep's settings.
     config, sweep = load("digits", ["train.steps=100", "sweep.num_samples=4"])
 
 `acpo train`, `acpo eval`, `acpo select`, the sweep driver and a sweep's trials all come through
-here (a trial adds its parameters with `set_values`, the same dotted setter). Both halves are checked
+here (a trial adds its parameters with `set_values`, the same dotted setter: sweeps/dotted.py). Both halves are checked
 by one typed validator (`trainers.config.validate`, pydantic), every error one line naming the field,
 before any model loads or Ray starts.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator
 
+from sweeps.dotted import flatten_space, set_values
 from trainers.config import Config, ConfigError, Section
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -37,7 +37,7 @@ class SweepConfig(Section):
     max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's resources fit
     fid_tolerance: float = Field(0.1, ge=0)  # champion rule: FID <= base FID * (1 + tolerance)
     # experiment, trials' checkpoints, selection, champion: a folder (shared on a cluster), or object
-    # storage as a URI (s3://bucket/prefix, gs://..., any pyarrow filesystem: eval/storage.py)
+    # storage as a URI (s3://bucket/prefix, gs://..., any pyarrow filesystem: trainers/common/storage.py)
     storage_dir: str = "runs/sweeps"
     # Optuna's study: an Optuna storage URL (sqlite:///..., postgresql://...); "" = SQLite in a local sweep
     # folder, or in memory (kept with Tune's searcher state in the store) when storage_dir is a URI
@@ -51,8 +51,6 @@ class SweepConfig(Section):
     @classmethod
     def _flatten(cls, space):
         """`--set sweep.space.train.steps=...` arrives nested; the space is keyed by dotted config keys."""
-        from sweeps.space import flatten_space
-
         return flatten_space(space) if isinstance(space, dict) else space
 
 
@@ -125,24 +123,6 @@ def _merge(parent: dict, child: dict, where: tuple = ()) -> dict:
             out[key] = _merge(out[key], value, inner)
         else:
             out[key] = value
-    return out
-
-
-def set_values(data: dict, values: dict) -> dict:
-    """A copy of `data` with each dotted key set: data[a][b][c] = value for "a.b.c", creating sections.
-    A bare term weight becomes {weight: ...} when an option of that term is set
-    (`objective.denoise=1.0` then `objective.denoise.min_snr_gamma=5`)."""
-    out = copy.deepcopy(data)
-    for key, value in values.items():
-        node, parts = out, key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                if parts[0] != "objective" or i != 1:
-                    raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section")
-                child = node[part] = {"weight": child}
-            node = child
-        node[parts[-1]] = value
     return out
 
 

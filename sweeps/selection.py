@@ -1,8 +1,8 @@
 """Selection of the champion: pure functions over a table of evaluated checkpoints.
 
-A row is a dict with at least `fid` (lower is better) and `heldout_quality` (higher is better: the
-quality model the objective never sees); the sweep adds `trial`, `step`, `checkpoint` and the
-trial's parameters. The base model's row is the
+A row is a dict with at least the front's two axes (`eval.evaluate.FRONT_AXES`): `fid` (lower is
+better) and `heldout_quality` (higher is better: the quality model the objective never sees); the
+sweep adds `trial`, `step`, `checkpoint` and the trial's parameters. The base model's row is the
 reference point: of the front, of the hypervolume, and of the fidelity tolerance.
 """
 
@@ -10,30 +10,36 @@ from __future__ import annotations
 
 import math
 
+from eval.axes import FRONT_AXES
+
+FIDELITY, QUALITY = FRONT_AXES  # the axis to lower (the fidelity tolerance is on it), the axis to raise
+if (FRONT_AXES[FIDELITY], FRONT_AXES[QUALITY]) != ("min", "max"):
+    raise ImportError(f"sweeps/selection.py expects the front's axes as (min, max), got {FRONT_AXES}")
+
 
 def dominates(a: dict, b: dict) -> bool:
     """a is at least as good as b on both objectives and better on one."""
-    return a["fid"] <= b["fid"] and a["heldout_quality"] >= b["heldout_quality"] and (a["fid"] < b["fid"] or a["heldout_quality"] > b["heldout_quality"])
+    return a[FIDELITY] <= b[FIDELITY] and a[QUALITY] >= b[QUALITY] and (a[FIDELITY] < b[FIDELITY] or a[QUALITY] > b[QUALITY])
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
     """Rows no other row dominates, sorted by FID. Exact ties are all kept (neither dominates)."""
-    finite = [r for r in rows if math.isfinite(r["fid"]) and math.isfinite(r["heldout_quality"])]
+    finite = [r for r in rows if math.isfinite(r[FIDELITY]) and math.isfinite(r[QUALITY])]
     front = [r for r in finite if not any(dominates(other, r) for other in finite)]
-    return sorted(front, key=lambda r: (r["fid"], -r["heldout_quality"]))
+    return sorted(front, key=lambda r: (r[FIDELITY], -r[QUALITY]))
 
 
 def hypervolume(front: list[dict], reference: dict) -> float:
     """Area dominated by the front and bounded by the reference point (the base model): how much
     better than the base, in (FID drop) x (held-out quality gain) units. Points not better than the
     reference in both objectives add nothing."""
-    points = sorted({(r["fid"], r["heldout_quality"]) for r in front if r["fid"] < reference["fid"] and r["heldout_quality"] > reference["heldout_quality"]})
-    area, best_quality = 0.0, reference["heldout_quality"]
+    points = sorted({(r[FIDELITY], r[QUALITY]) for r in front if r[FIDELITY] < reference[FIDELITY] and r[QUALITY] > reference[QUALITY]})
+    area, best_quality = 0.0, reference[QUALITY]
     # from the best FID to the reference's: each FID interval is covered up to the best held-out quality
     # reached by any point at or below it
-    for (fid, heldout_quality), next_fid in zip(points, [p[0] for p in points[1:]] + [reference["fid"]]):
+    for (fid, heldout_quality), next_fid in zip(points, [p[0] for p in points[1:]] + [reference[FIDELITY]]):
         best_quality = max(best_quality, heldout_quality)
-        area += (next_fid - fid) * (best_quality - reference["heldout_quality"])
+        area += (next_fid - fid) * (best_quality - reference[QUALITY])
     return area
 
 
@@ -42,12 +48,12 @@ def knee(front: list[dict]) -> dict:
     through the two extremes. Two points normalize to the two corners, equally far from the ideal:
     then the one with the lower FID (fidelity first)."""
     if len(front) <= 2:
-        return min(front, key=lambda r: (r["fid"], -r["heldout_quality"]))
-    fids, qualities = [r["fid"] for r in front], [r["heldout_quality"] for r in front]
+        return min(front, key=lambda r: (r[FIDELITY], -r[QUALITY]))
+    fids, qualities = [r[FIDELITY] for r in front], [r[QUALITY] for r in front]
     span_f, span_a = (max(fids) - min(fids)) or 1.0, (max(qualities) - min(qualities)) or 1.0
 
     def normalized(r):  # 0 is best on both axes
-        return (r["fid"] - min(fids)) / span_f, (max(qualities) - r["heldout_quality"]) / span_a
+        return (r[FIDELITY] - min(fids)) / span_f, (max(qualities) - r[QUALITY]) / span_a
 
     (x1, y1), (x2, y2) = normalized(front[0]), normalized(front[-1])
     length = math.hypot(x2 - x1, y2 - y1) or 1.0
@@ -65,10 +71,10 @@ def select_champion(rows: list[dict], base: dict, fid_tolerance: float) -> tuple
     front = pareto_front(rows)
     if not front:
         return None, "no finite results"
-    limit = base["fid"] * (1 + fid_tolerance)
-    within = [r for r in front if r["fid"] <= limit]
+    limit = base[FIDELITY] * (1 + fid_tolerance)
+    within = [r for r in front if r[FIDELITY] <= limit]
     if within:
-        return max(within, key=lambda r: (r["heldout_quality"], -r["fid"])), f"highest held-out quality with FID <= {limit:.4g} (base {base['fid']:.4g} + {fid_tolerance:.0%})"
+        return max(within, key=lambda r: (r[QUALITY], -r[FIDELITY])), f"highest held-out quality with FID <= {limit:.4g} (base {base[FIDELITY]:.4g} + {fid_tolerance:.0%})"
     return knee(front), f"knee of the front (no point has FID <= {limit:.4g})"
 
 

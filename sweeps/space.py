@@ -20,21 +20,8 @@ from __future__ import annotations
 import math
 import sys
 
+from sweeps.dotted import DISTRIBUTIONS, set_values
 from trainers.config import Config, ConfigError
-
-DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
-
-
-def flatten_space(space: dict, prefix: str = "") -> dict:
-    """`--set sweep.space.train.steps=...` arrives nested; the space is keyed by dotted config keys."""
-    out = {}
-    for key, value in space.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and not set(value) & set(DISTRIBUTIONS) and all(isinstance(v, dict) for v in value.values()):
-            out.update(flatten_space(value, f"{dotted}."))
-        else:
-            out[dotted] = value
-    return out
 
 
 def _distribution(key: str, spec):
@@ -69,7 +56,6 @@ def check_space(sweep, config: Config) -> None:
     """Every dimension names a key of the run config (or an option its objective term accepts), and
     every value of its range makes a valid config: the extremes are tried through Config.from_dict."""
     from objectives.registry import term_options
-    from sweeps.presets import set_values
 
     config_dict = config.to_dict()
     for key, spec in sweep.space.items():

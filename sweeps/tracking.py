@@ -4,51 +4,26 @@ Runs are found again by tag (`acpo.sweep_id`, `acpo.role`, `acpo.trial`), never 
 resumed sweep logs into the runs it started. The sweep id lives in the sweep's folder (`sweep_id`),
 so two sweeps of one name never share a parent run (the name is refused instead).
 
-Training never waits on MLflow. A trial writes what it has to log (its parameters, each report's
-metrics, each checkpoint's sample grid, how it ended) to a spool among its records,
-`work/<trial>/tracking/`, one small file per record (one object when the sweep's storage is object
-storage, which has no append), written whole; a Ray Train callback on the trial's controller writes
-the reports, so workers never talk to MLflow. The sweep's driver replays every spool into MLflow in
-order from a background thread (`SpoolReplayer`), keeping its place in `tracking.sent`; when the
-server is down it waits and tries again, however long the outage. A replay after a restart makes no
-duplicates: metrics carry the time they were spooled, and MLflow stores a (key, step, time, value)
-once; parameters, images and run ends are idempotent too.
+Training never waits on MLflow: trials write what is to be logged to a spool (sweeps/spool.py), which
+the driver replays into these runs (sweeps/replay.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import json
-import math
-import os
-import sys
-import threading
 import time
-import uuid
 from pathlib import Path
 
-# MLflow's usage telemetry (on by default, at `import mlflow`) unsets an environment variable from a
-# background thread when it cannot reach its endpoint; a request iterating os.environ at that moment
-# (requests' proxy lookup) fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'. It took one trial of
-# 36 down in a measured study. Off unless the user turns it on; set before mlflow is imported.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# MLflow's client retries a failing request 7 times with exponential backoff (~4 minutes) before it
-# raises. Nothing here waits on it: trials spool, and the replay thread has its own retry loop; so a
-# call fails within seconds and the replay says the server is down instead of hanging in a retry.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per upload would drown the sweep's log
+import sweeps.mlflow_settings  # noqa: F401 - before mlflow is imported
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from ray.train.v2.api.callback import UserCallback  # noqa: E402
-
-from trainers.common import storage  # noqa: E402
-from sweeps.selection import params_text  # noqa: E402
-from trainers.checkpoint import CHECKPOINT_GLOB  # noqa: E402
-from trainers.common.errors import TrackingError, last_line  # noqa: E402,F401 - TrackingError: raised here, caught by the driver
+from sweeps.champion_model import save_champion_model
+from sweeps.selection import params_text
+from sweeps.spool import finite_metrics
+from trainers.common import layout, storage
+from trainers.common.errors import TrackingError  # noqa: F401 - the error of a step that needs MLflow, imported from here
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
 _MAX_VALUE = 500
@@ -117,8 +92,9 @@ class SweepTracking:
         for start in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[start:start + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        stamp = int(time.time() * 1000)
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0, stamp: int | None = None) -> None:
+        """`stamp`: the figures' time in ms (a spooled record's; default now): MLflow stores a (key, step, time, value) once."""
+        stamp = int(time.time() * 1000) if stamp is None else stamp
         batch = [Metric(key, value, stamp, step) for key, value in finite_metrics(metrics).items()]
         if batch:
             self.client.log_batch(run_id, metrics=batch)
@@ -143,8 +119,8 @@ class SweepTracking:
         self.log_metrics(run_id, {"hypervolume": selection["hypervolume"], "evaluated_checkpoints": selection["evaluated"],
                                   **{f"base_{k}": v for k, v in base.items()},
                                   **({f"champion_{k}": champion[k] for k in base} if champion else {})})
-        for name in ("pareto.png", "pareto.html", "selection.json"):
-            with storage.local_copy(storage.join(directory, name)) as path:
+        for location in (*layout.pareto_files(directory), layout.selection_file(directory)):
+            with storage.local_copy(location) as path:
                 self.client.log_artifact(run_id, str(path))
         columns = ("trial", "step", *base, "checkpoint")
         self.client.log_table(run_id, {k: [r.get(k) for r in selection["front"]] for k in columns}, artifact_file="pareto_front.json")
@@ -240,234 +216,7 @@ def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict
     return "\n".join(lines) + "\n"
 
 
-def save_champion_model(exported: Path, out: Path, settings: dict) -> Path:
-    """`exported` (a diffusers folder, `cascade/` for Cas-DM) as an MLflow pyfunc model folder at `out`:
-    the code of `trainers/mlflow_model.py` (no pickle), the packages it imports as code, a signature
-    and an input example, `settings` (sampler, guidance_scale, prompts, steps) as its model config."""
-    from importlib.metadata import version
-
-    import mlflow.pyfunc
-    import numpy as np
-    import pandas as pd
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-
-    import trainers
-
-    root = Path(trainers.__file__).resolve().parent.parent
-    text = bool(settings["prompts"])
-    columns = [ColSpec("long", "num_images"), ColSpec("long", "steps"), ColSpec("long", "seed")]
-    example = {"num_images": [2], "steps": [int(settings["steps"])], "seed": [0]}
-    if text:
-        columns.append(ColSpec("string", "prompt", required=False))
-        example["prompt"] = [settings["prompts"][0]]
-    signature = ModelSignature(inputs=Schema(columns), outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]))
-    requirements = [f"{name}=={version(name).split('+')[0]}" for name in
-                    ("torch", "diffusers", "transformers", "safetensors", "numpy", "pandas", "pillow", "pydantic", "pyyaml")]
-    mlflow.pyfunc.save_model(path=str(out), python_model=str(root / "trainers" / "mlflow_model.py"), artifacts={"pipeline": str(exported)},
-                             code_paths=[str(root / package) for package in ("trainers", "eval", "objectives")],
-                             signature=signature, input_example=pd.DataFrame(example), pip_requirements=requirements,
-                             model_config={k: settings[k] for k in ("sampler", "guidance_scale", "prompts")})
-    return out
-
-
-# In each trial's record folder, `<sweep>/work/<trial>/`: the spool, one file per record (object storage
-# has no append), and the name of the last record replayed into MLflow.
-SPOOL, SENT = "tracking", "tracking.sent"
-
-
-def spool(location: str | Path, record: dict) -> None:
-    """One record as one file (one object on object storage), written whole, named by the time it was
-    written so that a listing gives the records in order. A trial's records come from its Tune
-    function and its Train controller, seconds apart: on a cluster their nodes' clocks (NTP) agree
-    far better than that."""
-    name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-    storage.write_text(storage.join(location, name), json.dumps(record))
-
-
-def record_names(location: str | Path) -> list[str]:
-    """The spool's records, in order (a local file being written is a `.tmp` until renamed)."""
-    return [name for name in storage.listdir(location) if name.endswith(".json")]
-
-
-def read_records(location: str | Path, names: list[str]) -> list[str]:
-    return [storage.read_text(storage.join(location, name)) for name in names]
-
-
-def finite_metrics(metrics: dict) -> dict:
-    """The numbers MLflow can hold, under names it accepts (`fid@25` -> `fid_at_25`)."""
-    return {key.replace("@", "_at_"): float(value) for key, value in metrics.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
-
-
-class SpoolCallback(UserCallback):
-    """Ray Train callback: each report of rank 0 -> a `metrics` record in the trial's spool, and the
-    checkpoint's sample grid (in the trial's checkpoints, `checkpoints`) -> an `image` record. Writes
-    one small file or object: never waits on MLflow."""
-
-    def __init__(self, spool_location: str | Path, checkpoints: str | Path):
-        self.spool_location, self.checkpoints = str(spool_location), str(checkpoints)
-        self.steps: dict[int, int] | None = None  # step -> time of its first report; read from the spool once
-
-    def after_report(self, run_context, metrics, checkpoint):
-        rank0 = metrics[0]
-        step = int(rank0.get("step", 0))
-        # A step reported again (a restart from an older checkpoint) keeps the time of its first report:
-        # the same figures are then the same MLflow entry, not a second point at that step. The spool is
-        # read once per controller (on object storage, one request per record), then kept up to date here.
-        if self.steps is None:
-            self.steps = spooled_steps(self.spool_location)
-        stamp = self.steps.setdefault(step, int(time.time() * 1000))
-        grid = storage.join(self.checkpoints, storage.name(checkpoint.path), "samples.png") if checkpoint else None
-        spool_evaluation(self.spool_location, step, stamp, rank0, grid)
-
-
-def spool_evaluation(spool_location: str | Path, step: int, stamp: int, metrics: dict, grid: str | None) -> None:
-    """One evaluation: its figures, and its sample grid when there is one."""
-    spool(spool_location, {"op": "metrics", "step": step, "time": stamp, "metrics": finite_metrics(metrics)})
-    if grid is not None and storage.is_file(grid):
-        spool(spool_location, {"op": "image", "file": str(grid), "step": step, "time": stamp})
-
-
-def spooled_steps(spool_location: str | Path) -> dict[int, int]:
-    """Step -> the time of its first metrics record in the spool."""
-    steps = {}
-    for text in read_records(spool_location, record_names(spool_location)):
-        with contextlib.suppress(ValueError, KeyError):
-            record = json.loads(text)
-            if record.get("op") == "metrics":
-                steps.setdefault(int(record["step"]), int(record["time"]))
-    return steps
-
-
-def spool_unreported(spool_location: str | Path, checkpoints: str | Path) -> int:
-    """Evaluations in the trial's checkpoints that the spool lacks (the trial's controller was killed
-    between a checkpoint's upload and its callback, and the resumed run started after that step):
-    added, stamped with the figures file's time so that a second pass adds nothing. Returns how many."""
-    spooled = spooled_steps(spool_location)
-    added = 0
-    for metrics_file in storage.glob(checkpoints, f"{CHECKPOINT_GLOB}/metrics.json"):
-        try:
-            metrics = json.loads(storage.read_text(metrics_file))
-            step = int(metrics["step"])
-        except (ValueError, KeyError):
-            continue  # unreadable figures: the selection lists the checkpoint as such
-        if step in spooled:
-            continue
-        grid = storage.join(storage.parent(metrics_file), "samples.png")
-        spool_evaluation(spool_location, step, int(storage.mtime(metrics_file) * 1000), metrics, grid)
-        added += 1
-    return added
-
-
-def last_sent(spool_location: str | Path) -> str:
-    """The name of the last record replayed into MLflow ("" for none)."""
-    sent = storage.join(storage.parent(spool_location), SENT)
-    return storage.read_text(sent).strip() if storage.is_file(sent) else ""
-
-
-def trial_spools(directory: str | Path) -> dict[str, str]:
-    """Trial id -> its spool, for every trial of the sweep that has one."""
-    work = storage.join(directory, "work")
-    return {trial: storage.join(work, trial, SPOOL) for trial in storage.listdir(work)}
-
-
-def pending_records(directory: str | Path) -> dict[str, int]:
-    """Records not yet in MLflow, by trial."""
-    out = {}
-    for trial, location in trial_spools(directory).items():
-        sent = last_sent(location)
-        left = sum(1 for name in record_names(location) if name > sent)
-        if left:
-            out[trial] = left
-    return out
-
-
-class SpoolReplayer:
-    """Replays every trial's spool of a sweep into MLflow, in order, from the driver: in a background
-    thread while the sweep runs (`start`), and to the end within a time limit (`finish`)."""
-
-    def __init__(self, tracking: SweepTracking, directory: str | Path, parent_id: str, retry_seconds: float = 5.0):
-        self.tracking, self.directory, self.parent_id, self.retry_seconds = tracking, str(directory), parent_id, retry_seconds
-        self._runs: dict[str, str] = {}
-        self._sent: dict[str, str] = {}  # trial -> the last record replayed (read from `tracking.sent` once)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._down_since: float | None = None
-        self.skipped = 0  # records that did not parse: counted, never retried forever
-
-    def start(self) -> "SpoolReplayer":
-        self._thread = threading.Thread(target=self._loop, name="mlflow-spool-replay", daemon=True)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.replay_once()
-            self._stop.wait(self.retry_seconds)
-
-    def finish(self, timeout: float) -> dict[str, int]:
-        """Stop the thread, then replay until nothing is pending or `timeout` seconds passed; returns what is still pending."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        deadline = time.monotonic() + timeout
-        while not self.replay_once() and time.monotonic() < deadline:
-            time.sleep(min(self.retry_seconds, max(0.0, deadline - time.monotonic())))
-        return pending_records(self.directory)
-
-    def replay_once(self) -> bool:
-        """One pass over every spool; True when everything is in MLflow. An unreachable server ends the pass."""
-        try:
-            for trial, location in trial_spools(self.directory).items():
-                self._replay(trial, location)
-        except Exception as error:  # noqa: BLE001 - server down or refusing: keep the records, try again later
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                reason = last_line(error)[:200]
-                print(f"[tracking] replay to MLflow paused ({reason}); training goes on, records stay spooled and are "
-                      "replayed when it can go on", file=sys.stderr, flush=True)
-            return False
-        if self._down_since is not None:
-            print(f"[tracking] replay to MLflow resumed after {time.monotonic() - self._down_since:.0f} s; spooled records replayed", flush=True)
-            self._down_since = None
-        return True
-
-    def _replay(self, trial: str, location: str) -> None:
-        """The trial's records after the last one replayed. Its place is written once per pass, also
-        when the server fails mid-pass; a replay from an older place adds nothing twice anyway."""
-        sent = self._sent.get(trial)
-        if sent is None:
-            sent = self._sent[trial] = last_sent(location)
-        try:
-            for name in (n for n in record_names(location) if n > sent):
-                try:
-                    record = json.loads(storage.read_text(storage.join(location, name)))
-                except json.JSONDecodeError:
-                    self.skipped += 1
-                else:
-                    self._apply(trial, record)
-                self._sent[trial] = name
-        finally:
-            if self._sent[trial] != sent:
-                storage.write_text(storage.join(storage.parent(location), SENT), self._sent[trial])
-
-    def _apply(self, trial: str, record: dict) -> None:
-        run_id = self._runs.get(trial)
-        if run_id is None:
-            run_id = self._runs[trial] = self.tracking.run("trial", f"trial-{trial}", self.parent_id, trial=trial)
-        op = record.get("op")
-        if op == "start":
-            self.tracking.log_params(run_id, record.get("params", {}))
-            base_grid = storage.join(self.directory, "base_samples.png")
-            if storage.is_file(base_grid):  # step 0 of the trial's images: the base model, same sampling noise as every later grid
-                self.tracking.log_grid(run_id, base_grid, step=0)
-        elif op == "metrics":
-            step, stamp = int(record["step"]), int(record["time"])
-            metrics = [Metric(key, value, stamp, step) for key, value in record["metrics"].items()]
-            if metrics:
-                self.tracking.client.log_batch(run_id, metrics=metrics)
-        elif op == "image" and storage.is_file(record["file"]):
-            self.tracking.log_grid(run_id, record["file"], int(record["step"]), int(record["time"]))
-        elif op == "end":
-            self.tracking.client.set_terminated(run_id, status=record.get("status", "FINISHED"))
+def read_sweep_id(directory: str | Path) -> str:
+    """The sweep's id, from its folder ("" when it has none yet): its MLflow runs carry it as a tag."""
+    id_file = layout.sweep_id_file(directory)
+    return storage.read_text(id_file).strip() if storage.is_file(id_file) else ""

@@ -1,20 +1,13 @@
-"""The fault suite of bench/faults.py as tests. Every bad input a hostile-but-fair user tried fails in
-one line before Ray starts, leaving nothing behind (integration tier, ~2 minutes); every injected
-fault is survived with nothing lost (`-m slow`: real sweeps, MLflow down for 5 minutes; ~12 minutes,
-run by CI after `make test`)."""
+"""The fault suite of tests/fault_suite.py as tests. Every bad input a hostile-but-fair user tried
+fails in one line before Ray starts, leaving nothing behind (integration tier, ~2 minutes); every
+injected fault is survived with nothing lost (`-m slow`: real sweeps, MLflow down for 5 minutes;
+~12 minutes, run by CI after `make test`)."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
-from trainers.config import PROJECT_ROOT
-
-_spec = importlib.util.spec_from_file_location("faults", PROJECT_ROOT / "bench" / "faults.py")
-faults = importlib.util.module_from_spec(_spec)
-sys.modules["faults"] = faults  # dataclasses look their module up there
-_spec.loader.exec_module(faults)
+from tests import fault_suite as faults
 
 pytestmark = pytest.mark.integration
 

@@ -30,18 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainers.common.errors import UnreadableCheckpointError, last_line
+from trainers.common.layout import CHECKPOINT_CONFIG, CHECKPOINT_METRICS, CHECKPOINT_SAMPLES
+from trainers.common.layout import CHECKPOINT_GLOB, checkpoint_name  # noqa: F401 - the layout's, imported from here by the trainer
 
 if TYPE_CHECKING:
     from trainers.models import DiffusionModel
-
-
-CHECKPOINT_GLOB = "step_*"  # every checkpoint folder of a run, in step order when sorted
-
-
-def checkpoint_name(step: int) -> str:
-    """The folder name of the checkpoint taken after `step` (the trainer writes it, Ray keeps it
-    under that name, the sweep's selection finds it by `CHECKPOINT_GLOB`)."""
-    return f"step_{step:06d}"
 
 
 def _lora_settings(model_config) -> dict:
@@ -76,13 +69,13 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
         torch.save(objective.state_dict() if objective is not None else {}, tmp / "objective.pt")
         save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world_size, "finetune": config.model.finetune}))
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if metrics is not None:
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (tmp / CHECKPOINT_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         if samples is not None and len(samples):
             from torchvision.utils import save_image
 
-            save_image(samples, tmp / "samples.png", nrow=8, padding=1)
+            save_image(samples, tmp / CHECKPOINT_SAMPLES, nrow=8, padding=1)
         if directory.exists():  # a re-run of the same step after a restart: replace, never merge
             shutil.rmtree(directory)
         os.replace(tmp, directory)

@@ -131,7 +131,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables
     gradient_accumulation: Positive = 1  # micro-batches per optimizer step (the loss is divided by this, once)
-    seed: int = 0  # every draw derives from (seed, rank, step): eval.sampling.derive_seed
+    seed: int = 0  # every draw derives from (seed, rank, step): trainers.common.seeds.derive_seed
     ema_decay: float = Field(0.0, ge=0, lt=1)  # EMA of the trainable weights, used for evaluation; 0 disables
     mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16: autocast on CUDA (ignored on CPU); no: fp32 everywhere
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower

@@ -17,8 +17,8 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from trainers.common.storage import resolve
-from trainers.checkpoint import CHECKPOINT_GLOB
 from trainers.common.errors import TrainingError, UnreadableCheckpointError, root_message
+from trainers.common.layout import CHECKPOINT_GLOB
 from trainers.config import Config
 
 

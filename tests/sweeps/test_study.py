@@ -75,9 +75,9 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
     assert (report / "report.md").read_text() == before
     # the same study again (one method, under another name), its seed-1 sweep failing: reported, not
     # fatal; --resume runs that one alone; then the same trials were proposed, with the same figures
-    import sweeps.acpo_sweep
+    import sweeps.driver
 
-    real_run_sweep = sweeps.acpo_sweep.run_sweep
+    real_run_sweep = sweeps.driver.run_sweep
 
     def failing_seed1(config, sweep, resume=False, **options):
         if sweep.name == "baseline-seed1":
@@ -87,15 +87,15 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
     again = tiny_study(tmp_path, mlflow_server, methods=("baseline",), name="tiny-again")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        sweeps.acpo_sweep.run_sweep = failing_seed1
+        sweeps.driver.run_sweep = failing_seed1
         assert main(["--study", str(again)]) == 0
         failed = json.loads((tmp_path / "tiny-again" / "report" / "summary.json").read_text())
         assert failed["failures"] == {"baseline-seed1": "injected failure"} and failed["methods"]["baseline"]["seeds"] == [0]
         assert "baseline-seed1 failed: injected failure" in (tmp_path / "tiny-again" / "report" / "report.md").read_text()
-        sweeps.acpo_sweep.run_sweep = real_run_sweep
+        sweeps.driver.run_sweep = real_run_sweep
         assert main(["--study", str(again), "--resume"]) == 0
     finally:
-        sweeps.acpo_sweep.run_sweep = real_run_sweep
+        sweeps.driver.run_sweep = real_run_sweep
         ray.shutdown()
 
     def proposed(name, seed):

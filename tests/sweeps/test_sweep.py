@@ -144,15 +144,16 @@ def test_a_killed_driver_resumes_without_duplicates(tmp_path, mlflow_server, dig
                "--set", "sweep.max_concurrent=1"]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     storage = f"sqlite:///{tmp_path / 'killed' / 'optuna.db'}"
+    client = MlflowClient(mlflow_server)  # polled, not the Optuna database: opening that would create it under the driver
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill once one trial has finished and another has started
+    while time.time() < deadline and driver.poll() is None:  # kill once one trial has finished and another has started
         time.sleep(1)
-        try:
-            states = [t.state for t in optuna.load_study(study_name="killed", storage=storage).trials]
-        except Exception:  # the study is not created yet
+        if client.get_experiment_by_name("killed") is None:  # the sweep has not started tracking yet
             continue
-        if states.count(optuna.trial.TrialState.COMPLETE) >= 1 and len(states) >= 2:
+        trials = [r for r in runs_of(client, "killed") if r.data.tags.get("acpo.role") == "trial"]
+        if len(trials) >= 2 and any(r.info.status == "FINISHED" for r in trials):
             break
+    assert driver.poll() is None, "the sweep ended before the kill"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
@@ -164,7 +165,7 @@ def test_a_killed_driver_resumes_without_duplicates(tmp_path, mlflow_server, dig
     # left over, and is then marked failed (Tune ran a fresh trial in its place), never left running.
     assert len(complete) == 4, states
     assert set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL}, states
-    runs = [r for r in runs_of(MlflowClient(mlflow_server), "killed") if r.data.tags.get("acpo.role") == "trial"]
+    runs = [r for r in runs_of(client, "killed") if r.data.tags.get("acpo.role") == "trial"]
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert len(finished) == 4 and len({r.data.tags["acpo.trial"] for r in runs}) == len(runs)  # no trial logged twice
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
@@ -201,7 +202,7 @@ def test_dry_run_prints_config_and_space(capsys):
 
 @pytest.mark.integration
 def test_storage_and_tracking_defaults_for_a_plain_ray_job(tmp_path, monkeypatch, mlflow_server):
-    import sweeps.acpo_sweep as acpo_sweep
+    import sweeps.driver as driver
     from sweeps.presets import SweepConfig
     from trainers.config import ConfigError
 
@@ -209,18 +210,18 @@ def test_storage_and_tracking_defaults_for_a_plain_ray_job(tmp_path, monkeypatch
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     sweep = SweepConfig(name="s", storage_dir="runs/sweeps")
-    assert acpo_sweep.sweep_dir(sweep) == str(tmp_path / "runs" / "sweeps" / "s")
+    assert driver.sweep_dir(sweep) == str(tmp_path / "runs" / "sweeps" / "s")
     # Under `ray job submit --working-dir`, the working directory is a temporary copy: not there.
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
-    assert acpo_sweep.sweep_dir(sweep) == str(tmp_path / "home" / "acpo" / "runs" / "sweeps" / "s")
-    assert acpo_sweep.sweep_dir(SweepConfig(name="s", storage_dir="/shared/sweeps")) == "/shared/sweeps/s"
-    assert acpo_sweep.sweep_dir(SweepConfig(name="s", storage_dir="file:///shared/sweeps")) == "/shared/sweeps/s"
-    assert acpo_sweep.sweep_dir(SweepConfig(name="s", storage_dir="s3://bucket/sweeps/")) == "s3://bucket/sweeps/s"  # not resolved locally
+    assert driver.sweep_dir(sweep) == str(tmp_path / "home" / "acpo" / "runs" / "sweeps" / "s")
+    assert driver.sweep_dir(SweepConfig(name="s", storage_dir="/shared/sweeps")) == "/shared/sweeps/s"
+    assert driver.sweep_dir(SweepConfig(name="s", storage_dir="file:///shared/sweeps")) == "/shared/sweeps/s"
+    assert driver.sweep_dir(SweepConfig(name="s", storage_dir="s3://bucket/sweeps/")) == "s3://bucket/sweeps/s"  # not resolved locally
 
-    monkeypatch.setattr(acpo_sweep, "LOCAL_MLFLOW", mlflow_server)  # a server answering on this machine
-    assert acpo_sweep.tracking_uri(sweep) == mlflow_server
-    monkeypatch.setattr(acpo_sweep, "LOCAL_MLFLOW", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(driver, "LOCAL_MLFLOW", mlflow_server)  # a server answering on this machine
+    assert driver.tracking_uri(sweep) == mlflow_server
+    monkeypatch.setattr(driver, "LOCAL_MLFLOW", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(ConfigError, match="sweep.tracking_uri: not set"):
-        acpo_sweep.tracking_uri(sweep)
+        driver.tracking_uri(sweep)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
-    assert acpo_sweep.tracking_uri(sweep) == "http://example.invalid:5000"
+    assert driver.tracking_uri(sweep) == "http://example.invalid:5000"

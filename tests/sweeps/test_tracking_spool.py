@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from sweeps.tracking import (SENT, SPOOL, SpoolReplayer, SweepTracking, pending_records, read_records, record_names, spool,
-                             spool_unreported)
+from sweeps.replay import SpoolReplayer
+from sweeps.spool import SENT, SPOOL, pending_records, read_records, record_names, spool, spool_unreported
+from sweeps.tracking import SweepTracking
 
 
 def spooled_trial(directory, trial="t1", steps=(2, 4, 6)):

@@ -211,7 +211,7 @@ def test_cas_dm_head_reaches_the_samples_checkpoints_and_export(tmp_path, digits
     from eval.evaluate import Evaluator
     from eval.sampling import sample_images
     from objectives.lpips_x0 import CascadedDenoiser
-    from sweeps.acpo_sweep import export_champion
+    from sweeps.champion import export_champion
     from trainers.models import load_base_model
 
     metric = f"{{network: digits-classifier, weights: {digits_assets}/classifier.safetensors}}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eval.sampling import sample_images
-from sweeps.tracking import save_champion_model
+from sweeps.champion_model import save_champion_model
 from trainers.models import load_base_model
 
 SETTINGS = {"sampler": "ddim", "guidance_scale": 1.0, "prompts": [], "steps": 4}

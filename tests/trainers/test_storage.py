@@ -1,4 +1,4 @@
-"""eval/storage.py: one way to read and write a folder or object storage, checked on both: a local
+"""trainers/common/storage.py: one way to read and write a folder or object storage, checked on both: a local
 folder and a real S3-compatible server (moto's, on 127.0.0.1, reached through pyarrow as Ray does)."""
 
 import uuid

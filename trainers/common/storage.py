@@ -11,8 +11,8 @@ Writes are whole or not at all: a local file is written beside its place and ren
 object store's PUT is atomic. Object stores have no append and no rename: callers that append (the
 tracking spool) write one object per record instead.
 
-It sits in eval/ because eval is the bottom of the project's imports and the reference-feature cache
-(eval) reads and writes through it, as do the trainers and the sweeps above it.
+Part of the bottom layer (trainers/common/): the FID reference cache (eval), the latent cache
+(trainers) and the sweep (sweeps) all read and write through it.
 """
 
 from __future__ import annotations

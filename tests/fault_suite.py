@@ -5,15 +5,16 @@ per case and the totals:
     bad inputs: tried N, clean N
     faults: injected N, survived N; lost: trials N, metrics N, checkpoints N
 
-    .venv/bin/python bench/faults.py [--only bad|faults] [--outage 300]
+    .venv/bin/python -m tests.fault_suite [--only bad|faults] [--outage 300]     # from the repo root
 
 A bad input is clean when the sweep exits 2 with one `acpo: error:` line naming the field or file,
 no traceback, within a minute, and leaves nothing in the storage folder (`--set` on a searched key
 is clean when it pins the dimension and says so). A fault is survived when the sweep (resumed where
 the fault killed it) ends with every trial, every checkpoint it evaluated loading, and every
 evaluation's figures in MLflow exactly once. tests/test_faults.py runs the same cases (pytest -m
-integration; the faults also -m slow). Needs root for the two mounts (a read-only folder; a full
-disk): without it those two cases are reported as not run.
+integration; the faults also -m slow), importing this module (`from tests import fault_suite`).
+Needs root for the two mounts (a read-only folder; a full disk): without it those two cases are
+reported as not run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TINY = ["train.batch_size=8", "train.eval_every=2", "eval.samples=16", "eval.sampling_steps=[2]", "train.cpus_per_worker=1",
         "sweep.space.train.steps={randint: [2, 4], step: 2}"]

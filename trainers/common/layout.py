@@ -1,0 +1,125 @@
+"""The sweep folder's layout: every path under `<storage>/<sweep>`, named once.
+
+    <storage>/<sweep>/
+      sweep_id                      the sweep's id (its MLflow runs carry it as a tag)
+      tune/                         Ray Tune's experiment (what --resume restores)
+      optuna.db                     the Optuna study, in a local sweep folder (see sweeps/driver.optuna_storage)
+      trials/<trial>/step_NNNNNN/   each trial's checkpoints (trainers/checkpoint.py), kept by Ray Train;
+                                    Ray's record of them: checkpoint_manager_snapshot.json
+      work/<trial>/params.json      each trial's parameters
+      work/<trial>/tracking/        its tracking spool (sweeps/spool.py), and tracking.sent, the place of its replay
+      base_metrics.json             the base model's figures, evaluated once
+      base_samples.png              and its sample grid
+      selection.json                the front, the hypervolume, the champion
+      pareto.png, pareto.html       the front's plots
+      champion/                     the champion, exported as a diffusers pipeline
+
+Every function takes the sweep's folder (or a trial's folder) as a location: a local path or a URI
+(`s3://bucket/prefix`), joined with `storage.join`, so the same names hold on a disk and in object storage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainers.common.storage import join, parent
+
+SWEEP_ID = "sweep_id"
+TUNE = "tune"
+OPTUNA_DB = "optuna.db"
+TRIALS = "trials"
+WORK = "work"
+PARAMS = "params.json"
+SPOOL, SENT = "tracking", "tracking.sent"  # in a trial's records: one file per record (object storage has no append); the last replayed
+BASE_METRICS, BASE_SAMPLES = "base_metrics.json", "base_samples.png"
+SELECTION = "selection.json"
+PARETO_PNG, PARETO_HTML = "pareto.png", "pareto.html"
+CHAMPION = "champion"
+
+# Inside one checkpoint folder (the whole list: trainers/checkpoint.py's docstring).
+CHECKPOINT_GLOB = "step_*"  # every checkpoint folder of a run, in step order when sorted
+CHECKPOINT_CONFIG, CHECKPOINT_METRICS, CHECKPOINT_SAMPLES = "config.json", "metrics.json", "samples.png"
+# Ray Train's record of a trial's checkpoints, in `trials/<trial>/`.
+TRAIN_RECORD = "checkpoint_manager_snapshot.json"
+
+Location = str | Path
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint taken after `step` (the trainer writes it, Ray keeps it
+    under that name, the sweep's selection finds it by `CHECKPOINT_GLOB`)."""
+    return f"step_{step:06d}"
+
+
+def sweep_id_file(directory: Location) -> str:
+    return join(directory, SWEEP_ID)
+
+
+def tune_dir(directory: Location) -> str:
+    return join(directory, TUNE)
+
+
+def optuna_db(directory: Location) -> str:
+    return join(directory, OPTUNA_DB)
+
+
+def trials_dir(directory: Location) -> str:
+    """Where Ray Train keeps every trial's checkpoints (its `storage_path`)."""
+    return join(directory, TRIALS)
+
+
+def trial_checkpoints(directory: Location, trial: str) -> str:
+    return join(directory, TRIALS, trial)
+
+
+def work_dir(directory: Location) -> str:
+    return join(directory, WORK)
+
+
+def trial_records(directory: Location, trial: str) -> str:
+    """A trial's parameters and tracking spool, where the driver reads them."""
+    return join(directory, WORK, trial)
+
+
+def params_file(directory: Location, trial: str) -> str:
+    return join(directory, WORK, trial, PARAMS)
+
+
+def trial_spool(directory: Location, trial: str) -> str:
+    return join(directory, WORK, trial, SPOOL)
+
+
+def sent_file(spool_location: Location) -> str:
+    """Beside a spool: the name of its last record replayed into MLflow."""
+    return join(parent(spool_location), SENT)
+
+
+def base_metrics_file(directory: Location) -> str:
+    return join(directory, BASE_METRICS)
+
+
+def base_samples_file(directory: Location) -> str:
+    return join(directory, BASE_SAMPLES)
+
+
+def selection_file(directory: Location) -> str:
+    return join(directory, SELECTION)
+
+
+def pareto_files(directory: Location) -> tuple[str, str]:
+    """The front's plots: (pareto.png, pareto.html)."""
+    return join(directory, PARETO_PNG), join(directory, PARETO_HTML)
+
+
+def champion_dir(directory: Location) -> str:
+    return join(directory, CHAMPION)
+
+
+def metrics_glob() -> str:
+    """Relative to the sweep's folder: every evaluated checkpoint's figures, of every trial."""
+    return f"{TRIALS}/*/{CHECKPOINT_GLOB}/{CHECKPOINT_METRICS}"
+
+
+def trial_metrics_glob() -> str:
+    """Relative to one trial's checkpoints: every evaluated checkpoint's figures."""
+    return f"{CHECKPOINT_GLOB}/{CHECKPOINT_METRICS}"
