@@ -1,1 +1,1 @@
-"""Sampling, FID/KID (torch-fidelity), no-reference quality scores (pyiqa), Pareto utilities."""
+"""Evaluation: sampling for evaluation, FID/KID (torch-fidelity), quality scores (pyiqa), the front's axes."""

@@ -1,4 +1,5 @@
-"""The run config schema, the per-worker training loop, batches, models, the Ray Train wrapper, checkpoints."""
+"""The run config schema, the per-worker training loop, batches, image sets, models, the Ray Train wrapper,
+checkpoints; and, in common/, the bottom layer every package shares."""
 
 import logging
 
