@@ -98,6 +98,15 @@ def sampling_settings(checkpoint: str, exported: Path) -> dict:
         raise SelectionError(f"{config_file}: the champion's sampling settings cannot be read ({reason})") from None
 
 
+def require_sweep(directory: str) -> str:
+    """The sweep's base figures file, or a `SelectionError` saying there is no sweep there (checked
+    before anything else, so that a wrong name is not reported as an unreachable tracking server)."""
+    base_file = layout.base_metrics_file(directory)
+    if not storage.is_file(base_file):
+        raise SelectionError(f"no sweep at {directory} ({layout.BASE_METRICS} missing)")
+    return base_file
+
+
 def select(sweep: SweepConfig, directory: str | Path) -> dict:
     """Pareto front, hypervolume and champion over every evaluated checkpoint (no MLflow), written
     to `selection.json` and drawn in `pareto.png` and `pareto.html`. A checkpoint on the front must load (files
@@ -109,9 +118,7 @@ def select(sweep: SweepConfig, directory: str | Path) -> dict:
     from sweeps.selection import hypervolume, pareto_front, select_champion
 
     directory = str(directory)
-    base_file = layout.base_metrics_file(directory)
-    if not storage.is_file(base_file):
-        raise SelectionError(f"no sweep at {directory} ({layout.BASE_METRICS} missing)")
+    base_file = require_sweep(directory)
     try:
         base = json.loads(storage.read_text(base_file))
         if not all(isinstance(base.get(name), (int, float)) for name in FRONT_AXES):

@@ -130,13 +130,15 @@ def cmd_study(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from sweeps.champion import print_summary, select_and_register
+    from sweeps.champion import print_summary, require_sweep, select_and_register
     from sweeps.driver import sweep_dir, tracking_uri
     from sweeps.presets import load
 
     _, sweep = load(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])
+    directory = sweep_dir(sweep)
+    require_sweep(directory)
     uri = tracking_uri(sweep)
-    print_summary(select_and_register(sweep, sweep_dir(sweep), uri), uri, sweep)
+    print_summary(select_and_register(sweep, directory, uri), uri, sweep)
     return 0
 
 
