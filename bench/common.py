@@ -72,7 +72,7 @@ def our_steps(preset: str, overrides: list[str], steps: int, warmup: int, work: 
     from sweeps.presets import load
     from trainers.loop import train
 
-    config, _ = load(preset, [*overrides, f"train.steps={warmup + steps}", f"train.eval_every={warmup}", "eval.samples=2",
+    config, _ = load(preset, [*overrides, f"train.steps={warmup + steps}", f"train.eval_every={warmup}", "eval.samples=3",
                               "eval.sampling_steps=[1]", f"train.output_dir={work}", f"train.use_gpu={str(device.type == 'cuda').lower()}",
                               "train.ema_decay=0"])
     reports = []

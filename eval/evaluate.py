@@ -32,18 +32,25 @@ from pathlib import Path
 
 import torch
 
-from eval.fidelity import fidelity_metrics
-from trainers.image_sets import captions, reference_images
-from eval.quality import QualityModel, load_clip_score, load_quality_model
 from eval.axes import FRONT_AXES
+from eval.fidelity import extract_features, features_metrics, reference_features
+from eval.intervals import PerSample
+from eval.quality import QualityModel, load_clip_score, load_quality_model
 from eval.sampling import sample_images
-
+from trainers.image_sets import captions, reference_images
 
 
 @dataclass
 class Evaluation:
     metrics: dict[str, float]
     samples: torch.Tensor  # [<=64, C, H, W] in [0, 1]: the first images at the first step count (sample grids)
+    # steps -> what was measured of each sample (features, scores): what intervals are computed from
+    per_sample: dict[int, PerSample] = dataclasses.field(default_factory=dict)
+
+    @property
+    def first(self) -> PerSample:
+        """The per-sample data at the first step count: the figures the sweep compares."""
+        return next(iter(self.per_sample.values()))
 
 
 @dataclass
@@ -55,12 +62,13 @@ class Evaluator:
     samples: int = 500
     sampling_steps: tuple[int, ...] = (25,)
     sampler: str = "ddim"
-    seed: int = 0  # the same noise for every checkpoint: differences come from the weights alone
+    seed: int = 0  # the seed bank: the same noise for every checkpoint and the base, so differences come from the weights alone
     device: str = "cpu"
     prompts: tuple[str, ...] = ()  # text models: cycled over the samples
     guidance_scale: float = 1.0  # text models: classifier-free guidance when sampling
     clip_score: object = None  # text models: (images [N,3,H,W] in [0,1], captions) -> [N], higher is better
     cache_dir: str | Path | None = None  # reference features; None: $ACPO_FIDELITY_CACHE or ~/.cache/acpo/fidelity
+    _reference_features: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config, device: str | torch.device = "cpu") -> "Evaluator":
@@ -73,6 +81,7 @@ class Evaluator:
             feature_extractor_weights=settings.feature_extractor_weights or None,
             quality={name: load_quality_model(spec, device) for name, spec in settings.quality_specs().items()},
             samples=settings.samples,
+            seed=settings.seed,
             sampling_steps=tuple(settings.sampling_steps),
             sampler=settings.sampler,
             device=str(device),
@@ -93,13 +102,14 @@ class Evaluator:
         """`model`: a diffusion model as `trainers.models.DiffusionModel` holds one (unet, scheduler, and
         for latent text models vae and encode_prompt). Unconditional models ignore the prompts."""
         encode_prompt = model.encode_prompt if model.text_conditioned else None
-        metrics, grid = {}, None
+        metrics, grid, per_sample = {}, None, {}
         for steps in self.sampling_steps:
             images = sample_images(model.unet, model.scheduler.config, self.samples, steps=steps, sampler=self.sampler, seed=self.seed,
                                    device=self.device, vae=model.vae, encode_prompt=encode_prompt, prompts=list(self.prompts),
                                    guidance_scale=self.guidance_scale)
-            fidelity = fidelity_metrics(images, self.reference, self.feature_extractor, self.feature_extractor_weights,
-                                        device=self.device, cache_dir=self.cache_dir)
+            features = extract_features(images, self.feature_extractor, self.feature_extractor_weights, self.device)
+            fidelity = features_metrics(features, self.reference_features())
+            scores = {}
             for key in ("fid", "kid", "diversity"):
                 metrics[f"{key}@{steps}"] = fidelity[key]
             if grid is None:
@@ -109,12 +119,22 @@ class Evaluator:
             for name, quality in self.quality.items():
                 if quality.prompt_conditioned and prompted is None:
                     raise ValueError(f"eval: {quality.name} scores images against prompts; this model takes none")
-                metrics[f"{name}@{steps}"] = quality(on_device, prompted).mean().item()
+                scores[name] = quality(on_device, prompted).float().cpu()
+                metrics[f"{name}@{steps}"] = scores[name].mean().item()
             if self.clip_score is not None and prompted is not None:
-                metrics[f"clip_score@{steps}"] = self.clip_score(on_device, prompted).float().mean().item()
+                scores["clip_score"] = self.clip_score(on_device, prompted).float().cpu()
+                metrics[f"clip_score@{steps}"] = scores["clip_score"].mean().item()
+            per_sample[steps] = PerSample(features.cpu(), scores)
         first = self.sampling_steps[0]
         metrics.update({name: metrics[f"{name}@{first}"] for name in (*FRONT_AXES, "trained_quality")})  # what reports compare
-        return Evaluation(metrics, grid)
+        return Evaluation(metrics, grid, per_sample)
+
+    def reference_features(self) -> torch.Tensor:
+        """The reference set's features (cached on disk by content, and here once read)."""
+        if self._reference_features is None:
+            self._reference_features = reference_features(self.reference, self.feature_extractor, self.feature_extractor_weights,
+                                                          self.cache_dir, self.device)
+        return self._reference_features
 
 
 def relative_gain(value: float, base: float, lower_better: bool = False) -> float:
@@ -143,3 +163,40 @@ def sampling_noise(evaluator: Evaluator, model, seeds: Sequence[int]) -> dict[st
     return {name: {"mean": statistics.fmean(r[name] for r in runs),
                    "std": statistics.stdev(r[name] for r in runs) if len(runs) > 1 else 0.0}
             for name in runs[0]}
+
+
+def noise_curve(evaluator: Evaluator, model, sample_counts: Sequence[int], seeds: Sequence[int], resamples: int = 1000) -> list[dict]:
+    """How each front figure of `model` moves with the seed bank at each sample count: per count, the
+    mean and standard deviation over `seeds` of FID, KID and the held-out quality, and the mean
+    half-width of the bootstrap's 95% interval (eval/intervals.py) of FID and held-out quality from
+    one bank's per-sample data. What a preset's sample counts are chosen from (`acpo eval --noise`)."""
+    from eval.intervals import paired_intervals
+
+    rows = []
+    for count in sample_counts:
+        runs, widths = [], []
+        for seed in seeds:
+            evaluation = dataclasses.replace(evaluator, samples=count, seed=seed).evaluate(model)
+            runs.append(evaluation.metrics)
+            figures = paired_intervals(evaluation.first, evaluator.reference_features(), resamples=resamples, seed=seed, with_kid=False).figures
+            widths.append({name: (figures[name]["high"] - figures[name]["low"]) / 2 for name in FRONT_AXES})
+        row = {"samples": count, "seeds": len(runs)}
+        first = evaluator.sampling_steps[0]
+        for name in ("fid", "kid", "heldout_quality"):
+            values = [r[f"{name}@{first}"] for r in runs]
+            row[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        for name in FRONT_AXES:
+            row[name]["bootstrap_half_width"] = statistics.fmean(w[name] for w in widths)
+        rows.append(row)
+    return rows
+
+
+def samples_for_tolerance(curve: list[dict], tolerance: float, figure: str = "fid") -> int | None:
+    """The sample count at which 1.96 standard deviations of `figure` over seed banks fit in
+    `tolerance` (relative to its mean): from the largest measured count, assuming std ~ 1/sqrt(N).
+    Unpaired: a checkpoint paired with its base on one bank moves less. None without a spread."""
+    row = max((r for r in curve if r["seeds"] > 1), key=lambda r: r["samples"], default=None)
+    if row is None or row[figure]["std"] == 0:
+        return None
+    relative = row[figure]["std"] / abs(row[figure]["mean"])
+    return max(1, round(row["samples"] * (1.96 * relative / tolerance) ** 2))

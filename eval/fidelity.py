@@ -112,6 +112,18 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
     return float(torch.pdist(features.double()).mean()) if len(features) > 1 else 0.0
 
 
+def fid_from_features(sample_features: torch.Tensor, reference_statistics: dict) -> float:
+    """torch-fidelity's FID of `[N, D]` features against the reference's `fid_features_to_statistics`."""
+    return float(fid_statistics_to_metric(fid_features_to_statistics(sample_features), reference_statistics, False)["frechet_inception_distance"])
+
+
+def kid_from_features(sample_features: torch.Tensor, real_features: torch.Tensor, subset_size: int = 1000, subsets: int = 100) -> float:
+    """torch-fidelity's KID: the mean over `subsets` random subsets of `subset_size` of each set (its
+    seeded generator: the same call gives the same figure)."""
+    return float(kid_features_to_metric(sample_features, real_features, kid_subsets=subsets, kid_subset_size=subset_size,
+                                        verbose=False)[KEY_METRIC_KID_MEAN])
+
+
 def fidelity_metrics(
     samples: torch.Tensor,
     reference: torch.Tensor,
@@ -122,21 +134,26 @@ def fidelity_metrics(
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """FID, KID and diversity of `samples` against `reference`, both `[N, C, H, W]` in [0, 1].
+    """FID, KID and diversity of `samples` against `reference`, both `[N, C, H, W]` in [0, 1]."""
+    sample_features = extract_features(samples, feature_extractor, feature_extractor_weights_path, device)
+    real_features = reference_features(reference, feature_extractor, feature_extractor_weights_path, cache_dir, device)
+    return features_metrics(sample_features, real_features, kid, kid_subset_size)
+
+
+def features_metrics(sample_features: torch.Tensor, real_features: torch.Tensor, kid: bool = True, kid_subset_size: int = 1000) -> dict[str, float]:
+    """FID, KID and diversity from the features of the samples and of the reference set.
 
     KID's subset size shrinks to the smaller set's size when needed (with a warning): small
     evaluations during training should report a figure, not crash.
     """
-    smallest = min(len(samples), len(reference))
+    smallest = min(len(sample_features), len(real_features))
     if smallest < 2:
-        raise ValueError(f"FID needs at least 2 images per set, got {len(samples)} samples and {len(reference)} reference images")
-    sample_features = extract_features(samples, feature_extractor, feature_extractor_weights_path, device)
-    real_features = reference_features(reference, feature_extractor, feature_extractor_weights_path, cache_dir, device)
-    fid = fid_statistics_to_metric(fid_features_to_statistics(sample_features), fid_features_to_statistics(real_features), False)
-    out = {"fid": float(fid["frechet_inception_distance"]), "diversity": mean_pairwise_distance(sample_features)}
+        raise ValueError(f"FID needs at least 2 images per set, got {len(sample_features)} samples and {len(real_features)} reference images")
+    out = {"fid": fid_from_features(sample_features, fid_features_to_statistics(real_features)),
+           "diversity": mean_pairwise_distance(sample_features)}
     if kid:
         if kid_subset_size > smallest:
             warnings.warn(f"KID subset size {kid_subset_size} > {smallest} images; using {smallest}", stacklevel=2)
             kid_subset_size = smallest
-        out["kid"] = float(kid_features_to_metric(sample_features, real_features, kid_subset_size=kid_subset_size, verbose=False)[KEY_METRIC_KID_MEAN])
+        out["kid"] = kid_from_features(sample_features, real_features, kid_subset_size)
     return out

@@ -16,9 +16,10 @@ from pathlib import Path
 from sweeps.presets import SweepConfig
 from trainers.common import layout, storage
 from trainers.common.errors import SelectionError, TrackingError, last_line
+from trainers.config import Config
 
 
-def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str) -> dict:
+def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str, config: Config | None = None) -> dict:
     """Select; export the champion in diffusers layout (to `champion/` in the sweep's storage); log the
     selection to the sweep's parent run and register the champion with alias `champion`. Records the
     trials left spooled are replayed first. A failure of the selection itself is a `SelectionError`;
@@ -26,7 +27,7 @@ def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str) -> 
     directory = str(directory)
     stored = layout.champion_dir(directory)
     with tempfile.TemporaryDirectory(prefix="acpo-champion.") as stage:
-        selection, exported, settings = select_and_export(sweep, directory, Path(stage))
+        selection, exported, settings = select_and_export(sweep, directory, Path(stage), config)
         try:
             from sweeps.replay import SpoolReplayer, finish_tracking
             from sweeps.tracking import SweepTracking, read_sweep_id
@@ -48,11 +49,11 @@ def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str) -> 
     return selection
 
 
-def select_and_export(sweep: SweepConfig, directory: str, stage: Path) -> tuple[dict, Path | None, dict | None]:
+def select_and_export(sweep: SweepConfig, directory: str, stage: Path, config: Config | None = None) -> tuple[dict, Path | None, dict | None]:
     """What the selection does without MLflow: `select`, then (when the sweep registers one) the
     champion exported to `stage/champion`, stored as the sweep's `champion/`, and the settings it
     was sampled with. Returns (selection, the local export or None, its sampling settings or None)."""
-    selection = select(sweep, directory)
+    selection = select(sweep, directory, config)
     champion = selection["champion"]
     if not (champion and sweep.register_champion):
         return selection, None, None
@@ -107,11 +108,17 @@ def require_sweep(directory: str) -> str:
     return base_file
 
 
-def select(sweep: SweepConfig, directory: str | Path) -> dict:
+def select(sweep: SweepConfig, directory: str | Path, config: Config | None = None) -> dict:
     """Pareto front, hypervolume and champion over every evaluated checkpoint (no MLflow), written
     to `selection.json` and drawn in `pareto.png` and `pareto.html`. A checkpoint on the front must load (files
     readable, tensors of the model's shapes) before it counts; those that do not are listed under
-    `unreadable` and left out, and the front is taken again without them."""
+    `unreadable` and left out, and the front is taken again without them.
+
+    With the run `config` (its evaluation settings and base model), the front's points get their
+    screening intervals and the first `sweep.confirm.top_k` are confirmed on a fresh seed bank
+    (sweeps/confirm.py): the champion is the confirmation's, or none. Without it, or with top_k 0,
+    the screening figures choose (the old rule: highest held-out quality within the FID tolerance),
+    and the rule says the choice was not confirmed."""
     from eval.axes import FRONT_AXES
 
     from sweeps.front_plots import front_figure, plot_front
@@ -143,10 +150,31 @@ def select(sweep: SweepConfig, directory: str | Path) -> dict:
         rows = [r for r in rows if r not in broken]
     for item in unreadable:
         print(f"[sweep] skipped an unreadable checkpoint: {item['checkpoint']}: {item['error']}", file=sys.stderr, flush=True)
-    champion, rule = select_champion(rows, base, sweep.fid_tolerance)
-    selection = {"base": {name: base[name] for name in FRONT_AXES}, "rule": rule, "fid_tolerance": sweep.fid_tolerance,
-                 "hypervolume": hypervolume(front, base), "evaluated": len(rows), "front": front, "champion": champion,
+    screening_choice, screening_rule = select_champion(rows, base, sweep.fid_tolerance)
+    selection = {"base": {name: base[name] for name in FRONT_AXES}, "fid_tolerance": sweep.fid_tolerance,
+                 "hypervolume": hypervolume(front, base), "evaluated": len(rows), "front": front,
+                 "screening": {"bank": {"seed": config.eval.seed, "samples": config.eval.samples} if config else None,
+                               "choice": screening_choice, "rule": screening_rule},
                  "unreadable": unreadable}
+    if config is not None:
+        from eval.evaluate import Evaluator
+
+        from sweeps.confirm import confirm, screening_intervals
+        from sweeps.selection import screening_order
+
+        evaluator = Evaluator.from_config(config)  # the quality models and reference, loaded once for both banks
+        front = screening_order(front, base, sweep.fid_tolerance)
+        screening_intervals(directory, front, evaluator.reference_features(), config.eval.resamples)
+        selection["front"] = front
+    if config is not None and sweep.confirm.top_k:
+        confirmation = confirm(config, sweep, directory, front, evaluator)
+        champion, rule = confirmation.pop("champion"), confirmation["rule"]
+        if champion is not None:
+            champion = {**next(r for r in front if r["checkpoint"] == champion["checkpoint"]), "confirmed": champion}
+        selection["confirmation"] = confirmation
+    else:
+        champion, rule = screening_choice, f"{screening_rule}; screening figures only, not confirmed on fresh samples"
+    selection.update(champion=champion, rule=rule)
     write_json(layout.selection_file(directory), selection)
     with tempfile.TemporaryDirectory(prefix="acpo-front.") as stage:
         png, html = Path(stage) / layout.PARETO_PNG, Path(stage) / layout.PARETO_HTML
@@ -216,16 +244,23 @@ def export_champion(checkpoint: str, out: Path) -> Path:
 
 
 def print_summary(selection: dict, uri: str, sweep: SweepConfig) -> None:
+    from sweeps.confirm import summary_lines
     from sweeps.selection import params_text
 
     base, champion = selection["base"], selection.get("champion")
     link = selection.get("mlflow", {}).get("url", uri)
     print(f"\nMLflow: {link}  (experiment '{sweep.experiment or sweep.name}', its runs)")
-    print(f"base model:  FID {base['fid']:.3f}  held-out quality {base['heldout_quality']:.4f}")
+    bank = selection.get("screening", {}).get("bank")
+    where = f"  (screening bank: seed {bank['seed']}, {bank['samples']} samples)" if bank else ""
+    print(f"base model:  FID {base['fid']:.3f}  held-out quality {base['heldout_quality']:.4f}{where}")
     print(f"front: {len(selection['front'])} of {selection['evaluated']} evaluated checkpoints; hypervolume {selection['hypervolume']:.4g}")
+    for line in summary_lines(selection):
+        print(line)
+    if not champion:
+        print(f"champion:    none: {selection['rule']}; nothing registered")
     if champion:
         params = params_text(champion)
-        print(f"champion:    FID {champion['fid']:.3f}  held-out quality {champion['heldout_quality']:.4f}  ({selection['rule']})")
+        print(f"champion:    FID {champion['fid']:.3f}  held-out quality {champion['heldout_quality']:.4f} on the screening bank  ({selection['rule']})")
         print(f"             trial {champion['trial']} step {champion['step']}: {params}")
         registered = selection.get("registered")
         if registered:

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from trainers.common.errors import report_error
+from trainers.common.errors import ConfigError, report_error
 
 
 def _add_config_args(parser):
@@ -87,6 +87,10 @@ def cmd_eval(args) -> int:
     if args.dry_run:
         print(json.dumps(config.to_dict()["eval"], indent=2))
         return 0
+    if args.noise:
+        return cmd_eval_noise(args, config)
+    if not args.checkpoint:
+        raise ConfigError("--checkpoint: required (or --noise, to measure the base model's noise)")
     from eval.evaluate import Evaluator, reward_gap
     from trainers.checkpoint import load_checkpoint_model
 
@@ -117,6 +121,36 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_noise(args, config) -> int:
+    """`acpo eval --noise`: the figures' spread over seed banks against the sample count."""
+    from eval.evaluate import Evaluator, noise_curve, samples_for_tolerance
+    from trainers.checkpoint import load_checkpoint_model
+
+    try:
+        counts = [int(part) for part in args.noise_samples.split(",")]
+    except ValueError:
+        raise ConfigError(f"--noise-samples: expected comma-separated integers, got {args.noise_samples!r}") from None
+    if any(count < 3 for count in counts) or args.noise_seeds < 1:
+        raise ConfigError("--noise-samples: each count must be >= 3, and --noise-seeds >= 1")
+    model = load_checkpoint_model(args.checkpoint or config.model.base)
+    curve = noise_curve(Evaluator.from_config(config), model, counts, range(100, 100 + args.noise_seeds), config.eval.resamples)
+    print(f"\n{args.checkpoint or config.model.base}: each figure over {args.noise_seeds} seed banks (mean +- std), and the bootstrap's "
+          f"95% half-width from one bank")
+    print(f"{'samples':>8}{'FID':>18}{'FID/mean':>10}{'boot. +-':>10}{'KID':>20}{'held-out':>20}{'boot. +-':>10}")
+    for row in curve:
+        fid, kid, heldout = row["fid"], row["kid"], row["heldout_quality"]
+        print(f"{row['samples']:>8}{fid['mean']:>10.2f} +- {fid['std']:<5.2f}{fid['std'] / abs(fid['mean']):>10.3f}{fid['bootstrap_half_width']:>10.2f}"
+              f"{kid['mean']:>11.2f} +- {kid['std']:<6.2f}{heldout['mean']:>11.4f} +- {heldout['std']:<6.4f}{heldout['bootstrap_half_width']:>10.4f}")
+    needed = samples_for_tolerance(curve, args.tolerance)
+    if needed:
+        print(f"\nFor 1.96 std of FID over seed banks to fit in a {args.tolerance:.0%} band: about {needed} samples "
+              "(unpaired; a checkpoint paired with its base on one bank needs fewer).")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"curve": curve, "tolerance": args.tolerance, "samples_needed": needed}, indent=2) + "\n")
+        print(f"written: {args.json}")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from sweeps.acpo_sweep import main as sweep_main
 
@@ -134,11 +168,11 @@ def cmd_select(args) -> int:
     from sweeps.driver import sweep_dir, tracking_uri
     from sweeps.presets import load
 
-    _, sweep = load(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])
+    config, sweep = load(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])
     directory = sweep_dir(sweep)
     require_sweep(directory)
     uri = tracking_uri(sweep)
-    print_summary(select_and_register(sweep, directory, uri), uri, sweep)
+    print_summary(select_and_register(sweep, directory, uri, config), uri, sweep)
     return 0
 
 
@@ -197,7 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint (FID/KID, diversity, quality scores) next to the base model")
     _add_config_args(evaluate)
-    evaluate.add_argument("--checkpoint", required=True, help="a training checkpoint, its model/ folder, or any diffusers pipeline folder")
+    evaluate.add_argument("--checkpoint", default="", help="a training checkpoint, its model/ folder, or any diffusers pipeline folder "
+                                                           "(required unless --noise, which defaults to the base model)")
+    evaluate.add_argument("--noise", action="store_true", help="each figure's spread over seed banks vs the sample count, and the count "
+                                                              "a tolerance needs (--noise-samples, --noise-seeds, --tolerance)")
+    evaluate.add_argument("--noise-samples", default="200,500,2000", help="--noise: comma-separated sample counts")
+    evaluate.add_argument("--noise-seeds", type=int, default=3, help="--noise: seed banks per sample count (seeds 100, 101, ...)")
+    evaluate.add_argument("--tolerance", type=float, default=0.1, help="--noise: the relative FID tolerance to size the sample count for")
     evaluate.add_argument("--samples", type=int, default=0, help="images per step count (default: eval.samples)")
     evaluate.add_argument("--steps", default="", help="comma-separated sampling step counts, e.g. 4,25 (default: eval.sampling_steps)")
     evaluate.add_argument("--json", default="", help="also write the figures to this JSON file")

@@ -56,7 +56,7 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
             print(f"[sweep] {len(errors)} trial(s) failed; first: {errors[0]}", file=sys.stderr, flush=True)
             if len(errors) == len(results):
                 raise TrainingError(f"every trial failed ({len(errors)}); first: {errors[0]}")
-        selection = select_and_register(sweep, directory, uri)
+        selection = select_and_register(sweep, directory, uri, config)
     except BaseException as error:
         end_failed(tracking, parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
@@ -184,7 +184,11 @@ def start_tracking(config: Config, sweep: SweepConfig, uri: str, sweep_id: str, 
     parent = tracking.run("sweep", sweep.name, sweep.parent_run or None)
     tracking.client.set_tag(parent, "acpo.folder", str(directory))
     tracking.log_params(parent, {"preset": config.preset, "num_samples": sweep.num_samples, "algorithm": sweep.algorithm,
-                                 "fid_tolerance": sweep.fid_tolerance, **{f"space.{k}": v for k, v in sweep.space.items()}})
+                                 "fid_tolerance": sweep.fid_tolerance,
+                                 "screening_bank": f"seed {config.eval.seed}, {config.eval.samples} samples",
+                                 "confirmation_bank": (f"seed {sweep.confirm.seed}, {sweep.confirm.samples} samples, top {sweep.confirm.top_k}"
+                                                       if sweep.confirm.top_k else "none"),
+                                 **{f"space.{k}": v for k, v in sweep.space.items()}})
     return tracking, parent
 
 
@@ -194,16 +198,20 @@ def evaluate_base(config: Config, directory: str | Path, tracking, parent: str) 
     if not storage.is_file(base_file):
         import io
 
-        from eval.evaluate import Evaluator
-        from trainers.models import load_base_model
-
+        from safetensors.torch import save
         from torchvision.utils import save_image
+
+        from eval.evaluate import Evaluator
+        from eval.intervals import per_sample_tensors
+        from trainers.models import load_base_model
 
         print("[sweep] evaluating the base model", flush=True)
         evaluation = Evaluator.from_config(config).evaluate(load_base_model(config.model.base))
         png = io.BytesIO()
         save_image(evaluation.samples, png, format="png", nrow=8, padding=1)  # next to the checkpoints' grids
         storage.write_bytes(grid, png.getvalue())
+        # the screening intervals' other half (sweeps/confirm.py), before the figures file that marks the base as done
+        storage.write_bytes(layout.base_per_sample_file(directory), save(per_sample_tensors(evaluation.per_sample)))
         storage.write_text(base_file, json.dumps(evaluation.metrics, indent=2) + "\n")
     base = json.loads(storage.read_text(base_file))
     base_run = tracking.run("base", "base model", parent)

@@ -24,6 +24,15 @@ from trainers.config import Config, ConfigError, Section
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
+class ConfirmConfig(Section):
+    """After the sweep, the front's best candidates and the base model re-measured on a seed bank the
+    search never saw, with more samples; the champion is chosen on those figures (sweeps/confirm.py)."""
+
+    top_k: int = Field(3, ge=0)  # candidates taken from the front (0: no confirmation; the screening figures decide)
+    samples: int = Field(2000, ge=3)  # images per candidate and for the base
+    seed: int = 1  # the confirmation bank: must differ from eval.seed (the screening bank)
+
+
 class SweepConfig(Section):
     """The preset's `sweep:` section (see sweeps/space.py for the search space's form)."""
 
@@ -35,7 +44,8 @@ class SweepConfig(Section):
     num_samples: int = Field(8, ge=1)  # trials
     algorithm: Literal["tpe", "nsga2"] = "tpe"  # Optuna's sampler
     max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's resources fit
-    fid_tolerance: float = Field(0.1, ge=0)  # champion rule: FID <= base FID * (1 + tolerance)
+    fid_tolerance: float = Field(0.1, ge=0)  # champion rule: FID <= base FID * (1 + tolerance) (confirmed: its 95% upper bound)
+    confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
     # experiment, trials' checkpoints, selection, champion: a folder (shared on a cluster), or object
     # storage as a URI (s3://bucket/prefix, gs://..., any pyarrow filesystem: trainers/common/storage.py)
     storage_dir: str = "runs/sweeps"
@@ -148,6 +158,9 @@ def load(preset: str = "digits", overrides: list[str] | None = None) -> tuple[Co
     sweep's settings. (The sweep also checks its space against the run config, `check_space`: a
     plain `acpo train --set objective={denoise: 1.0}` need not keep the terms the space searches.)"""
     resolved = Preset.from_dict(apply_overrides(read_preset(preset), list(overrides or [])))
+    if resolved.sweep.confirm.top_k and resolved.sweep.confirm.seed == resolved.eval.seed:
+        raise ConfigError(f"sweep.confirm.seed: {resolved.sweep.confirm.seed} is eval.seed, the screening bank; "
+                          "the confirmation needs noise the search never saw")
     config = Config.model_construct(**{name: getattr(resolved, name) for name in Config.model_fields})
     config.check_references()  # once, here at the edge; what a worker re-validates is the schema only
     return config, resolved.sweep

@@ -82,3 +82,44 @@ def params_text(row: dict, separator: str = ", ", equals: str = "=") -> str:
     """A row's searched parameters (`param:KEY` entries) as text, floats to 4 significant digits."""
     return separator.join(f"{k[6:]}{equals}{v:.4g}" if isinstance(v, float) else f"{k[6:]}{equals}{v}"
                           for k, v in row.items() if k.startswith("param:"))
+
+
+ALPHA = 0.05  # the confidence rule's level: 95%
+
+
+def screening_order(front: list[dict], base: dict, fid_tolerance: float) -> list[dict]:
+    """The front in the order the screening figures prefer it: points within the FID tolerance by
+    held-out quality (best first), then the rest by FID. The confirmation re-measures its head."""
+    limit = base[FIDELITY] * (1 + fid_tolerance)
+    within = sorted((r for r in front if r[FIDELITY] <= limit), key=lambda r: (-r[QUALITY], r[FIDELITY]))
+    return within + sorted((r for r in front if r[FIDELITY] > limit), key=lambda r: (r[FIDELITY], -r[QUALITY]))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given (scipy has Benjamini-Hochberg's, not
+    Holm's): the i-th smallest times (k - i), made monotone. A hypothesis is rejected where its
+    adjusted p-value is <= alpha; the chance of any false rejection among the k stays <= alpha."""
+    k = len(p_values)
+    adjusted, running = [0.0] * k, 0.0
+    for rank, i in enumerate(sorted(range(k), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (k - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def confident_champion(candidates: list[dict], alpha: float = ALPHA) -> tuple[dict | None, str, list[float]]:
+    """The champion of the confirmation: each candidate carries `p_gain` (the bootstrap p-value of "no
+    held-out gain over the base") and `p_fidelity` (of "FID ratio beyond the tolerance"), both on the
+    confirmation bank, and `gain_low` (the 95% lower bound on its held-out gain). A candidate passes
+    when both nulls are rejected (p = the larger of the two: an intersection-union test), Holm-adjusted
+    over the k candidates; the champion is the passing one with the highest lower bound on the gain.
+    Returns (champion or None, the rule in words, the adjusted p-values)."""
+    if not candidates:
+        return None, "no candidate to confirm", []
+    adjusted = holm([max(c["p_gain"], c["p_fidelity"]) for c in candidates])
+    passing = [c for c, p in zip(candidates, adjusted) if p <= alpha]
+    what = (f"the highest 95% lower bound on held-out gain among the {len(candidates)} confirmed candidates whose gain > 0 "
+            f"and FID-ratio bound within the tolerance hold at {1 - alpha:.0%} confidence (Holm over {len(candidates)})")
+    if not passing:
+        return None, f"no checkpoint beat the base model with {1 - alpha:.0%} confidence ({what})", adjusted
+    return max(passing, key=lambda c: c["gain_low"]), what, adjusted

@@ -116,7 +116,14 @@ class SweepTracking:
         """The selection on the sweep's parent run: figures, the front's plots (PNG and interactive
         HTML) and table, the champion's place."""
         base, champion = selection["base"], selection["champion"]
+        confirmed = {}
+        if champion and "confirmed" in champion:  # the champion's figures on the confirmation bank, with their bounds
+            figures = champion["confirmed"]["confirmation"]
+            confirmed = {f"champion_confirmed_{name}{end}": figures[name][key] for name in ("fid_ratio", "heldout_quality_diff")
+                         for end, key in (("", "value"), ("_low", "low"), ("_high", "high"))}
         self.log_metrics(run_id, {"hypervolume": selection["hypervolume"], "evaluated_checkpoints": selection["evaluated"],
+                                  "confirmed_candidates": len(selection.get("confirmation", {}).get("candidates", [])),
+                                  "champion_found": float(champion is not None), **confirmed,
                                   **{f"base_{k}": v for k, v in base.items()},
                                   **({f"champion_{k}": champion[k] for k in base} if champion else {})})
         for location in (*layout.pareto_files(directory), layout.selection_file(directory)):
@@ -163,11 +170,45 @@ class SweepTracking:
             pass  # registered by an earlier sweep: the champion becomes a new version
         tags = {"fid": f"{champion['fid']:.4f}", "heldout_quality": f"{champion['heldout_quality']:.4f}", "trial": champion["trial"],
                 "step": str(champion.get("step", "")), "rule": selection["rule"][:200], "checkpoint": champion["checkpoint"],
-                "sweep": self.sweep, **{k: str(v)[:_MAX_VALUE] for k, v in champion.items() if k.startswith("param:")}}
+                "sweep": self.sweep, **confirmed_tags(selection),
+                **{k: str(v)[:_MAX_VALUE] for k, v in champion.items() if k.startswith("param:")}}
         version = self.client.create_model_version(model_name, source=source, run_id=run_id, tags=tags,
                                                    description=version_note(self.sweep, selection))
         self.client.set_registered_model_alias(model_name, "champion", version.version)
         return {"model": model_name, "version": version.version, "alias": "champion", "source": source}
+
+
+def confirmed_tags(selection: dict) -> dict[str, str]:
+    """The champion's screening and confirmation figures side by side, as a registered version's tags."""
+    from sweeps.confirm import candidate_figures
+
+    champion = selection["champion"]
+    mine = [c for c in candidate_figures(selection) if c["checkpoint"] == champion["checkpoint"]]
+    if not mine:
+        return {"confirmed": "no (screening figures only)"}
+    bank = selection["confirmation"]["bank"]
+    return {"confirmed": f"yes: seed {bank['seed']}, {bank['samples']} samples", "confirmed_fid_ratio": mine[0]["fid_ratio"],
+            "confirmed_heldout_gain": mine[0]["gain"], "screening_heldout_gain": f"{mine[0]['screening_gain']:.4g}",
+            "screening_fid_ratio": f"{mine[0]['screening_fid_ratio']:.4g}", "holm_p": f"{mine[0]['p_holm']:.3g}"}
+
+
+def confirmation_markdown(selection: dict) -> list[str]:
+    """The confirmation as a Markdown table (the parent run's note)."""
+    from sweeps.confirm import candidate_figures, interval_text
+
+    confirmation = selection.get("confirmation")
+    if not confirmation:
+        return ["", f"Not confirmed on fresh samples: {selection['rule']}."]
+    bank, base = confirmation["bank"], confirmation["base"]
+    lines = ["", f"### Confirmation (fresh seed bank: seed {bank['seed']}, {bank['samples']} samples)", "",
+             f"Base model on it: FID {interval_text(base['fid'])}, held-out quality {interval_text(base['heldout_quality'])} (95% intervals, "
+             "paired bootstrap over samples). Each candidate is paired with the base on the same noise.", "",
+             "| candidate | FID ratio, screening | FID ratio, confirmed | held-out gain, screening | held-out gain, confirmed | shrinkage | Holm p | |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in candidate_figures(selection):
+        lines.append(f"| {c['trial']} step {c['step']} | {c['screening_fid_ratio']:.3f} | {c['fid_ratio']} | {c['screening_gain']:+.4f} | "
+                     f"{c['gain']} | {c['shrinkage']:+.4f} | {c['p_holm']:.3f} | {'passed' if c['passed'] else ''} |")
+    return lines
 
 
 def version_note(sweep: str, selection: dict) -> str:
@@ -189,7 +230,7 @@ def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict
 
     headline = (f"**Champion: trial {trial_link(champion['trial'])}, step {champion.get('step', '?')}: FID {champion['fid']:.3f} "
                 f"(base {base['fid']:.3f}), held-out quality {champion['heldout_quality']:.4f} (base {base['heldout_quality']:.4f}).**"
-                if champion else "**No champion: no checkpoint has finite figures.**")
+                if champion else f"**No champion: {selection['rule']}.**")
     lines = [headline, "", f"## Sweep `{sweep}`", "",
              f"{selection['evaluated']} evaluated checkpoints; {len(selection['front'])} on the Pareto front; "
              f"hypervolume against the base model {selection['hypervolume']:.4g}.", "",
@@ -201,6 +242,7 @@ def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict
     lines += ["", f"Rule: {selection['rule']}."]
     if champion:
         lines.append(f"Champion's parameters: {params_text(champion)}.")
+    lines += confirmation_markdown(selection)
     registered = selection.get("registered")
     if registered:
         lines.append(f"Registered as [{registered['model']} version {registered['version']}]"

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["train.batch_size=8", "train.eval_every=2", "eval.samples=16", "eval.sampling_steps=[2]", "train.cpus_per_worker=1",
+TINY = ["train.batch_size=8", "train.eval_every=2", "eval.samples=16", "sweep.confirm.samples=16", "sweep.confirm.top_k=0", "eval.resamples=100", "eval.sampling_steps=[2]", "train.cpus_per_worker=1",
         "sweep.space.train.steps={randint: [2, 4], step: 2}"]
 
 
@@ -356,7 +356,7 @@ def fault_corrupt_newest_checkpoint(work: Path, uri: str) -> Outcome:
     """The driver killed mid-trial; the trial's newest checkpoint then corrupted; --resume."""
     name, log = "fault-corrupt", work / "corrupt.log"
     # Evaluations slow enough (64 samples, 8 sampling steps) that the kill lands mid-trial.
-    extra = ["sweep.max_concurrent=1", "train.steps=12", "eval.samples=64", "eval.sampling_steps=[8]"]
+    extra = ["sweep.max_concurrent=1", "train.steps=12", "eval.samples=64", "eval.sampling_steps=[8]", "sweep.confirm.samples=64"]
     driver = start_driver(name, work, uri, 1, extra, log)
     trials = work / name / "trials"
 

@@ -11,6 +11,7 @@
       state.json          step, world size, finetune mode
       config.json         the resolved run config
       metrics.json        the evaluation at this step (what the sweep's selection reads)
+      per_sample.safetensors  what the evaluation measured of each sample (features, scores): its intervals
       samples.png         a grid of the evaluation's first samples
 
 The folder is written under a temporary name and renamed into place, so a crash mid-write never
@@ -30,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainers.common.errors import UnreadableCheckpointError, last_line
-from trainers.common.layout import CHECKPOINT_CONFIG, CHECKPOINT_METRICS, CHECKPOINT_SAMPLES
+from trainers.common.layout import CHECKPOINT_CONFIG, CHECKPOINT_METRICS, CHECKPOINT_PER_SAMPLE, CHECKPOINT_SAMPLES
 from trainers.common.layout import CHECKPOINT_GLOB, checkpoint_name  # noqa: F401 - the layout's, imported from here by the trainer
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ def _lora_settings(model_config) -> dict:
 
 
 def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module, base: DiffusionModel, config, optimizer,
-                     ema=None, objective=None, world_size: int = 1, metrics: dict | None = None, samples=None) -> Path:
+                     ema=None, objective=None, world_size: int = 1, metrics: dict | None = None, samples=None,
+                     per_sample: dict[str, torch.Tensor] | None = None) -> Path:
     from objectives.lpips_x0 import CascadedDenoiser
     from trainers.models import DiffusionModel, save_base_model
 
@@ -72,6 +74,8 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
         (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if metrics is not None:
             (tmp / CHECKPOINT_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        if per_sample:
+            save_file(per_sample, tmp / CHECKPOINT_PER_SAMPLE)
         if samples is not None and len(samples):
             from torchvision.utils import save_image
 

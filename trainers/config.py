@@ -147,7 +147,11 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    samples: int = Field(500, ge=2)  # images generated per evaluation (FID needs at least 2)
+    samples: int = Field(500, ge=3)  # images generated per evaluation (intervals need at least 3)
+    # The screening seed bank: the noise every checkpoint and the base are sampled from during a sweep
+    # (the same noise for all: common random numbers). The confirmation bank is sweep.confirm.seed.
+    seed: int = 0
+    resamples: int = Field(1000, ge=100)  # paired-bootstrap resamples behind every interval (eval/intervals.py)
     sampling_steps: list[Positive] = Field(default_factory=lambda: [25], min_length=1)  # one row of figures per step count
     sampler: Literal["ddim", "dpm_solver"] = "ddim"
     reference: str = "digits:heldout"  # "digits:heldout", an image folder, or "hf:NAME[:SPLIT]" (data.image_column)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from eval.evaluate import Evaluator
+from eval.intervals import per_sample_tensors
 from trainers.image_sets import captioned_images, captions, training_set
 from trainers.common.seeds import derive_seed
 from objectives.context import StepContext
@@ -203,7 +204,8 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
                 metrics.update(evaluation.metrics, **times)
                 checkpoint = write_checkpoint(out / "checkpoints" / checkpoint_name(step), step=step, model=model, base=base,
                                               config=config, optimizer=optimizer, ema=ema, objective=objective, world_size=world_size,
-                                              metrics=metrics, samples=evaluation.samples)
+                                              metrics=metrics, samples=evaluation.samples,
+                                              per_sample=per_sample_tensors(evaluation.per_sample))
             report(metrics, checkpoint)
             times, clock = {}, time.perf_counter()
     return {"metrics": metrics, "checkpoint": str(checkpoint) if checkpoint else None, "model": model}

@@ -79,7 +79,7 @@ def test_acpo_eval_prints_and_writes_every_figure(tmp_path, capsys, digits_asset
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "/no/such/checkpoint"], "checkpoint not found: /no/such/checkpoint"),
     (["--checkpoint", ".", "--set", "eval.extra_quality.sharpness=not_a_metric"], "eval.extra_quality.sharpness: unknown quality model 'not_a_metric'"),
-    (["--checkpoint", ".", "--samples", "1"], "eval.samples: Input should be greater than or equal to 2, got 1"),
+    (["--checkpoint", ".", "--samples", "1"], "eval.samples: Input should be greater than or equal to 3, got 1"),
 ])
 def test_acpo_eval_bad_input_is_one_line(args, message, capsys):
     assert main(["eval", *args]) == 2

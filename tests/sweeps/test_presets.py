@@ -36,7 +36,7 @@ def test_digits_preset_points_at_the_committed_assets(digits_assets):
         (["model.finetune=half"], r"^model.finetune: .*'full' or 'lora', got 'half'$"),
         (["data.source=folder"], r"^data.path: required when data.source is 'folder'$"),
         (["eval.sampling_steps=[25, 0]"], r"^eval.sampling_steps.1: "),
-        (["eval.samples=1"], r"^eval.samples: .*greater than or equal to 2, got 1$"),
+        (["eval.samples=1"], r"^eval.samples: .*greater than or equal to 3, got 1$"),
         (["eval.aesthetic=musiq"], r"^eval.aesthetic: renamed to eval.heldout_quality"),
         (["eval.quality=musiq"], r"^eval.quality: renamed to eval.trained_quality"),
         (["objective.aesthetic={rewards: {c: {model: musiq}}}"], r"^objective.aesthetic: renamed to objective.decoupled_rewards"),

@@ -11,7 +11,7 @@ import yaml
 from sweeps.acpo_study import main, read_study
 from tests.sweeps.test_sweep import mlflow_server  # noqa: F401 - the module's MLflow server fixture
 
-TINY = ["train.steps=2", "train.batch_size=8", "train.eval_every=1", "eval.samples=16", "eval.sampling_steps=[2]", "train.cpus_per_worker=1"]
+TINY = ["train.steps=2", "train.batch_size=8", "train.eval_every=1", "eval.samples=16", "sweep.confirm.samples=16", "sweep.confirm.top_k=0", "eval.resamples=100", "eval.sampling_steps=[2]", "train.cpus_per_worker=1"]
 
 
 def tiny_study(tmp_path, uri, methods=("baseline", "acpo"), name="tiny"):

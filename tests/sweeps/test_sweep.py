@@ -16,7 +16,7 @@ import torch
 from tests import servers
 from trainers.config import PROJECT_ROOT
 
-TINY = ["train.batch_size=8", "train.eval_every=2", "eval.samples=16", "eval.sampling_steps=[2]", "train.cpus_per_worker=1",
+TINY = ["train.batch_size=8", "train.eval_every=2", "eval.samples=16", "sweep.confirm.samples=16", "sweep.confirm.top_k=0", "eval.resamples=100", "eval.sampling_steps=[2]", "train.cpus_per_worker=1",
         "sweep.space.train.steps={randint: [2, 4], step: 2}"]
 
 
@@ -101,6 +101,35 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
         assert selection["champion"]["heldout_quality"] == max(r["heldout_quality"] for r in within)
     else:
         assert selection["rule"].startswith("knee") and selection["champion"] in selection["front"]
+    assert selection["rule"].endswith("not confirmed on fresh samples") and version.tags["confirmed"].startswith("no")
+    assert selection["screening"]["bank"] == {"seed": 0, "samples": 16}
+    assert all({"fid_ratio", "heldout_quality_diff"} <= set(r["intervals"]) for r in selection["front"])  # paired with the base
+
+    # The same sweep selected again with its confirmation on (`acpo select`): the front's top 2 and the
+    # base on a fresh seed bank; nothing is trained again.
+    from sweeps.cli import main as acpo
+
+    assert acpo(["select", "--sweep", "e2e", "--set", f"sweep.storage_dir={tmp_path}", "--set", f"sweep.tracking_uri={mlflow_server}",
+                 *sum((["--set", item] for item in TINY), []), "--set", "sweep.confirm.top_k=2", "--set", "sweep.confirm.seed=7"]) == 0
+    confirmed = json.loads((tmp_path / "e2e" / "selection.json").read_text())
+    confirmation = confirmed["confirmation"]
+    assert confirmation["bank"] == {"seed": 7, "samples": 16, "steps": 2}
+    assert len(confirmation["candidates"]) == min(2, len(confirmed["front"])) >= 1
+    for candidate in confirmation["candidates"]:
+        figures = candidate["confirmation"]
+        assert figures["samples"] == 16 and figures["fid_ratio"]["low"] <= figures["fid_ratio"]["value"] <= figures["fid_ratio"]["high"]
+        assert candidate["screening"]["intervals"]["samples"] == 16 and 0 < candidate["p_holm"] <= 1
+    assert (tmp_path / "e2e" / "confirmation" / "seed7-n16-steps2" / "base.safetensors").is_file()
+    parent_run = client.get_run(parent)
+    assert "### Confirmation (fresh seed bank: seed 7, 16 samples)" in parent_run.data.tags["mlflow.note.content"]
+    assert parent_run.data.metrics["confirmed_candidates"] == len(confirmation["candidates"])
+    if confirmed["champion"] is None:  # 16 samples rarely prove a gain: then nothing is registered
+        assert confirmed["rule"].startswith("no checkpoint beat the base model with 95% confidence")
+        assert parent_run.data.metrics["champion_found"] == 0 and "registered" not in confirmed
+    else:
+        again = client.get_model_version_by_alias("e2e", "champion")
+        assert again.version != version.version and again.tags["confirmed"] == "yes: seed 7, 16 samples"
+        assert "[" in again.tags["confirmed_heldout_gain"] and "confirmed_fid_ratio" in again.tags
 
 
 @pytest.mark.integration

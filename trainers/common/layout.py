@@ -8,9 +8,11 @@
                                     Ray's record of them: checkpoint_manager_snapshot.json
       work/<trial>/params.json      each trial's parameters
       work/<trial>/tracking/        its tracking spool (sweeps/spool.py), and tracking.sent, the place of its replay
-      base_metrics.json             the base model's figures, evaluated once
+      base_metrics.json             the base model's figures, evaluated once on the screening bank
       base_samples.png              and its sample grid
-      selection.json                the front, the hypervolume, the champion
+      base_per_sample.safetensors   and what was measured of each sample (the screening intervals' pairs)
+      selection.json                the front, the hypervolume, the confirmation, the champion
+      confirmation/<bank>/          per-sample data of the base and each confirmed candidate on the confirmation bank
       pareto.png, pareto.html       the front's plots
       champion/                     the champion, exported as a diffusers pipeline
 
@@ -31,14 +33,16 @@ TRIALS = "trials"
 WORK = "work"
 PARAMS = "params.json"
 SPOOL, SENT = "tracking", "tracking.sent"  # in a trial's records: one file per record (object storage has no append); the last replayed
-BASE_METRICS, BASE_SAMPLES = "base_metrics.json", "base_samples.png"
+BASE_METRICS, BASE_SAMPLES, BASE_PER_SAMPLE = "base_metrics.json", "base_samples.png", "base_per_sample.safetensors"
 SELECTION = "selection.json"
 PARETO_PNG, PARETO_HTML = "pareto.png", "pareto.html"
 CHAMPION = "champion"
+CONFIRMATION = "confirmation"
 
 # Inside one checkpoint folder (the whole list: trainers/checkpoint.py's docstring).
 CHECKPOINT_GLOB = "step_*"  # every checkpoint folder of a run, in step order when sorted
 CHECKPOINT_CONFIG, CHECKPOINT_METRICS, CHECKPOINT_SAMPLES = "config.json", "metrics.json", "samples.png"
+CHECKPOINT_PER_SAMPLE = "per_sample.safetensors"  # the evaluation's per-sample features and scores (eval/intervals.py)
 # Ray Train's record of a trial's checkpoints, in `trials/<trial>/`.
 TRAIN_RECORD = "checkpoint_manager_snapshot.json"
 
@@ -98,6 +102,10 @@ def base_metrics_file(directory: Location) -> str:
     return join(directory, BASE_METRICS)
 
 
+def base_per_sample_file(directory: Location) -> str:
+    return join(directory, BASE_PER_SAMPLE)
+
+
 def base_samples_file(directory: Location) -> str:
     return join(directory, BASE_SAMPLES)
 
@@ -109,6 +117,10 @@ def selection_file(directory: Location) -> str:
 def pareto_files(directory: Location) -> tuple[str, str]:
     """The front's plots: (pareto.png, pareto.html)."""
     return join(directory, PARETO_PNG), join(directory, PARETO_HTML)
+
+
+def confirmation_dir(directory: Location) -> str:
+    return join(directory, CONFIRMATION)
 
 
 def champion_dir(directory: Location) -> str:

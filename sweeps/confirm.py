@@ -1,0 +1,165 @@
+"""The confirmation stage: after the sweep, the front's best candidates and the base model measured
+again on a seed bank the search never saw (`sweep.confirm.seed`), with more samples
+(`sweep.confirm.samples`), and the champion decided on those figures and their intervals
+(`sweeps.selection.confident_champion`).
+
+Why: the screening figures chose the candidates, so the winner's are biased upward (the best of many
+noisy figures: the winner's curse), and at a few hundred samples FID moves more with the seed bank
+than the tolerance allows. Figures on fresh noise are not chosen by that noise. The base and every
+candidate are sampled from the same bank (sample i from the same noise), so their differences are paired.
+
+What each evaluation measured of each sample is kept under `<sweep>/confirmation/<bank>/`, so that
+re-running the selection (`acpo select`) samples nothing again; the intervals are recomputed from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sweeps.presets import SweepConfig
+from sweeps.selection import ALPHA, FIDELITY, QUALITY, confident_champion
+from trainers.common import layout, storage
+from trainers.common.errors import SelectionError, last_line
+from trainers.config import Config
+
+DIFF = f"{QUALITY}_diff"  # the held-out gain over the base, paired
+
+
+def screening_intervals(directory: str, rows: list[dict], reference, resamples: int) -> None:
+    """Each row's screening figures with intervals, paired with the base on the screening bank, from
+    the per-sample data the trial's evaluation stored (`row["intervals"]`; rows of checkpoints without
+    it, written before intervals existed, are left as they are)."""
+    from eval.intervals import paired_intervals
+
+    base = read_per_sample(layout.base_per_sample_file(directory))
+    if base is None:
+        return
+    for row in rows:
+        data = read_per_sample(storage.join(row["checkpoint"], layout.CHECKPOINT_PER_SAMPLE))
+        if data is not None and len(data) == len(base):
+            row["intervals"] = paired_intervals(data, reference, base, resamples=resamples, seed=0, with_kid=False).to_json()
+
+
+def confirm(config: Config, sweep: SweepConfig, directory: str, front: list[dict], evaluator) -> dict:
+    """The confirmation of `front`'s first `sweep.confirm.top_k` rows (in the screening's order):
+    each row gains its confirmation figures and p-values; returns the confirmation's record, the
+    champion (a row, or None) in it. `evaluator`: the screening's (`eval.evaluate.Evaluator`); its
+    bank and sample count are replaced by the confirmation's."""
+    from eval.intervals import paired_intervals
+
+    settings = sweep.confirm
+    candidates = front[: settings.top_k]
+    evaluator = dataclasses.replace(evaluator, samples=settings.samples, seed=settings.seed)
+    bank = f"seed{settings.seed}-n{settings.samples}-steps{evaluator.sampling_steps[0]}"
+    print(f"[sweep] confirming {len(candidates)} candidate(s) and the base model on a fresh seed bank ({settings.samples} samples, "
+          f"seed {settings.seed})", flush=True)
+    reference = evaluator.reference_features()
+    base = measure(evaluator, storage.join(layout.confirmation_dir(directory), bank, "base.safetensors"), config.model.base, base_model=True)
+    base_alone = paired_intervals(base, reference, resamples=config.eval.resamples, seed=settings.seed, with_kid=False)
+    confirmed = []
+    for row in candidates:
+        name = f"{row['trial']}-step{row.get('step', 0)}.safetensors"
+        data = measure(evaluator, storage.join(layout.confirmation_dir(directory), bank, name), row["checkpoint"])
+        confirmed.append({**{k: row[k] for k in ("trial", "step", "checkpoint") if k in row},
+                          "screening": {FIDELITY: row[FIDELITY], QUALITY: row[QUALITY], **({"intervals": row["intervals"]} if "intervals" in row else {})},
+                          **judge(data, base, reference, sweep.fid_tolerance, config.eval.resamples, settings.seed)})
+    champion, rule, adjusted = confident_champion(confirmed)
+    for entry, p in zip(confirmed, adjusted):
+        entry["p_holm"], entry["passed"] = float(p), bool(p <= ALPHA)
+    return {"bank": {"seed": settings.seed, "samples": settings.samples, "steps": evaluator.sampling_steps[0]},
+            "base": base_alone.to_json(), "candidates": confirmed, "rule": rule, "alpha": ALPHA,
+            "champion": champion}
+
+
+def judge(data, base, reference, fid_tolerance: float, resamples: int, seed: int) -> dict:
+    """One candidate against the base on the same bank: its figures with paired intervals, the
+    bootstrap p-values of "no held-out gain" and of "FID ratio beyond 1 + tolerance", and the 95%
+    lower bound on its gain: what `confident_champion` decides on."""
+    from eval.intervals import one_sided_p, paired_intervals
+
+    intervals = paired_intervals(data, reference, base, resamples=resamples, seed=seed, with_kid=False)
+    draws = intervals.distributions
+    return {"confirmation": intervals.to_json(),
+            "p_gain": one_sided_p(draws[DIFF], 0.0, "greater"),
+            "p_fidelity": one_sided_p(draws["fid_ratio"], 1 + fid_tolerance, "less"),
+            "gain_low": float(np.quantile(draws[DIFF], ALPHA))}
+
+
+def measure(evaluator, location: str, model_location: str, base_model: bool = False):
+    """The per-sample data of one model on the confirmation bank: read from `location` when this bank
+    measured it before, else sampled and stored there."""
+    from safetensors.torch import save
+
+    from eval.intervals import per_sample_tensors
+
+    stored = read_per_sample(location)
+    if stored is not None and len(stored) == evaluator.samples:
+        return stored
+    try:
+        if base_model:
+            from trainers.models import load_base_model
+
+            evaluation = evaluator.evaluate(load_base_model(model_location))
+        else:
+            from trainers.checkpoint import load_checkpoint_model
+
+            with storage.local_copy(model_location) as local:
+                evaluation = evaluator.evaluate(load_checkpoint_model(local))
+    except (OSError, ValueError) as error:
+        raise SelectionError(f"{model_location}: cannot be sampled for the confirmation ({last_line(error)[:200]})") from None
+    first = {evaluator.sampling_steps[0]: evaluation.first}
+    storage.write_bytes(location, save(per_sample_tensors(first)))
+    return evaluation.first
+
+
+def read_per_sample(location: str):
+    """The first step count's per-sample data stored at `location`, or None when there is none (or it
+    is unreadable: then it is measured again)."""
+    from safetensors.torch import load
+
+    from eval.intervals import per_sample_from_tensors
+
+    if not storage.is_file(location):
+        return None
+    try:
+        return next(iter(per_sample_from_tensors(load(storage.read_bytes(location))).values()))
+    except Exception:  # noqa: BLE001 - a truncated or foreign file (safetensors' own error type too): measured again
+        return None
+
+
+def interval_text(figure: dict, digits: int = 4) -> str:
+    """`value [low, high]`: a figure and its 95% interval."""
+    return f"{figure['value']:.{digits}g} [{figure['low']:.{digits}g}, {figure['high']:.{digits}g}]"
+
+
+def candidate_figures(selection: dict) -> list[dict]:
+    """Each confirmed candidate's figures side by side, for the summary, the parent run's note and the
+    registered version: its held-out gain over the base on the screening bank (what chose it) and on
+    the confirmation bank (with its interval), the shrinkage between the two, the FID ratio."""
+    base = selection["base"]
+    out = []
+    for entry in selection.get("confirmation", {}).get("candidates", []):
+        confirmed = entry["confirmation"]
+        screening_gain = entry["screening"][QUALITY] - base[QUALITY]
+        out.append({"trial": entry["trial"], "step": entry.get("step", "?"), "passed": entry["passed"], "p_holm": entry["p_holm"],
+                    "screening_fid_ratio": entry["screening"][FIDELITY] / base[FIDELITY], "screening_gain": screening_gain,
+                    "fid_ratio": interval_text(confirmed["fid_ratio"]), "gain": interval_text(confirmed[DIFF], 3),
+                    "shrinkage": screening_gain - confirmed[DIFF]["value"], "checkpoint": entry["checkpoint"]})
+    return out
+
+
+def summary_lines(selection: dict) -> list[str]:
+    """The confirmation in plain text (the sweep's printed summary)."""
+    confirmation = selection.get("confirmation")
+    if not confirmation:
+        return [f"not confirmed: {selection['rule']}"]
+    bank, base = confirmation["bank"], confirmation["base"]
+    lines = [f"confirmation on a fresh seed bank (seed {bank['seed']}, {bank['samples']} samples): base FID {interval_text(base[FIDELITY])}, "
+             f"held-out quality {interval_text(base[QUALITY])}",
+             f"  {'candidate':<24}{'FID ratio (confirmed)':>30}{'held-out gain: screening':>26}{'confirmed':>30}{'Holm p':>8}"]
+    for c in candidate_figures(selection):
+        lines.append(f"  {c['trial'] + ' step ' + str(c['step']):<24}{c['fid_ratio']:>30}{c['screening_gain']:>+26.4f}{c['gain']:>30}"
+                     f"{c['p_holm']:>8.3f}{'  passed' if c['passed'] else ''}")
+    return lines
