@@ -192,11 +192,14 @@ def noise_curve(evaluator: Evaluator, model, sample_counts: Sequence[int], seeds
 
 
 def samples_for_tolerance(curve: list[dict], tolerance: float, figure: str = "fid") -> int | None:
-    """The sample count at which 1.96 standard deviations of `figure` over seed banks fit in
-    `tolerance` (relative to its mean): from the largest measured count, assuming std ~ 1/sqrt(N).
-    Unpaired: a checkpoint paired with its base on one bank moves less. None without a spread."""
-    row = max((r for r in curve if r["seeds"] > 1), key=lambda r: r["samples"], default=None)
-    if row is None or row[figure]["std"] == 0:
+    """The sample count at which 1.96 standard deviations of `figure` fit in `tolerance` (relative to
+    its mean): from the largest measured count, assuming std ~ 1/sqrt(N). The standard deviation is
+    the larger of the spread over seed banks and the bootstrap's (half-width / 1.96): a few banks pin
+    a spread down poorly. Unpaired: a checkpoint paired with its base on one bank moves less."""
+    row = max(curve, key=lambda r: r["samples"], default=None)
+    if row is None:
         return None
-    relative = row[figure]["std"] / abs(row[figure]["mean"])
-    return max(1, round(row["samples"] * (1.96 * relative / tolerance) ** 2))
+    std = max(row[figure]["std"], row[figure].get("bootstrap_half_width", 0.0) / 1.96)
+    if std == 0:
+        return None
+    return max(1, round(row["samples"] * (1.96 * std / abs(row[figure]["mean"]) / tolerance) ** 2))

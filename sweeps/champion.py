@@ -38,6 +38,13 @@ def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str, con
             tracking.log_selection(parent, selection, directory)
             if exported is not None:
                 selection["registered"] = tracking.register_champion(parent, exported, sweep.model_name or sweep.name, selection, settings)
+            elif sweep.register_champion and selection["champion"] is None:
+                from sweeps.tracking import retire_champion
+
+                retired = retire_champion(tracking.client, sweep.model_name or sweep.name, sweep.name)
+                if retired:
+                    selection["alias_removed"] = {"model": sweep.model_name or sweep.name, "version": retired}
+                    print(f"[sweep] no champion: alias @champion removed from version {retired} (an earlier selection of this sweep)", flush=True)
             tracking.describe_sweep(parent, selection)
             selection["mlflow"] = {"experiment_id": tracking.experiment_id, "parent_run_id": parent, "url": tracking.experiment_url()}
         except Exception as error:  # noqa: BLE001 - the server (or the network) failed; the selection is safe in storage
@@ -163,11 +170,9 @@ def select(sweep: SweepConfig, directory: str | Path, config: Config | None = No
         from sweeps.selection import screening_order
 
         evaluator = Evaluator.from_config(config)  # the quality models and reference, loaded once for both banks
-        front = screening_order(front, base, sweep.fid_tolerance)
-        screening_intervals(directory, front, evaluator.reference_features(), config.eval.resamples)
-        selection["front"] = front
+        screening_intervals(directory, front, evaluator.reference_features(), config.eval.resamples)  # into the front's rows
     if config is not None and sweep.confirm.top_k:
-        confirmation = confirm(config, sweep, directory, front, evaluator)
+        confirmation = confirm(config, sweep, directory, screening_order(front, base, sweep.fid_tolerance), evaluator)
         champion, rule = confirmation.pop("champion"), confirmation["rule"]
         if champion is not None:
             champion = {**next(r for r in front if r["checkpoint"] == champion["checkpoint"]), "confirmed": champion}
@@ -178,9 +183,9 @@ def select(sweep: SweepConfig, directory: str | Path, config: Config | None = No
     write_json(layout.selection_file(directory), selection)
     with tempfile.TemporaryDirectory(prefix="acpo-front.") as stage:
         png, html = Path(stage) / layout.PARETO_PNG, Path(stage) / layout.PARETO_HTML
-        plot_front(rows, front, base, champion, png)
+        plot_front(rows, front, base, champion, png, selection.get("confirmation"))
         # self-contained (plotly.js inside): the MLflow UI shows it with no network, as any browser does the file
-        front_figure(rows, front, base, champion).write_html(html, include_plotlyjs=True)
+        front_figure(rows, front, base, champion, selection.get("confirmation")).write_html(html, include_plotlyjs=True)
         for local, location in zip((png, html), layout.pareto_files(directory)):
             storage.write_bytes(location, local.read_bytes())
     return selection

@@ -143,8 +143,8 @@ def cmd_eval_noise(args, config) -> int:
               f"{kid['mean']:>11.2f} +- {kid['std']:<6.2f}{heldout['mean']:>11.4f} +- {heldout['std']:<6.4f}{heldout['bootstrap_half_width']:>10.4f}")
     needed = samples_for_tolerance(curve, args.tolerance)
     if needed:
-        print(f"\nFor 1.96 std of FID over seed banks to fit in a {args.tolerance:.0%} band: about {needed} samples "
-              "(unpaired; a checkpoint paired with its base on one bank needs fewer).")
+        print(f"\nFor 1.96 std of FID (the larger of the banks' and the bootstrap's) to fit in a {args.tolerance:.0%} band: about "
+              f"{needed} samples (unpaired; a checkpoint paired with its base on one bank needs fewer).")
     if args.json:
         Path(args.json).write_text(json.dumps({"curve": curve, "tolerance": args.tolerance, "samples_needed": needed}, indent=2) + "\n")
         print(f"written: {args.json}")

@@ -15,6 +15,7 @@ re-running the selection (`acpo select`) samples nothing again; the intervals ar
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from sweeps.presets import SweepConfig
 from sweeps.selection import ALPHA, FIDELITY, QUALITY, confident_champion
 from trainers.common import layout, storage
 from trainers.common.errors import SelectionError, last_line
+from trainers.common.keys import ContentKey
 from trainers.config import Config
 
 DIFF = f"{QUALITY}_diff"  # the held-out gain over the base, paired
@@ -43,16 +45,19 @@ def screening_intervals(directory: str, rows: list[dict], reference, resamples: 
 
 
 def confirm(config: Config, sweep: SweepConfig, directory: str, front: list[dict], evaluator) -> dict:
-    """The confirmation of `front`'s first `sweep.confirm.top_k` rows (in the screening's order):
-    each row gains its confirmation figures and p-values; returns the confirmation's record, the
-    champion (a row, or None) in it. `evaluator`: the screening's (`eval.evaluate.Evaluator`); its
-    bank and sample count are replaced by the confirmation's."""
+    """The confirmation of the first `sweep.confirm.top_k` rows of `front` (in the screening's order):
+    the confirmation's record, with per candidate its screening and confirmation figures and p-values,
+    and the champion (a candidate's entry, or None). `evaluator`: the screening's
+    (`eval.evaluate.Evaluator`); its bank and sample count are replaced by the confirmation's."""
     from eval.intervals import paired_intervals
 
     settings = sweep.confirm
     candidates = front[: settings.top_k]
     evaluator = dataclasses.replace(evaluator, samples=settings.samples, seed=settings.seed)
-    bank = f"seed{settings.seed}-n{settings.samples}-steps{evaluator.sampling_steps[0]}"
+    # Stored per-sample data is reused only under the same bank and the same evaluation (reference,
+    # extractor, quality models, sampler) of the same base model.
+    settings_key = ContentKey().text(json.dumps({"eval": config.eval.model_dump(), "base": config.model.base}, sort_keys=True)).hex(8)
+    bank = f"seed{settings.seed}-n{settings.samples}-steps{evaluator.sampling_steps[0]}-{settings_key}"
     print(f"[sweep] confirming {len(candidates)} candidate(s) and the base model on a fresh seed bank ({settings.samples} samples, "
           f"seed {settings.seed})", flush=True)
     reference = evaluator.reference_features()

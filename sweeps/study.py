@@ -72,7 +72,10 @@ def method_sweep(study: StudyConfig, method: str, seed: int, directory: Path):
     """The run config and sweep settings of one (method, seed): the study's preset and budget, the
     method's objective and space, seeded with `seed` (Optuna's sampler and the training)."""
     spec = study.methods[method]
-    overrides = list(study.set) + [
+    # A method's sweep picks no confirmed champion: the study compares methods on its own table
+    # (a confirmation per method sweep costs the base and its top 3 at the confirmation's sample
+    # count; the study's `set` may turn it on: `sweep.confirm.top_k=3`).
+    overrides = ["sweep.confirm.top_k=0", *study.set] + [
         f"objective={json.dumps(spec.objective)}",
         f"sweep.space={json.dumps(spec.space)}",
         f"sweep.name={method}-seed{seed}",

@@ -178,6 +178,20 @@ class SweepTracking:
         return {"model": model_name, "version": version.version, "alias": "champion", "source": source}
 
 
+def retire_champion(client, model_name: str, sweep: str) -> str | None:
+    """When a selection of `sweep` finds no champion, the alias `champion` must not keep pointing at
+    what an earlier selection of the same sweep registered: removed (the version stays). A champion of
+    another sweep under the same model name keeps its alias. Returns the version unaliased, or None."""
+    try:
+        version = client.get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None  # no such model or alias
+    if version.tags.get("sweep") != sweep:
+        return None
+    client.delete_registered_model_alias(model_name, "champion")
+    return version.version
+
+
 def confirmed_tags(selection: dict) -> dict[str, str]:
     """The champion's screening and confirmation figures side by side, as a registered version's tags."""
     from sweeps.confirm import candidate_figures

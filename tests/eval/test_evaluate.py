@@ -62,6 +62,31 @@ def test_sampling_noise_spreads_over_seeds_and_vanishes_for_one(digits_assets):
     assert sampling_noise(evaluator, model, [0])["fid"] == {"mean": evaluator.evaluate(model).metrics["fid"], "std": 0.0}
 
 
+def test_samples_for_tolerance_scales_with_one_over_n():
+    """1.96 sigma in a 10% band: sigma/mean 0.1 at 500 samples needs 500 * 1.96^2; the larger of the
+    banks' spread and the bootstrap's counts."""
+    from eval.evaluate import samples_for_tolerance
+
+    row = {"samples": 500, "seeds": 3, "fid": {"mean": 50.0, "std": 5.0, "bootstrap_half_width": 1.96 * 2.5}}
+    assert samples_for_tolerance([{**row, "samples": 200, "fid": {"mean": 90.0, "std": 1.0}}, row], 0.1) == round(500 * 1.96 ** 2)
+    wider = {**row, "fid": {"mean": 50.0, "std": 1.0, "bootstrap_half_width": 1.96 * 10.0}}  # the bootstrap's sigma, 10, counts
+    assert samples_for_tolerance([wider], 0.1) == round(500 * (1.96 * 0.2 / 0.1) ** 2)
+    assert samples_for_tolerance([{**row, "fid": {"mean": 50.0, "std": 0.0}}], 0.1) is None
+
+
+def test_acpo_eval_noise_prints_the_curve(tmp_path, capsys, digits_assets):
+    out = tmp_path / "noise.json"
+    code = main(["eval", "--noise", "--noise-samples", "8,16", "--noise-seeds", "2", "--set", "eval.sampling_steps=[1]",
+                 "--set", "eval.resamples=100", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    curve = json.loads(out.read_text())["curve"]
+    assert [row["samples"] for row in curve] == [8, 16] and all(row["seeds"] == 2 for row in curve)
+    for row in curve:  # two banks, two different figures; the bootstrap saw a spread too
+        assert row["fid"]["std"] > 0 and row["heldout_quality"]["std"] > 0 and row["heldout_quality"]["bootstrap_half_width"] > 0
+    assert "samples" in printed and "band: about" in printed
+
+
 def test_acpo_eval_prints_and_writes_every_figure(tmp_path, capsys, digits_assets):
     out = tmp_path / "eval.json"
     code = main(["eval", "--checkpoint", str(digits_assets / "base"), "--samples", "24", "--steps", "2,4", "--json", str(out)])

@@ -39,6 +39,23 @@ def test_the_figure_draws_paths_front_base_and_champion(tmp_path):
     assert (tmp_path / "front.png").stat().st_size > 10_000
 
 
+def test_intervals_as_bars_and_the_confirmed_candidates_marked(tmp_path):
+    table = rows()
+    front = pareto_front(table)  # b @100 (FID 81), a @100 (FID 82)
+    front[1]["intervals"] = {"fid": {"value": 82.0, "low": 70.0, "high": 99.0}, "heldout_quality": {"value": 0.99, "low": 0.985, "high": 0.992}}
+    confirmation = {"candidates": [{"checkpoint": "/x/a/step_100", "passed": True}, {"checkpoint": "/x/b/step_100", "passed": False}]}
+    fig = front_figure(table, front, BASE, None, confirmation)
+    traces = {trace.name: trace for trace in fig.data}
+    bars = traces["95% intervals (screening)"]
+    assert list(bars.x) == [82.0] and list(bars.error_x.arrayminus) == [12.0] and list(bars.error_x.array) == [17.0]
+    assert list(bars.error_y.arrayminus) == [0.99 - 0.985] and list(traces["confirmed: passed"].x) == [82.0]
+    front[1]["intervals"]["fid"]["low"] = 84.0  # a percentile interval above its point (FID's bootstrap bias): no negative bar
+    assert list(front_figure(table, front, BASE, None, confirmation).data[3].error_x.arrayminus) == [0.0]
+    assert list(traces["confirmed: failed"].x) == [81.0]
+    plot_front(table, front, BASE, None, tmp_path / "front.png", confirmation)
+    assert (tmp_path / "front.png").stat().st_size > 10_000
+
+
 def test_the_note_summarises_and_links_trials():
     table = rows()
     front = pareto_front(table)

@@ -117,15 +117,18 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
     assert len(confirmation["candidates"]) == min(2, len(confirmed["front"])) >= 1
     for candidate in confirmation["candidates"]:
         figures = candidate["confirmation"]
-        assert figures["samples"] == 16 and figures["fid_ratio"]["low"] <= figures["fid_ratio"]["value"] <= figures["fid_ratio"]["high"]
+        assert figures["samples"] == 16 and figures["fid_ratio"]["low"] < figures["fid_ratio"]["high"]
         assert candidate["screening"]["intervals"]["samples"] == 16 and 0 < candidate["p_holm"] <= 1
-    assert (tmp_path / "e2e" / "confirmation" / "seed7-n16-steps2" / "base.safetensors").is_file()
+    assert [path.name for path in (tmp_path / "e2e" / "confirmation").glob("seed7-n16-steps2-*/base.safetensors")] == ["base.safetensors"]
     parent_run = client.get_run(parent)
     assert "### Confirmation (fresh seed bank: seed 7, 16 samples)" in parent_run.data.tags["mlflow.note.content"]
     assert parent_run.data.metrics["confirmed_candidates"] == len(confirmation["candidates"])
     if confirmed["champion"] is None:  # 16 samples rarely prove a gain: then nothing is registered
         assert confirmed["rule"].startswith("no checkpoint beat the base model with 95% confidence")
         assert parent_run.data.metrics["champion_found"] == 0 and "registered" not in confirmed
+        assert confirmed["alias_removed"] == {"model": "e2e", "version": version.version}  # the screening's champion, unaliased
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            client.get_model_version_by_alias("e2e", "champion")
     else:
         again = client.get_model_version_by_alias("e2e", "champion")
         assert again.version != version.version and again.tags["confirmed"] == "yes: seed 7, 16 samples"
