@@ -71,15 +71,16 @@ class Evaluator:
     _reference_features: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
-    def from_config(cls, config, device: str | torch.device = "cpu") -> "Evaluator":
+    def from_config(cls, config, device: str | torch.device = "cpu", quality: bool = True) -> "Evaluator":
         """From a run config's `eval:` (and `data:`, which says how to read the reference images and
-        how to caption the default prompts of a text model: `data.caption` for the digits 0-9)."""
+        how to caption the default prompts of a text model: `data.caption` for the digits 0-9).
+        `quality=False`: no quality or CLIP models loaded (for what needs the reference set only)."""
         settings, data = config.eval, config.data
         return cls(
             reference=reference_images(settings.reference, data),
             feature_extractor=settings.feature_extractor,
             feature_extractor_weights=settings.feature_extractor_weights or None,
-            quality={name: load_quality_model(spec, device) for name, spec in settings.quality_specs().items()},
+            quality={name: load_quality_model(spec, device) for name, spec in settings.quality_specs().items()} if quality else {},
             samples=settings.samples,
             seed=settings.seed,
             sampling_steps=tuple(settings.sampling_steps),
@@ -87,7 +88,7 @@ class Evaluator:
             device=str(device),
             prompts=tuple(settings.prompts) or tuple(captions(data.caption, list(range(10)), 10)),
             guidance_scale=settings.guidance_scale,
-            clip_score=load_clip_score(settings.clip_score, device) if settings.clip_score else None,
+            clip_score=load_clip_score(settings.clip_score, device) if settings.clip_score and quality else None,
             cache_dir=settings.cache_dir or None,
         )
 

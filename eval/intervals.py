@@ -65,6 +65,20 @@ def per_sample_tensors(per_sample: dict[int, PerSample]) -> dict[str, torch.Tens
     return {f"{steps}.{key}": tensor for steps, data in per_sample.items() for key, tensor in data.tensors().items()}
 
 
+def per_sample_bytes(per_sample: dict[int, PerSample]) -> bytes:
+    """`per_sample_tensors` as safetensors bytes (what storage writes, a folder or object storage)."""
+    from safetensors.torch import save
+
+    return save(per_sample_tensors(per_sample))
+
+
+def per_sample_from_bytes(data: bytes) -> dict[int, PerSample]:
+    """`per_sample_bytes` read back; a ValueError (or safetensors' own error) when they are not that."""
+    from safetensors.torch import load
+
+    return per_sample_from_tensors(load(data))
+
+
 def per_sample_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[int, PerSample]:
     """`per_sample_tensors` read back; a ValueError when the tensors are not that."""
     grouped: dict[int, dict[str, torch.Tensor]] = {}

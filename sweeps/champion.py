@@ -169,7 +169,9 @@ def select(sweep: SweepConfig, directory: str | Path, config: Config | None = No
         from sweeps.confirm import confirm, screening_intervals
         from sweeps.selection import screening_order
 
-        evaluator = Evaluator.from_config(config)  # the quality models and reference, loaded once for both banks
+        # The screening intervals need the reference features only; the confirmation samples, so it
+        # loads the quality models too (the same Evaluator for both: the reference is read once).
+        evaluator = Evaluator.from_config(config, quality=bool(sweep.confirm.top_k))
         screening_intervals(directory, front, evaluator.reference_features(), config.eval.resamples)  # into the front's rows
     if config is not None and sweep.confirm.top_k:
         confirmation = confirm(config, sweep, directory, screening_order(front, base, sweep.fid_tolerance), evaluator)

@@ -95,9 +95,7 @@ def judge(data, base, reference, fid_tolerance: float, resamples: int, seed: int
 def measure(evaluator, location: str, model_location: str, base_model: bool = False):
     """The per-sample data of one model on the confirmation bank: read from `location` when this bank
     measured it before, else sampled and stored there."""
-    from safetensors.torch import save
-
-    from eval.intervals import per_sample_tensors
+    from eval.intervals import per_sample_bytes
 
     stored = read_per_sample(location)
     if stored is not None and len(stored) == evaluator.samples:
@@ -115,21 +113,19 @@ def measure(evaluator, location: str, model_location: str, base_model: bool = Fa
     except (OSError, ValueError) as error:
         raise SelectionError(f"{model_location}: cannot be sampled for the confirmation ({last_line(error)[:200]})") from None
     first = {evaluator.sampling_steps[0]: evaluation.first}
-    storage.write_bytes(location, save(per_sample_tensors(first)))
+    storage.write_bytes(location, per_sample_bytes(first))
     return evaluation.first
 
 
 def read_per_sample(location: str):
     """The first step count's per-sample data stored at `location`, or None when there is none (or it
     is unreadable: then it is measured again)."""
-    from safetensors.torch import load
-
-    from eval.intervals import per_sample_from_tensors
+    from eval.intervals import per_sample_from_bytes
 
     if not storage.is_file(location):
         return None
     try:
-        return next(iter(per_sample_from_tensors(load(storage.read_bytes(location))).values()))
+        return next(iter(per_sample_from_bytes(storage.read_bytes(location)).values()))
     except Exception:  # noqa: BLE001 - a truncated or foreign file (safetensors' own error type too): measured again
         return None
 

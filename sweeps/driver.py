@@ -209,11 +209,10 @@ def evaluate_base(config: Config, directory: str | Path, tracking, parent: str) 
     if not storage.is_file(base_file):
         import io
 
-        from safetensors.torch import save
         from torchvision.utils import save_image
 
         from eval.evaluate import Evaluator
-        from eval.intervals import per_sample_tensors
+        from eval.intervals import per_sample_bytes
         from trainers.models import load_base_model
 
         print("[sweep] evaluating the base model", flush=True)
@@ -222,7 +221,7 @@ def evaluate_base(config: Config, directory: str | Path, tracking, parent: str) 
         save_image(evaluation.samples, png, format="png", nrow=8, padding=1)  # next to the checkpoints' grids
         storage.write_bytes(grid, png.getvalue())
         # the screening intervals' other half (sweeps/confirm.py), before the figures file that marks the base as done
-        storage.write_bytes(layout.base_per_sample_file(directory), save(per_sample_tensors(evaluation.per_sample)))
+        storage.write_bytes(layout.base_per_sample_file(directory), per_sample_bytes(evaluation.per_sample))
         storage.write_text(base_file, json.dumps(evaluation.metrics, indent=2) + "\n")
     base = json.loads(storage.read_text(base_file))
     base_run = tracking.run("base", "base model", parent)
