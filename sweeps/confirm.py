@@ -53,15 +53,12 @@ def confirm(config: Config, sweep: SweepConfig, directory: str, front: list[dict
 
     settings = sweep.confirm
     candidates = front[: settings.top_k]
-    evaluator = dataclasses.replace(evaluator, samples=settings.samples, seed=settings.seed)
-    # Stored per-sample data is reused only under the same bank and the same evaluation (reference,
-    # extractor, quality models, sampler) of the same base model.
-    settings_key = ContentKey().text(json.dumps({"eval": config.eval.model_dump(), "base": config.model.base}, sort_keys=True)).hex(8)
-    bank = f"seed{settings.seed}-n{settings.samples}-steps{evaluator.sampling_steps[0]}-{settings_key}"
+    evaluator = confirmation_evaluator(evaluator, sweep)
+    bank = bank_name(config, sweep)
     print(f"[sweep] confirming {len(candidates)} candidate(s) and the base model on a fresh seed bank ({settings.samples} samples, "
           f"seed {settings.seed})", flush=True)
     reference = evaluator.reference_features()
-    base = measure(evaluator, storage.join(layout.confirmation_dir(directory), bank, "base.safetensors"), config.model.base, base_model=True)
+    base = measure(evaluator, base_location(config, sweep, directory), config.model.base, base_model=True)
     base_alone = paired_intervals(base, reference, resamples=config.eval.resamples, seed=settings.seed, with_kid=False)
     confirmed = []
     for row in candidates:
@@ -76,6 +73,25 @@ def confirm(config: Config, sweep: SweepConfig, directory: str, front: list[dict
     return {"bank": {"seed": settings.seed, "samples": settings.samples, "steps": evaluator.sampling_steps[0]},
             "base": base_alone.to_json(), "candidates": confirmed, "rule": rule, "alpha": ALPHA,
             "champion": champion}
+
+
+def confirmation_evaluator(evaluator, sweep: SweepConfig):
+    """The screening's `Evaluator` on the confirmation's bank and sample count."""
+    return dataclasses.replace(evaluator, samples=sweep.confirm.samples, seed=sweep.confirm.seed)
+
+
+def bank_name(config: Config, sweep: SweepConfig) -> str:
+    """The folder under `<sweep>/confirmation/` of this confirmation's per-sample data. Stored data is
+    reused only under the same bank and the same evaluation (reference, extractor, quality models,
+    sampler) of the same base model: a study measures its base there once for all its sweeps."""
+    settings = sweep.confirm
+    settings_key = ContentKey().text(json.dumps({"eval": config.eval.model_dump(), "base": config.model.base}, sort_keys=True)).hex(8)
+    return f"seed{settings.seed}-n{settings.samples}-steps{config.eval.sampling_steps[0]}-{settings_key}"
+
+
+def base_location(config: Config, sweep: SweepConfig, directory: str) -> str:
+    """Where the confirmation keeps the base model's per-sample data on its bank."""
+    return storage.join(layout.confirmation_dir(directory), bank_name(config, sweep), "base.safetensors")
 
 
 def judge(data, base, reference, fid_tolerance: float, resamples: int, seed: int) -> dict:

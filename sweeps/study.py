@@ -5,8 +5,11 @@ sweeps/acpo_study.py (`acpo study`).
 Every (method, seed) is an ordinary sweep (sweeps/driver.py `run_sweep`: Ray Tune + Optuna seeded with
 the seed, training seeded with it too) named `<method>-seed<seed>` under
 `<storage_dir>/<study>/sweeps/`, tracked in the study's MLflow experiment with its parent run nested
-under the study's run. The base model is evaluated once and shared, then under `noise_seeds`
-sampling seeds (the evaluation noise the report states and the hacking flag looks past). A method
+under the study's run. The base model is evaluated once and shared, on the screening bank and on the
+confirmation bank: each sweep confirms its screening pick on samples the search never saw
+(`sweep.confirm`, top 1; sweeps/confirm.py), and the report compares those confirmed figures over
+seeds (sweeps/study_report.py). `noise_seeds` > 0 also measures the base under that many sampling
+seeds (the unpaired spread, reported only). A method
 that fails is reported in the table, not fatal; `--resume` skips finished sweeps and resumes an
 interrupted one.
 The report (`sweeps/study_report.py`) is written to `<storage_dir>/<study>/report/` and logged to
@@ -23,7 +26,7 @@ from typing import Any
 
 from pydantic import Field
 
-from sweeps import driver  # `driver.run_sweep`, looked up when called (a test replaces it)
+from sweeps import confirm, driver  # `driver.run_sweep`, looked up when called (a test replaces it)
 from sweeps.presets import load
 from sweeps.space import pin_searched
 from trainers.common import layout
@@ -45,9 +48,10 @@ class StudyConfig(Section):
     trials: int = Field(2, ge=1)  # trials per method and seed: the same budget for every method
     set: list[str] = Field(default_factory=list)  # overrides every method runs with (steps, evaluation)
     fid_tolerance: float = Field(0.1, ge=0)
-    # The base model re-evaluated under this many sampling seeds: the evaluation noise of every figure,
-    # reported, and the margin the reward-hacking flag needs before a change counts.
-    noise_seeds: int = Field(5, ge=2)
+    # The base model re-evaluated under this many sampling seeds (0: not): the unpaired spread of its
+    # figures, reported. The verdicts and the hacking flag use paired intervals instead.
+    noise_seeds: int = Field(0, ge=0)
+    baseline: str = "baseline"  # the method every other is compared with, seed by seed ("" or absent: none)
     storage_dir: str = "runs/studies"
     tracking_uri: str = ""  # "" = the sweep's rule ($MLFLOW_TRACKING_URI, else 127.0.0.1:5000)
     methods: dict[str, Method] = Field(min_length=1)
@@ -72,10 +76,10 @@ def method_sweep(study: StudyConfig, method: str, seed: int, directory: Path):
     """The run config and sweep settings of one (method, seed): the study's preset and budget, the
     method's objective and space, seeded with `seed` (Optuna's sampler and the training)."""
     spec = study.methods[method]
-    # A method's sweep picks no confirmed champion: the study compares methods on its own table
-    # (a confirmation per method sweep costs the base and its top 3 at the confirmation's sample
-    # count; the study's `set` may turn it on: `sweep.confirm.top_k=3`).
-    overrides = ["sweep.confirm.top_k=0", *study.set] + [
+    # Each method's sweep confirms its screening pick (top 1) on the confirmation bank: what the
+    # report compares. The base's confirmation is measured once for the study (`confirmation_base`);
+    # the study's `set` may change it (`sweep.confirm.samples=...`, `sweep.confirm.top_k=0`: none).
+    overrides = ["sweep.confirm.top_k=1", *study.set] + [
         f"objective={json.dumps(spec.objective)}",
         f"sweep.space={json.dumps(spec.space)}",
         f"sweep.name={method}-seed{seed}",
@@ -117,6 +121,9 @@ def check_study(study: StudyConfig, directory: Path, resume: bool):
             raise ConfigError(f"study.methods.{method}: {error}") from None
         for line in unchecked:
             print(f"[study] {method}: not checked before the run: {line}", file=sys.stderr, flush=True)
+    if study.baseline and study.baseline not in study.methods:
+        raise ConfigError(f"study.baseline: {study.baseline!r} is not one of the methods ({', '.join(study.methods)}); "
+                          "name one, or set it to \"\" to compare with the base model only")
 
 
 def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict:
@@ -132,8 +139,10 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
     tracking.log_params(study_run, {"methods": ", ".join(study.methods), "seeds": study.seeds, "trials": study.trials,
                                     "budget": " ".join(study.set), "preset": study.preset})
     driver.evaluate_base(first_config, directory, tracking, study_run)  # once, shared by every method's sweep
-    noise = measure_noise(first_config, directory, study.noise_seeds)
-    tracking.log_metrics(study_run, {f"noise.{name}": figures["std"] for name, figures in noise.items()})
+    confirmed_base = confirmation_base(first_config, first_sweep, directory)  # once too, on the confirmation bank
+    if study.noise_seeds:
+        noise = measure_noise(first_config, directory, study.noise_seeds)
+        tracking.log_metrics(study_run, {f"noise.{name}": figures["std"] for name, figures in noise.items()})
     print(f"[study] {study.name}: {len(study.methods)} methods x {len(study.seeds)} seeds x {study.trials} trials; files: {directory}",
           flush=True)
     failures = {}
@@ -146,9 +155,14 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
                 print(f"[study] {sweep.name}: done before, kept", flush=True)
                 continue
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            for shared in (layout.BASE_METRICS, layout.BASE_SAMPLES):
+            for shared in (layout.BASE_METRICS, layout.BASE_SAMPLES, layout.BASE_PER_SAMPLE):
                 if (directory / shared).is_file():
                     shutil.copy(directory / shared, sweep_dir / shared)
+            if confirmed_base is not None and sweep.confirm.top_k:
+                target = Path(confirm.base_location(config, sweep, str(sweep_dir)))
+                if target.name == confirmed_base.name and target.parent.name == confirmed_base.parent.name:  # the same bank
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(confirmed_base, target)
             print(f"[study] {sweep.name}", flush=True)
             try:
                 driver.run_sweep(config, sweep, resume=Path(layout.tune_dir(sweep_dir)).exists(), inputs_checked=True)
@@ -159,10 +173,29 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
     for method, s in report["summary"].items():
         tracking.log_metrics(study_run, {**{f"{method}.{name}": s[name][0] for name in
                                             ("hypervolume", "best_fid", "best_heldout_within_tolerance", "reward_gap")},
-                                         f"{method}.hacked_checkpoints": len(s["hacking"])})
+                                         f"{method}.hacked_checkpoints": len(s["hacking"]),
+                                         **({f"{method}.confirmed_gain": s["confirmed"]["gain_vs_base"]["mean"],
+                                             f"{method}.confirmed_fid_ratio": s["confirmed"]["fid_ratio_vs_base"]["mean"],
+                                             f"{method}.confirmed_champions": s["confirmed"]["confirmed_champions"]}
+                                            if "confirmed" in s else {})})
     tracking.client.log_artifacts(study_run, str(directory / "report"), artifact_path="report")
     tracking.client.set_terminated(study_run)
     return report
+
+
+def confirmation_base(config, sweep, directory: Path) -> Path | None:
+    """The base model's per-sample data on the sweeps' confirmation bank, measured once for the study
+    (each sweep gets a copy where its confirmation looks for it); None when the sweeps confirm nothing."""
+    if not sweep.confirm.top_k:
+        return None
+    location = Path(confirm.base_location(config, sweep, str(directory)))
+    if not location.is_file():
+        from eval.evaluate import Evaluator
+
+        print(f"[study] the base model on the confirmation bank ({sweep.confirm.samples} samples, seed {sweep.confirm.seed})", flush=True)
+        confirm.measure(confirm.confirmation_evaluator(Evaluator.from_config(config), sweep), str(location), config.model.base,
+                        base_model=True)
+    return location
 
 
 def measure_noise(config, directory: Path, seeds: int) -> dict:
@@ -191,12 +224,64 @@ def study_rows(study: StudyConfig, directory: Path) -> list[dict]:
     return rows
 
 
+def confirmed_picks(study: StudyConfig, directory: Path) -> tuple[list[dict], dict | None]:
+    """Each (method, seed) sweep's confirmed pick (its selection's first confirmation candidate), with
+    its method and seed, and the confirmation's bank."""
+    picks, bank = [], None
+    for method in study.methods:
+        for seed in study.seeds:
+            selection = Path(layout.selection_file(directory / "sweeps" / f"{method}-seed{seed}"))
+            if not selection.is_file():
+                continue
+            confirmation = json.loads(selection.read_text()).get("confirmation") or {}
+            if confirmation.get("candidates"):
+                entry, bank = confirmation["candidates"][0], confirmation["bank"]
+                picks.append({"method": method, "seed": seed, "trial": entry["trial"], "step": entry.get("step"),
+                              "gain": entry["confirmation"]["heldout_quality_diff"], "fid_ratio": entry["confirmation"]["fid_ratio"],
+                              "passed": entry["passed"], "p_holm": entry["p_holm"]})
+    return picks, bank
+
+
+def add_screening_intervals(study: StudyConfig, rows: list[dict], directory: Path) -> None:
+    """Each row's paired intervals against the base on the screening bank (`row["intervals"]`), from
+    the per-sample data its evaluation stored: what the hacking flag reads. Kept in
+    `report/intervals.json` by checkpoint, so a report written again computes none twice."""
+    from eval.intervals import paired_intervals
+    from sweeps.confirm import read_per_sample
+    from sweeps.study_report import fidelity_decides
+
+    base = read_per_sample(str(directory / layout.BASE_PER_SAMPLE))
+    if base is None or not rows:
+        return
+    cache_file = directory / "report" / "intervals.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    config, _ = method_sweep(study, next(iter(study.methods)), study.seeds[0], directory)
+    reference = None
+    for row in rows:
+        key = f"{row['checkpoint']}@{row.get('step')}"
+        if key not in cache:
+            data = read_per_sample(str(Path(row["checkpoint"]) / layout.CHECKPOINT_PER_SAMPLE))
+            if data is None or len(data) != len(base):
+                continue
+            if reference is None:
+                from eval.evaluate import Evaluator
+
+                reference = Evaluator.from_config(config, quality=False).reference_features()
+            options = {"resamples": config.eval.resamples, "seed": 0, "with_kid": False}
+            cache[key] = paired_intervals(data, reference, base, with_fid=False, **options).to_json()
+            if fidelity_decides(cache[key]):  # the FID ratio's interval only where the flag reads it
+                cache[key] = paired_intervals(data, reference, base, **options).to_json()
+        row["intervals"] = cache[key]
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(cache, indent=1) + "\n")
+
+
 def write_report(study: StudyConfig, directory: Path, failures: dict | None = None) -> dict:
     """`report/`: report.md, a self-contained report.html, fronts.png, and the champions' sample grids."""
     import base64
     import html
 
-    from sweeps.study_report import markdown_table, plot_fronts, summarize
+    from sweeps.study_report import confirmed_table, markdown_table, plot_fronts, summarize
 
     out = directory / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -204,14 +289,16 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
     noise_file = directory / "base_noise.json"
     noise = {name: f["std"] for name, f in json.loads(noise_file.read_text()).items()} if noise_file.is_file() else None
     rows = study_rows(study, directory)
-    summary = summarize(rows, base, study.fid_tolerance, noise=noise) if rows else {}
+    add_screening_intervals(study, rows, directory)
+    picks, bank = confirmed_picks(study, directory)
+    summary = summarize(rows, base, study.fid_tolerance, picks=picks, baseline=study.baseline or None) if rows else {}
     plot_fronts(rows, base, out / "fronts.png")
     grids = champion_grids(study, directory, out)
     failed = "".join(f"- {name} failed: {reason}\n" for name, reason in (failures or {}).items())
     missing = [m for m in study.methods if m not in summary]
     text = (f"# Study {study.name}\n\n{len(study.methods)} methods x seeds {study.seeds} x {study.trials} trials each, "
             f"the same budget: `{' '.join(study.set) or '(the preset)'}` on preset `{study.preset}`.\n\n"
-            + markdown_table(summary, base, noise) + "\n"
+            + markdown_table(summary, base, noise) + "\n" + (confirmed_table(summary, bank) + "\n" if picks else "")
             + (f"No evaluated checkpoints: {', '.join(missing)}.\n\n" if missing else "") + (failed + "\n" if failed else "")
             + "![fronts](fronts.png)\n\n" + "".join(f"![{name}]({path.name})\n" for name, path in grids.items()))
     for method, s in summary.items():
@@ -224,7 +311,8 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
     for name, data in images.items():
         body = body.replace(html.escape(f"({name})"), f'<br><img src="data:image/png;base64,{data}"><br>')
     (out / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>Study {study.name}</title><pre>{body}</pre>\n")
-    (out / "summary.json").write_text(json.dumps({"base": base, "noise": noise, "methods": summary, "failures": failures or {}}, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps({"base": base, "noise": noise, "confirmation_bank": bank, "methods": summary,
+                                                  "failures": failures or {}}, indent=2) + "\n")
     print((out / "report.md").read_text(), flush=True)
     return {"summary": summary, "report": str(out / "report.md"), "failures": failures or {}}
 

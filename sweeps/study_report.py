@@ -13,10 +13,15 @@ recompute it from the same table:
   held-out score's gain, each relative to its base value (`(r - r_base) / |r_base|`, signs turned so
   a gain is positive): large when the optimised reward rises and the held-out judge does not. Per
   seed the largest gap over the method's checkpoints, then mean and spread over seeds;
-- the reward-hacking flag: a checkpoint where the trained reward rose while held-out quality fell
-  or FID got worse than the base by more than the tolerance, each change beyond twice its
-  evaluation noise (the spread of the base model's figures over sampling seeds): at a few hundred
-  samples FID alone moves by ~15% with the seed, and a flag without that margin fires on noise.
+- the reward-hacking flag: a checkpoint whose trained reward rose while its held-out quality fell,
+  or its FID got worse than the tolerance allows, each at 95% confidence: from the checkpoint's
+  paired-bootstrap intervals against the base on the screening bank (`row["intervals"]`,
+  eval/intervals.py; without them, the point figures decide);
+- the confirmed pick: each (method, seed) sweep's screening choice re-measured, with the base, on
+  a seed bank the search never saw (sweeps/confirm.py; `picks`): its held-out gain and FID ratio
+  with their paired intervals, then over seeds a t-test against the base (gain 0, ratio 1) and, per
+  seed, against `baseline`'s pick (scipy's `ttest_1samp` / `ttest_rel`, their 95% intervals):
+  "better", "worse" or "within noise" where the interval holds the null.
 """
 
 from __future__ import annotations
@@ -28,17 +33,86 @@ from eval.evaluate import reward_gap
 from sweeps.selection import hypervolume, pareto_front
 
 
-def hacked(row: dict, base: dict, fid_tolerance: float, trained_lower_better: bool = False, noise: dict | None = None,
-           margin: float = 2.0) -> bool:
-    """The trained reward rose while the held-out score fell or FID got worse than the tolerance allows,
-    each change beyond `margin` standard deviations of its evaluation noise (`noise`: metric -> std,
-    `eval.evaluate.sampling_noise`; none: any change counts)."""
-    spread = {name: margin * (noise or {}).get(name, 0.0) for name in ("trained_quality", "heldout_quality", "fid")}
+def _rose(intervals: dict, trained_lower_better: bool) -> bool:
+    trained = intervals["trained_quality_diff"]
+    return trained["high"] < 0 if trained_lower_better else trained["low"] > 0
+
+
+def fidelity_decides(intervals: dict, trained_lower_better: bool = False) -> bool:
+    """Whether the hacking flag needs the FID ratio's interval for these quality intervals: the trained
+    reward rose and the held-out score did not fall (FID's bootstrap is costly; otherwise it is not read)."""
+    return _rose(intervals, trained_lower_better) and not intervals["heldout_quality_diff"]["high"] < 0
+
+
+def hacked(row: dict, base: dict, fid_tolerance: float, trained_lower_better: bool = False) -> bool:
+    """The trained reward rose while the held-out score fell or FID got worse than the tolerance allows.
+    With the row's paired intervals (`row["intervals"]`: `trained_quality_diff`, `heldout_quality_diff`
+    and, where `fidelity_decides`, `fid_ratio`, each {value, low, high}), every change must hold at 95%
+    (its interval clear of no change): at a few hundred samples FID alone moves by ~15% with the
+    seed, and a flag on the point figures fires on noise. Without them the point figures decide."""
+    intervals = row.get("intervals")
+    if intervals:
+        if not _rose(intervals, trained_lower_better):
+            return False
+        return intervals["heldout_quality_diff"]["high"] < 0 or intervals["fid_ratio"]["low"] > 1 + fid_tolerance
     rise = row["trained_quality"] - base["trained_quality"]
-    rose = (-rise if trained_lower_better else rise) > spread["trained_quality"]
-    worse = (row["heldout_quality"] < base["heldout_quality"] - spread["heldout_quality"]
-             or row["fid"] > base["fid"] * (1 + fid_tolerance) + spread["fid"])
-    return rose and worse
+    rose = (-rise if trained_lower_better else rise) > 0
+    return rose and (row["heldout_quality"] < base["heldout_quality"] or row["fid"] > base["fid"] * (1 + fid_tolerance))
+
+
+def verdict(low: float, high: float, null: float, better: str) -> str:
+    """An interval read against its null: "better" / "worse" where it is clear of it (`better`: the
+    direction that is), "within noise" where it holds it, "n/a" where there is none."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "n/a"
+    if low > null:
+        return "better" if better == "greater" else "worse"
+    if high < null:
+        return "worse" if better == "greater" else "better"
+    return "within noise"
+
+
+def over_seeds(values: list[float], null: float, better: str, paired_with: list[float] | None = None) -> dict:
+    """The mean over seeds with its 95% t-interval, the two-sided p-value against `null` (or, with
+    `paired_with`, of the seed-by-seed differences against 0: the mean given is then that
+    difference's), and the verdict. Fewer than two seeds: the mean alone, "n/a"."""
+    from scipy.stats import ttest_1samp, ttest_rel
+
+    if paired_with is not None:
+        mean = statistics.fmean(a - b for a, b in zip(values, paired_with)) if values else math.nan
+        null = 0.0
+    else:
+        mean = statistics.fmean(values) if values else math.nan
+    if len(values) < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "p": math.nan, "seeds": len(values), "verdict": "n/a"}
+    test = ttest_rel(values, paired_with) if paired_with is not None else ttest_1samp(values, null)
+    interval = test.confidence_interval(0.95)
+    low, high = float(interval.low), float(interval.high)
+    if not (math.isfinite(low) and math.isfinite(high)):  # every seed the same: no spread to test against
+        low = high = mean
+    return {"mean": mean, "low": low, "high": high, "p": float(test.pvalue), "seeds": len(values),
+            "verdict": verdict(low, high, null, better)}
+
+
+def confirmed_figures(picks: list[dict], method: str, baseline: str | None) -> dict:
+    """One method's confirmed picks (`picks`: rows of `method`, `seed`, `gain` and `fid_ratio` as
+    {value, low, high}, `passed`): per seed, and over seeds against the base and against `baseline`."""
+    mine = {p["seed"]: p for p in picks if p["method"] == method}
+    seeds = sorted(mine)
+    gains = [mine[s]["gain"]["value"] for s in seeds]
+    ratios = [mine[s]["fid_ratio"]["value"] for s in seeds]
+    out = {"seeds": seeds, "per_seed": [mine[s] for s in seeds],
+           "gain_vs_base": over_seeds(gains, 0.0, "greater"),
+           "fid_ratio_vs_base": over_seeds(ratios, 1.0, "less"),
+           "confirmed_champions": sum(bool(mine[s]["passed"]) for s in seeds)}
+    theirs = {p["seed"]: p for p in picks if p["method"] == baseline}
+    common = [s for s in seeds if s in theirs]
+    if baseline and method != baseline and common:
+        out["gain_vs_baseline"] = over_seeds([mine[s]["gain"]["value"] for s in common], 0.0, "greater",
+                                             paired_with=[theirs[s]["gain"]["value"] for s in common])
+        out["fid_ratio_vs_baseline"] = over_seeds([mine[s]["fid_ratio"]["value"] for s in common], 0.0, "less",
+                                                  paired_with=[theirs[s]["fid_ratio"]["value"] for s in common])
+    return out
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -49,9 +123,9 @@ def _spread(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(rows: list[dict], base: dict, fid_tolerance: float, trained_lower_better: bool = False,
-              noise: dict | None = None) -> dict[str, dict]:
-    """Per method: the figures above, over its seeds, and the checkpoints the hacking flag fired on
-    (`noise`: metric -> standard deviation over sampling seeds)."""
+              picks: list[dict] | None = None, baseline: str | None = "baseline") -> dict[str, dict]:
+    """Per method: the figures above, over its seeds, the checkpoints the hacking flag fired on, and
+    (with `picks`) its confirmed picks against the base and against `baseline`."""
     summary = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
@@ -65,7 +139,7 @@ def summarize(rows: list[dict], base: dict, fid_tolerance: float, trained_lower_
             within = [r["heldout_quality"] for r in seeded if r["fid"] <= base["fid"] * (1 + fid_tolerance)]
             if within:
                 best_within.append(max(within))
-        flagged = [r for r in mine if hacked(r, base, fid_tolerance, trained_lower_better, noise)]
+        flagged = [r for r in mine if hacked(r, base, fid_tolerance, trained_lower_better)]
         summary[method] = {
             "seeds": seeds,
             "checkpoints": len(mine),
@@ -76,6 +150,8 @@ def summarize(rows: list[dict], base: dict, fid_tolerance: float, trained_lower_
             "reward_gap": _spread(gaps),
             "hacking": [{k: r[k] for k in ("seed", "trial", "step", "fid", "heldout_quality", "trained_quality")} for r in flagged],
         }
+        if picks and any(p["method"] == method for p in picks):
+            summary[method]["confirmed"] = confirmed_figures(picks, method, baseline if any(p["method"] == baseline for p in picks) else None)
     return summary
 
 
@@ -98,6 +174,46 @@ def markdown_table(summary: dict[str, dict], base: dict, noise: dict | None = No
                                                                if s["seeds_with_a_point_within_tolerance"] < len(s["seeds"]) else "")
         lines.append(f"| {method} | {len(s['seeds'])} | {s['checkpoints']} | {_pm(s['hypervolume'], 4)} | {_pm(s['best_fid'], 1)} | {within} | "
                      f"{_pm(s['reward_gap'], 4)} | {flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ci(figure: dict, digits: int = 4, signed: bool = True) -> str:
+    if not math.isfinite(figure["mean"]):
+        return "n/a"
+    text = f"{figure['mean']:+.{digits}f}" if signed else f"{figure['mean']:.{digits}f}"
+    if not math.isfinite(figure["low"]) or figure["low"] == figure["high"] == figure["mean"]:
+        return text
+    return f"{text} [{figure['low']:.{digits}f}, {figure['high']:.{digits}f}]"
+
+
+def _cell(figure: dict | None, digits: int = 4, signed: bool = True) -> str:
+    if figure is None:
+        return ""
+    label = figure["verdict"]
+    return f"{_ci(figure, digits, signed)} {'**' + label + '**' if label in ('better', 'worse') else label}"
+
+
+def confirmed_table(summary: dict[str, dict], bank: dict | None = None) -> str:
+    """The confirmed picks: per method, over seeds, against the base and against the baseline's picks."""
+    confirmed = {m: s["confirmed"] for m, s in summary.items() if "confirmed" in s}
+    if not confirmed:
+        return ""
+    where = f" (seed bank {bank['seed']}, {bank['samples']} samples, paired with the base)" if bank else ""
+    lines = [f"Each sweep's pick re-measured on samples the search never saw{where}; over seeds: the mean, its 95% "
+             "t-interval and the verdict (\"within noise\" where the interval holds no change):", "",
+             "| method | seeds | confirmed champions | held-out gain over the base | FID ratio to the base | gain minus the baseline's | FID ratio minus the baseline's |",
+             "|---|---:|---:|---|---|---|---|"]
+    for method, c in confirmed.items():
+        lines.append(f"| {method} | {len(c['seeds'])} | {c['confirmed_champions']} of {len(c['seeds'])} | {_cell(c['gain_vs_base'])} | "
+                     f"{_cell(c['fid_ratio_vs_base'], 3, signed=False)} | {_cell(c.get('gain_vs_baseline'))} | "
+                     f"{_cell(c.get('fid_ratio_vs_baseline'), 3)} |")
+    lines += ["", "Per seed (the pick, its confirmed held-out gain and FID ratio with the 95% paired-bootstrap interval):", ""]
+    for method, c in confirmed.items():
+        for pick in c["per_seed"]:
+            g, r = pick["gain"], pick["fid_ratio"]
+            lines.append(f"- {method}, seed {pick['seed']}: trial {pick['trial']} step {pick['step']}: gain {g['value']:+.4f} "
+                         f"[{g['low']:+.4f}, {g['high']:+.4f}], FID ratio {r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+                         f"{' (confirmed champion)' if pick['passed'] else ''}")
     return "\n".join(lines) + "\n"
 
 

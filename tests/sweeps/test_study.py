@@ -11,7 +11,7 @@ import yaml
 from sweeps.acpo_study import main, read_study
 from tests.sweeps.test_sweep import mlflow_server  # noqa: F401 - the module's MLflow server fixture
 
-TINY = ["train.steps=2", "train.batch_size=8", "train.eval_every=1", "eval.samples=16", "sweep.confirm.samples=16", "sweep.confirm.top_k=0", "eval.resamples=100", "eval.sampling_steps=[2]", "train.cpus_per_worker=1"]
+TINY = ["train.steps=2", "train.batch_size=8", "train.eval_every=1", "eval.samples=16", "sweep.confirm.samples=16", "eval.resamples=100", "eval.sampling_steps=[2]", "train.cpus_per_worker=1"]
 
 
 def tiny_study(tmp_path, uri, methods=("baseline", "acpo"), name="tiny"):
@@ -54,6 +54,21 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
         for key in ("hypervolume", "best_fid", "reward_gap"):
             assert figures[key] == pytest.approx(list(recomputed[method][key]), nan_ok=True)
     assert "<img src=\"data:image/png;base64," in (report / "report.html").read_text()  # self-contained
+    # each sweep confirmed its pick on the confirmation bank, against one measurement of the base for all
+    study_base = next((tmp_path / "tiny" / "confirmation").glob("*/base.safetensors"))
+    for method in ("baseline", "acpo"):
+        confirmed = summary["methods"][method]["confirmed"]
+        assert confirmed["seeds"] == [0, 1] and all(-1 < p["gain"]["low"] <= p["gain"]["value"] <= p["gain"]["high"] < 1
+                                                    for p in confirmed["per_seed"])
+        for seed in (0, 1):
+            sweep_dir = tmp_path / "tiny" / "sweeps" / f"{method}-seed{seed}"
+            assert (sweep_dir / "confirmation" / study_base.parent.name / "base.safetensors").read_bytes() == study_base.read_bytes()
+            selection = json.loads((sweep_dir / "selection.json").read_text())
+            assert len(selection["confirmation"]["candidates"]) == 1 and selection["confirmation"]["bank"]["samples"] == 16
+    assert "gain_vs_baseline" in summary["methods"]["acpo"]["confirmed"] and "gain_vs_baseline" not in summary["methods"]["baseline"]["confirmed"]
+    assert summary["confirmation_bank"]["seed"] == 1 and "re-measured on samples the search never saw" in (report / "report.md").read_text()
+    # the hacking flag's paired intervals: one per evaluated checkpoint, from its stored per-sample data
+    assert len(json.loads((report / "intervals.json").read_text())) == 8
     # MLflow: one study run, both methods' sweeps nested under it, the report on it
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("tiny")
@@ -62,7 +77,8 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
     sweeps = {r.data.tags["acpo.sweep"] for r in runs if r.data.tags.get("mlflow.parentRunId") == study_run.info.run_id
               and r.data.tags.get("acpo.role") == "sweep"}
     assert sweeps == {"baseline-seed0", "baseline-seed1", "acpo-seed0", "acpo-seed1"}
-    assert {"baseline.hypervolume", "acpo.reward_gap", "acpo.hacked_checkpoints", "noise.fid"} <= set(study_run.data.metrics)
+    assert {"baseline.hypervolume", "acpo.reward_gap", "acpo.hacked_checkpoints", "noise.fid", "acpo.confirmed_gain",
+            "acpo.confirmed_fid_ratio"} <= set(study_run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(study_run.info.run_id, "report")}
     assert {"report/fronts.png", "report/report.md", "report/report.html"} <= artifacts
     # --resume of a finished study runs nothing again and writes the same table
