@@ -5,11 +5,12 @@ sweeps/acpo_study.py (`acpo study`).
 Every (method, seed) is an ordinary sweep (sweeps/driver.py `run_sweep`: Ray Tune + Optuna seeded with
 the seed, training seeded with it too) named `<method>-seed<seed>` under
 `<storage_dir>/<study>/sweeps/`, tracked in the study's MLflow experiment with its parent run nested
-under the study's run. The base model is evaluated once and shared, on the screening bank and on the
-confirmation bank: each sweep confirms its screening pick on samples the search never saw
-(`sweep.confirm`, top 1; sweeps/confirm.py), and the report compares those confirmed figures over
-seeds (sweeps/study_report.py). `noise_seeds` > 0 also measures the base under that many sampling
-seeds (the unpaired spread, reported only). A method
+under the study's run. The base model is evaluated once on the screening bank and shared; each
+sweep then confirms its pick on samples the search never saw (`sweep.confirm`, top 1;
+sweeps/confirm.py), on one seed bank per study seed (`CONFIRMATION_BANKS` + seed) where the base is
+measured once too, and the report compares those confirmed figures over seeds
+(sweeps/study_report.py). `noise_seeds` > 0 also measures the base under that many sampling seeds
+(the unpaired spread, reported only). A method
 that fails is reported in the table, not fatal; `--resume` skips finished sweeps and resumes an
 interrupted one.
 The report (`sweeps/study_report.py`) is written to `<storage_dir>/<study>/report/` and logged to
@@ -34,6 +35,7 @@ from trainers.common.errors import last_line
 from trainers.config import ConfigError, Section, validate
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
+CONFIRMATION_BANKS = 1000  # study seed s confirms on seed bank 1000 + s (the screening's is eval.seed, 0)
 
 
 class Method(Section):
@@ -76,10 +78,12 @@ def method_sweep(study: StudyConfig, method: str, seed: int, directory: Path):
     """The run config and sweep settings of one (method, seed): the study's preset and budget, the
     method's objective and space, seeded with `seed` (Optuna's sampler and the training)."""
     spec = study.methods[method]
-    # Each method's sweep confirms its screening pick (top 1) on the confirmation bank: what the
-    # report compares. The base's confirmation is measured once for the study (`confirmation_base`);
-    # the study's `set` may change it (`sweep.confirm.samples=...`, `sweep.confirm.top_k=0`: none).
-    overrides = ["sweep.confirm.top_k=1", *study.set] + [
+    # Each method's sweep confirms its pick (top 1) on a fresh seed bank: what the report compares.
+    # One bank per study seed, shared by its methods (their picks paired on the same noise), so the
+    # seeds are independent replicates of the bank's noise too; the base is measured once per bank
+    # (`confirmation_base`). The study's `set` may change it (`sweep.confirm.samples=...`;
+    # `sweep.confirm.seed=...`: one bank for every seed; `sweep.confirm.top_k=0`: no confirmation).
+    overrides = ["sweep.confirm.top_k=1", f"sweep.confirm.seed={CONFIRMATION_BANKS + seed}", *study.set] + [
         f"objective={json.dumps(spec.objective)}",
         f"sweep.space={json.dumps(spec.space)}",
         f"sweep.name={method}-seed{seed}",
@@ -88,7 +92,7 @@ def method_sweep(study: StudyConfig, method: str, seed: int, directory: Path):
         f"train.output_dir={directory / 'runs'}",
         f"sweep.num_samples={study.trials}",
         f"sweep.fid_tolerance={study.fid_tolerance}",
-        f"sweep.storage_dir={directory / 'sweeps'}",
+        f"sweep.storage_dir={directory / layout.STUDY_SWEEPS}",
         f"sweep.experiment={study.name}",
         "sweep.register_champion=false",
     ] + ([f"sweep.tracking_uri={study.tracking_uri}"] if study.tracking_uri else [])
@@ -139,7 +143,6 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
     tracking.log_params(study_run, {"methods": ", ".join(study.methods), "seeds": study.seeds, "trials": study.trials,
                                     "budget": " ".join(study.set), "preset": study.preset})
     driver.evaluate_base(first_config, directory, tracking, study_run)  # once, shared by every method's sweep
-    confirmed_base = confirmation_base(first_config, first_sweep, directory)  # once too, on the confirmation bank
     if study.noise_seeds:
         noise = measure_noise(first_config, directory, study.noise_seeds)
         tracking.log_metrics(study_run, {f"noise.{name}": figures["std"] for name, figures in noise.items()})
@@ -150,7 +153,7 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
         for seed in study.seeds:
             config, sweep = method_sweep(study, method, seed, directory)
             sweep = sweep.model_copy(update={"parent_run": study_run})
-            sweep_dir = directory / "sweeps" / sweep.name
+            sweep_dir = directory / layout.STUDY_SWEEPS / sweep.name
             if Path(layout.selection_file(sweep_dir)).is_file():
                 print(f"[study] {sweep.name}: done before, kept", flush=True)
                 continue
@@ -158,11 +161,10 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
             for shared in (layout.BASE_METRICS, layout.BASE_SAMPLES, layout.BASE_PER_SAMPLE):
                 if (directory / shared).is_file():
                     shutil.copy(directory / shared, sweep_dir / shared)
-            if confirmed_base is not None and sweep.confirm.top_k:
+            if sweep.confirm.top_k:  # the base on this sweep's confirmation bank: measured once per bank, copied
                 target = Path(confirm.base_location(config, sweep, str(sweep_dir)))
-                if target.name == confirmed_base.name and target.parent.name == confirmed_base.parent.name:  # the same bank
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(confirmed_base, target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(confirmation_base(config, sweep, directory), target)
             print(f"[study] {sweep.name}", flush=True)
             try:
                 driver.run_sweep(config, sweep, resume=Path(layout.tune_dir(sweep_dir)).exists(), inputs_checked=True)
@@ -178,16 +180,15 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
                                              f"{method}.confirmed_fid_ratio": s["confirmed"]["fid_ratio_vs_base"]["mean"],
                                              f"{method}.confirmed_champions": s["confirmed"]["confirmed_champions"]}
                                             if "confirmed" in s else {})})
-    tracking.client.log_artifacts(study_run, str(directory / "report"), artifact_path="report")
+    tracking.client.log_artifacts(study_run, str(directory / layout.STUDY_REPORT), artifact_path="report")
     tracking.client.set_terminated(study_run)
     return report
 
 
-def confirmation_base(config, sweep, directory: Path) -> Path | None:
-    """The base model's per-sample data on the sweeps' confirmation bank, measured once for the study
-    (each sweep gets a copy where its confirmation looks for it); None when the sweeps confirm nothing."""
-    if not sweep.confirm.top_k:
-        return None
+def confirmation_base(config, sweep, directory: Path) -> Path:
+    """The base model's per-sample data on `sweep`'s confirmation bank, measured the first time a
+    sweep of the study needs that bank and kept in the study's folder (each sweep gets a copy where
+    its confirmation looks for it: the same file name, keyed by the bank and the evaluation)."""
     location = Path(confirm.base_location(config, sweep, str(directory)))
     if not location.is_file():
         from eval.evaluate import Evaluator
@@ -218,47 +219,59 @@ def study_rows(study: StudyConfig, directory: Path) -> list[dict]:
     rows = []
     for method in study.methods:
         for seed in study.seeds:
-            sweep_dir = directory / "sweeps" / f"{method}-seed{seed}"
+            sweep_dir = directory / layout.STUDY_SWEEPS / f"{method}-seed{seed}"
             if sweep_dir.is_dir():
                 rows += [{**row, "method": method, "seed": seed} for row in evaluated_checkpoints(sweep_dir)[0]]
     return rows
 
 
-def confirmed_picks(study: StudyConfig, directory: Path) -> tuple[list[dict], dict | None]:
+def confirmed_picks(study: StudyConfig, directory: Path) -> tuple[list[dict], list[dict], list[str]]:
     """Each (method, seed) sweep's confirmed pick (its selection's first confirmation candidate), with
-    its method and seed, and the confirmation's bank."""
-    picks, bank = [], None
+    its method and seed; the confirmation banks they were measured on; the finished sweeps that
+    confirmed nothing (run with `sweep.confirm.top_k=0`, or before the study confirmed)."""
+    from sweeps.confirm import DIFF
+
+    picks, banks, unconfirmed = [], [], []
     for method in study.methods:
         for seed in study.seeds:
-            selection = Path(layout.selection_file(directory / "sweeps" / f"{method}-seed{seed}"))
+            selection = Path(layout.selection_file(directory / layout.STUDY_SWEEPS / f"{method}-seed{seed}"))
             if not selection.is_file():
                 continue
             confirmation = json.loads(selection.read_text()).get("confirmation") or {}
-            if confirmation.get("candidates"):
-                entry, bank = confirmation["candidates"][0], confirmation["bank"]
-                picks.append({"method": method, "seed": seed, "trial": entry["trial"], "step": entry.get("step"),
-                              "gain": entry["confirmation"]["heldout_quality_diff"], "fid_ratio": entry["confirmation"]["fid_ratio"],
-                              "passed": entry["passed"], "p_holm": entry["p_holm"]})
-    return picks, bank
+            if not confirmation.get("candidates"):
+                unconfirmed.append(f"{method}-seed{seed}")
+                continue
+            entry = confirmation["candidates"][0]
+            picks.append({"method": method, "seed": seed, "trial": entry["trial"], "step": entry.get("step", "?"),
+                          "gain": entry["confirmation"][DIFF], "fid_ratio": entry["confirmation"]["fid_ratio"],
+                          "passed": entry["passed"], "p_holm": entry["p_holm"], "bank": confirmation["bank"]})
+            if confirmation["bank"] not in banks:
+                banks.append(confirmation["bank"])
+    return picks, banks, unconfirmed
 
 
-def add_screening_intervals(study: StudyConfig, rows: list[dict], directory: Path) -> None:
+def add_screening_intervals(study: StudyConfig, rows: list[dict], directory: Path, trained_lower_better: bool = False) -> None:
     """Each row's paired intervals against the base on the screening bank (`row["intervals"]`), from
-    the per-sample data its evaluation stored: what the hacking flag reads. Kept in
-    `report/intervals.json` by checkpoint, so a report written again computes none twice."""
+    the per-sample data its evaluation stored: what the hacking flag reads (the FID ratio's only
+    where it decides). Kept in the study's `screening_intervals.json`, keyed by the checkpoint, the
+    base's data and the resample count, so a report written again computes none twice."""
     from eval.intervals import paired_intervals
     from sweeps.confirm import read_per_sample
     from sweeps.study_report import fidelity_decides
+    from trainers.common.keys import ContentKey
 
-    base = read_per_sample(str(directory / layout.BASE_PER_SAMPLE))
+    base_file = directory / layout.BASE_PER_SAMPLE
+    base = read_per_sample(str(base_file))
     if base is None or not rows:
         return
-    cache_file = directory / "report" / "intervals.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     config, _ = method_sweep(study, next(iter(study.methods)), study.seeds[0], directory)
+    options = {"resamples": config.eval.resamples, "seed": 0, "with_kid": False}
+    settings = ContentKey().file(base_file).json(options).hex(12)
+    cache_file = directory / layout.STUDY_INTERVALS
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     reference = None
     for row in rows:
-        key = f"{row['checkpoint']}@{row.get('step')}"
+        key = f"{row['checkpoint']} {settings}"
         if key not in cache:
             data = read_per_sample(str(Path(row["checkpoint"]) / layout.CHECKPOINT_PER_SAMPLE))
             if data is None or len(data) != len(base):
@@ -267,12 +280,10 @@ def add_screening_intervals(study: StudyConfig, rows: list[dict], directory: Pat
                 from eval.evaluate import Evaluator
 
                 reference = Evaluator.from_config(config, quality=False).reference_features()
-            options = {"resamples": config.eval.resamples, "seed": 0, "with_kid": False}
             cache[key] = paired_intervals(data, reference, base, with_fid=False, **options).to_json()
-            if fidelity_decides(cache[key]):  # the FID ratio's interval only where the flag reads it
+            if fidelity_decides(cache[key], trained_lower_better):  # the FID ratio's interval only where the flag reads it
                 cache[key] = paired_intervals(data, reference, base, **options).to_json()
         row["intervals"] = cache[key]
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(cache, indent=1) + "\n")
 
 
@@ -283,14 +294,14 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
 
     from sweeps.study_report import confirmed_table, markdown_table, plot_fronts, summarize
 
-    out = directory / "report"
+    out = directory / layout.STUDY_REPORT
     out.mkdir(parents=True, exist_ok=True)
     base = json.loads(Path(layout.base_metrics_file(directory)).read_text())
     noise_file = directory / "base_noise.json"
     noise = {name: f["std"] for name, f in json.loads(noise_file.read_text()).items()} if noise_file.is_file() else None
     rows = study_rows(study, directory)
     add_screening_intervals(study, rows, directory)
-    picks, bank = confirmed_picks(study, directory)
+    picks, banks, unconfirmed = confirmed_picks(study, directory)
     summary = summarize(rows, base, study.fid_tolerance, picks=picks, baseline=study.baseline or None) if rows else {}
     plot_fronts(rows, base, out / "fronts.png")
     grids = champion_grids(study, directory, out)
@@ -298,7 +309,9 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
     missing = [m for m in study.methods if m not in summary]
     text = (f"# Study {study.name}\n\n{len(study.methods)} methods x seeds {study.seeds} x {study.trials} trials each, "
             f"the same budget: `{' '.join(study.set) or '(the preset)'}` on preset `{study.preset}`.\n\n"
-            + markdown_table(summary, base, noise) + "\n" + (confirmed_table(summary, bank) + "\n" if picks else "")
+            + markdown_table(summary, base, noise) + "\n" + (confirmed_table(summary, banks) + "\n" if picks else "")
+            + (f"Not confirmed (finished without a confirmation, left out of the second table): {', '.join(unconfirmed)}.\n\n"
+               if unconfirmed else "")
             + (f"No evaluated checkpoints: {', '.join(missing)}.\n\n" if missing else "") + (failed + "\n" if failed else "")
             + "![fronts](fronts.png)\n\n" + "".join(f"![{name}]({path.name})\n" for name, path in grids.items()))
     for method, s in summary.items():
@@ -311,7 +324,7 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
     for name, data in images.items():
         body = body.replace(html.escape(f"({name})"), f'<br><img src="data:image/png;base64,{data}"><br>')
     (out / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>Study {study.name}</title><pre>{body}</pre>\n")
-    (out / "summary.json").write_text(json.dumps({"base": base, "noise": noise, "confirmation_bank": bank, "methods": summary,
+    (out / "summary.json").write_text(json.dumps({"base": base, "noise": noise, "confirmation_banks": banks, "unconfirmed": unconfirmed, "methods": summary,
                                                   "failures": failures or {}}, indent=2) + "\n")
     print((out / "report.md").read_text(), flush=True)
     return {"summary": summary, "report": str(out / "report.md"), "failures": failures or {}}
@@ -325,7 +338,7 @@ def champion_grids(study: StudyConfig, directory: Path, out: Path) -> dict[str, 
     base_grid = Path(layout.base_samples_file(directory))
     for method in study.methods:
         for seed in study.seeds:
-            selection = Path(layout.selection_file(directory / "sweeps" / f"{method}-seed{seed}"))
+            selection = Path(layout.selection_file(directory / layout.STUDY_SWEEPS / f"{method}-seed{seed}"))
             champion = json.loads(selection.read_text()).get("champion") if selection.is_file() else None
             grid = Path(champion["checkpoint"]) / layout.CHECKPOINT_SAMPLES if champion else None
             if grid is not None and grid.is_file():

@@ -16,12 +16,15 @@ recompute it from the same table:
 - the reward-hacking flag: a checkpoint whose trained reward rose while its held-out quality fell,
   or its FID got worse than the tolerance allows, each at 95% confidence: from the checkpoint's
   paired-bootstrap intervals against the base on the screening bank (`row["intervals"]`,
-  eval/intervals.py; without them, the point figures decide);
-- the confirmed pick: each (method, seed) sweep's screening choice re-measured, with the base, on
-  a seed bank the search never saw (sweeps/confirm.py; `picks`): its held-out gain and FID ratio
-  with their paired intervals, then over seeds a t-test against the base (gain 0, ratio 1) and, per
-  seed, against `baseline`'s pick (scipy's `ttest_1samp` / `ttest_rel`, their 95% intervals):
-  "better", "worse" or "within noise" where the interval holds the null.
+  eval/intervals.py; without them the checkpoint is not judged). Each checkpoint is tested on its
+  own: of a dozen checkpoints whose reward truly rises, one may be flagged by chance;
+- the confirmed pick: each (method, seed) sweep's pick (the head of its screening order: the best
+  held-out quality within the FID tolerance, else the lowest FID) re-measured with the base on a
+  seed bank the search never saw (sweeps/confirm.py; `picks`): its held-out gain and FID ratio
+  with their paired intervals, then over seeds a t-test against the base (gain 0, ratio 1: on the
+  log scale) and, seed by seed, against `baseline`'s pick: "better", "worse", or "within noise"
+  where the 95% interval holds no change. Seeds pair the methods by their training seed, their
+  search's seed and their confirmation bank; methods with different spaces share little else.
 """
 
 from __future__ import annotations
@@ -44,20 +47,21 @@ def fidelity_decides(intervals: dict, trained_lower_better: bool = False) -> boo
     return _rose(intervals, trained_lower_better) and not intervals["heldout_quality_diff"]["high"] < 0
 
 
-def hacked(row: dict, base: dict, fid_tolerance: float, trained_lower_better: bool = False) -> bool:
-    """The trained reward rose while the held-out score fell or FID got worse than the tolerance allows.
-    With the row's paired intervals (`row["intervals"]`: `trained_quality_diff`, `heldout_quality_diff`
-    and, where `fidelity_decides`, `fid_ratio`, each {value, low, high}), every change must hold at 95%
-    (its interval clear of no change): at a few hundred samples FID alone moves by ~15% with the
-    seed, and a flag on the point figures fires on noise. Without them the point figures decide."""
+def hacked(row: dict, fid_tolerance: float, trained_lower_better: bool = False) -> bool | None:
+    """The trained reward rose while the held-out score fell or FID got worse than the tolerance allows,
+    each change at 95% confidence (its interval clear of no change), from the row's paired intervals
+    against the base on the screening bank (`row["intervals"]`: `trained_quality_diff`,
+    `heldout_quality_diff` and, where `fidelity_decides`, `fid_ratio`, each {value, low, high}).
+    None where they are missing (a checkpoint evaluated before per-sample data was kept): the point
+    figures alone would flag noise (at a few hundred samples FID moves by ~15% with the seed)."""
     intervals = row.get("intervals")
-    if intervals:
-        if not _rose(intervals, trained_lower_better):
-            return False
-        return intervals["heldout_quality_diff"]["high"] < 0 or intervals["fid_ratio"]["low"] > 1 + fid_tolerance
-    rise = row["trained_quality"] - base["trained_quality"]
-    rose = (-rise if trained_lower_better else rise) > 0
-    return rose and (row["heldout_quality"] < base["heldout_quality"] or row["fid"] > base["fid"] * (1 + fid_tolerance))
+    if not intervals:
+        return None
+    if not fidelity_decides(intervals, trained_lower_better):
+        return _rose(intervals, trained_lower_better)  # rose: the held-out score fell for sure; else not hacking
+    if "fid_ratio" not in intervals:
+        return None
+    return intervals["fid_ratio"]["low"] > 1 + fid_tolerance
 
 
 def verdict(low: float, high: float, null: float, better: str) -> str:
@@ -72,45 +76,47 @@ def verdict(low: float, high: float, null: float, better: str) -> str:
     return "within noise"
 
 
-def over_seeds(values: list[float], null: float, better: str, paired_with: list[float] | None = None) -> dict:
-    """The mean over seeds with its 95% t-interval, the two-sided p-value against `null` (or, with
-    `paired_with`, of the seed-by-seed differences against 0: the mean given is then that
-    difference's), and the verdict. Fewer than two seeds: the mean alone, "n/a"."""
-    from scipy.stats import ttest_1samp, ttest_rel
+def over_seeds(values: list[float], null: float, better: str, paired_with: list[float] | None = None, log: bool = False) -> dict:
+    """The mean over seeds with its 95% t-interval, the two-sided p-value against `null`, and the
+    verdict. With `paired_with` (the baseline's value at each seed): of the seed-by-seed differences
+    against none, the mean and bounds then the difference's (a paired t-test is the one-sample test
+    of the differences: scipy's `ttest_rel` is `ttest_1samp` of them). `log`: for ratios, tested on
+    their logarithm (a ratio is multiplicative and skewed: a hacked model's FID ratios of 7-60 would
+    hide the null in a symmetric interval), the mean and bounds given back as ratios (paired: the
+    ratio of the ratios, none = 1). Fewer than two seeds, or no spread between them: the mean alone, "n/a"."""
+    from scipy.stats import ttest_1samp
 
-    if paired_with is not None:
-        mean = statistics.fmean(a - b for a, b in zip(values, paired_with)) if values else math.nan
-        null = 0.0
-    else:
-        mean = statistics.fmean(values) if values else math.nan
-    if len(values) < 2:
-        return {"mean": mean, "low": math.nan, "high": math.nan, "p": math.nan, "seeds": len(values), "verdict": "n/a"}
-    test = ttest_rel(values, paired_with) if paired_with is not None else ttest_1samp(values, null)
+    scale = math.log if log else float
+    back = math.exp if log else float
+    offset = 0.0 if paired_with is not None else scale(null)  # what the differences are taken from
+    differences = ([scale(a) - scale(b) for a, b in zip(values, paired_with)] if paired_with is not None
+                   else [scale(a) - offset for a in values])
+    out = {"mean": back(statistics.fmean(differences) + offset) if differences else math.nan, "low": math.nan, "high": math.nan,
+           "p": math.nan, "seeds": len(differences), "null": back(offset) if paired_with is None else back(0.0), "verdict": "n/a"}
+    if len(differences) < 2 or statistics.pstdev(differences) == 0:
+        return out
+    test = ttest_1samp(differences, 0.0)
     interval = test.confidence_interval(0.95)
-    low, high = float(interval.low), float(interval.high)
-    if not (math.isfinite(low) and math.isfinite(high)):  # every seed the same: no spread to test against
-        low = high = mean
-    return {"mean": mean, "low": low, "high": high, "p": float(test.pvalue), "seeds": len(values),
-            "verdict": verdict(low, high, null, better)}
+    return {**out, "low": back(float(interval.low) + offset), "high": back(float(interval.high) + offset), "p": float(test.pvalue),
+            "verdict": verdict(float(interval.low), float(interval.high), 0.0, better)}
 
 
 def confirmed_figures(picks: list[dict], method: str, baseline: str | None) -> dict:
     """One method's confirmed picks (`picks`: rows of `method`, `seed`, `gain` and `fid_ratio` as
-    {value, low, high}, `passed`): per seed, and over seeds against the base and against `baseline`."""
+    {value, low, high}, `passed`): per seed, and over seeds against the base and, seed by seed,
+    against `baseline`'s picks (none: not compared)."""
     mine = {p["seed"]: p for p in picks if p["method"] == method}
     seeds = sorted(mine)
-    gains = [mine[s]["gain"]["value"] for s in seeds]
-    ratios = [mine[s]["fid_ratio"]["value"] for s in seeds]
     out = {"seeds": seeds, "per_seed": [mine[s] for s in seeds],
-           "gain_vs_base": over_seeds(gains, 0.0, "greater"),
-           "fid_ratio_vs_base": over_seeds(ratios, 1.0, "less"),
+           "gain_vs_base": over_seeds([mine[s]["gain"]["value"] for s in seeds], 0.0, "greater"),
+           "fid_ratio_vs_base": over_seeds([mine[s]["fid_ratio"]["value"] for s in seeds], 1.0, "less", log=True),
            "confirmed_champions": sum(bool(mine[s]["passed"]) for s in seeds)}
     theirs = {p["seed"]: p for p in picks if p["method"] == baseline}
     common = [s for s in seeds if s in theirs]
     if baseline and method != baseline and common:
         out["gain_vs_baseline"] = over_seeds([mine[s]["gain"]["value"] for s in common], 0.0, "greater",
                                              paired_with=[theirs[s]["gain"]["value"] for s in common])
-        out["fid_ratio_vs_baseline"] = over_seeds([mine[s]["fid_ratio"]["value"] for s in common], 0.0, "less",
+        out["fid_ratio_vs_baseline"] = over_seeds([mine[s]["fid_ratio"]["value"] for s in common], 1.0, "less", log=True,
                                                   paired_with=[theirs[s]["fid_ratio"]["value"] for s in common])
     return out
 
@@ -123,7 +129,7 @@ def _spread(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(rows: list[dict], base: dict, fid_tolerance: float, trained_lower_better: bool = False,
-              picks: list[dict] | None = None, baseline: str | None = "baseline") -> dict[str, dict]:
+              picks: list[dict] | None = None, baseline: str | None = None) -> dict[str, dict]:
     """Per method: the figures above, over its seeds, the checkpoints the hacking flag fired on, and
     (with `picks`) its confirmed picks against the base and against `baseline`."""
     summary = {}
@@ -139,7 +145,8 @@ def summarize(rows: list[dict], base: dict, fid_tolerance: float, trained_lower_
             within = [r["heldout_quality"] for r in seeded if r["fid"] <= base["fid"] * (1 + fid_tolerance)]
             if within:
                 best_within.append(max(within))
-        flagged = [r for r in mine if hacked(r, base, fid_tolerance, trained_lower_better)]
+        flags = [hacked(r, fid_tolerance, trained_lower_better) for r in mine]
+        flagged = [r for r, flag in zip(mine, flags) if flag]
         summary[method] = {
             "seeds": seeds,
             "checkpoints": len(mine),
@@ -149,9 +156,10 @@ def summarize(rows: list[dict], base: dict, fid_tolerance: float, trained_lower_
             "seeds_with_a_point_within_tolerance": len(best_within),
             "reward_gap": _spread(gaps),
             "hacking": [{k: r[k] for k in ("seed", "trial", "step", "fid", "heldout_quality", "trained_quality")} for r in flagged],
+            "hacking_unchecked": sum(flag is None for flag in flags),  # no paired intervals: not judged
         }
         if picks and any(p["method"] == method for p in picks):
-            summary[method]["confirmed"] = confirmed_figures(picks, method, baseline if any(p["method"] == baseline for p in picks) else None)
+            summary[method]["confirmed"] = confirmed_figures(picks, method, baseline)
     return summary
 
 
@@ -170,6 +178,8 @@ def markdown_table(summary: dict[str, dict], base: dict, noise: dict | None = No
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for method, s in summary.items():
         flag = f"**yes**: {len(s['hacking'])} of {s['checkpoints']} checkpoints" if s["hacking"] else "no"
+        if s.get("hacking_unchecked"):
+            flag += f" ({s['hacking_unchecked']} without per-sample data, not judged)"
         within = _pm(s["best_heldout_within_tolerance"], 4) + (f" ({s['seeds_with_a_point_within_tolerance']} of {len(s['seeds'])} seeds)"
                                                                if s["seeds_with_a_point_within_tolerance"] < len(s["seeds"]) else "")
         lines.append(f"| {method} | {len(s['seeds'])} | {s['checkpoints']} | {_pm(s['hypervolume'], 4)} | {_pm(s['best_fid'], 1)} | {within} | "
@@ -181,7 +191,7 @@ def _ci(figure: dict, digits: int = 4, signed: bool = True) -> str:
     if not math.isfinite(figure["mean"]):
         return "n/a"
     text = f"{figure['mean']:+.{digits}f}" if signed else f"{figure['mean']:.{digits}f}"
-    if not math.isfinite(figure["low"]) or figure["low"] == figure["high"] == figure["mean"]:
+    if not math.isfinite(figure["low"]):
         return text
     return f"{text} [{figure['low']:.{digits}f}, {figure['high']:.{digits}f}]"
 
@@ -193,20 +203,24 @@ def _cell(figure: dict | None, digits: int = 4, signed: bool = True) -> str:
     return f"{_ci(figure, digits, signed)} {'**' + label + '**' if label in ('better', 'worse') else label}"
 
 
-def confirmed_table(summary: dict[str, dict], bank: dict | None = None) -> str:
+def confirmed_table(summary: dict[str, dict], banks: list[dict] | None = None) -> str:
     """The confirmed picks: per method, over seeds, against the base and against the baseline's picks."""
     confirmed = {m: s["confirmed"] for m, s in summary.items() if "confirmed" in s}
     if not confirmed:
         return ""
-    where = f" (seed bank {bank['seed']}, {bank['samples']} samples, paired with the base)" if bank else ""
-    lines = [f"Each sweep's pick re-measured on samples the search never saw{where}; over seeds: the mean, its 95% "
-             "t-interval and the verdict (\"within noise\" where the interval holds no change):", "",
-             "| method | seeds | confirmed champions | held-out gain over the base | FID ratio to the base | gain minus the baseline's | FID ratio minus the baseline's |",
+    where = ""
+    if banks:
+        where = (f" (seed bank{'s' if len(banks) > 1 else ''} {', '.join(str(b['seed']) for b in banks)}, one per study seed and shared by its methods; "
+                 f"{banks[0]['samples']} samples, each pick paired with the base on its bank)")
+    lines = [f"Each sweep's pick (the head of its screening order) re-measured on samples the search never saw{where}. Over seeds: "
+             "the mean (for FID ratios the geometric mean), its 95% t-interval, and the verdict, *within noise* where the "
+             "interval holds no change; against the baseline, seed by seed:", "",
+             "| method | seeds | confirmed champions | held-out gain over the base | FID ratio to the base | gain minus the baseline's | FID ratio to the baseline's |",
              "|---|---:|---:|---|---|---|---|"]
     for method, c in confirmed.items():
         lines.append(f"| {method} | {len(c['seeds'])} | {c['confirmed_champions']} of {len(c['seeds'])} | {_cell(c['gain_vs_base'])} | "
                      f"{_cell(c['fid_ratio_vs_base'], 3, signed=False)} | {_cell(c.get('gain_vs_baseline'))} | "
-                     f"{_cell(c.get('fid_ratio_vs_baseline'), 3)} |")
+                     f"{_cell(c.get('fid_ratio_vs_baseline'), 3, signed=False)} |")
     lines += ["", "Per seed (the pick, its confirmed held-out gain and FID ratio with the 95% paired-bootstrap interval):", ""]
     for method, c in confirmed.items():
         for pick in c["per_seed"]:

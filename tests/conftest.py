@@ -13,12 +13,23 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # no network; and see sweeps/tracking.py for the race it causes
 # Reference-feature cache of this test session only (never the user's ~/.cache).
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-os.environ["ACPO_FIDELITY_CACHE"] = tempfile.mkdtemp(prefix="acpo-fidelity-cache-")
+_SESSION_FOLDERS = [tempfile.mkdtemp(prefix="acpo-fidelity-cache-"), tempfile.mkdtemp(prefix="acpo-mlflow-default-")]
+
+
+@atexit.register
+def _remove_session_folders():  # one pair per test session, not left behind in the temporary folder
+    for folder in _SESSION_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+os.environ["ACPO_FIDELITY_CACHE"] = _SESSION_FOLDERS[0]
 # Tests name their MLflow server explicitly; anything that falls back to MLflow's default store (a
 # sqlite file in the working directory) writes here instead of into the checkout.
-os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='acpo-mlflow-default-')}/mlflow.db"
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_FOLDERS[1]}/mlflow.db"
 
 _LOCAL_HOSTS = {"localhost", "::1", "0.0.0.0", ""}
 

@@ -66,3 +66,14 @@ def test_one_sided_p_and_storage_round_trip():
     assert torch.equal(back.features, data.features) and torch.equal(back.scores["heldout_quality"], data.scores["heldout_quality"])
     with pytest.raises(ValueError):
         per_sample_from_tensors({"weights": torch.zeros(3)})
+
+
+def test_quality_alone_skips_fid_and_keeps_the_same_quality_intervals():
+    checkpoint, base = draw(200, 7, gain=0.01), draw(200, 8)
+    full = paired_intervals(checkpoint, REFERENCE, base, resamples=100, seed=3, with_kid=False).figures
+    quality = paired_intervals(checkpoint, REFERENCE, base, resamples=100, seed=3, with_kid=False, with_fid=False).figures
+    assert set(quality) == {"heldout_quality", "heldout_quality_diff"} and {"fid", "fid_ratio"} <= set(full)
+    for name in quality:  # the same resampled indices (one seed): the same quality intervals, to the last bit
+        assert quality[name] == full[name]
+    with_kid = paired_intervals(checkpoint, REFERENCE, base, resamples=100, seed=3, with_fid=False).figures
+    assert {"kid", "kid_diff", "heldout_quality_diff"} <= set(with_kid) and "fid_ratio" not in with_kid

@@ -4,6 +4,7 @@ again under another name, the same trials with the same figures; bad studies fai
 Ray starts (unit tier)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,18 +27,33 @@ def tiny_study(tmp_path, uri, methods=("baseline", "acpo"), name="tiny"):
 
 
 @pytest.mark.integration
-def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_assets):  # noqa: F811
+def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_assets, monkeypatch):  # noqa: F811
     import ray
     from mlflow.tracking import MlflowClient
 
+    import sweeps.confirm
     from sweeps.study_report import summarize
 
+    base_measurements = []  # (where, whether it was there before): the base's per-sample data on a confirmation bank
+    real_measure = sweeps.confirm.measure
+
+    def spy(evaluator, location, model_location, base_model=False):
+        if base_model:
+            base_measurements.append((location, Path(location).is_file()))
+        return real_measure(evaluator, location, model_location, base_model)
+
+    monkeypatch.setattr(sweeps.confirm, "measure", spy)
     path = tiny_study(tmp_path, mlflow_server)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         assert main(["--study", str(path)]) == 0
     finally:
         ray.shutdown()
+    # the base sampled once per confirmation bank (one per study seed), in the study's folder; every
+    # sweep's confirmation found it there already
+    sampled = [where for where, existed in base_measurements if not existed]
+    assert len(sampled) == 2 and all(Path(where).parent.parent == tmp_path / "tiny" / "confirmation" for where in sampled)
+    assert sum(existed for _, existed in base_measurements) == 4  # 2 methods x 2 seeds
     report = tmp_path / "tiny" / "report"
     assert {"report.md", "report.html", "fronts.png", "summary.json"} <= {p.name for p in report.iterdir()}
     summary = json.loads((report / "summary.json").read_text())
@@ -54,21 +70,19 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
         for key in ("hypervolume", "best_fid", "reward_gap"):
             assert figures[key] == pytest.approx(list(recomputed[method][key]), nan_ok=True)
     assert "<img src=\"data:image/png;base64," in (report / "report.html").read_text()  # self-contained
-    # each sweep confirmed its pick on the confirmation bank, against one measurement of the base for all
-    study_base = next((tmp_path / "tiny" / "confirmation").glob("*/base.safetensors"))
+    # each sweep confirmed its pick on its seed's confirmation bank (1000 + seed), shared by the methods
     for method in ("baseline", "acpo"):
         confirmed = summary["methods"][method]["confirmed"]
         assert confirmed["seeds"] == [0, 1] and all(-1 < p["gain"]["low"] <= p["gain"]["value"] <= p["gain"]["high"] < 1
                                                     for p in confirmed["per_seed"])
         for seed in (0, 1):
-            sweep_dir = tmp_path / "tiny" / "sweeps" / f"{method}-seed{seed}"
-            assert (sweep_dir / "confirmation" / study_base.parent.name / "base.safetensors").read_bytes() == study_base.read_bytes()
-            selection = json.loads((sweep_dir / "selection.json").read_text())
-            assert len(selection["confirmation"]["candidates"]) == 1 and selection["confirmation"]["bank"]["samples"] == 16
+            selection = json.loads((tmp_path / "tiny" / "sweeps" / f"{method}-seed{seed}" / "selection.json").read_text())
+            assert len(selection["confirmation"]["candidates"]) == 1 and selection["confirmation"]["bank"] == {"seed": 1000 + seed, "samples": 16, "steps": 2}
     assert "gain_vs_baseline" in summary["methods"]["acpo"]["confirmed"] and "gain_vs_baseline" not in summary["methods"]["baseline"]["confirmed"]
-    assert summary["confirmation_bank"]["seed"] == 1 and "re-measured on samples the search never saw" in (report / "report.md").read_text()
+    assert [b["seed"] for b in summary["confirmation_banks"]] == [1000, 1001] and not summary["unconfirmed"]
+    assert "re-measured on samples the search never saw" in (report / "report.md").read_text()
     # the hacking flag's paired intervals: one per evaluated checkpoint, from its stored per-sample data
-    assert len(json.loads((report / "intervals.json").read_text())) == 8
+    assert len(json.loads((tmp_path / "tiny" / "screening_intervals.json").read_text())) == 8
     # MLflow: one study run, both methods' sweeps nested under it, the report on it
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("tiny")

@@ -38,6 +38,9 @@ SELECTION = "selection.json"
 PARETO_PNG, PARETO_HTML = "pareto.png", "pareto.html"
 CHAMPION = "champion"
 CONFIRMATION = "confirmation"
+# A study's folder: its sweeps under SWEEPS, its report, the screening intervals the report reads (a
+# cache: recomputed when missing) beside the files above (the base's, shared by its sweeps).
+STUDY_SWEEPS, STUDY_REPORT, STUDY_INTERVALS = "sweeps", "report", "screening_intervals.json"
 
 # Inside one checkpoint folder (the whole list: trainers/checkpoint.py's docstring).
 CHECKPOINT_GLOB = "step_*"  # every checkpoint folder of a run, in step order when sorted
