@@ -137,6 +137,10 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
     first_config, first_sweep = method_sweep(study, next(iter(study.methods)), study.seeds[0], directory)
     uri = driver.tracking_uri(first_sweep)
     tracking = SweepTracking(uri, study.name, study.name)  # before anything is written: a dead server leaves no study behind
+    if not resume and tracking.client.search_runs([tracking.experiment_id], "tags.`acpo.role` = 'study'", max_results=1):
+        # its sweeps' names are taken there too: every one of them would fail on it, one by one
+        raise ConfigError(f"study.name: '{study.name}' is already used in MLflow experiment '{study.name}' by a study whose folder "
+                          f"is not {directory}; choose another name (or --resume it from its folder)")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "study.json").write_text(json.dumps(study.model_dump(), indent=2) + "\n")
     study_run = tracking.run("study", study.name)  # the study's own run; every method's sweep nests under it

@@ -140,6 +140,22 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
         assert figures[key] == pytest.approx(summary["methods"]["baseline"][key], nan_ok=True)
 
 
+@pytest.mark.integration
+def test_a_study_name_taken_in_mlflow_is_refused_before_anything_runs(tmp_path, mlflow_server, capsys):  # noqa: F811
+    """A study whose folder is gone but whose MLflow experiment holds its runs: every sweep of a new
+    one would fail on its name there, one by one; it is refused in one line, nothing written."""
+    import ray
+
+    from sweeps.tracking import SweepTracking
+
+    SweepTracking(mlflow_server, "taken", "taken").run("study", "taken")
+    path = tiny_study(tmp_path, mlflow_server, methods=("baseline",), name="taken")
+    assert main(["--study", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "study.name: 'taken' is already used in MLflow experiment 'taken'" in err, err
+    assert not (tmp_path / "taken").exists() and not ray.is_initialized()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["trials=0"], r"study.trials: Input should be greater than or equal to 1"),
     (["methods={bad: {objective: {denoise: 1.0}, space: {train.lr: {loguniform: [1.0e-5, 1.0e-4]}}}}"], r"study.methods.bad: .*train.lr"),
