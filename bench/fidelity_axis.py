@@ -71,18 +71,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{'decided: FID':>14}{'KID':>6}")
     for bank, members in groups.items():
         widths: dict[int, list[tuple[float, float, bool, bool]]] = {}
+        no_scale = 0
         for checkpoint_file, base_file in members[: args.limit or None]:
             checkpoint, base = read_per_sample(str(checkpoint_file)), read_per_sample(str(base_file))
             if checkpoint is None or base is None or len(checkpoint) != len(base):
                 continue
             figures = paired_intervals(checkpoint, reference, base, resamples=args.resamples, seed=0).figures
             base_kid = figures["kid"]["value"] - figures["kid_diff"]["value"]
-            if base_kid <= 0:  # KID is unbiased: a base at or below 0 has no relative scale (none on digits)
+            if base_kid <= 0:  # KID is unbiased: a base at or below 0 on this bank has no relative scale
+                no_scale += 1
                 continue
             fid, kid = figures["fid_ratio"], {k: figures["kid_diff"][k] / base_kid for k in ("value", "low", "high")}
             widths.setdefault(len(checkpoint), []).append((
                 (fid["high"] - fid["low"]) / 2, (kid["high"] - kid["low"]) / 2,
                 fid["low"] > 1 + TOLERANCE or fid["high"] < 1 + TOLERANCE, kid["low"] > TOLERANCE or kid["high"] < TOLERANCE))
+        if no_scale:
+            print(f"{bank:<28}{'':>8}{no_scale:>12}  left out: the base's KID on this bank is <= 0 (no relative scale)")
         for samples, rows in sorted(widths.items()):
             fid_w, kid_w = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
             print(f"{bank:<28}{samples:>8}{len(rows):>12}{fid_w:>14.3f}{kid_w:>13.3f}{kid_w / fid_w:>11.2f}"
