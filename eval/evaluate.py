@@ -15,7 +15,8 @@ Metrics, for each sampling step count S:
   <name>@S             every extra quality model named in `eval.extra_quality` (prompt-conditioned ones,
                        e.g. digits-t2i's `prompt_agreement`, score each sample against its prompt)
   clip_score@S         text models with `clip_score` set: image-prompt agreement (pyiqa's clipscore)
-plus `fid` and `heldout_quality` (the sweep's two objectives) and `trained_quality` (the reward-gap and
+plus `fid`, `kid` and `heldout_quality` (the sweep's front: one fidelity figure, `sweep.fidelity`, and the
+held-out quality) and `trained_quality` (the reward-gap and
 reward-hacking checks of a study) at the first step count.
 
 `reward_gap` compares a checkpoint's two quality scores with the base model's; `sampling_noise`
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from eval.axes import FRONT_AXES
+from eval.axes import FIDELITY_AXES, QUALITY_AXIS
 from eval.fidelity import extract_features, features_metrics, reference_features
 from eval.intervals import PerSample
 from eval.quality import QualityModel, load_clip_score, load_quality_model
@@ -127,7 +128,8 @@ class Evaluator:
                 metrics[f"clip_score@{steps}"] = scores["clip_score"].mean().item()
             per_sample[steps] = PerSample(features.cpu(), scores)
         first = self.sampling_steps[0]
-        metrics.update({name: metrics[f"{name}@{first}"] for name in (*FRONT_AXES, "trained_quality")})  # what reports compare
+        # what reports compare: both fidelity figures (the front's axis is the sweep's choice), both quality scores
+        metrics.update({name: metrics[f"{name}@{first}"] for name in (*FIDELITY_AXES, QUALITY_AXIS, "trained_quality")})
         return Evaluation(metrics, grid, per_sample)
 
     def reference_features(self) -> torch.Tensor:
@@ -169,7 +171,7 @@ def sampling_noise(evaluator: Evaluator, model, seeds: Sequence[int]) -> dict[st
 def noise_curve(evaluator: Evaluator, model, sample_counts: Sequence[int], seeds: Sequence[int], resamples: int = 1000) -> list[dict]:
     """How each front figure of `model` moves with the seed bank at each sample count: per count, the
     mean and standard deviation over `seeds` of FID, KID and the held-out quality, and the mean
-    half-width of the bootstrap's 95% interval (eval/intervals.py) of FID and held-out quality from
+    half-width of the bootstrap's 95% interval (eval/intervals.py) of each from
     one bank's per-sample data. What a preset's sample counts are chosen from (`acpo eval --noise`)."""
     from eval.intervals import paired_intervals
 
@@ -179,14 +181,14 @@ def noise_curve(evaluator: Evaluator, model, sample_counts: Sequence[int], seeds
         for seed in seeds:
             evaluation = dataclasses.replace(evaluator, samples=count, seed=seed).evaluate(model)
             runs.append(evaluation.metrics)
-            figures = paired_intervals(evaluation.first, evaluator.reference_features(), resamples=resamples, seed=seed, with_kid=False).figures
-            widths.append({name: (figures[name]["high"] - figures[name]["low"]) / 2 for name in FRONT_AXES})
+            figures = paired_intervals(evaluation.first, evaluator.reference_features(), resamples=resamples, seed=seed).figures
+            widths.append({name: (figures[name]["high"] - figures[name]["low"]) / 2 for name in (*FIDELITY_AXES, QUALITY_AXIS)})
         row = {"samples": count, "seeds": len(runs)}
         first = evaluator.sampling_steps[0]
         for name in ("fid", "kid", "heldout_quality"):
             values = [r[f"{name}@{first}"] for r in runs]
             row[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-        for name in FRONT_AXES:
+        for name in (*FIDELITY_AXES, QUALITY_AXIS):
             row[name]["bootstrap_half_width"] = statistics.fmean(w[name] for w in widths)
         rows.append(row)
     return rows

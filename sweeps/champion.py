@@ -125,25 +125,27 @@ def select(sweep: SweepConfig, directory: str | Path, config: Config | None = No
     screening intervals and the first `sweep.confirm.top_k` are confirmed on a fresh seed bank
     (sweeps/confirm.py): the champion is the confirmation's, or none. Without it, or with top_k 0,
     the screening figures choose (the old rule: highest held-out quality within the FID tolerance),
-    and the rule says the choice was not confirmed."""
-    from eval.axes import FRONT_AXES
+    and the rule says the choice was not confirmed. The front's fidelity axis is `sweep.fidelity`."""
+    from eval.axes import front_axes
 
     from sweeps.front_plots import front_figure, plot_front
-    from sweeps.selection import hypervolume, pareto_front, select_champion
+    from sweeps.selection import Fidelity, hypervolume, pareto_front, select_champion
 
     directory = str(directory)
+    fidelity = Fidelity.of(sweep)
+    axes = front_axes(fidelity.axis)
     base_file = require_sweep(directory)
     try:
         base = json.loads(storage.read_text(base_file))
-        if not all(isinstance(base.get(name), (int, float)) for name in FRONT_AXES):
-            raise ValueError(f"no {' and '.join(FRONT_AXES)}")
+        if not all(isinstance(base.get(name), (int, float)) for name in axes):
+            raise ValueError(f"no {' and '.join(axes)}")
     except (ValueError, AttributeError) as error:  # JSONDecodeError included; AttributeError: not a mapping
         raise SelectionError(f"{base_file}: not the base model's figures ({last_line(error)[:200]})") from None
-    rows, unreadable = evaluated_checkpoints(directory)
+    rows, unreadable = evaluated_checkpoints(directory, axes)
     print(f"[sweep] selecting the champion among {len(rows)} evaluated checkpoints", flush=True)
     verified: set[str] = set()
     while True:
-        front = pareto_front(rows)
+        front = pareto_front(rows, fidelity.axis)
         broken = []
         for row in (r for r in front if r["checkpoint"] not in verified):
             error = checkpoint_error(row["checkpoint"])
@@ -157,9 +159,9 @@ def select(sweep: SweepConfig, directory: str | Path, config: Config | None = No
         rows = [r for r in rows if r not in broken]
     for item in unreadable:
         print(f"[sweep] skipped an unreadable checkpoint: {item['checkpoint']}: {item['error']}", file=sys.stderr, flush=True)
-    screening_choice, screening_rule = select_champion(rows, base, sweep.fid_tolerance)
-    selection = {"base": {name: base[name] for name in FRONT_AXES}, "fid_tolerance": sweep.fid_tolerance,
-                 "hypervolume": hypervolume(front, base), "evaluated": len(rows), "front": front,
+    screening_choice, screening_rule = select_champion(rows, base, fidelity)
+    selection = {"base": {name: base[name] for name in axes}, "fidelity": fidelity.to_json(), "fid_tolerance": sweep.fid_tolerance,
+                 "hypervolume": hypervolume(front, base, fidelity.axis), "evaluated": len(rows), "front": front,
                  "screening": {"bank": {"seed": config.eval.seed, "samples": config.eval.samples} if config else None,
                                "choice": screening_choice, "rule": screening_rule},
                  "unreadable": unreadable}
@@ -172,9 +174,9 @@ def select(sweep: SweepConfig, directory: str | Path, config: Config | None = No
         # The screening intervals need the reference features only; the confirmation samples, so it
         # loads the quality models too (the same Evaluator for both: the reference is read once).
         evaluator = Evaluator.from_config(config, quality=bool(sweep.confirm.top_k))
-        screening_intervals(directory, front, evaluator.reference_features(), config.eval.resamples)  # into the front's rows
+        screening_intervals(directory, front, evaluator.reference_features(), config.eval.resamples, fidelity)  # into the front's rows
     if config is not None and sweep.confirm.top_k:
-        confirmation = confirm(config, sweep, directory, screening_order(front, base, sweep.fid_tolerance), evaluator)
+        confirmation = confirm(config, sweep, directory, screening_order(front, base, fidelity), evaluator)
         champion, rule = confirmation.pop("champion"), confirmation["rule"]
         if champion is not None:
             champion = {**next(r for r in front if r["checkpoint"] == champion["checkpoint"]), "confirmed": champion}
@@ -185,9 +187,9 @@ def select(sweep: SweepConfig, directory: str | Path, config: Config | None = No
     write_json(layout.selection_file(directory), selection)
     with tempfile.TemporaryDirectory(prefix="acpo-front.") as stage:
         png, html = Path(stage) / layout.PARETO_PNG, Path(stage) / layout.PARETO_HTML
-        plot_front(rows, front, base, champion, png, selection.get("confirmation"))
+        plot_front(rows, front, base, champion, png, selection.get("confirmation"), fidelity.axis)
         # self-contained (plotly.js inside): the MLflow UI shows it with no network, as any browser does the file
-        front_figure(rows, front, base, champion, selection.get("confirmation")).write_html(html, include_plotlyjs=True)
+        front_figure(rows, front, base, champion, selection.get("confirmation"), fidelity.axis).write_html(html, include_plotlyjs=True)
         for local, location in zip((png, html), layout.pareto_files(directory)):
             storage.write_bytes(location, local.read_bytes())
     return selection
@@ -214,11 +216,9 @@ def write_json(location: str, data) -> None:
     storage.write_text(location, json.dumps(data, indent=2) + "\n")
 
 
-def evaluated_checkpoints(directory: str) -> tuple[list[dict], list[dict]]:
+def evaluated_checkpoints(directory: str, axes=("fid", "heldout_quality")) -> tuple[list[dict], list[dict]]:
     """Every evaluated checkpoint of every trial: the table the selection runs on; and those whose
-    figures cannot be read."""
-    from eval.axes import FRONT_AXES
-
+    figures on the front's `axes` cannot be read."""
     rows, unreadable = [], []
     for metrics_file in storage.glob(directory, layout.metrics_glob()):
         checkpoint = storage.parent(metrics_file)
@@ -227,8 +227,8 @@ def evaluated_checkpoints(directory: str) -> tuple[list[dict], list[dict]]:
         try:
             params = json.loads(storage.read_text(params_file)) if storage.is_file(params_file) else {}
             metrics = json.loads(storage.read_text(metrics_file))
-            if not all(isinstance(metrics.get(name), (int, float)) for name in FRONT_AXES):
-                raise ValueError(f"no {' and '.join(FRONT_AXES)} in metrics.json")
+            if not all(isinstance(metrics.get(name), (int, float)) for name in axes):
+                raise ValueError(f"no {' and '.join(axes)} in metrics.json")
         except ValueError as error:  # JSONDecodeError included
             unreadable.append({"checkpoint": checkpoint, "error": f"metrics.json: {error}"})
             continue
@@ -251,15 +251,15 @@ def export_champion(checkpoint: str, out: Path) -> Path:
 
 
 def print_summary(selection: dict, uri: str, sweep: SweepConfig) -> None:
-    from sweeps.confirm import summary_lines
+    from sweeps.confirm import selection_fidelity, summary_lines
     from sweeps.selection import params_text
 
-    base, champion = selection["base"], selection.get("champion")
+    base, champion, fidelity = selection["base"], selection.get("champion"), selection_fidelity(selection)
     link = selection.get("mlflow", {}).get("url", uri)
     print(f"\nMLflow: {link}  (experiment '{sweep.experiment or sweep.name}', its runs)")
     bank = selection.get("screening", {}).get("bank")
     where = f"  (screening bank: seed {bank['seed']}, {bank['samples']} samples)" if bank else ""
-    print(f"base model:  FID {base['fid']:.3f}  held-out quality {base['heldout_quality']:.4f}{where}")
+    print(f"base model:  {fidelity.label} {base[fidelity.axis]:.3f}  held-out quality {base['heldout_quality']:.4f}{where}")
     print(f"front: {len(selection['front'])} of {selection['evaluated']} evaluated checkpoints; hypervolume {selection['hypervolume']:.4g}")
     for line in summary_lines(selection):
         print(line)
@@ -267,7 +267,7 @@ def print_summary(selection: dict, uri: str, sweep: SweepConfig) -> None:
         print(f"champion:    none: {selection['rule']}; nothing registered")
     if champion:
         params = params_text(champion)
-        print(f"champion:    FID {champion['fid']:.3f}  held-out quality {champion['heldout_quality']:.4f} on the screening bank  ({selection['rule']})")
+        print(f"champion:    {fidelity.label} {champion[fidelity.axis]:.3f}  held-out quality {champion['heldout_quality']:.4f} on the screening bank  ({selection['rule']})")
         print(f"             trial {champion['trial']} step {champion['step']}: {params}")
         registered = selection.get("registered")
         if registered:

@@ -136,11 +136,12 @@ def cmd_eval_noise(args, config) -> int:
     curve = noise_curve(Evaluator.from_config(config), model, counts, range(100, 100 + args.noise_seeds), config.eval.resamples)
     print(f"\n{args.checkpoint or config.model.base}: each figure over {args.noise_seeds} seed banks (mean +- std), and the bootstrap's "
           f"95% half-width from one bank")
-    print(f"{'samples':>8}{'FID':>18}{'FID/mean':>10}{'boot. +-':>10}{'KID':>20}{'held-out':>20}{'boot. +-':>10}")
+    print(f"{'samples':>8}{'FID':>18}{'FID/mean':>10}{'boot. +-':>10}{'KID':>20}{'boot. +-':>10}{'held-out':>20}{'boot. +-':>10}")
     for row in curve:
         fid, kid, heldout = row["fid"], row["kid"], row["heldout_quality"]
         print(f"{row['samples']:>8}{fid['mean']:>10.2f} +- {fid['std']:<5.2f}{fid['std'] / abs(fid['mean']):>10.3f}{fid['bootstrap_half_width']:>10.2f}"
-              f"{kid['mean']:>11.2f} +- {kid['std']:<6.2f}{heldout['mean']:>11.4f} +- {heldout['std']:<6.4f}{heldout['bootstrap_half_width']:>10.4f}")
+              f"{kid['mean']:>11.2f} +- {kid['std']:<6.2f}{kid['bootstrap_half_width']:>10.2f}"
+              f"{heldout['mean']:>11.4f} +- {heldout['std']:<6.4f}{heldout['bootstrap_half_width']:>10.4f}")
     needed = samples_for_tolerance(curve, args.tolerance)
     if needed:
         print(f"\nFor 1.96 std of FID (the larger of the banks' and the bootstrap's) to fit in a {args.tolerance:.0%} band: about "

@@ -195,7 +195,8 @@ def start_tracking(config: Config, sweep: SweepConfig, uri: str, sweep_id: str, 
     parent = tracking.run("sweep", sweep.name, sweep.parent_run or None)
     tracking.client.set_tag(parent, "acpo.folder", str(directory))
     tracking.log_params(parent, {"preset": config.preset, "num_samples": sweep.num_samples, "algorithm": sweep.algorithm,
-                                 "fid_tolerance": sweep.fid_tolerance,
+                                 "fidelity": sweep.fidelity,
+                                 "fidelity_tolerance": sweep.fid_tolerance if sweep.fidelity == "fid" else sweep.kid_tolerance,
                                  "screening_bank": f"seed {config.eval.seed}, {config.eval.samples} samples",
                                  "confirmation_bank": (f"seed {sweep.confirm.seed}, {sweep.confirm.samples} samples, top {sweep.confirm.top_k}"
                                                        if sweep.confirm.top_k else "none"),
@@ -242,7 +243,7 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str):
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from eval.axes import FRONT_AXES
+    from eval.axes import front_axes
     from sweeps.space import tune_space
 
     settings = config.train
@@ -253,7 +254,8 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str):
     concurrency = sweep.max_concurrent or max(1, fit)
     sampler = NSGAIISampler(seed=sweep.seed) if sweep.algorithm == "nsga2" else TPESampler(seed=sweep.seed, multivariate=True)
     url = optuna_storage(sweep, directory)
-    search = OptunaSearch(metric=list(FRONT_AXES), mode=list(FRONT_AXES.values()), sampler=sampler, study_name=sweep.name,
+    axes = front_axes(sweep.fidelity)  # Optuna's two objectives are the front's axes
+    search = OptunaSearch(metric=list(axes), mode=list(axes.values()), sampler=sampler, study_name=sweep.name,
                           storage=RDBStorage(url) if url else None, seed=sweep.seed)
     print(f"[sweep] {sweep.num_samples} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
     return tune.Tuner(

@@ -1,9 +1,10 @@
 """The sweep's front, drawn: a PNG (matplotlib, for files and reports) and an interactive HTML page
 (plotly), from the selection's table of evaluated checkpoints.
 
-Both show the same story: every evaluated checkpoint, each trial's path through its checkpoints in
-step order (a trial can pass the champion on its way to a worse end), the Pareto front, the base
-model and the champion, each front point labelled with its trial and step, with its screening
+Both show the same story, on the sweep's fidelity axis (`axis`: fid or kid): every evaluated
+checkpoint, each trial's path through its checkpoints in step order (a trial can pass the champion on
+its way to a worse end), the Pareto front, the base model and the champion, each front point
+labelled with its trial and step, with its screening
 figures' 95% intervals as bars (when the selection computed them), and the candidates the
 confirmation re-measured marked passed or failed at their screening place (their confirmation
 figures come from another sample count, where FID's bias differs: the table in selection.json and the
@@ -31,7 +32,7 @@ def label(row: dict) -> str:
     return f"{row['trial']} @{row.get('step', '?')}"
 
 
-def error_bars(front: list[dict]) -> tuple[list[dict], list[list[float]], list[list[float]]]:
+def error_bars(front: list[dict], axis: str = "fid") -> tuple[list[dict], list[list[float]], list[list[float]]]:
     """The front's points that carry screening intervals, and their (minus, plus) extents on both axes.
     A percentile interval need not contain its point figure (FID's bootstrap is biased upward: the
     resamples repeat samples), so an extent past the point is drawn as 0."""
@@ -40,7 +41,7 @@ def error_bars(front: list[dict]) -> tuple[list[dict], list[list[float]], list[l
     def extent(name):
         return ([max(0.0, r[name] - r["intervals"][name]["low"]) for r in points],
                 [max(0.0, r["intervals"][name]["high"] - r[name]) for r in points])
-    return points, extent("fid"), extent("heldout_quality")
+    return points, extent(axis), extent("heldout_quality")
 
 
 def confirmed_points(front: list[dict], confirmation: dict | None) -> dict[bool, list[dict]]:
@@ -49,7 +50,8 @@ def confirmed_points(front: list[dict], confirmation: dict | None) -> dict[bool,
     return {passed: [r for r in front if outcome.get(r["checkpoint"]) is passed] for passed in (True, False)}
 
 
-def plot_front(rows: list[dict], front: list[dict], base: dict, champion: dict | None, path: Path, confirmation: dict | None = None) -> None:
+def plot_front(rows: list[dict], front: list[dict], base: dict, champion: dict | None, path: Path, confirmation: dict | None = None,
+               axis: str = "fid") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,34 +59,34 @@ def plot_front(rows: list[dict], front: list[dict], base: dict, champion: dict |
 
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for number, (trial, points) in enumerate(trial_paths(rows).items()):
-        ax.plot([r["fid"] for r in points], [r["heldout_quality"] for r in points], "-o", lw=0.8, ms=3, alpha=0.45,
+        ax.plot([r[axis] for r in points], [r["heldout_quality"] for r in points], "-o", lw=0.8, ms=3, alpha=0.45,
                 color=plt.cm.tab20(number % 20), label="trials, step by step" if number == 0 else None)
-        ax.annotate(f"{trial} @{points[-1].get('step', '?')}", (points[-1]["fid"], points[-1]["heldout_quality"]), fontsize=6,
+        ax.annotate(f"{trial} @{points[-1].get('step', '?')}", (points[-1][axis], points[-1]["heldout_quality"]), fontsize=6,
                     color="0.45", xytext=(3, -6), textcoords="offset points")
-    ax.plot([r["fid"] for r in front], [r["heldout_quality"] for r in front], "o-", c="tab:red", ms=6, lw=1.5, label="Pareto front")
-    points, xerr, yerr = error_bars(front)
+    ax.plot([r[axis] for r in front], [r["heldout_quality"] for r in front], "o-", c="tab:red", ms=6, lw=1.5, label="Pareto front")
+    points, xerr, yerr = error_bars(front, axis)
     if points:
-        ax.errorbar([r["fid"] for r in points], [r["heldout_quality"] for r in points], xerr=xerr, yerr=yerr, fmt="none",
+        ax.errorbar([r[axis] for r in points], [r["heldout_quality"] for r in points], xerr=xerr, yerr=yerr, fmt="none",
                     ecolor="tab:red", alpha=0.35, lw=1, capsize=2, label="95% intervals (screening)")
     for passed, marked in confirmed_points(front, confirmation).items():
         if marked:
-            ax.scatter([r["fid"] for r in marked], [r["heldout_quality"] for r in marked], marker="s" if passed else "x", s=90,
+            ax.scatter([r[axis] for r in marked], [r["heldout_quality"] for r in marked], marker="s" if passed else "x", s=90,
                        c="tab:green" if passed else "0.3", zorder=6, label="confirmed: passed" if passed else "confirmed: failed")
     for row in front:
-        ax.annotate(label(row), (row["fid"], row["heldout_quality"]), fontsize=7, color="tab:red", xytext=(4, 4), textcoords="offset points")
-    ax.scatter([base["fid"]], [base["heldout_quality"]], marker="*", s=200, c="black", zorder=5, label="base model")
+        ax.annotate(label(row), (row[axis], row["heldout_quality"]), fontsize=7, color="tab:red", xytext=(4, 4), textcoords="offset points")
+    ax.scatter([base[axis]], [base["heldout_quality"]], marker="*", s=200, c="black", zorder=5, label="base model")
     if champion:
-        ax.scatter([champion["fid"]], [champion["heldout_quality"]], s=260, facecolors="none", edgecolors="tab:blue", linewidths=2.5,
+        ax.scatter([champion[axis]], [champion["heldout_quality"]], s=260, facecolors="none", edgecolors="tab:blue", linewidths=2.5,
                    zorder=6, label=f"champion ({label(champion)})")
     ax.set_title("Evaluated checkpoints: each trial's path, the front, the champion", fontsize=10)
-    save_front_plot(fig, ax, path)
+    save_front_plot(fig, ax, path, axis)
 
 
-def save_front_plot(fig, ax, path: Path) -> None:
-    """The axes every FID / held-out quality plot shares (a sweep's front, a study's fronts), then the file."""
+def save_front_plot(fig, ax, path: Path, axis: str = "fid") -> None:
+    """The axes every fidelity / held-out quality plot shares (a sweep's front, a study's fronts), then the file."""
     import matplotlib.pyplot as plt
 
-    ax.set_xlabel("FID (lower is better)")
+    ax.set_xlabel(f"{axis.upper()} (lower is better)")
     ax.set_ylabel("held-out quality (higher is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -92,42 +94,43 @@ def save_front_plot(fig, ax, path: Path) -> None:
     plt.close(fig)
 
 
-def front_figure(rows: list[dict], front: list[dict], base: dict, champion: dict | None, confirmation: dict | None = None):
+def front_figure(rows: list[dict], front: list[dict], base: dict, champion: dict | None, confirmation: dict | None = None,
+                 axis: str = "fid"):
     """The same plot as a plotly figure: hover a point for its trial, step, figures and parameters."""
     import plotly.graph_objects as go
 
     def hover(row: dict) -> str:
         params = params_text(row, "<br>", " = ")
-        return f"trial {row['trial']}, step {row.get('step', '?')}<br>FID {row['fid']:.3f}, held-out {row['heldout_quality']:.4f}<br>{params}"
+        return f"trial {row['trial']}, step {row.get('step', '?')}<br>{axis.upper()} {row[axis]:.3f}, held-out {row['heldout_quality']:.4f}<br>{params}"
 
     fig = go.Figure()
     for trial, points in trial_paths(rows).items():
-        fig.add_trace(go.Scatter(x=[r["fid"] for r in points], y=[r["heldout_quality"] for r in points], mode="lines+markers",
+        fig.add_trace(go.Scatter(x=[r[axis] for r in points], y=[r["heldout_quality"] for r in points], mode="lines+markers",
                                  name=f"trial {trial}", legendgroup="trials", opacity=0.6, text=[hover(r) for r in points],
                                  hoverinfo="text"))
-    fig.add_trace(go.Scatter(x=[r["fid"] for r in front], y=[r["heldout_quality"] for r in front], mode="lines+markers+text",
+    fig.add_trace(go.Scatter(x=[r[axis] for r in front], y=[r["heldout_quality"] for r in front], mode="lines+markers+text",
                              name="Pareto front", line={"color": "crimson", "width": 3}, marker={"size": 10},
                              text=[label(r) for r in front], textposition="top right", hovertext=[hover(r) for r in front],
                              hoverinfo="text"))
-    points, xerr, yerr = error_bars(front)
+    points, xerr, yerr = error_bars(front, axis)
     if points:
-        fig.add_trace(go.Scatter(x=[r["fid"] for r in points], y=[r["heldout_quality"] for r in points], mode="markers",
+        fig.add_trace(go.Scatter(x=[r[axis] for r in points], y=[r["heldout_quality"] for r in points], mode="markers",
                                  name="95% intervals (screening)", marker={"size": 1, "color": "crimson"}, hoverinfo="skip",
                                  error_x={"type": "data", "symmetric": False, "array": xerr[1], "arrayminus": xerr[0], "thickness": 1},
                                  error_y={"type": "data", "symmetric": False, "array": yerr[1], "arrayminus": yerr[0], "thickness": 1}))
     for passed, marked in confirmed_points(front, confirmation).items():
         if marked:
-            fig.add_trace(go.Scatter(x=[r["fid"] for r in marked], y=[r["heldout_quality"] for r in marked], mode="markers",
+            fig.add_trace(go.Scatter(x=[r[axis] for r in marked], y=[r["heldout_quality"] for r in marked], mode="markers",
                                      name="confirmed: passed" if passed else "confirmed: failed",
                                      marker={"symbol": "square-open" if passed else "x", "size": 16, "color": "green" if passed else "gray"},
                                      hovertext=[hover(r) for r in marked], hoverinfo="text"))
-    fig.add_trace(go.Scatter(x=[base["fid"]], y=[base["heldout_quality"]], mode="markers", name="base model",
+    fig.add_trace(go.Scatter(x=[base[axis]], y=[base["heldout_quality"]], mode="markers", name="base model",
                              marker={"symbol": "star", "size": 18, "color": "black"},
-                             hovertext=[f"base model<br>FID {base['fid']:.3f}, held-out {base['heldout_quality']:.4f}"], hoverinfo="text"))
+                             hovertext=[f"base model<br>{axis.upper()} {base[axis]:.3f}, held-out {base['heldout_quality']:.4f}"], hoverinfo="text"))
     if champion:
-        fig.add_trace(go.Scatter(x=[champion["fid"]], y=[champion["heldout_quality"]], mode="markers", name=f"champion ({label(champion)})",
+        fig.add_trace(go.Scatter(x=[champion[axis]], y=[champion["heldout_quality"]], mode="markers", name=f"champion ({label(champion)})",
                                  marker={"symbol": "circle-open", "size": 24, "color": "royalblue", "line": {"width": 3}},
                                  hovertext=["champion<br>" + hover(champion)], hoverinfo="text"))
     fig.update_layout(title="Evaluated checkpoints: each trial's path, the front, the champion",
-                      xaxis_title="FID (lower is better)", yaxis_title="held-out quality (higher is better)", template="plotly_white")
+                      xaxis_title=f"{axis.upper()} (lower is better)", yaxis_title="held-out quality (higher is better)", template="plotly_white")
     return fig

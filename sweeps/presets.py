@@ -44,7 +44,13 @@ class SweepConfig(Section):
     num_samples: int = Field(8, ge=1)  # trials
     algorithm: Literal["tpe", "nsga2"] = "tpe"  # Optuna's sampler
     max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's resources fit
+    # The front's fidelity axis (eval/axes.py): fid or kid. Measured on digits (README, "FID or KID"): FID's paired
+    # interval is ~5x narrower at equal samples, so FID is the default; KID is unbiased at small sample counts.
+    fidelity: Literal["fid", "kid"] = "fid"
     fid_tolerance: float = Field(0.1, ge=0)  # champion rule: FID <= base FID * (1 + tolerance) (confirmed: its 95% upper bound)
+    # With fidelity: kid, the rule's tolerance: KID <= base KID + tolerance, absolute, in the units the evaluation
+    # reports (KID is unbiased: the base's can be near 0 or below it, where a ratio means nothing). Required then.
+    kid_tolerance: float | None = Field(None, ge=0)
     confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
     # experiment, trials' checkpoints, selection, champion: a folder (shared on a cluster), or object
     # storage as a URI (s3://bucket/prefix, gs://..., any pyarrow filesystem: trainers/common/storage.py)
@@ -161,6 +167,9 @@ def load(preset: str = "digits", overrides: list[str] | None = None) -> tuple[Co
     if resolved.sweep.confirm.top_k and resolved.sweep.confirm.seed == resolved.eval.seed:
         raise ConfigError(f"sweep.confirm.seed: {resolved.sweep.confirm.seed} is eval.seed, the screening bank; "
                           "the confirmation needs noise the search never saw")
+    if resolved.sweep.fidelity == "kid" and resolved.sweep.kid_tolerance is None:
+        raise ConfigError("sweep.kid_tolerance: required with sweep.fidelity 'kid' (KID <= the base's + this, in the evaluation's "
+                          "KID units; `acpo eval --noise` prints KID's spread for this preset)")
     config = Config.model_construct(**{name: getattr(resolved, name) for name in Config.model_fields})
     config.check_references()  # once, here at the edge; what a worker re-validates is the schema only
     return config, resolved.sweep

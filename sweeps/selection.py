@@ -1,59 +1,125 @@
 """Selection of the champion: pure functions over a table of evaluated checkpoints.
 
-A row is a dict with at least the front's two axes (`eval.evaluate.FRONT_AXES`): `fid` (lower is
-better) and `heldout_quality` (higher is better: the quality model the objective never sees); the
-sweep adds `trial`, `step`, `checkpoint` and the trial's parameters. The base model's row is the
-reference point: of the front, of the hypervolume, and of the fidelity tolerance.
+A row is a dict with at least the front's two axes (`eval.axes.front_axes`): a fidelity figure, `fid`
+or `kid` (lower is better; which one is `sweep.fidelity`, the functions' `axis`), and
+`heldout_quality` (higher is better: the quality model the objective never sees); the sweep adds
+`trial`, `step`, `checkpoint` and the trial's parameters. The base model's row is the reference
+point: of the front, of the hypervolume, and of the fidelity tolerance (`Fidelity`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from eval.axes import FRONT_AXES
+from eval.axes import FIDELITY_AXES, QUALITY_AXIS
 
-FIDELITY, QUALITY = FRONT_AXES  # the axis to lower (the fidelity tolerance is on it), the axis to raise
-if (FRONT_AXES[FIDELITY], FRONT_AXES[QUALITY]) != ("min", "max"):
-    raise ImportError(f"sweeps/selection.py expects the front's axes as (min, max), got {FRONT_AXES}")
-
-
-def dominates(a: dict, b: dict) -> bool:
-    """a is at least as good as b on both objectives and better on one."""
-    return a[FIDELITY] <= b[FIDELITY] and a[QUALITY] >= b[QUALITY] and (a[FIDELITY] < b[FIDELITY] or a[QUALITY] > b[QUALITY])
+QUALITY = QUALITY_AXIS  # the axis to raise
+FIDELITY = "fid"  # the default axis to lower
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows no other row dominates, sorted by FID. Exact ties are all kept (neither dominates)."""
-    finite = [r for r in rows if math.isfinite(r[FIDELITY]) and math.isfinite(r[QUALITY])]
-    front = [r for r in finite if not any(dominates(other, r) for other in finite)]
-    return sorted(front, key=lambda r: (r[FIDELITY], -r[QUALITY]))
+@dataclass(frozen=True)
+class Fidelity:
+    """The front's fidelity axis and the champion rule's tolerance on it, in one place.
+
+    FID's tolerance is relative, FID <= base's x (1 + tolerance): FID's level falls with the sample
+    count (its bias), and a ratio of two figures on one bank cancels much of it. KID's is absolute,
+    KID <= base's + tolerance: KID is unbiased, so a base's KID can lie near 0 or below it, where a
+    ratio means nothing. The confirmation bounds the paired figure (`paired`: `fid_ratio`, `kid_diff`)
+    by `paired_limit`."""
+
+    axis: str = "fid"
+    tolerance: float = 0.1
+
+    def __post_init__(self):
+        if self.axis not in FIDELITY_AXES:
+            raise ValueError(f"the fidelity axis is one of {', '.join(FIDELITY_AXES)}, not {self.axis!r}")
+
+    @classmethod
+    def of(cls, sweep) -> "Fidelity":
+        """A sweep's (`sweeps.presets.SweepConfig`: `fidelity`, `fid_tolerance`, `kid_tolerance`)."""
+        return cls(sweep.fidelity, sweep.fid_tolerance if sweep.fidelity == "fid" else sweep.kid_tolerance)
+
+    @classmethod
+    def from_json(cls, data: dict | None, fid_tolerance: float = 0.1) -> "Fidelity":
+        """From a selection's record (`to_json`); a selection written before the axis was a choice: FID."""
+        return cls(data["axis"], data["tolerance"]) if data else cls("fid", fid_tolerance)
+
+    def to_json(self) -> dict:
+        return {"axis": self.axis, "tolerance": self.tolerance, "kind": "relative" if self.relative else "absolute"}
+
+    @property
+    def relative(self) -> bool:
+        return self.axis == "fid"
+
+    @property
+    def label(self) -> str:
+        return self.axis.upper()
+
+    @property
+    def paired(self) -> str:
+        """The paired figure of a checkpoint against the base on one bank (eval/intervals.py)."""
+        return "fid_ratio" if self.relative else "kid_diff"
+
+    @property
+    def paired_label(self) -> str:
+        return "FID ratio" if self.relative else "KID difference"
+
+    @property
+    def paired_limit(self) -> float:
+        """The largest `paired` value the tolerance allows."""
+        return 1 + self.tolerance if self.relative else self.tolerance
+
+    def paired_value(self, row: dict, base: dict) -> float:
+        """`paired` from two point figures: the checkpoint's ratio to (or difference from) the base's."""
+        return row[self.axis] / base[self.axis] if self.relative else row[self.axis] - base[self.axis]
+
+    def limit(self, base: dict) -> float:
+        """The largest figure on this axis the tolerance allows, given the base's row."""
+        return base[self.axis] * (1 + self.tolerance) if self.relative else base[self.axis] + self.tolerance
+
+    def limit_text(self, base: dict) -> str:
+        added = f"{self.tolerance:.0%}" if self.relative else f"{self.tolerance:.4g}"
+        return f"{self.label} <= {self.limit(base):.4g} (base {base[self.axis]:.4g} + {added})"
 
 
-def hypervolume(front: list[dict], reference: dict) -> float:
+def dominates(a: dict, b: dict, axis: str = FIDELITY) -> bool:
+    """a is at least as good as b on both objectives and better on one (`axis`: the fidelity axis)."""
+    return a[axis] <= b[axis] and a[QUALITY] >= b[QUALITY] and (a[axis] < b[axis] or a[QUALITY] > b[QUALITY])
+
+
+def pareto_front(rows: list[dict], axis: str = FIDELITY) -> list[dict]:
+    """Rows no other row dominates, sorted by the fidelity figure. Exact ties are all kept (neither dominates)."""
+    finite = [r for r in rows if math.isfinite(r[axis]) and math.isfinite(r[QUALITY])]
+    front = [r for r in finite if not any(dominates(other, r, axis) for other in finite)]
+    return sorted(front, key=lambda r: (r[axis], -r[QUALITY]))
+
+
+def hypervolume(front: list[dict], reference: dict, axis: str = FIDELITY) -> float:
     """Area dominated by the front and bounded by the reference point (the base model): how much
-    better than the base, in (FID drop) x (held-out quality gain) units. Points not better than the
-    reference in both objectives add nothing."""
-    points = sorted({(r[FIDELITY], r[QUALITY]) for r in front if r[FIDELITY] < reference[FIDELITY] and r[QUALITY] > reference[QUALITY]})
+    better than the base, in (fidelity drop) x (held-out quality gain) units. Points not better than
+    the reference in both objectives add nothing."""
+    points = sorted({(r[axis], r[QUALITY]) for r in front if r[axis] < reference[axis] and r[QUALITY] > reference[QUALITY]})
     area, best_quality = 0.0, reference[QUALITY]
-    # from the best FID to the reference's: each FID interval is covered up to the best held-out quality
-    # reached by any point at or below it
-    for (fid, heldout_quality), next_fid in zip(points, [p[0] for p in points[1:]] + [reference[FIDELITY]]):
+    # from the best fidelity figure to the reference's: each interval is covered up to the best held-out
+    # quality reached by any point at or below it
+    for (fidelity, heldout_quality), next_fidelity in zip(points, [p[0] for p in points[1:]] + [reference[axis]]):
         best_quality = max(best_quality, heldout_quality)
-        area += (next_fid - fid) * (best_quality - reference[QUALITY])
+        area += (next_fidelity - fidelity) * (best_quality - reference[QUALITY])
     return area
 
 
-def knee(front: list[dict]) -> dict:
+def knee(front: list[dict], axis: str = FIDELITY) -> dict:
     """The knee of the front, both objectives normalized to [0, 1]: the point farthest from the line
     through the two extremes. Two points normalize to the two corners, equally far from the ideal:
-    then the one with the lower FID (fidelity first)."""
+    then the one with the better fidelity figure (fidelity first)."""
     if len(front) <= 2:
-        return min(front, key=lambda r: (r[FIDELITY], -r[QUALITY]))
-    fids, qualities = [r[FIDELITY] for r in front], [r[QUALITY] for r in front]
-    span_f, span_a = (max(fids) - min(fids)) or 1.0, (max(qualities) - min(qualities)) or 1.0
+        return min(front, key=lambda r: (r[axis], -r[QUALITY]))
+    fidelities, qualities = [r[axis] for r in front], [r[QUALITY] for r in front]
+    span_f, span_a = (max(fidelities) - min(fidelities)) or 1.0, (max(qualities) - min(qualities)) or 1.0
 
     def normalized(r):  # 0 is best on both axes
-        return (r[FIDELITY] - min(fids)) / span_f, (max(qualities) - r[QUALITY]) / span_a
+        return (r[axis] - min(fidelities)) / span_f, (max(qualities) - r[QUALITY]) / span_a
 
     (x1, y1), (x2, y2) = normalized(front[0]), normalized(front[-1])
     length = math.hypot(x2 - x1, y2 - y1) or 1.0
@@ -65,17 +131,17 @@ def knee(front: list[dict]) -> dict:
     return max(front, key=distance)
 
 
-def select_champion(rows: list[dict], base: dict, fid_tolerance: float) -> tuple[dict | None, str]:
-    """The champion and the rule that chose it: the highest held-out quality among front points whose FID is
-    within `fid_tolerance` (relative) of the base model's; otherwise the knee of the front."""
-    front = pareto_front(rows)
+def select_champion(rows: list[dict], base: dict, fidelity: Fidelity) -> tuple[dict | None, str]:
+    """The champion of the screening figures and the rule that chose it: the highest held-out quality
+    among front points within the fidelity tolerance of the base model's; otherwise the knee of the front."""
+    front = pareto_front(rows, fidelity.axis)
     if not front:
         return None, "no finite results"
-    limit = base[FIDELITY] * (1 + fid_tolerance)
-    within = [r for r in front if r[FIDELITY] <= limit]
+    limit = fidelity.limit(base)
+    within = [r for r in front if r[fidelity.axis] <= limit]
     if within:
-        return max(within, key=lambda r: (r[QUALITY], -r[FIDELITY])), f"highest held-out quality with FID <= {limit:.4g} (base {base[FIDELITY]:.4g} + {fid_tolerance:.0%})"
-    return knee(front), f"knee of the front (no point has FID <= {limit:.4g})"
+        return max(within, key=lambda r: (r[QUALITY], -r[fidelity.axis])), f"highest held-out quality with {fidelity.limit_text(base)}"
+    return knee(front, fidelity.axis), f"knee of the front (no point has {fidelity.label} <= {limit:.4g})"
 
 
 def params_text(row: dict, separator: str = ", ", equals: str = "=") -> str:
@@ -87,12 +153,12 @@ def params_text(row: dict, separator: str = ", ", equals: str = "=") -> str:
 ALPHA = 0.05  # the confidence rule's level: 95%
 
 
-def screening_order(front: list[dict], base: dict, fid_tolerance: float) -> list[dict]:
-    """The front in the order the screening figures prefer it: points within the FID tolerance by
-    held-out quality (best first), then the rest by FID. The confirmation re-measures its head."""
-    limit = base[FIDELITY] * (1 + fid_tolerance)
-    within = sorted((r for r in front if r[FIDELITY] <= limit), key=lambda r: (-r[QUALITY], r[FIDELITY]))
-    return within + sorted((r for r in front if r[FIDELITY] > limit), key=lambda r: (r[FIDELITY], -r[QUALITY]))
+def screening_order(front: list[dict], base: dict, fidelity: Fidelity) -> list[dict]:
+    """The front in the order the screening figures prefer it: points within the fidelity tolerance by
+    held-out quality (best first), then the rest by the fidelity figure. The confirmation re-measures its head."""
+    axis, limit = fidelity.axis, fidelity.limit(base)
+    within = sorted((r for r in front if r[axis] <= limit), key=lambda r: (-r[QUALITY], r[axis]))
+    return within + sorted((r for r in front if r[axis] > limit), key=lambda r: (r[axis], -r[QUALITY]))
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -107,9 +173,10 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def confident_champion(candidates: list[dict], alpha: float = ALPHA) -> tuple[dict | None, str, list[float]]:
+def confident_champion(candidates: list[dict], alpha: float = ALPHA, fidelity: Fidelity = Fidelity()) -> tuple[dict | None, str, list[float]]:
     """The champion of the confirmation: each candidate carries `p_gain` (the bootstrap p-value of "no
-    held-out gain over the base") and `p_fidelity` (of "FID ratio beyond the tolerance"), both on the
+    held-out gain over the base") and `p_fidelity` (of "the fidelity figure beyond the tolerance": FID
+    ratio or KID difference, `fidelity.paired`), both on the
     confirmation bank, and `gain_low` (the 95% lower bound on its held-out gain). A candidate passes
     when both nulls are rejected (p = the larger of the two: an intersection-union test), Holm-adjusted
     over the k candidates; the champion is the passing one with the highest lower bound on the gain.
@@ -119,7 +186,7 @@ def confident_champion(candidates: list[dict], alpha: float = ALPHA) -> tuple[di
     adjusted = holm([max(c["p_gain"], c["p_fidelity"]) for c in candidates])
     passing = [c for c, p in zip(candidates, adjusted) if p <= alpha]
     what = (f"the highest 95% lower bound on held-out gain among the {len(candidates)} confirmed candidates whose gain > 0 "
-            f"and FID-ratio bound within the tolerance hold at {1 - alpha:.0%} confidence (Holm over {len(candidates)})")
+            f"and {fidelity.paired_label} bound within the tolerance hold at {1 - alpha:.0%} confidence (Holm over {len(candidates)})")
     if not passing:
         return None, f"no checkpoint beat the base model with {1 - alpha:.0%} confidence ({what})", adjusted
     return max(passing, key=lambda c: c["gain_low"]), what, adjusted

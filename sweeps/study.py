@@ -98,9 +98,12 @@ def method_sweep(study: StudyConfig, method: str, seed: int, directory: Path):
     ] + ([f"sweep.tracking_uri={study.tracking_uri}"] if study.tracking_uri else [])
     try:
         config, sweep = load(study.preset, overrides)
-        return config, pin_searched(sweep, list(study.set))  # the study's budget wins over a method's search
     except ConfigError as error:
         raise ConfigError(f"study.methods.{method}: {error}") from None
+    if sweep.fidelity != "fid":  # the report's verdicts, the hacking flag and the plots read FID ratios
+        raise ConfigError(f"study.set: sweep.fidelity={sweep.fidelity}: a study compares its methods on FID (its verdicts are on FID "
+                          "ratios); KID as the front's axis is a sweep's choice")
+    return config, pin_searched(sweep, list(study.set))  # the study's budget wins over a method's search
 
 
 def check_study(study: StudyConfig, directory: Path, resume: bool):

@@ -115,11 +115,13 @@ class SweepTracking:
     def log_selection(self, run_id: str, selection: dict, directory: str | Path) -> None:
         """The selection on the sweep's parent run: figures, the front's plots (PNG and interactive
         HTML) and table, the champion's place."""
-        base, champion = selection["base"], selection["champion"]
+        from sweeps.confirm import selection_fidelity
+
+        base, champion, fidelity = selection["base"], selection["champion"], selection_fidelity(selection)
         confirmed = {}
         if champion and "confirmed" in champion:  # the champion's figures on the confirmation bank, with their bounds
             figures = champion["confirmed"]["confirmation"]
-            confirmed = {f"champion_confirmed_{name}{end}": figures[name][key] for name in ("fid_ratio", "heldout_quality_diff")
+            confirmed = {f"champion_confirmed_{name}{end}": figures[name][key] for name in (fidelity.paired, "heldout_quality_diff")
                          for end, key in (("", "value"), ("_low", "low"), ("_high", "high"))}
         self.log_metrics(run_id, {"hypervolume": selection["hypervolume"], "evaluated_checkpoints": selection["evaluated"],
                                   "confirmed_candidates": len(selection.get("confirmation", {}).get("candidates", [])),
@@ -159,7 +161,9 @@ class SweepTracking:
         `model_name` with alias `champion`, its figures and parameters as the version's tags."""
         import tempfile
 
-        champion = selection["champion"]
+        from sweeps.confirm import selection_fidelity
+
+        champion, axis = selection["champion"], selection_fidelity(selection).axis
         with tempfile.TemporaryDirectory(prefix="champion-model.") as tmp:
             save_champion_model(exported, Path(tmp) / "model", settings)
             self.client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path="champion")
@@ -168,7 +172,7 @@ class SweepTracking:
             self.client.create_registered_model(model_name)
         except MlflowException:
             pass  # registered by an earlier sweep: the champion becomes a new version
-        tags = {"fid": f"{champion['fid']:.4f}", "heldout_quality": f"{champion['heldout_quality']:.4f}", "trial": champion["trial"],
+        tags = {axis: f"{champion[axis]:.4f}", "heldout_quality": f"{champion['heldout_quality']:.4f}", "trial": champion["trial"],
                 "step": str(champion.get("step", "")), "rule": selection["rule"][:200], "checkpoint": champion["checkpoint"],
                 "sweep": self.sweep, **confirmed_tags(selection),
                 **{k: str(v)[:_MAX_VALUE] for k, v in champion.items() if k.startswith("param:")}}
@@ -194,41 +198,45 @@ def retire_champion(client, model_name: str, sweep: str) -> str | None:
 
 def confirmed_tags(selection: dict) -> dict[str, str]:
     """The champion's screening and confirmation figures side by side, as a registered version's tags."""
-    from sweeps.confirm import candidate_figures
+    from sweeps.confirm import candidate_figures, selection_fidelity
 
-    champion = selection["champion"]
+    champion, paired = selection["champion"], selection_fidelity(selection).paired
     mine = [c for c in candidate_figures(selection) if c["checkpoint"] == champion["checkpoint"]]
     if not mine:
         return {"confirmed": "no (screening figures only)"}
     bank = selection["confirmation"]["bank"]
-    return {"confirmed": f"yes: seed {bank['seed']}, {bank['samples']} samples", "confirmed_fid_ratio": mine[0]["fid_ratio"],
+    return {"confirmed": f"yes: seed {bank['seed']}, {bank['samples']} samples", f"confirmed_{paired}": mine[0]["fidelity"],
             "confirmed_heldout_gain": mine[0]["gain"], "screening_heldout_gain": f"{mine[0]['screening_gain']:.4g}",
-            "screening_fid_ratio": f"{mine[0]['screening_fid_ratio']:.4g}", "holm_p": f"{mine[0]['p_holm']:.3g}"}
+            f"screening_{paired}": f"{mine[0]['screening_fidelity']:.4g}", "holm_p": f"{mine[0]['p_holm']:.3g}"}
 
 
 def confirmation_markdown(selection: dict) -> list[str]:
     """The confirmation as a Markdown table (the parent run's note)."""
-    from sweeps.confirm import candidate_figures, interval_text
+    from sweeps.confirm import candidate_figures, interval_text, selection_fidelity
 
     confirmation = selection.get("confirmation")
     if not confirmation:
         return ["", f"Not confirmed on fresh samples: {selection['rule']}."]
-    bank, base = confirmation["bank"], confirmation["base"]
+    bank, base, fidelity = confirmation["bank"], confirmation["base"], selection_fidelity(selection)
+    paired = fidelity.paired_label
     lines = ["", f"### Confirmation (fresh seed bank: seed {bank['seed']}, {bank['samples']} samples)", "",
-             f"Base model on it: FID {interval_text(base['fid'])}, held-out quality {interval_text(base['heldout_quality'])} (95% intervals, "
-             "paired bootstrap over samples). Each candidate is paired with the base on the same noise.", "",
-             "| candidate | FID ratio, screening | FID ratio, confirmed | held-out gain, screening | held-out gain, confirmed | shrinkage | Holm p | |",
+             f"Base model on it: {fidelity.label} {interval_text(base[fidelity.axis])}, held-out quality {interval_text(base['heldout_quality'])} "
+             "(95% intervals, paired bootstrap over samples). Each candidate is paired with the base on the same noise.", "",
+             f"| candidate | {paired}, screening | {paired}, confirmed | held-out gain, screening | held-out gain, confirmed | shrinkage | Holm p | |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for c in candidate_figures(selection):
-        lines.append(f"| {c['trial']} step {c['step']} | {c['screening_fid_ratio']:.3f} | {c['fid_ratio']} | {c['screening_gain']:+.4f} | "
+        lines.append(f"| {c['trial']} step {c['step']} | {c['screening_fidelity']:.3f} | {c['fidelity']} | {c['screening_gain']:+.4f} | "
                      f"{c['gain']} | {c['shrinkage']:+.4f} | {c['p_holm']:.3f} | {'passed' if c['passed'] else ''} |")
     return lines
 
 
 def version_note(sweep: str, selection: dict) -> str:
-    base, champion = selection["base"], selection["champion"]
+    from sweeps.confirm import selection_fidelity
+
+    base, champion, fidelity = selection["base"], selection["champion"], selection_fidelity(selection)
+    label, axis = fidelity.label, fidelity.axis
     return (f"Champion of sweep `{sweep}`: trial {champion['trial']}, step {champion.get('step', '?')}; "
-            f"FID {champion['fid']:.3f} (base {base['fid']:.3f}), held-out quality {champion['heldout_quality']:.4f} "
+            f"{label} {champion[axis]:.3f} (base {base[axis]:.3f}), held-out quality {champion['heldout_quality']:.4f} "
             f"(base {base['heldout_quality']:.4f}). Rule: {selection['rule']}. Parameters: {params_text(champion)}.\n\n"
             "Load: `mlflow.pyfunc.load_model(\"models:/NAME@champion\").predict(pandas.DataFrame({\"num_images\": [8], "
             "\"steps\": [25], \"seed\": [0]}))` (uint8 images), or the diffusers pipeline in `artifacts/champion/`.")
@@ -236,23 +244,26 @@ def version_note(sweep: str, selection: dict) -> str:
 
 def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict[str, str]) -> str:
     """The sweep in Markdown: base, champion and rule, the front as a table linking each trial's run."""
-    base, champion = selection["base"], selection["champion"]
+    from sweeps.confirm import selection_fidelity
+
+    base, champion, fidelity = selection["base"], selection["champion"], selection_fidelity(selection)
+    label, axis = fidelity.label, fidelity.axis
 
     def trial_link(trial: str) -> str:
         run = trial_runs.get(trial)
         return f"[{trial}](#/experiments/{experiment_id}/runs/{run})" if run else trial
 
-    headline = (f"**Champion: trial {trial_link(champion['trial'])}, step {champion.get('step', '?')}: FID {champion['fid']:.3f} "
-                f"(base {base['fid']:.3f}), held-out quality {champion['heldout_quality']:.4f} (base {base['heldout_quality']:.4f}).**"
+    headline = (f"**Champion: trial {trial_link(champion['trial'])}, step {champion.get('step', '?')}: {label} {champion[axis]:.3f} "
+                f"(base {base[axis]:.3f}), held-out quality {champion['heldout_quality']:.4f} (base {base['heldout_quality']:.4f}).**"
                 if champion else f"**No champion: {selection['rule']}.**")
     lines = [headline, "", f"## Sweep `{sweep}`", "",
              f"{selection['evaluated']} evaluated checkpoints; {len(selection['front'])} on the Pareto front; "
              f"hypervolume against the base model {selection['hypervolume']:.4g}.", "",
-             "| | FID (lower is better) | held-out quality (higher is better) |", "|---|---:|---:|",
-             f"| base model | {base['fid']:.3f} | {base['heldout_quality']:.4f} |"]
+             f"| | {label} (lower is better) | held-out quality (higher is better) |", "|---|---:|---:|",
+             f"| base model | {base[axis]:.3f} | {base['heldout_quality']:.4f} |"]
     if champion:
         lines.append(f"| **champion**: trial {trial_link(champion['trial'])}, step {champion.get('step', '?')} | "
-                     f"**{champion['fid']:.3f}** | **{champion['heldout_quality']:.4f}** |")
+                     f"**{champion[axis]:.3f}** | **{champion['heldout_quality']:.4f}** |")
     lines += ["", f"Rule: {selection['rule']}."]
     if champion:
         lines.append(f"Champion's parameters: {params_text(champion)}.")
@@ -261,10 +272,10 @@ def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict
     if registered:
         lines.append(f"Registered as [{registered['model']} version {registered['version']}]"
                      f"(#/models/{registered['model']}/versions/{registered['version']}), alias `@champion`.")
-    lines += ["", "### Pareto front", "", "| trial | step | FID | held-out quality | parameters |", "|---|---:|---:|---:|---|"]
+    lines += ["", "### Pareto front", "", f"| trial | step | {label} | held-out quality | parameters |", "|---|---:|---:|---:|---|"]
     for row in selection["front"]:
         mark = " (champion)" if champion and row["checkpoint"] == champion["checkpoint"] else ""
-        lines.append(f"| {trial_link(row['trial'])}{mark} | {row.get('step', '?')} | {row['fid']:.3f} | {row['heldout_quality']:.4f} | {params_text(row)} |")
+        lines.append(f"| {trial_link(row['trial'])}{mark} | {row.get('step', '?')} | {row[axis]:.3f} | {row['heldout_quality']:.4f} | {params_text(row)} |")
     if selection.get("unreadable"):
         lines += ["", f"{len(selection['unreadable'])} checkpoint(s) could not be read and were left out (selection.json)."]
     lines += ["", "Artifacts: `pareto.html` (interactive: each trial's path across its checkpoints), `pareto.png`, "

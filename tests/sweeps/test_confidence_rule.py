@@ -4,14 +4,14 @@ of issue 27, and told-apart cases, on stand-in per-sample data with a known trut
 import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
-from eval.fidelity import fid_from_features
+from eval.fidelity import features_metrics, fid_from_features
 from eval.intervals import PerSample
 from sweeps.confirm import judge
-from sweeps.selection import confident_champion, holm, pareto_front, screening_order, select_champion
+from sweeps.selection import Fidelity, confident_champion, holm, pareto_front, screening_order, select_champion
 from tests.eval.test_intervals import REFERENCE, draw
 
 REFERENCE_STATISTICS = fid_features_to_statistics(REFERENCE)
-TOLERANCE = 0.1
+TOLERANCE = Fidelity("fid", 0.1)
 
 
 def row(name: str, data) -> dict:
@@ -19,9 +19,9 @@ def row(name: str, data) -> dict:
             "heldout_quality": float(data.scores["heldout_quality"].mean())}
 
 
-def confirm(candidates: dict, base, seed: int) -> tuple[dict | None, list[dict]]:
-    entries = [{"checkpoint": name, **judge(data, base, REFERENCE, TOLERANCE, 300, seed)} for name, data in candidates.items()]
-    champion, _, _ = confident_champion(entries)
+def confirm(candidates: dict, base, seed: int, fidelity: Fidelity = TOLERANCE, resamples: int = 300) -> tuple[dict | None, list[dict]]:
+    entries = [{"checkpoint": name, **judge(data, base, REFERENCE, fidelity, resamples, seed)} for name, data in candidates.items()]
+    champion, _, _ = confident_champion(entries, fidelity=fidelity)
     return champion, entries
 
 
@@ -65,6 +65,20 @@ def test_a_better_and_a_worse_checkpoint_are_told_apart():
     assert by_name["better"]["gain_low"] > 0 and by_name["better"]["p_gain"] < 0.01
     assert by_name["worse"]["p_gain"] < 0.01 and by_name["worse"]["p_fidelity"] > 0.5  # its gain is real, its FID is not within
     assert by_name["unchanged"]["p_gain"] > 0.01
+
+
+def test_on_the_kid_axis_a_better_and_a_worse_checkpoint_are_told_apart():
+    """The same fine-tunings judged on KID (`sweep.fidelity: kid`, an absolute tolerance): the far one
+    fails on its KID difference, the better one passes, and the figures judged are KID's, not FID's."""
+    base = draw(600, 5)
+    base_kid = features_metrics(base.features, REFERENCE)["kid"]
+    fidelity = Fidelity("kid", max(0.05, 0.5 * abs(base_kid)))  # KID <= the base's + half of it
+    champion, entries = confirm({"better": fine_tuned(base, 6, gain=0.005), "worse": fine_tuned(base, 7, shift=0.6, gain=0.05)},
+                                base, seed=1, fidelity=fidelity, resamples=100)  # KID's bootstrap costs ~3x FID's
+    by_name = {e["checkpoint"]: e for e in entries}
+    assert champion is not None and champion["checkpoint"] == "better"
+    assert by_name["worse"]["p_fidelity"] > 0.5 and by_name["worse"]["confirmation"]["kid_diff"]["low"] > fidelity.tolerance
+    assert "kid_diff" in by_name["better"]["confirmation"] and "fid_ratio" not in by_name["better"]["confirmation"]
 
 
 def test_holm():

@@ -20,10 +20,11 @@ from trainers.common.errors import SelectionError
 from trainers.config import Config
 from trainers.models import load_base_model
 
-BASE = {"fid": 50.0, "heldout_quality": 0.5}
-# (trial, step, fid, held-out quality): the front is t2@2, t1@2, t1@4; t2@4 is dominated by t1@4.
+BASE = {"fid": 50.0, "kid": 10.0, "heldout_quality": 0.5}
+# (trial, step, fid, held-out quality, kid): the front is t2@2, t1@2, t1@4; t2@4 is dominated by t1@4.
 # Within the FID tolerance (10%: FID <= 55) the highest held-out quality is t1@4: the champion.
-FIGURES = [("t1", 2, 45.0, 0.55), ("t1", 4, 52.0, 0.70), ("t2", 2, 40.0, 0.52), ("t2", 4, 60.0, 0.60)]
+# On the KID axis (tolerance 5: KID <= 15) the front is t1@2, t2@4, t1@4 and the champion t2@4.
+FIGURES = [("t1", 2, 45.0, 0.55, 10.0), ("t1", 4, 52.0, 0.70, 30.0), ("t2", 2, 40.0, 0.52, 12.0), ("t2", 4, 60.0, 0.60, 14.0)]
 SWEEP = SweepConfig(name="moved", fid_tolerance=0.1, space={"train.steps": {"randint": [2, 4]}}, tracking_wait_s=0)
 
 
@@ -39,10 +40,10 @@ def finished_sweep(tmp_path_factory, digits_assets):
     base = load_base_model(str(weights))
     optimizer = torch.optim.AdamW(base.unet.parameters())
     folder = root / "sweep"
-    for trial, step, fid, quality in FIGURES:
+    for trial, step, fid, quality, kid in FIGURES:
         write_checkpoint(f"{layout.trial_checkpoints(folder, trial)}/{layout.checkpoint_name(step)}", step=step, model=base.unet,
                          base=base, config=config, optimizer=optimizer,
-                         metrics={"step": step, "fid": fid, "heldout_quality": quality, "trained_quality": quality})
+                         metrics={"step": step, "fid": fid, "kid": kid, "heldout_quality": quality, "trained_quality": quality})
         params = layout.params_file(folder, trial)
         (folder / "work" / trial).mkdir(parents=True, exist_ok=True)
         with open(params, "w") as out:
@@ -92,6 +93,19 @@ def test_select_runs_on_a_sweep_folder_moved_elsewhere(finished_sweep, tmp_path)
     stored = json.loads((moved / "trials" / "t1" / "step_000004" / "config.json").read_text())["eval"]
     assert settings == {"sampler": stored["sampler"], "guidance_scale": stored["guidance_scale"], "prompts": [],
                         "steps": stored["sampling_steps"][0]}
+
+
+def test_a_sweep_on_the_kid_axis_selects_on_kid(finished_sweep, tmp_path):
+    """`sweep.fidelity: kid`: the front, the tolerance (absolute) and the champion are KID's, the
+    selection records its axis, and the plots are drawn on KID."""
+    moved = copy_of(finished_sweep, tmp_path)
+    sweep = SWEEP.model_copy(update={"fidelity": "kid", "kid_tolerance": 5.0})
+    selection = select(sweep, str(moved))
+    assert [(row["trial"], row["step"]) for row in selection["front"]] == [("t1", 2), ("t2", 4), ("t1", 4)]
+    assert (selection["champion"]["trial"], selection["champion"]["step"]) == ("t2", 4), selection["rule"]
+    assert "KID <= 15" in selection["rule"] and selection["base"] == {"kid": 10.0, "heldout_quality": 0.5}
+    assert selection["fidelity"] == {"axis": "kid", "tolerance": 5.0, "kind": "absolute"}
+    assert "KID (lower is better)" in (moved / "pareto.html").read_text()
 
 
 def test_a_config_of_another_version_still_gives_the_sampling_settings(finished_sweep, tmp_path):

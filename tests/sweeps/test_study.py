@@ -162,6 +162,7 @@ def test_a_study_name_taken_in_mlflow_is_refused_before_anything_runs(tmp_path, 
     (["methods={bad: {objective: {perceptual: 1.0}, space: {train.learning_rate: {loguniform: [1.0e-5, 1.0e-4]}}}}"],
      r"study.methods.bad: objective.perceptual: unknown term"),
     (["nosuch=1"], r"unknown key 'study.nosuch'"),
+    (["set=[sweep.fidelity=kid, sweep.kid_tolerance=5]"], r"study.set: sweep.fidelity=kid: a study compares its methods on FID"),
 ])
 def test_bad_studies_fail_in_one_line_before_ray(capsys, overrides, message):
     import re
