@@ -64,6 +64,10 @@ stop:
 		if ps -o args= -p $$pid 2>/dev/null | grep -q -e "mlflow server" -e "ray start"; then kill -TERM -$$pid; \
 			for i in $$(seq 30); do kill -0 -$$pid 2>/dev/null || break; sleep 1; done; \
 			kill -KILL -$$pid 2>/dev/null; echo "stopped $$name (process group $$pid)"; fi; rm -f $$f; done
+	@# A head ended by a signal leaves its record (what `ray stop` removes): ray.init() and Ray's state API would
+	@# go on trying it (trainers/ray_train.py: init_ray). Removed when it names this head and nothing answers.
+	@r=$${RAY_TMPDIR:-$${TMPDIR:-/tmp}}/ray/ray_current_cluster; if grep -qsx '127.0.0.1:6379' $$r && ! curl -s -o /dev/null $(RAY_DASHBOARD); \
+		then rm -f $$r; echo "removed the stopped head's record $$r"; fi
 
 # Both tiers: the fast unit tests, then the integration tests (Ray, MLflow server, kills, sweeps).
 # The fault suite's injected faults (-m slow, ~12 minutes) are `make test-faults`; CI runs both.

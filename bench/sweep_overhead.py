@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TINY = ["eval.samples=16", "eval.sampling_steps=[2]", "train.batch_size=8", "train.eval_every=2", "sweep.space={objective.anchor.weight: "
-        "{loguniform: [1.0, 100.0]}, train.steps: {randint: [2, 4], step: 2}}"]
+        "{loguniform: [1.0, 100.0]}, train.steps: {randint: [2, 4], step: 2}}",
+        "sweep.confirm.samples=16", "eval.resamples=100"]  # the confirmation at the same tiny size (the preset's is 3 x 1,000 samples)
 
 
 def trial_times(directory: Path) -> dict[str, dict[str, float]]:

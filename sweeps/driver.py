@@ -32,14 +32,12 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
     """`inputs_checked`: the caller opened the config's files already (a study, once per method)."""
     uri, directory = tracking_uri(sweep), sweep_dir(sweep)
     preflight(config, sweep, directory, uri, resume, inputs_checked)  # one line and nothing written when bad
-    import ray
 
     from sweeps.champion import select_and_register
     from sweeps.replay import SpoolReplayer, finish_tracking
-    from trainers.ray_train import TrainingError, check_resources, root_message
+    from trainers.ray_train import TrainingError, check_resources, init_ray, root_message
 
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one
+    init_ray()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one (not a stopped head's record)
     check_resources(config)
     use_the_node_cores()
     sweep_id = claim_folder(sweep, directory, uri)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,10 @@ def test_stop_ends_what_services_started_and_nothing_else(tmp_path):
         assert alive == [] and not answers(f"http://127.0.0.1:{port}/health") and not answers("http://127.0.0.1:8265")
         assert decoy.poll() is None  # the look-alike lives on
         assert not (runs / "ray.pid").exists() and not (runs / "mlflow.pid").exists()
+        from ray._common.utils import get_ray_address_file
+
+        record = Path(get_ray_address_file(None))  # `ray start` wrote it; a head ended by a signal leaves it behind
+        assert not (record.is_file() and record.read_text().strip() == "127.0.0.1:6379"), "the stopped head's record is left"
     finally:
         os.killpg(decoy.pid, signal.SIGKILL)
         subprocess.run([*make, "stop"], timeout=200, capture_output=True)

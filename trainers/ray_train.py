@@ -151,10 +151,52 @@ def check_resources(config: Config) -> None:
         raise ConfigError(f"train.use_gpu: {settings.workers} workers need {settings.workers} GPUs; the Ray cluster has {gpus:g}")
 
 
+PROBE_SECONDS = 5.0
+
+
+def stopped_head() -> str | None:
+    """The Ray head `ray start` last recorded on this machine (`ray_current_cluster` in Ray's temp
+    folder), when nothing answers there any more; else None. `ray.init()` with no address connects to
+    that record, and a stopped head's (`make stop`, then a sweep without `ray job submit`) it retries
+    for ~15 minutes before failing. Not read when $RAY_ADDRESS says where to go (the preflight probes that)."""
+    import socket
+
+    from ray._private.utils import read_ray_address  # Ray's own reader of that record (ray 2.60, pinned)
+
+    if os.environ.get("RAY_ADDRESS", "").strip():
+        return None
+    address = read_ray_address()
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_SECONDS):
+            return None
+    except (OSError, ValueError):
+        return address
+
+
+def init_ray(**options) -> None:
+    """Join the cluster of `ray start`, `ray job submit` or $RAY_ADDRESS, or start a local instance.
+    A stopped head's record on this machine is removed (what `ray stop` does; a head ended by a signal
+    leaves it), with a line saying so: besides ray.init, Ray's state API reads it, from inside a local
+    instance too (Train's placement-group cleaner then waits out a 12 s timeout at the end of every trial)."""
+    if ray.is_initialized():
+        return
+    stale = stopped_head()
+    if stale:
+        from ray._common.utils import get_ray_address_file
+
+        record = get_ray_address_file(None)
+        Path(record).unlink(missing_ok=True)
+        print(f"[ray] the Ray head recorded on this machine ({stale}) does not answer (stopped?): its record {record} removed; "
+              "starting a local Ray instance", flush=True)
+    ray.init(address="local" if stale else None, **options)
+
+
 def run_training(config: Config, name: str = "train", storage_path: str | Path | None = None):
     """Fit one run; returns the Ray `Result`. Joins a running cluster or starts a local one."""
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=True)
+    init_ray(log_to_driver=True)
     check_resources(config)
     storage = storage_path or Path(config.train.output_dir) / "ray"
     try:
