@@ -138,9 +138,11 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
 @pytest.mark.integration
 def test_a_cas_dm_champion_samples_with_its_head_from_the_registry(tmp_path, mlflow_server, digits_assets):
     """The registered champion of a Cas-DM sweep, downloaded from models:/NAME@champion, loads with its
-    cascaded head (the head is part of the model, not of the loss)."""
+    cascaded head (the head is part of the model, not of the loss). The sweep runs on the KID axis
+    (`sweep.fidelity: kid`): Optuna's first objective, the front, the note and the version's tags are KID's."""
     import mlflow
     import ray
+    from mlflow.tracking import MlflowClient
 
     from objectives.lpips_x0 import CascadedDenoiser
     from sweeps.acpo_sweep import main
@@ -149,9 +151,18 @@ def test_a_cas_dm_champion_samples_with_its_head_from_the_registry(tmp_path, mlf
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         args = sweep_args("casdm", tmp_path, mlflow_server, samples=2)
-        assert main(["--preset", "digits-cas-dm", *args, "--set", "sweep.model_name=casdm-model"]) == 0
+        assert main(["--preset", "digits-cas-dm", *args, "--set", "sweep.model_name=casdm-model",
+                     "--set", "sweep.fidelity=kid", "--set", "sweep.kid_tolerance=50"]) == 0
     finally:
         ray.shutdown()
+    selection = json.loads((tmp_path / "casdm" / "selection.json").read_text())
+    assert selection["fidelity"] == {"axis": "kid", "tolerance": 50.0, "kind": "absolute"} and "kid" in selection["base"]
+    assert "KID <= " in selection["rule"] and all("kid" in row for row in selection["front"])
+    client = MlflowClient(mlflow_server)
+    version = client.get_model_version_by_alias("casdm-model", "champion")
+    assert float(version.tags["kid"]) == pytest.approx(selection["champion"]["kid"], abs=1e-4) and "fid" not in version.tags
+    note = client.get_run(selection["mlflow"]["parent_run_id"]).data.tags["mlflow.note.content"]
+    assert "| | KID (lower is better) |" in note
     mlflow.set_registry_uri(mlflow_server)  # models:/ URIs resolve through the registry URI, not the tracking URI
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri="models:/casdm-model@champion", dst_path=str(tmp_path / "download"),
