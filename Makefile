@@ -49,7 +49,7 @@ demo: services
 	@echo "MLflow UI: the experiment's link is printed above (experiment $(SWEEP_NAME) at $(MLFLOW_URI); registered model digits-acpo@champion)"
 
 # A study (sweeps/studies/$(STUDY).yaml) on the same services: `make study` is the digits study
-# (~35 minutes on 2 CPU cores), `make study STUDY=digits-t2i` another. Report: runs/studies/<name>/report/.
+# (under 40 minutes on 2 CPU cores), `make study STUDY=digits-t2i` another. Report: runs/studies/<name>/report/.
 STUDY      ?= digits
 STUDY_NAME ?= $(STUDY)-study-$(shell date +%Y%m%d-%H%M%S)
 study: services
