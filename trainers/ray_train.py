@@ -191,7 +191,24 @@ def init_ray(**options) -> None:
         Path(record).unlink(missing_ok=True)
         print(f"[ray] the Ray head recorded on this machine ({stale}) does not answer (stopped?): its record {record} removed; "
               "starting a local Ray instance", flush=True)
+    elif _joins_loopback_head():
+        # A head started on 127.0.0.1 (`make services`): ray.init would swap 127.0.0.1 for this machine's
+        # network address (ray._private.services.resolve_ip_for_localhost) and retry there for ~15
+        # minutes. Ray keeps loopback when it is not in cluster mode, as that head was started
+        # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); read at call time, so setting it here is enough.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local" if stale else None, **options)
+
+
+def _joins_loopback_head() -> bool:
+    """ray.init() with no address will join a head on a loopback address ($RAY_ADDRESS, else the record)."""
+    from ray._private.utils import read_ray_address
+
+    address = os.environ.get("RAY_ADDRESS", "").strip() or read_ray_address() or ""
+    host = address.rpartition(":")[0].strip("[]")
+    return "://" not in address and host in ("127.0.0.1", "localhost", "::1")
 
 
 def run_training(config: Config, name: str = "train", storage_path: str | Path | None = None):

@@ -1,6 +1,7 @@
 """Which Ray a run joins (trainers/ray_train.py: `stopped_head`, `init_ray`): the head `ray start` last
 recorded on this machine, unless nothing answers there any more (then a local instance, said in one
-line, instead of ~15 minutes of ray.init retrying a stopped head); $RAY_ADDRESS always wins. No Ray
+line, instead of ~15 minutes of ray.init retrying a stopped head); a head on 127.0.0.1 is joined
+there, not at the machine's network address; $RAY_ADDRESS always wins. No Ray
 is started here: the record is a file, the head a listening socket or none."""
 
 import socket
@@ -54,5 +55,23 @@ def test_a_running_heads_record_is_joined(record, monkeypatch):
         calls = []
         monkeypatch.setattr(trainers.ray_train.ray, "is_initialized", lambda: False)
         monkeypatch.setattr(trainers.ray_train.ray, "init", lambda **kw: calls.append(kw))
+        monkeypatch.setattr("ray._private.ray_constants.ENABLE_RAY_CLUSTER", True)
         init_ray()
         assert calls == [{"address": None}]
+        # that head listens on loopback only (`make services`): Ray must not swap 127.0.0.1 for the
+        # machine's network address, where nothing answers
+        from ray._private import ray_constants, services
+
+        assert ray_constants.ENABLE_RAY_CLUSTER is False and services.resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"
+
+
+def test_a_head_on_a_network_address_is_joined_as_ray_would(record, monkeypatch):
+    record("192.0.2.77:6379")  # a `ray start --head` without --node-ip-address records the machine's address
+    monkeypatch.setattr(trainers.ray_train, "stopped_head", lambda: None)
+    monkeypatch.setattr("ray._private.ray_constants.ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setattr(trainers.ray_train.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(trainers.ray_train.ray, "init", lambda **kw: None)
+    init_ray()
+    from ray._private import ray_constants
+
+    assert ray_constants.ENABLE_RAY_CLUSTER is True
