@@ -1,23 +1,32 @@
-"""adversarial (UniFL, arXiv 2404.05595, Sec. 3.4 "adversarial feedback"): a reward model is trained
-as a discriminator between real images and the model's few-step x0, and the generator's term raises
-its score; this keeps few-step samples sharp where a fixed reward would be exploited.
+"""adversarial (UniFL, arXiv 2404.05595, Sec. 4.3 "adversarial feedback learning", Eq. 6): a reward
+model is trained as a discriminator between real images and the model's x0, and the generator's
+term raises its score; this keeps few-step samples sharp where a fixed reward would be exploited.
 
 As UniFL runs it:
 - the discriminator starts as a trainable copy of a named reward model (`discriminator`: any pyiqa
-  name, a prompt-conditioned reward such as `imagereward`, or {arch, weights}); it has its own
-  optimizer and trains on **every micro-batch** (`own_loss`, backpropagated by the loop with the
-  model's loss), stepping once per optimizer step (`own_step`);
-- the generator's loss is **linear** in the discriminator's output, `-D(x0)` (UniFL's Eq. 6; the hinge
-  GAN generator of Lim & Ye 2017): its gradient is the score's gradient whatever the score's scale,
-  where the logistic `softplus(-score)` we used before vanished (~e^-50 for MUSIQ's 0..100);
-- x0 comes from a rollout of the noised real image (`x0: rollout`, 4-step schedule: the few-step
-  regime the term is for; start at step 1, stop at 2 or 3, gradients through the stop step).
+  name, a prompt-conditioned reward such as `imagereward`, or {arch, weights}; UniFL: its detail
+  reward); it has its own optimizer and trains on **every micro-batch** (`own_loss`, backpropagated
+  by the loop with the model's loss), stepping once per optimizer step (`own_step`);
+- the discriminator's loss is Eq. 6's logistic one (`loss: logistic`, the default):
+  `L_D = -log s(D(x0_real)) - log(1 - s(D(x0_gen)))`, s the sigmoid;
+- the generator's loss is Eq. 6's **linear** one, `L_G = -D(x0_gen)`: its gradient is the score's
+  gradient whatever the score's scale, where `softplus(-score)` would vanish (~e^-50 on MUSIQ's 0..100);
+- x0 comes as in PeFL (UniFL: "diffusion and denoising consecutively"): the real image is noised to
+  the start of a 20-step DDIM schedule and denoised, without a graph, to a stop step drawn over the
+  whole schedule (`start: 0`, `stop_low: 0`, `stop_high: 19`: UniFL's "optimization step t in [0, 20]
+  encompassing the entire diffusion process"), where the forward keeps gradients; so the high-noise
+  steps that few-step sampling takes are trained too. UniFL's stage 2 has no diffusion loss (Eq. 7):
+  the presets that keep `denoise` beside it say so.
 
-Ours, said here: the discriminator's output is the reward score under a learned affine calibration,
-`D = a * score + b` (a, b trained with the discriminator), set on the first real batch to
-a = 1/std, b = -a * mean of its scores, so that a 0..100 metric and a 0..1 one both start with logits
-of order 1 and the hinge loss `relu(1 - D(real)) + relu(1 + D(fake))` (the discriminator half of the
-same hinge GAN) starts in its linear region. UniFL does not say how it scales the score.
+Ours, said here:
+- the discriminator's output is the reward score under a learned affine calibration,
+  `D = a * score + b` (a, b trained with the discriminator), set on the first real batch to
+  a = 1/std, b = -a * mean of its scores, so that a 0..100 metric and a 0..1 one both start with
+  logits of order 1, where the sigmoid is not saturated. UniFL does not say how it scales the score;
+- `loss: hinge` (`relu(1 - D(real)) + relu(1 + D(fake))`, the hinge GAN of Lim & Ye 2017) is the
+  discriminator loss this term used before, kept as an option;
+- a short schedule, `sampling_steps: 4, start: 1, stop_low: 2, stop_high: 3` (the few-step regime
+  alone: 2-3 forwards a step where the whole schedule takes 10.5 on average), is what the digits study uses for its budget, named there as ours.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from eval.quality import check_quality_spec
 from objectives.context import StepContext
 from objectives.nr_iqa import load_reward
 from objectives.pefl import rollout_from_real
-from objectives.term import BuildEnv, Term, require_number
+from objectives.term import BuildEnv, OptionError, Term, require_number
 
 
 class Calibration(nn.Module):
@@ -55,13 +64,29 @@ class Calibration(nn.Module):
         return self.scale * scores + self.shift
 
 
+ROLLOUT_OVER_THE_SCHEDULE = dict(x0="rollout", sampling_steps=20, start=0, stop_low=0, stop_high=19)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "logistic") -> torch.Tensor:
+    """Per-sample `[N]` discriminator loss: UniFL's Eq. 6 (logistic, `softplus(-x) = -log s(x)` and
+    `softplus(x) = -log(1 - s(x))`, numerically stable) or the hinge GAN's."""
+    if kind == "logistic":
+        return F.softplus(-real_logits) + F.softplus(fake_logits)
+    return F.relu(1 - real_logits) + F.relu(1 + fake_logits)
+
+
 class Adversarial(Term):
     name = "adversarial"
 
-    def __init__(self, discriminator="musiq", learning_rate: float = 1e-5, x0: str = "rollout", sampling_steps: int = 4,
-                 feedback_steps: int = 1, sampler: str = "ddim", stop_low: int | None = 2, stop_high: int | None = 3,
-                 start: int | None = 1, t_range=None):
+    def __init__(self, discriminator="musiq", learning_rate: float = 1e-5, loss: str = "logistic",
+                 x0: str = ROLLOUT_OVER_THE_SCHEDULE["x0"], sampling_steps: int = ROLLOUT_OVER_THE_SCHEDULE["sampling_steps"],
+                 feedback_steps: int = 1, sampler: str = "ddim", stop_low: int | None = ROLLOUT_OVER_THE_SCHEDULE["stop_low"],
+                 stop_high: int | None = ROLLOUT_OVER_THE_SCHEDULE["stop_high"], start: int | None = ROLLOUT_OVER_THE_SCHEDULE["start"],
+                 t_range=None):
         check_quality_spec(discriminator, "discriminator")
+        if loss not in ("logistic", "hinge"):
+            raise OptionError("loss", f"expected 'logistic' (UniFL's Eq. 6) or 'hinge' (ours, before), got {loss!r}")
+        self.loss = loss
         self.discriminator_spec = discriminator
         self.learning_rate = require_number("learning_rate", learning_rate, minimum=1e-12)
         self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
@@ -114,12 +139,12 @@ class Adversarial(Term):
                 p.requires_grad_(True)
 
     def own_loss(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """Per-sample `[N]` hinge loss on this micro-batch: real images up, generated (detached) down."""
+        """Per-sample `[N]` discriminator loss on this micro-batch: real images up, generated (detached) down."""
         self._calibrate(ctx)
         fake = (ctx.image(ctx.generated(self.source)).detach() + 1) / 2
         with torch.no_grad():
             real = (ctx.image(ctx.x0) + 1) / 2
-        return {"discriminator": F.relu(1 - self.logits(real, ctx.prompts)) + F.relu(1 + self.logits(fake, ctx.prompts))}
+        return {"discriminator": discriminator_loss(self.logits(real, ctx.prompts), self.logits(fake, ctx.prompts), self.loss)}
 
     def own_step(self, sync=None) -> None:
         if sync is not None:

@@ -9,6 +9,15 @@ The perceptual reward pulls the model wherever the quality model likes; the anch
 a model of the data. With LoRA the base is the same network with its adapters disabled (no second
 copy in memory); with full fine-tuning it is a frozen copy. Either way the trainer hands it over as
 `ctx.base`, built once.
+
+Where it acts (`at`), ours: ACPO's body was not available to us (its abstract only), so which
+(x_t, t) the anchor is taken at is our choice, offered three ways:
+- `denoise` (the default): the denoise step's (x_t, t), t uniform over the schedule;
+- `feedback`: every (x_t, t) a feedback term differentiated through this step (NR-IQA's one-step
+  x0 at its low t, a rollout's stop step), where the reward pushes; the denoise step's when no
+  feedback term ran;
+- `both`: the mean of the two.
+The anchor runs after the feedback terms of its step (`after_feedback`), so it sees their forwards.
 """
 
 from __future__ import annotations
@@ -16,15 +25,47 @@ from __future__ import annotations
 import torch
 
 from objectives.context import StepContext, eps_from_prediction
-from objectives.term import Term
+from objectives.term import OptionError, Term
+
+PLACES = ("denoise", "feedback", "both")
+
+
+def noise_distance(output, base_output, x_t, t, scheduler) -> torch.Tensor:
+    """Per-sample mean squared distance between the noise two model outputs imply at (x_t, t)."""
+    eps = eps_from_prediction(output.float(), x_t.float(), t, scheduler)
+    base_eps = eps_from_prediction(base_output.float(), x_t.float(), t, scheduler)
+    return (eps - base_eps).pow(2).flatten(1).mean(dim=1)
 
 
 class Anchor(Term):
     name = "anchor"
     needs_base = True  # reads the frozen base model
 
+    def __init__(self, at: str = "denoise"):
+        if at not in PLACES:
+            raise OptionError("at", f"expected one of {', '.join(PLACES)}, got {at!r}")
+        self.at = at
+        self.after_feedback = at != "denoise"
+
+    def at_feedback(self, ctx: StepContext) -> torch.Tensor | None:
+        """`[N]`: the mean distance over this step's feedback forwards (a forward of another batch
+        size, e.g. one image per drawn prompt, counts its mean for every sample); None without any."""
+        if not ctx.feedback_points:
+            return None
+        distances = []
+        for point in ctx.feedback_points:
+            with torch.no_grad():
+                base_output = ctx.base(point.x_t, point.t, **point.conditioning).sample
+            distance = noise_distance(point.output, base_output, point.x_t, point.t, ctx.scheduler)
+            distances.append(distance if len(distance) == len(ctx.x0) else distance.mean().expand(len(ctx.x0)))
+        return torch.stack(distances).mean(dim=0)
+
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         """Per-sample mean squared distance `[N]` between the two noise predictions; 0 when the models agree."""
-        eps = eps_from_prediction(ctx.prediction.float(), ctx.x_t.float(), ctx.t, ctx.scheduler)
-        base_eps = eps_from_prediction(ctx.base_prediction.float(), ctx.x_t.float(), ctx.t, ctx.scheduler)
-        return (eps - base_eps).pow(2).flatten(1).mean(dim=1)
+        at_denoise = None
+        if self.at != "feedback":
+            at_denoise = noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.scheduler)
+        at_feedback = self.at_feedback(ctx) if self.at != "denoise" else None
+        if at_feedback is None:
+            return at_denoise if at_denoise is not None else noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.scheduler)
+        return at_feedback if at_denoise is None else (at_denoise + at_feedback) / 2

@@ -75,7 +75,11 @@ class StepContext:
     vae: torch.nn.Module | None = None  # latent models: AutoencoderKL; None for pixel models
     encode_prompt: object = None  # latent text models: prompts -> conditioning dict (for prompt selection)
     generator: torch.Generator | None = None  # draws inside terms (t', sampler noise): reproducible per step
+    rollout_model: torch.nn.Module | None = None  # what rollouts and samples call (Cas-DM: the cascade); None: `model`
     _cache: dict = field(default_factory=dict, repr=False)
+    # every forward of the trainable model that a feedback term differentiates through, in order
+    # (the anchor's `at: feedback`); the step's own denoise forward is not one
+    feedback_points: list["FeedbackPoint"] = field(default_factory=list, repr=False)
 
     # -- the step's own forward passes ------------------------------------------------------------
     @property
@@ -85,6 +89,11 @@ class StepContext:
     @property
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
+
+    @property
+    def sampler_model(self) -> torch.nn.Module:
+        """The denoiser a multi-step rollout or sample calls: the one sampling uses (`rollout_model`)."""
+        return self.rollout_model if self.rollout_model is not None else self.model
 
     @cached_property
     def x_t(self) -> torch.Tensor:
@@ -129,6 +138,7 @@ class StepContext:
             t = self.draw(len(self.x0), low=t_range[0], high=t_range[1], integers=True)
             x_t = self.scheduler.add_noise(self.x0, self.noise, t)
             prediction = self.model(x_t, t, **self.conditioning).sample
+            self._record(x_t, t, prediction, self.conditioning)
             self._cache[key] = x0_from_prediction(prediction, x_t, t, self.scheduler)
         return self._cache[key]
 
@@ -155,28 +165,34 @@ class StepContext:
             for i, t in enumerate(scheduler.timesteps):
                 with torch.set_grad_enabled(i >= steps - feedback_steps):
                     model_input = scheduler.scale_model_input(x, t)
-                    output = self.model(model_input, t.to(x.device).expand(n), **conditioning).sample
+                    output = self.sampler_model(model_input, t.to(x.device).expand(n), **conditioning).sample
+                    self._record(model_input, t.to(x.device).expand(n), output, conditioning)
                     x = scheduler.step(output, t, x).prev_sample
             self._cache[key] = x
         return self._cache[key]
 
     def rollout(self, steps: int, stop_low: int, stop_high: int, start: int | None, feedback_steps: int = 1,
-                sampler: str = "ddim") -> torch.Tensor:
+                sampler: str = "ddim", prompts: tuple[str, ...] | None = None) -> torch.Tensor:
         """x0 from a partial rollout of a `steps`-step sampler schedule, as ReFL and UniFL make it:
         from pure noise (`start` None: ImageReward's ReFL) or from the batch's real x0 noised to step
         `start` of the schedule (UniFL's PeFL and adversarial feedback), denoised without a graph to a
         stop step drawn uniformly from [stop_low, stop_high] (indices into the schedule), where the
         last `feedback_steps` forwards (the stop step's included) keep gradients. Returns the x0 the
-        model predicts at the stop step (Tweedie from its output there)."""
-        key = ("rollout", steps, stop_low, stop_high, start, feedback_steps, sampler)
+        model predicts at the stop step (Tweedie from its output there). `prompts` (text models, from
+        noise only) conditions every forward on the encoded prompts instead of the batch's captions,
+        one image per prompt (ReFL, and UniFL's decoupled feedback)."""
+        key = ("rollout", steps, stop_low, stop_high, start, feedback_steps, sampler, prompts)
         if key not in self._cache:
             from eval.sampling import make_sampler
 
+            if prompts is not None and start is not None:
+                raise ValueError("a rollout from the real image keeps the batch's captions: prompts need a rollout from noise")
+            conditioning = self.conditioning if prompts is None else self.encode_prompt(list(prompts))
             scheduler = make_sampler(self.scheduler.config, sampler)
             scheduler.set_timesteps(steps)
             timesteps = scheduler.timesteps.to(self.x0.device)
             stop = int(self.draw(1, low=stop_low, high=stop_high + 1, integers=True))
-            n, first = len(self.x0), start or 0
+            n, first = (len(self.x0) if prompts is None else len(prompts)), start or 0
             if start is None:
                 x = self.draw(n, *self.x0.shape[1:]) * scheduler.init_noise_sigma
             else:  # the forward process to the schedule's step `start`: what the sampler would hold there
@@ -184,20 +200,29 @@ class StepContext:
             for i in range(first, stop + 1):
                 t = timesteps[i]
                 with torch.set_grad_enabled(i > stop - feedback_steps):
-                    output = self.model(scheduler.scale_model_input(x, t), t.expand(n), **self.conditioning).sample
+                    model_input = scheduler.scale_model_input(x, t)
+                    output = self.sampler_model(model_input, t.expand(n), **conditioning).sample
+                    self._record(model_input, t.expand(n), output, conditioning)
                     if i < stop:
                         x = scheduler.step(output, t, x).prev_sample
             self._cache[key] = x0_from_prediction(output, x, t.expand(n), self.scheduler)
         return self._cache[key]
 
-    def generated(self, source: "X0Source") -> torch.Tensor:
-        """The x0 a feedback term scores, made the way its `X0Source` says (shared by equal sources)."""
+    def _record(self, x_t, t, output, conditioning) -> None:
+        if torch.is_grad_enabled() and output.requires_grad:
+            self.feedback_points.append(FeedbackPoint(x_t.detach(), t, output, conditioning))
+
+    def generated(self, source: "X0Source", prompts: tuple[str, ...] | None = None) -> torch.Tensor:
+        """The x0 a feedback term scores, made the way its `X0Source` says (shared by equal sources);
+        `prompts` replaces the batch's captions for a rollout from noise or a sample."""
         if source.kind == "one_step":
+            if prompts is not None:
+                raise ValueError("a one-step x0 is the batch's own: it cannot take other prompts")
             return self.one_step(source.t_range)
         if source.kind == "rollout":
             return self.rollout(source.sampling_steps, source.stop_low, source.stop_high, source.start, source.feedback_steps,
-                                source.sampler)
-        return self.sampled(source.sampling_steps, source.feedback_steps, source.sampler)
+                                source.sampler, prompts)
+        return self.sampled(source.sampling_steps, source.feedback_steps, source.sampler, prompts)
 
     def image(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] for a model-space tensor; latent models decode through the VAE with
@@ -222,6 +247,17 @@ class StepContext:
         finally:
             handle.remove()
         return captured["features"]
+
+
+@dataclass(frozen=True)
+class FeedbackPoint:
+    """One forward of the trainable model with gradients, taken by a feedback term: its input, its
+    timesteps `[n]`, its output (with the graph) and the conditioning it was given."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    output: torch.Tensor
+    conditioning: dict
 
 
 @dataclass(frozen=True)

@@ -10,20 +10,26 @@ hinge target, instead of one blended aesthetic score; each is logged on its own:
         agreement: {model: imagereward, weight: 1.0, target: auto}
         detail:    {model: musiq, weight: 0.5, target: 60}
       target_reference: data     # or a folder of preferred images, each with name.txt beside it
-      x0: sampled                # UniFL: generated from prompts
       prompts: pool.txt          # text models: the pool `acpo prompts select` made
 
-As UniFL runs it: the reward models are prompt-conditioned where the model is (ImageReward,
-PickScore, HPSv2 or the digits-t2i stand-in `digits_prompt_agreement`; image-only pyiqa models work
-too); `target: auto` sets alpha_d from data, the mean reward of a reference set (UniFL: of preferred
-samples; by default here the real training images with their captions), computed once and cached
-(`objectives.nr_iqa.mean_reward`); with `prompts`, each step generates one image per prompt drawn at
-random from a pool selected offline (UniFL's active prompt selection: `objectives/prompt_select.py`).
+As UniFL runs it (its Eq. 5): the reward models are prompt-conditioned where the model is
+(ImageReward, PickScore, HPSv2 or the digits-t2i stand-in `digits_prompt_agreement`; image-only pyiqa
+models work too); `target: auto` sets alpha_d from data, the mean reward of a reference set (UniFL:
+of preferred samples; by default here the real training images with their captions), computed once
+and cached (`objectives.nr_iqa.mean_reward`); with `prompts`, each step generates one image per
+prompt drawn at random from a pool selected offline (UniFL's active prompt selection:
+`objectives/prompt_select.py`), the way UniFL says it follows ReFL: from pure noise to a stop step
+drawn in the last quarter of the schedule (`x0: rollout`, the default; 20 DDIM steps, stop in
+15..19), the one-step x0 there, with gradients through that forward; without `prompts` the rollout
+is conditioned on the batch's captions (text models) or on nothing. `x0: sampled` (the
+whole schedule, gradients through its last, nearly clean, steps: DRaFT-K) is the alternative; its
+gradient at the last step is scaled by about sqrt(1 - alpha_bar) ~ 0.01 next to `denoise`.
 
 Ours, named as ours: UniFL trains its own per-aspect reward models on its annotated data; we take
 existing ones. `prompt_order: ranked` replaces the random draw with our online pool that prefers
-unsaturated, diverse prompts (`objectives/prompt_pool.py`). `x0: one_step`/`rollout` score the
-batch's own x0 against its captions (no prompts: image-only rewards on unconditional models).
+unsaturated, diverse prompts (`objectives/prompt_pool.py`). `x0: one_step`, or a rollout from the
+noised real image (`start`, as the digits study shares PeFL's), score the batch's own x0 against its
+captions; neither takes `prompts`.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from objectives.term import BuildEnv, OptionError, Term, require_number
 class DecoupledRewards(Term):
     name = "decoupled_rewards"
 
-    def __init__(self, rewards=None, x0: str = "one_step", t_range=None, sampling_steps: int = 20, feedback_steps: int = 1,
+    def __init__(self, rewards=None, x0: str = "rollout", t_range=None, sampling_steps: int = 20, feedback_steps: int = 1,
                  sampler: str = "ddim", stop_low: int | None = None, stop_high: int | None = None, start: int | None = None,
                  prompts=None, prompts_per_step: int = 4, prompt_order: str = "random", saturation: float = 0.0,
                  target_reference: str = "data"):
@@ -62,8 +68,9 @@ class DecoupledRewards(Term):
         self.prompt_order, self.prompts = prompt_order, None
         self.pool = None
         if prompts is not None:
-            if self.source.kind != "sampled":
-                raise OptionError("prompts", "images are generated from the prompts: that needs x0: sampled")
+            if self.source.kind == "one_step" or self.source.start is not None:
+                raise OptionError("prompts", "images are generated from the prompts: that needs x0: rollout from noise (no start) "
+                                  "or x0: sampled")
             try:
                 self.prompts = read_prompts(prompts)
             except (FileNotFoundError, ValueError) as error:
@@ -103,12 +110,8 @@ class DecoupledRewards(Term):
         return tuple(self.prompts[i] for i in picks)
 
     def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:
-        prompts = None
-        if self.prompts is not None:
-            prompts = self._draw_prompts(ctx)
-            x0 = ctx.sampled(self.source.sampling_steps, self.source.feedback_steps, self.source.sampler, prompts=prompts)
-        else:
-            x0 = ctx.generated(self.source)
+        prompts = self._draw_prompts(ctx) if self.prompts is not None else None
+        x0 = ctx.generated(self.source, prompts)
         images = (ctx.image(x0) + 1) / 2
         scored_with = list(prompts) if prompts is not None else ctx.prompts
         parts = {}

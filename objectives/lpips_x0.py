@@ -7,6 +7,9 @@ predicts a correction to the estimate and a blend weight r_t in (0, 1):
 
     x0 = r_t * estimate + (1 - r_t) * (estimate + correction)
 
+This is the paper's blend `r * x0_eps + (1 - r) * x0_phi` with the x0-module's output written as a
+residual on the estimate, `x0_phi = estimate + correction` (ours: it lets the head start as the
+identity, below).
 The estimate enters the head detached: no gradient from the metric reaches the eps-module, whose
 denoising objective is unchanged. The head is part of the model, not of the loss: the trainer
 optimizes and checkpoints it, and sampling, evaluation and the exported model use it at every step
@@ -17,8 +20,13 @@ Where this departs from the paper: the paper trains both modules from scratch wi
 x0-module; here the eps-module is a pretrained model being fine-tuned (by `denoise`, or not at all)
 and the head starts as the identity (zero correction) so that adding it changes nothing until it
 has learned. The head is a small convolutional network (`width`, `depth`), not a second UNet. The
-head's inputs are clamped to the data range when the scheduler clips samples (a pixel model's
-estimate near t = T is the noise amplified ~650x on the digits schedule).
+head's view of the estimate is clamped, to the data range when the scheduler clips samples (a pixel
+model's estimate near t = T is the noise amplified ~650x on the digits schedule), else (latent
+models) to +-4, about four standard deviations of scaled latents.
+
+Other terms' training-time rollouts and samples (ReFL, PeFL, adversarial) go through the cascade, as
+sampling and evaluation do (`wrap_for_rollouts`: their gradient reaches the eps-module through it,
+the head stays lpips_x0's alone).
 """
 
 from __future__ import annotations
@@ -59,9 +67,14 @@ class CascadedX0Head(nn.Module):
         return {"channels": self.channels, "width": self.width, "depth": self.depth}
 
 
+LATENT_VIEW = 4.0  # where the head's view of an unclipped (latent) estimate is clamped: ~4 std of scaled SD latents
+
+
 def cascaded_x0(head: CascadedX0Head, x_t, estimate, t, num_train_timesteps: int, clip: float | None) -> torch.Tensor:
-    """The cascaded x0 from the eps-module's estimate (the one formula training and sampling share)."""
-    seen = estimate if clip is None else estimate.clamp(-clip, clip)
+    """The cascaded x0 from the eps-module's estimate (the one formula training and sampling share).
+    The head sees the estimate clamped: to the data range when the scheduler clips samples, else
+    (latent models) to +-LATENT_VIEW, where near t ~ T the estimate is amplified noise."""
+    seen = estimate.clamp(-LATENT_VIEW, LATENT_VIEW) if clip is None else estimate.clamp(-clip, clip)
     correction, r = head(x_t, seen, t.float() / num_train_timesteps)
     return estimate + (1 - r) * correction
 
@@ -75,13 +88,16 @@ class CascadedDenoiser(nn.Module):
     output is the prediction (of the scheduler's type) implied by the cascaded x0, so any diffusers
     scheduler samples with the cascade at every step. Saved beside a diffusers pipeline as `cascade/`."""
 
-    def __init__(self, unet: nn.Module, head: CascadedX0Head, scheduler_config):
+    def __init__(self, unet: nn.Module, head: CascadedX0Head, scheduler_config, train_head: bool = True):
         super().__init__()
         from diffusers import DDPMScheduler
 
         self.unet, self.head = unet, head
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
         self.clip = _clip(scheduler_config)
+        # False in other terms' training rollouts: their gradient reaches the eps-module through the
+        # cascade, as sampling sees it, but not the head, which learns from lpips_x0 alone
+        self.train_head = train_head
 
     @property
     def config(self):  # what samplers read: sample_size, in_channels
@@ -95,7 +111,11 @@ class CascadedDenoiser(nn.Module):
         t = t.to(x_t.device).expand(len(x_t)) if t.dim() == 0 else t
         prediction = self.unet(x_t, t, **conditioning).sample
         estimate = x0_from_prediction(prediction, x_t, t, self.scheduler)
-        x0 = cascaded_x0(self.head, x_t, estimate, t, self.scheduler.config.num_train_timesteps, self.clip)
+        head = self.head
+        if not self.train_head:
+            weights = {name: value.detach() for name, value in self.head.named_parameters()}
+            head = lambda *inputs: torch.func.functional_call(self.head, weights, inputs)  # noqa: E731
+        x0 = cascaded_x0(head, x_t, estimate, t, self.scheduler.config.num_train_timesteps, self.clip)
         return SimpleNamespace(sample=prediction_from_x0(x0, x_t, t, self.scheduler))
 
     def save(self, folder: Path) -> None:
@@ -156,6 +176,9 @@ class LpipsX0(Term):
 
     def wrap_for_sampling(self, unet: nn.Module, scheduler_config) -> nn.Module:
         return CascadedDenoiser(unet, self.head, scheduler_config)
+
+    def wrap_for_rollouts(self, unet: nn.Module, scheduler_config) -> nn.Module:
+        return CascadedDenoiser(unet, self.head, scheduler_config, train_head=False)
 
     def x0(self, ctx: StepContext) -> torch.Tensor:
         """The cascaded x0 at the step's (x_t, t), from the eps-module's detached estimate."""

@@ -8,6 +8,11 @@ architecture with local weights (the digits preset's CNNIQA). The sign follows t
 loss mode. The clean image is the one-step estimate at t in `t_range`, or a sampled image with
 truncated backprop (`x0: sampled`, `sampling_steps`, `feedback_steps`), decoded through the VAE
 inside the graph for latent models.
+
+Said plainly: ACPO's body was not available to us, only its abstract (a learned NR-IQA model as the
+reward, an anchor to the frozen base). Ours, therefore: the hinge form and its `auto` target, the
+one-step x0 at t < 400 in the presets (where Tweedie is sharp), the gradient through the IQA model
+with clamped inputs, and where the anchor acts (`objectives/anchor.py`, `at`).
 """
 
 from __future__ import annotations

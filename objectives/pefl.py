@@ -1,18 +1,21 @@
-"""pefl, the style variant (UniFL, Zhang et al. 2024, arXiv 2404.05595, Sec. 3.2 "perceptual feedback
-learning"): a frozen perception network compares the model's x0 with the real image it came from,
-through the style loss of Gatys et al.: squared differences of the Gram matrices of its feature maps.
+"""pefl, the style variant (UniFL, Zhang et al. 2024, arXiv 2404.05595, Sec. 4.1 "perceptual feedback
+learning", style loss Eq. 8, App. A.1): a frozen perception network compares the model's x0 with the
+real image it came from, through the style loss of Gatys et al.: squared differences of the Gram
+matrices of its feature maps, `||Gram(V(x0')) - Gram(V(x0))||^2`.
 
-Where the x0 comes from is UniFL's: the real image is noised to an intermediate step of a sampling
-schedule and denoised from there (`x0: rollout` with `start`; `objectives/context.py`), without a
-graph, to a stop step whose forward keeps gradients; x0 is the model's prediction there. The paper
-gives no schedule; the defaults start in the middle of a 20-step DDIM schedule (`start: 10`) and
-stop in its last quarter (15..19), where ImageReward's ReFL also stops. `x0: one_step` remains an
-option (cheaper, and what this term did before).
+Where the x0 comes from is UniFL's (Algorithm 1 and Sec. 5.1): the real image is noised to step
+`start` of a 20-step DDIM schedule (its T_a = 10: `start: 10`) and denoised from there without a
+graph to a stop step in the last five of the schedule (its optimisation step t in [0, 5]:
+`stop_low: 15`, `stop_high: 19` in our indices, which count from the noisiest step), whose forward
+keeps gradients; x0 is the model's prediction there (`x0: rollout`; `objectives/context.py`).
+`x0: one_step` remains an option (cheaper, and what this term did before).
 
-UniFL's style variant is the Gram loss only (its Eq. 4): `content_weight` is 0 by default. A content
-part (feature distance, Johnson et al.'s perceptual loss) is ours, optional. The network is
-torchvision's VGG-16 (as in UniFL) or, offline, the digits classifier's convolutions. UniFL's
-main variant, instance segmentation, is the separate term `pefl_segmentation`.
+UniFL's style variant is the Gram loss only: `content_weight` is 0 by default. A content part
+(feature distance, Johnson et al.'s perceptual loss) is ours, optional. The network is torchvision's
+VGG-16 (as in UniFL, which fine-tunes it on ~150k artist-style pairs; which of its layers it reads
+is not said: we read relu1_2, relu2_2, relu3_3 and relu4_3, the usual style taps) or, offline, the
+digits classifier's convolutions. UniFL's main variant, the structure loss (Eq. 4, instance
+segmentation), is the separate term `pefl_segmentation`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,19 @@
-"""pefl_segmentation (UniFL, arXiv 2404.05595, Sec. 3.2, its main perceptual-feedback variant): a
-frozen segmentation network's own loss, per-pixel cross-entropy, between its output on the model's
-x0 and the real image's masks, so the model is pushed to draw what the perception model sees in the
-real image (UniFL: object structure that SD 1.5 gets wrong).
+"""pefl_segmentation (UniFL, arXiv 2404.05595, Sec. 4.1, its main perceptual-feedback variant, the
+structure loss of Eq. 4; its layout variant, Eq. 9 in App. A.1, is the same loss with a semantic
+segmenter, DeepLab-V3 on COCO-Stuff): a frozen segmentation network's own loss, per-pixel
+cross-entropy, between its output on the model's x0 and the real image's masks, so the model is
+pushed to draw what the perception model sees in the real image (UniFL: object structure that SD 1.5
+gets wrong). The x0 is UniFL's: a rollout from the noised real image (`objectives/pefl.py`,
+`ROLLOUT_FROM_REAL`).
 
-Departures, said here: UniFL uses SOLO instance segmentation against COCO's annotated masks. Users'
-data carries no masks, so the masks are the segmentation network's own labels of the real image
-(argmax of its output on the batch's x0, no gradient), and the network is a semantic one
-(`objectives/segmenters.py`: torchvision's DeepLabV3/FCN/LR-ASPP online; offline the digits
-segmenter, 11 classes: background or the digit a stroke belongs to). The x0 is UniFL's: a rollout
-from the noised real image (`objectives/pefl.py`, `ROLLOUT_FROM_REAL`).
+Departures, said here: UniFL scores SOLO instance segmentation against COCO's *ground-truth* masks.
+Users' data carries no masks, so the masks are the segmentation network's own labels of the real
+image (argmax of its output on the batch's x0, no gradient): the loss is then consistency with the
+segmenter, mistakes included, not agreement with an annotation. The network is a semantic one
+(`objectives/segmenters.py`: torchvision's DeepLabV3/FCN/LR-ASPP online, as UniFL's layout variant;
+offline the digits segmenter, 11 classes: background or the digit a stroke belongs to). Reading masks
+from the data set (a folder of label images; for digits the stroke masks the segmenter was trained
+from) is issue 28's next step and not here yet.
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
 """Active prompt selection as UniFL does it (arXiv 2404.05595, Sec. 3.3), offline, before training:
 
-1. a semantic filter drops prompts with too little content (UniFL: an LLM-based judgement of
-   semantic richness; here a hook, `module:function` taking a prompt and returning keep/drop, with
-   a default that keeps prompts of at least `min_words` words);
-2. near-duplicates are removed by text-embedding similarity: prompts are taken in file order and one
-   whose cosine similarity with an already kept prompt exceeds `threshold` is dropped (UniFL's
-   nearest-neighbour compression);
-3. a seeded random subset of `size` prompts is the pool the training draws from.
+1. a semantic filter drops prompts with too little content. UniFL's is a scene-graph parser that
+   keeps prompts with more than one relation; here it is a hook, `module:function` taking a prompt
+   and returning keep/drop (`--filter`), whose default, ours, keeps prompts of at least `min_words`
+   words (no parser ships offline; a user with one plugs it in here);
+2. near-duplicates are removed by text-embedding similarity as UniFL does it: the prompts are
+   shuffled (seeded), then taken in that order, and one whose cosine similarity with an already kept
+   prompt exceeds `threshold` (0.8, UniFL's) is dropped. Shuffling first means no part of the file
+   is favoured when two prompts collide;
+3. the first `size` survivors of the shuffle are the pool the training draws from (written in file
+   order).
+
+The online ranked pool (`objectives/prompt_pool.py`, `prompt_order: ranked`) is ours, not UniFL's.
 
     acpo prompts select --preset digits-t2i --in candidates.txt --out pool.txt --size 20 --seed 0
 
@@ -51,7 +56,7 @@ def load_filter(name: str):
 
 
 def remove_near_duplicates(prompts: list[str], embeddings: torch.Tensor, threshold: float) -> list[int]:
-    """Indices kept, in order: each prompt unless its cosine with a kept one is above `threshold`."""
+    """Indices kept, in the given order: each prompt unless its cosine with a kept one is above `threshold`."""
     unit = F.normalize(embeddings.float(), dim=-1)
     kept: list[int] = []
     for i in range(len(prompts)):
@@ -60,16 +65,18 @@ def remove_near_duplicates(prompts: list[str], embeddings: torch.Tensor, thresho
     return kept
 
 
-def select_prompts(prompts: list[str], embed, size: int, seed: int = 0, threshold: float = 0.9, keep=min_words) -> list[str]:
+THRESHOLD = 0.8  # UniFL's near-duplicate cosine
+
+
+def select_prompts(prompts: list[str], embed, size: int, seed: int = 0, threshold: float = THRESHOLD, keep=min_words) -> list[str]:
     """UniFL's three steps; `embed(prompts) -> [N, D]`. Returns at most `size` prompts, in file order."""
     filtered = [p for p in dict.fromkeys(p.strip() for p in prompts) if p and keep(p)]
     if not filtered:
         raise ValueError("every prompt was dropped by the semantic filter")
-    distinct = [filtered[i] for i in remove_near_duplicates(filtered, embed(filtered), threshold)]
-    if len(distinct) <= size:
-        return distinct
-    chosen = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed))[:size]
-    return [distinct[i] for i in sorted(chosen.tolist())]
+    order = torch.randperm(len(filtered), generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = [filtered[i] for i in order]
+    kept = [order[i] for i in remove_near_duplicates(shuffled, embed(shuffled), threshold)][:size]
+    return [filtered[i] for i in sorted(kept)]
 
 
 def text_embedder(base, batch_size: int = 256):

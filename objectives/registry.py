@@ -101,9 +101,12 @@ class Objective:
         self.terms = terms
 
     def active(self, step: int):
-        """(name, weight, term) of every term whose weight at `step` is above 0."""
+        """(name, weight, term) of every term whose weight at `step` is above 0, in the config's order
+        except that terms with `after_feedback` come last."""
         weights = {name: weight.at(step) for name, (weight, _) in self.terms.items()}
-        return [(name, weights[name], term) for name, (_, term) in self.terms.items() if weights[name] > 0]
+        active = [(name, weights[name], term) for name, (_, term) in self.terms.items() if weights[name] > 0]
+        # a term that reads the feedback terms' forwards (the anchor's `at: feedback`) runs after them
+        return sorted(active, key=lambda item: item[2].after_feedback)
 
     def __call__(self, ctx: StepContext, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, parts = 0.0, {}
@@ -156,6 +159,12 @@ class Objective:
         """The denoiser sampling uses: the model with every module a term adds to it."""
         for _, term in self._terms():
             unet = term.wrap_for_sampling(unet, scheduler_config)
+        return unet
+
+    def wrap_for_rollouts(self, unet, scheduler_config):
+        """The denoiser the terms' training-time rollouts call (`StepContext.rollout_model`)."""
+        for _, term in self._terms():
+            unet = term.wrap_for_rollouts(unet, scheduler_config)
         return unet
 
     def state_dict(self) -> dict:

@@ -20,7 +20,9 @@ What a term needs and owns is declared on the term itself (the defaults below: n
   before it so workers stay identical;
 - `state_dict()` / `load_state_dict(state)`: what a checkpoint must hold to resume the term exactly;
 - `wrap_for_sampling(unet, scheduler_config)`: the denoiser that samples, when the term adds a module
-  to the model (Cas-DM): a term must never train something the samples do not see.
+  to the model (Cas-DM): a term must never train something the samples do not see;
+- `wrap_for_rollouts(unet, scheduler_config)`: the same denoiser as the other terms' training-time
+  rollouts call it (Cas-DM: the cascade, its head not trained by them).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from trainers.common.errors import ObjectiveError, OptionError  # noqa: F401 - t
 class Term:
     name = ""
     needs_base = False
+    after_feedback = False  # reads what the step's feedback terms computed (ctx.feedback_points): called after them
 
     def setup(self, env: "BuildEnv") -> None:
         pass
@@ -57,6 +60,11 @@ class Term:
     def wrap_for_sampling(self, unet, scheduler_config):
         """A term that adds a module to the model (Cas-DM's cascaded x0 head) adds it to sampling
         here: the denoiser that sampling, evaluation, checkpoints and the export use."""
+        return unet
+
+    def wrap_for_rollouts(self, unet, scheduler_config):
+        """The denoiser other terms' rollouts and samples call during training: the sampling one,
+        with whatever the term alone trains kept out of their gradients."""
         return unet
 
 

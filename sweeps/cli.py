@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt_select.add_argument("--out", required=True, help="the pool file to write")
     prompt_select.add_argument("--size", type=int, default=64, help="prompts in the pool (default 64)")
     prompt_select.add_argument("--seed", type=int, default=0)
-    prompt_select.add_argument("--threshold", type=float, default=0.9, help="drop a prompt whose text-embedding cosine with a kept one is above this")
+    prompt_select.add_argument("--threshold", type=float, default=0.8,
+                               help="drop a prompt whose text-embedding cosine with a kept one is above this (UniFL: 0.8, on seeded-shuffled prompts)")
     prompt_select.add_argument("--filter", default="", help="semantic filter module:function (default: at least 3 words)")
     prompt_select.set_defaults(func=cmd_prompts_select)
     return parser

@@ -138,6 +138,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
     # bf16 autocast on CUDA only: CPU autocast is slower than fp32 for these convolutions.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and settings.mixed_precision == "bf16")
     num_timesteps = base.scheduler.config.num_train_timesteps
+    rollout_model = objective.wrap_for_rollouts(model, base.scheduler.config)  # Cas-DM: rollouts through its cascade
     logged, metrics, checkpoint = {}, {}, None
     times = {"time/setup_s": time.perf_counter() - started}  # the first report carries the set-up time
     clock = time.perf_counter()
@@ -164,7 +165,8 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             noise = torch.randn(x0.shape, generator=generator).to(device)
             t = torch.randint(0, num_timesteps, (len(x0),), generator=generator).to(device)
             ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t, conditioning=conditioning, prompts=prompts,
-                              base=frozen, vae=base.vae, encode_prompt=base.encode_prompt, generator=generator)
+                              base=frozen, vae=base.vae, encode_prompt=base.encode_prompt, generator=generator,
+                              rollout_model=rollout_model)
             with autocast:
                 loss, parts = objective(ctx, step)
             (loss / accumulation).backward()  # the one place accumulation is normalized

@@ -75,14 +75,16 @@ def term_specs(specs):
         "pefl": {"network": specs["network"], "x0": "one_step"},
         "pefl_rollout": {"network": specs["network"]},  # UniFL's default: a rollout from the noised real image
         "pefl_segmentation": {"segmenter": specs["segmenter"]},
-        "decoupled_rewards": {"rewards": {"sharp": {"model": specs["cnniqa"]}, "clean": {"model": specs["heldout"], "weight": 0.5}}},
+        "decoupled_rewards": {"rewards": {"sharp": {"model": specs["cnniqa"]}, "clean": {"model": specs["heldout"], "weight": 0.5}},
+                              "x0": "one_step"},
+        "decoupled_rewards_rollout": {"rewards": {"sharp": {"model": specs["cnniqa"]}}, "sampling_steps": 4},  # UniFL's: ReFL's rollout from noise
         "adversarial": {"discriminator": specs["cnniqa"], "x0": "one_step", "t_range": [0, 500]},
         "adversarial_rollout": {"discriminator": specs["cnniqa"]},
     }
 
 
 @pytest.mark.parametrize("case", ["denoise", "anchor", "nr_iqa", "nr_iqa_sampled", "lpips_x0", "self_perceptual", "pefl", "pefl_rollout",
-                                  "pefl_segmentation", "decoupled_rewards", "adversarial", "adversarial_rollout"])
+                                  "pefl_segmentation", "decoupled_rewards", "decoupled_rewards_rollout", "adversarial", "adversarial_rollout"])
 def test_every_term_is_finite_and_trains_only_what_it_should(case, specs, digits):
     base = tiny_unet().requires_grad_(False)
     model = copy.deepcopy(base).requires_grad_(True)
@@ -274,6 +276,84 @@ def test_self_perceptual_is_zero_for_a_perfect_x0(digits):
     assert (term(off) > 0).all()
 
 
+@pytest.mark.parametrize("prediction_type, default_range", [("epsilon", (0, 500)), ("v_prediction", (0, 1000)), ("sample", (0, 1000))])
+def test_self_perceptual_takes_x0_where_the_prediction_type_allows(digits, prediction_type, default_range):
+    # the paper's every-t choice for v- and sample-prediction; [0, T/2) only guards an epsilon model's x0
+    scheduler = build_digits_scheduler()
+    scheduler.register_to_config(prediction_type=prediction_type)
+    model, base = tiny_unet(), tiny_unet(1).requires_grad_(False)
+    term = TERMS["self_perceptual"]()
+    assert term.x0_range(make_context(model, base, digits, scheduler=scheduler)) == default_range
+    by_default = term(make_context(model, base, digits, scheduler=scheduler))
+    named = TERMS["self_perceptual"](x0_t_range=list(default_range))(make_context(model, base, digits, scheduler=scheduler))
+    other = (0, 1000) if default_range == (0, 500) else (0, 500)
+    elsewhere = TERMS["self_perceptual"](x0_t_range=list(other))(make_context(model, base, digits, scheduler=scheduler))
+    assert torch.equal(by_default, named) and not torch.allclose(by_default, elsewhere)
+
+
+def test_the_anchor_acts_where_it_is_told(specs, digits):
+    from objectives.anchor import noise_distance
+
+    base, model = tiny_unet().requires_grad_(False), tiny_unet(1)
+    nr_iqa = {"metric": specs["cnniqa"], "t_range": [0, 400]}
+    for at in ("denoise", "feedback", "both"):
+        objective = build_objective({"anchor": {"weight": 1.0, "at": at}, "nr_iqa": nr_iqa})  # listed first, run after
+        ctx = make_context(model, base, digits)
+        _, parts = objective(ctx)
+        [point] = ctx.feedback_points  # NR-IQA's one-step forward, at its low t
+        assert (point.t < 400).all() and point.output.requires_grad
+        with torch.no_grad():
+            at_feedback = noise_distance(point.output, base(point.x_t, point.t).sample, point.x_t, point.t, ctx.scheduler)
+            at_denoise = noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.scheduler)
+        assert not torch.allclose(at_feedback, at_denoise)
+        expected = {"denoise": at_denoise, "feedback": at_feedback, "both": (at_denoise + at_feedback) / 2}[at]
+        assert parts["anchor"].item() == pytest.approx(expected.mean().item(), rel=1e-5)
+    # no feedback term this step: `feedback` falls back to the denoise step's (x_t, t)
+    ctx = make_context(model, base, digits)
+    _, parts = build_objective({"denoise": 1.0, "anchor": {"at": "feedback"}})(ctx)
+    with torch.no_grad():
+        assert parts["anchor"].item() == pytest.approx(noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t,
+                                                                      ctx.scheduler).mean().item(), rel=1e-5)
+    with pytest.raises(ObjectiveError, match=r"objective.anchor.at: expected one of denoise, feedback, both"):
+        validate_objective({"anchor": {"at": "everywhere"}})
+
+
+def test_the_cascade_head_sees_a_bounded_estimate_on_latent_models():
+    # an unclipped (latent) model's estimate near t ~ T is amplified noise: the head sees it clamped
+    from objectives.lpips_x0 import LATENT_VIEW, CascadedX0Head, cascaded_x0
+
+    head, seen = CascadedX0Head(4, width=8), []
+    head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[1]))
+    estimate = 100 * torch.randn(2, 4, 8, 8)
+    x0 = cascaded_x0(head, torch.randn(2, 4, 8, 8), estimate, torch.tensor([990, 999]), 1000, clip=None)
+    assert seen[0].abs().max() == LATENT_VIEW and torch.equal(x0, estimate)  # the identity head: the estimate itself
+    cascaded_x0(head, torch.randn(2, 4, 8, 8), estimate, torch.tensor([990, 999]), 1000, clip=1.0)
+    assert seen[1].abs().max() == 1.0  # a clipping (pixel) scheduler: the data range
+
+
+def test_with_lpips_x0_the_other_terms_roll_out_through_the_cascade(specs, digits):
+    # training and sampling must see the same denoiser: Cas-DM's head sits in every rollout step
+    model = tiny_unet(1)
+    objective = build_objective({"denoise": 1.0, "lpips_x0": {"metric": specs["network"]},
+                                 "pefl": {"network": specs["network"], "sampling_steps": 6, "start": 2, "stop_low": 4, "stop_high": 5}})
+    head = objective.terms["lpips_x0"][1].head
+    with torch.no_grad():  # a head that is not the identity, so going through it shows in x0
+        head.net[-1].weight.normal_(0, 0.1)
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    scheduler = build_digits_scheduler()
+    ctx = make_context(model, None, digits, scheduler=scheduler, rollout_model=objective.wrap_for_rollouts(model, scheduler.config))
+    pefl = objective.terms["pefl"][1]
+    x0 = ctx.generated(pefl.source)
+    assert len(calls) in (3, 4)  # steps 2..stop (4 or 5) of the schedule, each through the head
+    bare = make_context(model, None, digits, scheduler=scheduler).generated(pefl.source)
+    assert not torch.allclose(x0, bare)
+    # its gradient reaches the eps-module through the cascade, not the head (lpips_x0 alone trains that)
+    pefl(ctx)["style"].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(p.grad is None for p in head.parameters())
+
+
 def test_objective_logs_every_term_and_part(specs, digits):
     objective = build_objective({"denoise": 1.0, "decoupled_rewards": term_specs(specs)["decoupled_rewards"], "pefl": term_specs(specs)["pefl"]})
     _, parts = objective(make_context(tiny_unet(), None, digits))
@@ -296,7 +376,8 @@ def test_objective_logs_every_term_and_part(specs, digits):
     ({"decoupled_rewards": {"rewards": {}}}, r"objective.decoupled_rewards.rewards"),
     ({"aesthetic": {"rewards": {}}}, r"objective.aesthetic: renamed to objective.decoupled_rewards"),
     ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq", "weight": -1}}}}, r"objective.decoupled_rewards.rewards.color.weight"),
-    ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq"}}, "prompts": ["a cat"]}}, r"objective.decoupled_rewards.prompts: .*x0: sampled"),
+    ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq"}}, "x0": "one_step", "prompts": ["a cat"]}}, r"objective.decoupled_rewards.prompts: .*x0: rollout from noise"),
+    ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq"}}, "x0": "rollout", "start": 2, "prompts": ["a cat"]}}, r"objective.decoupled_rewards.prompts: .*no start"),
     ({"adversarial": {"discriminator": "musiq", "learning_rate": 0}}, r"objective.adversarial.learning_rate"),
 ])
 def test_bad_terms_fail_at_validation_naming_the_field(spec, message):

@@ -116,6 +116,49 @@ def test_adversarial_generator_gradient_is_not_negligible_on_a_0_to_100_metric(d
     assert grad_norm(torch.nn.functional.softplus(-raw).mean(), model) < 1e-9 * denoise
 
 
+def test_the_logistic_discriminator_loss_is_unifls_eq_6(specs, real, monkeypatch):
+    from objectives.adversarial import discriminator_loss
+
+    real_logits, fake_logits = torch.tensor([2.0, -1.0, 0.0, 30.0]), torch.tensor([0.5, -3.0, 0.0, -30.0])
+    by_hand = -(torch.log(torch.sigmoid(real_logits)) + torch.log(1 - torch.sigmoid(fake_logits)))  # Eq. 6, per sample
+    assert torch.allclose(discriminator_loss(real_logits, fake_logits), by_hand, atol=1e-6)
+    assert torch.allclose(discriminator_loss(real_logits, fake_logits, "hinge"), torch.tensor([0.0 + 1.5, 2.0 + 0.0, 1.0 + 1.0, 0.0 + 0.0]))
+    # the term's own loss is that one by default, the hinge on request
+    for kind, expected in (("logistic", by_hand), ("hinge", discriminator_loss(real_logits, fake_logits, "hinge"))):
+        options = {"discriminator": specs["cnniqa"], "x0": "one_step"} | ({"loss": kind} if kind == "hinge" else {})
+        term = build_objective({"adversarial": options}).terms["adversarial"][1]
+        answers = iter([real_logits, fake_logits])
+        monkeypatch.setattr(term, "logits", lambda images, prompts: next(answers))
+        monkeypatch.setattr(term, "_calibrate", lambda ctx: None)
+        assert torch.allclose(term.own_loss(context(CheapModel(), real[:4]))["discriminator"], expected, atol=1e-6)
+    with pytest.raises(ObjectiveError, match=r"objective.adversarial.loss: expected 'logistic'"):
+        validate_objective({"adversarial": {"discriminator": specs["cnniqa"], "loss": "wasserstein"}})
+
+
+class CheapModel(torch.nn.Module):
+    """A denoiser that predicts zero noise and counts its forwards: a rollout's length, for nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, t, **_):
+        self.calls += 1
+        return type("Output", (), {"sample": torch.zeros_like(x)})()
+
+
+def test_the_adversarial_rollout_trains_every_step_of_a_20_step_schedule(specs, real):
+    # UniFL: "the optimization step is set to t in [0, 20], encompassing the entire diffusion process"
+    term = build_objective({"adversarial": {"discriminator": specs["cnniqa"]}}).terms["adversarial"][1]
+    assert (term.source.kind, term.source.sampling_steps, term.source.start) == ("rollout", 20, 0)
+    stops = set()
+    for seed in range(300):
+        model = CheapModel()
+        context(model, real[:2], seed=seed).generated(term.source)
+        stops.add(model.calls - 1)  # forwards from step 0 to the stop, both included
+    assert stops == set(range(20))
+
+
 def test_discriminator_learns_real_from_generated_and_round_trips(specs, real):
     term = build_objective({"adversarial": {"discriminator": specs["cnniqa"], "learning_rate": 1e-3, "x0": "one_step",
                                             "t_range": [0, 1000]}}).terms["adversarial"][1]
@@ -217,10 +260,64 @@ def test_offline_prompt_selection_removes_planted_near_duplicates_and_is_seeded(
     planted = ["A THIN handwritten 3", "a  thick handwritten 7", "a thin handwritten 3"]  # the same text after CLIP's normalization
     candidates = distinct + planted + ["7", "digit"]  # too little content: the semantic filter drops these
     # the frozen random text encoder of digits-t2i puts "a handwritten 7" and "a handwritten 1" at cosine ~0.993:
-    # only a threshold above that keeps the digits apart (a trained CLIP separates them at the default 0.9)
+    # only a threshold above that keeps the digits apart (a trained CLIP separates them at UniFL's 0.8)
     pool = select_prompts(candidates, embed, size=100, seed=0, threshold=0.999)
-    assert set(pool) == set(distinct)
+    assert sorted(" ".join(p.lower().split()) for p in pool) == sorted(distinct)  # one of each planted pair, whichever the shuffle met first
     assert remove_near_duplicates(["a", "b"], torch.tensor([[1.0, 0.0], [0.99, 0.01]]), 0.9) == [0]
     a = select_prompts(candidates, embed, size=8, seed=1, threshold=0.999)
     assert a == select_prompts(candidates, embed, size=8, seed=1, threshold=0.999) and len(a) == 8
     assert a != select_prompts(candidates, embed, size=8, seed=2, threshold=0.999)
+
+
+def test_prompt_selection_shuffles_then_drops_pairs_above_unifls_cosine():
+    # planted: b at cosine 0.85 with a (a pair at UniFL's 0.8: one goes), c at 0.75 with a (kept)
+    vectors = {"a one two": [1.0, 0.0, 0.0], "b one two": [0.85, (1 - 0.85 ** 2) ** 0.5, 0.0], "c one two": [0.75, 0.0, (1 - 0.75 ** 2) ** 0.5]}
+    vectors.update({f"other {i} prompt": [0.0] * 3 + [1.0 if j == i else 0.0 for j in range(6)] for i in range(6)})
+    width = max(len(v) for v in vectors.values())
+    embed = lambda prompts: torch.tensor([vectors[p] + [0.0] * (width - len(vectors[p])) for p in prompts])  # noqa: E731
+    survivors = []
+    for seed in range(12):
+        pool = select_prompts(list(vectors), embed, size=100, seed=seed)
+        assert "c one two" in pool and len(pool) == len(vectors) - 1 and ("a one two" in pool) != ("b one two" in pool)
+        assert pool == [p for p in vectors if p in pool]  # written in file order
+        survivors.append("a one two" in pool)
+    assert any(survivors) and not all(survivors)  # which of the pair survives is the seeded shuffle's, not the file's
+    assert select_prompts(list(vectors), embed, size=4, seed=3) == select_prompts(list(vectors), embed, size=4, seed=3)
+
+
+class PromptEcho(torch.nn.Module):
+    """A text-conditioned "denoiser" whose output is its conditioning: what each forward was given shows in x0."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        self.seen.append(encoder_hidden_states)
+        return type("Output", (), {"sample": x * 0 + encoder_hidden_states.view(-1, 1, 1, 1)})()
+
+
+def encode(prompts):
+    return {"encoder_hidden_states": torch.tensor([float(len(p)) for p in prompts]).view(-1, 1, 1)}
+
+
+def test_decoupled_rewards_roll_out_from_their_prompts_as_refl_does(specs, real):
+    # UniFL's decoupled feedback follows ReFL: from noise, conditioned on the drawn prompts, to a stop in the last quarter
+    pool = ["a handwritten 1", "a thick handwritten 22", "a very thin handwritten 333"]
+    spec = {"decoupled_rewards": {"rewards": {"sharp": {"model": specs["cnniqa"]}}, "prompts": pool, "prompts_per_step": 2,
+                                  "sampling_steps": 8}}
+    term = build_objective(spec, BuildEnv(text_conditioned=True)).terms["decoupled_rewards"][1]
+    assert (term.source.kind, term.source.start, term.source.stop_low, term.source.stop_high) == ("rollout", None, 6, 7)
+    stops = set()
+    for seed in range(16):
+        model = PromptEcho()
+        ctx = context(model, real[:4], seed=seed, conditioning=encode(["the batch's own caption"] * 4), encode_prompt=encode)
+        assert torch.isfinite(term(ctx)["sharp"]).all()
+        drawn = term._draw_prompts(context(model, real[:4], seed=seed))  # the same draw, from the same step generator
+        assert all(torch.equal(seen, encode(list(drawn))["encoder_hidden_states"]) for seen in model.seen)  # every forward
+        stops.add(len(model.seen) - 1)
+    assert stops == {6, 7}
+    # a prompt change changes x0 (same step, same noise, same stop)
+    one = context(PromptEcho(), real[:2], seed=3, encode_prompt=encode).generated(term.source, ("a 1", "a 2"))
+    other = context(PromptEcho(), real[:2], seed=3, encode_prompt=encode).generated(term.source, ("a 1", "a handwritten 2"))
+    assert torch.equal(one[0], other[0]) and not torch.equal(one[1], other[1])

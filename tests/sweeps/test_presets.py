@@ -135,6 +135,29 @@ def test_a_preset_fragment_extends_its_parent():
     assert set(sweep.space) == {"objective.lpips_x0.weight", "train.steps", "train.learning_rate"} and sweep.name == "digits-cas-dm"
 
 
+def active_terms(spec: dict, step: int) -> set[str]:
+    """The terms an objective config trains at `step` (weights only: no model is built)."""
+    from objectives.registry import _term_options
+
+    return {name for name, weight, _ in _term_options(spec, "objective") if weight.at(step) > 0}
+
+
+def test_the_self_perceptual_fragment_trains_without_the_diffusion_loss():
+    # the paper's objective: the self-perceptual loss instead of the MSE, not beside it
+    config, sweep = load("digits-self-perceptual")
+    assert active_terms(config.objective, 0) == {"self_perceptual"}
+    assert set(sweep.space) == {"train.steps", "train.learning_rate"}
+
+
+def test_unifl_as_published_has_no_diffusion_loss_in_either_stage():
+    # UniFL's Eq. 7: stage 1 PeFL + decoupled rewards, stage 2 the adversarial pair + decoupled rewards
+    config, _ = load("digits-t2i-unifl-published")
+    assert active_terms(config.objective, 0) == {"pefl_segmentation", "pefl", "decoupled_rewards"}
+    assert active_terms(config.objective, 150) == {"decoupled_rewards", "adversarial"}
+    ours, _ = load("digits-t2i-unifl")
+    assert set(ours.objective) - set(config.objective) == {"denoise"}  # the only departure of the other preset
+
+
 def test_the_sweep_can_search_a_stage_boundary(capsys):
     from sweeps.acpo_sweep import main as sweep_main
 
