@@ -177,7 +177,8 @@ def _quality_figures(path: Path, arch: str, family_name: str) -> dict:
 def train_segmenter(steps: int, seed: int = 0, batch_size: int = 128) -> tuple[torch.nn.Module, dict]:
     """Per-pixel cross-entropy against `digit_masks` (stroke pixels labelled with their digit), on
     shifted images, a quarter of them mildly degraded so that it also reads imperfect samples."""
-    from objectives.segmenters import FOREGROUND_THRESHOLD, DigitsSegmenter, digit_masks
+    from objectives.segmenters import DigitsSegmenter
+    from trainers.image_sets import FOREGROUND_THRESHOLD, digit_masks
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 5)
@@ -209,7 +210,7 @@ def train_segmenter(steps: int, seed: int = 0, batch_size: int = 128) -> tuple[t
 @torch.no_grad()
 def segmenter_figures(net: torch.nn.Module) -> dict:
     """Mean IoU over the 11 classes and the stroke (foreground) IoU on the held-out split."""
-    from objectives.segmenters import digit_masks
+    from trainers.image_sets import digit_masks
 
     heldout = DigitsDataset("heldout")
     images01 = (heldout.images + 1) / 2

@@ -76,6 +76,7 @@ class StepContext:
     encode_prompt: object = None  # latent text models: prompts -> conditioning dict (for prompt selection)
     generator: torch.Generator | None = None  # draws inside terms (t', sampler noise): reproducible per step
     rollout_model: torch.nn.Module | None = None  # what rollouts and samples call (Cas-DM: the cascade); None: `model`
+    masks: torch.Tensor | None = None  # `[N, H, W]` class indices of the real images, from the data set (`masks: data`)
     _cache: dict = field(default_factory=dict, repr=False)
     # every forward of the trainable model that a feedback term differentiates through, in order
     # (the anchor's `at: feedback`); the step's own denoise forward is not one

@@ -6,14 +6,18 @@ pushed to draw what the perception model sees in the real image (UniFL: object s
 gets wrong). The x0 is UniFL's: a rollout from the noised real image (`objectives/pefl.py`,
 `ROLLOUT_FROM_REAL`).
 
-Departures, said here: UniFL scores SOLO instance segmentation against COCO's *ground-truth* masks.
-Users' data carries no masks, so the masks are the segmentation network's own labels of the real
-image (argmax of its output on the batch's x0, no gradient): the loss is then consistency with the
-segmenter, mistakes included, not agreement with an annotation. The network is a semantic one
+Where the masks come from (`masks`):
+- `data`: the data set's own label images, as UniFL reads COCO's ground truth: for digits the stroke
+  masks the digits segmenter was trained from, for an image folder `data.masks` (a label image per
+  training image, same relative path, `.png`, the image's size: a missing or mis-sized one is a
+  one-line error naming it before training). The digits presets use this.
+- `segmenter` (the default, ours, for data without masks): the segmentation network's own labels of
+  the real image (argmax of its output on the batch's x0, no gradient). The loss is then consistency
+  with the segmenter, mistakes included, not agreement with an annotation.
+
+Departures, said here: UniFL uses SOLO instance segmentation; the network here is a semantic one
 (`objectives/segmenters.py`: torchvision's DeepLabV3/FCN/LR-ASPP online, as UniFL's layout variant;
-offline the digits segmenter, 11 classes: background or the digit a stroke belongs to). Reading masks
-from the data set (a folder of label images; for digits the stroke masks the segmenter was trained
-from) is issue 28's next step and not here yet.
+offline the digits segmenter, 11 classes: background or the digit a stroke belongs to).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from objectives.context import StepContext
 from objectives.pefl import ROLLOUT_FROM_REAL, rollout_from_real
 from objectives.segmenters import check_segmenter_spec, load_segmenter
-from objectives.term import BuildEnv, Term
+from objectives.term import BuildEnv, OptionError, Term
 
 
 class PeflSegmentation(Term):
@@ -33,8 +37,12 @@ class PeflSegmentation(Term):
     def __init__(self, segmenter="deeplabv3_resnet50", x0: str = ROLLOUT_FROM_REAL["x0"],
                  sampling_steps: int = ROLLOUT_FROM_REAL["sampling_steps"], feedback_steps: int = 1, sampler: str = "ddim",
                  stop_low: int | None = ROLLOUT_FROM_REAL["stop_low"], stop_high: int | None = ROLLOUT_FROM_REAL["stop_high"],
-                 start: int | None = ROLLOUT_FROM_REAL["start"], t_range=None):
+                 start: int | None = ROLLOUT_FROM_REAL["start"], t_range=None, masks: str = "segmenter"):
         check_segmenter_spec(segmenter, "segmenter")
+        if masks not in ("segmenter", "data"):
+            raise OptionError("masks", f"expected 'data' (the data set's label images, UniFL's) or 'segmenter' (its own labels), got {masks!r}")
+        self.masks_from = masks
+        self.needs_masks = masks == "data"
         self.segmenter_spec = segmenter
         self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
         self.segmenter = None
@@ -44,7 +52,11 @@ class PeflSegmentation(Term):
         self.segmenter = load_segmenter(self.segmenter_spec, env.device, "segmenter")
 
     def masks(self, ctx: StepContext) -> torch.Tensor:
-        """`[N, H, W]`: the network's labels of the real images (the annotation UniFL reads from COCO)."""
+        """`[N, H, W]`: the real images' labels, from the data set or from the network."""
+        if self.masks_from == "data":
+            if ctx.masks is None:
+                raise ValueError("pefl_segmentation: masks: data, but the batch carries no masks")
+            return ctx.masks
         with torch.no_grad():
             return self.segmenter((ctx.image(ctx.x0) + 1) / 2).argmax(dim=1)
 

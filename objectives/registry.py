@@ -124,6 +124,11 @@ class Objective:
         return total, parts
 
     @property
+    def needs_masks(self) -> bool:
+        """Some term scores against the data set's label images: the trainer loads them with the batches."""
+        return any(term.needs_masks for _, term in self._terms())
+
+    @property
     def needs_base(self) -> bool:
         """Some term reads the frozen base: the trainer builds (or, with LoRA, exposes) it only then."""
         return any(term.needs_base for _, term in self.terms.values())

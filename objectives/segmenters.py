@@ -23,13 +23,6 @@ from objectives.term import OptionError
 
 TORCHVISION_SEGMENTERS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large")
 DIGITS_SEGMENTER = "digits-segmenter"
-FOREGROUND_THRESHOLD = 0.35  # a digits pixel (in [0, 1]) at or above this is stroke: the segmenter's training masks
-
-
-def digit_masks(images01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`[N, H, W]` class indices: 1 + label where the stroke is, 0 elsewhere (the digits' annotation)."""
-    stroke = images01[:, 0] >= FOREGROUND_THRESHOLD
-    return torch.where(stroke, labels.view(-1, 1, 1) + 1, torch.zeros_like(stroke, dtype=torch.long))
 
 
 def check_segmenter_spec(spec, option: str) -> tuple[str, str | None]:

@@ -38,6 +38,7 @@ class Term:
     name = ""
     needs_base = False
     after_feedback = False  # reads what the step's feedback terms computed (ctx.feedback_points): called after them
+    needs_masks = False  # reads the data set's label images (ctx.masks): the trainer loads them
 
     def setup(self, env: "BuildEnv") -> None:
         pass

@@ -78,7 +78,8 @@ def test_pure_noise_scores_far_worse_on_both_figures(base_figures):
 
 
 def test_segmenter_labels_held_out_digits(digits_assets):
-    from objectives.segmenters import DigitsSegmenter, digit_masks
+    from objectives.segmenters import DigitsSegmenter
+    from trainers.image_sets import digit_masks
     from trainers.common.weights import read_state_dict
 
     net = DigitsSegmenter()

@@ -122,6 +122,7 @@ class DataConfig(Section):
     cache_latents: bool = True  # latent models: encode the training images with the VAE once, keyed by content and VAE weights
     cache_captions: bool = True  # text models: encode each distinct caption once
     cache_dir: str = ""  # latent cache, shareable by a sweep's trials ("" = $ACPO_LATENT_CACHE or ~/.cache/acpo/latents)
+    masks: str = ""  # folder source: a folder of label images, one per training image at the same relative path (.png), read by `masks: data`
 
 
 class TrainConfig(Section):

@@ -57,9 +57,14 @@ class ShardedBatchSampler(Sampler):
 
 
 def collate(items: list):
-    """`(images [B, ...], labels or captions as a list, or None)`: what the loop takes apart."""
+    """`(images [B, ...], labels or captions as a list, or None)`, and `masks [B, R, R]` third when the
+    set has them (`image_sets.WithMasks`): what the loop takes apart."""
     if isinstance(items[0], (list, tuple)):
-        return torch.stack([item[0] for item in items]), [item[1] for item in items]
+        images, second = torch.stack([item[0] for item in items]), [item[1] for item in items]
+        second = None if all(x is None for x in second) else second
+        if len(items[0]) > 2:
+            return images, second, torch.stack([item[2] for item in items])
+        return images, second
     return torch.stack(items), None
 
 

@@ -196,6 +196,70 @@ def parse_hf_reference(reference: str) -> tuple[str, str]:
     return name, split or "train"
 
 
+FOREGROUND_THRESHOLD = 0.35  # a digits pixel (in [0, 1]) at or above this is stroke: the segmenter's training masks
+
+
+def digit_masks(images01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`[N, H, W]` class indices: 1 + label where the stroke is, 0 elsewhere (the digits' annotation)."""
+    stroke = images01[:, 0] >= FOREGROUND_THRESHOLD
+    return torch.where(stroke, labels.view(-1, 1, 1) + 1, torch.zeros_like(stroke, dtype=torch.long))
+
+
+def data_masks(data) -> torch.Tensor:
+    """`[N, R, R]` class indices, one label image per training image, in the training set's order:
+    what `pefl_segmentation`'s `masks: data` scores against (UniFL: the data set's ground truth).
+    Digits: the stroke masks the digits segmenter was trained from (stroke pixels labelled 1 + digit).
+    A folder: `data.masks`, a label image per image at the same relative path with `.png`, of the
+    image's size, center-cropped and resized as the image is (nearest)."""
+    from trainers.common.errors import ConfigError
+
+    if data.source == "digits":
+        digits = DigitsDataset(data.split)
+        return digit_masks((digits.images + 1) / 2, digits.labels.long())
+    if data.source != "folder" or not data.masks:
+        raise ConfigError("objective.pefl_segmentation.masks: data needs the digits or an image folder with data.masks "
+                          "(a folder of label images); use masks: segmenter otherwise")
+    images, root = ImageFolderDataset(data.path, data.resolution, data.channels), Path(data.masks)
+    masks = []
+    for path in images.files:
+        mask_path = root / path.relative_to(Path(data.path)).with_suffix(".png")
+        if not mask_path.is_file():
+            raise ConfigError(f"data.masks: no mask for {path}: expected {mask_path}")
+        with Image.open(path) as image, Image.open(mask_path) as mask:
+            if mask.size != image.size:
+                raise ConfigError(f"data.masks: {mask_path} is {mask.size[0]}x{mask.size[1]}, its image {path} "
+                                  f"{image.size[0]}x{image.size[1]}")
+            masks.append(_labels_to_resolution(mask, data.resolution))
+    return torch.stack(masks)
+
+
+def _labels_to_resolution(mask: Image.Image, resolution: int) -> torch.Tensor:
+    """A label image center-cropped and resized as `_to_model_range` does an image (nearest: labels stay labels)."""
+    w, h = mask.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    mask = mask.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.NEAREST)
+    array = np.asarray(mask)
+    return torch.from_numpy((array if array.ndim == 2 else array[..., 0]).astype(np.int64))
+
+
+class WithMasks(Dataset):
+    """Items `(image, label or caption or None, mask [R, R])`: a training set with `data_masks`."""
+
+    def __init__(self, dataset: Dataset, masks: torch.Tensor):
+        if len(masks) != len(dataset):
+            raise ValueError(f"{len(masks)} masks for {len(dataset)} training images")
+        self.dataset, self.masks = dataset, masks
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        image, second = (item[0], item[1]) if isinstance(item, tuple) else (item, None)
+        return image, second, self.masks[i]
+
+
 def images_only(dataset: Dataset) -> torch.Tensor:
     """Stack a whole (small) dataset into `[N, C, H, W]` in [-1, 1], dropping labels if present."""
     items = [dataset[i] for i in range(len(dataset))]

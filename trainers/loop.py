@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from eval.evaluate import Evaluator
 from eval.intervals import per_sample_tensors
-from trainers.image_sets import captioned_images, captions, training_set
+from trainers.image_sets import WithMasks, captioned_images, captions, data_masks, training_set
 from trainers.common.seeds import derive_seed
 from objectives.context import StepContext
 from objectives.registry import Objective, build_objective
@@ -129,6 +129,8 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
     dataset = training_set(data)
     if base.latent and data.cache_latents:
         dataset = cached_latents(dataset, base.vae, device, data.cache_dir or None, workers=data.workers)
+    if objective.needs_masks:  # PeFL's structure loss against the data set's label images
+        dataset = WithMasks(dataset, data_masks(data))
     batches = iter(batch_loader(dataset, settings.batch_size, settings.seed, rank, world_size, start=start * accumulation,
                                 stop=settings.steps * accumulation, workers=data.workers, prefetch=data.prefetch, pin_memory=use_cuda))
     encode_prompt = PromptCache(base.encode_prompt) if base.text_conditioned and data.cache_captions else base.encode_prompt
@@ -153,8 +155,9 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             step_seed = derive_seed(settings.seed, "step", index, rank)
             generator = torch.Generator().manual_seed(step_seed)
             torch.manual_seed(step_seed)
-            images, labels = next(batches)
+            images, labels, *masks = next(batches)
             images = images.to(device, non_blocking=True)
+            masks = masks[0].to(device, non_blocking=True) if masks else None
             prompts = captions(data.caption, labels, len(images)) if base.text_conditioned else None
             conditioning = encode_prompt(prompts) if prompts else {}
             if base.latent:  # a latent drawn from the posterior with this step's generator, cached or not
@@ -166,7 +169,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             t = torch.randint(0, num_timesteps, (len(x0),), generator=generator).to(device)
             ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t, conditioning=conditioning, prompts=prompts,
                               base=frozen, vae=base.vae, encode_prompt=base.encode_prompt, generator=generator,
-                              rollout_model=rollout_model)
+                              rollout_model=rollout_model, masks=masks)
             with autocast:
                 loss, parts = objective(ctx, step)
             (loss / accumulation).backward()  # the one place accumulation is normalized

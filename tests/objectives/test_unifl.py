@@ -4,6 +4,8 @@ and adversarial feedback whose generator gradient does not vanish and whose disc
 every micro-batch."""
 
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,7 +71,8 @@ def test_pefl_segmentation_lowers_the_segmentation_loss_of_rolled_out_x0(specs, 
 
 
 def test_segmenter_masks_of_real_digits_are_their_annotation(specs, real):
-    from objectives.segmenters import digit_masks, load_segmenter
+    from objectives.segmenters import load_segmenter
+    from trainers.image_sets import digit_masks
 
     segmenter = load_segmenter(specs["segmenter"])
     data = DigitsDataset("heldout")
@@ -80,6 +83,70 @@ def test_segmenter_masks_of_real_digits_are_their_annotation(specs, real):
     stroke = truth > 0
     assert (predicted[stroke] == truth[stroke]).float().mean() > 0.9  # stroke pixels carry the right digit
     assert (predicted[~stroke] == 0).float().mean() > 0.95
+
+
+def test_masks_from_the_data_are_what_the_structure_loss_scores_against(specs, real, digits_assets):
+    from trainers.config import Config
+    from trainers.image_sets import data_masks, digit_masks
+
+    config = Config.from_dict({"data": {"source": "digits"}})
+    masks = data_masks(config.data)
+    train = DigitsDataset("train")
+    assert torch.equal(masks, digit_masks((train.images + 1) / 2, train.labels.long()))  # the segmenter's training masks
+    model = load_base_model(digits_assets / "base").unet
+    own = build_objective({"pefl_segmentation": {"segmenter": specs["segmenter"]}}).terms["pefl_segmentation"][1]
+    ground = build_objective({"pefl_segmentation": {"segmenter": specs["segmenter"], "masks": "data"}}).terms["pefl_segmentation"][1]
+    assert ground.needs_masks and not own.needs_masks
+    wrong = torch.zeros_like(masks[:4])  # "all background": a loss against the data's masks must see it
+    with torch.no_grad():
+        against_data = ground(context(model, real[:4], seed=1, masks=wrong))
+        against_own = own(context(model, real[:4], seed=1, masks=wrong))
+    assert not torch.allclose(against_data, against_own)
+    with pytest.raises(ValueError, match="masks: data, but the batch carries no masks"):
+        ground(context(model, real[:4], seed=1))
+
+
+def test_a_missing_or_mis_sized_mask_file_is_refused_naming_it(tmp_path):
+    from PIL import Image
+
+    from trainers.common.errors import ConfigError
+    from trainers.config import Config
+    from trainers.image_sets import data_masks
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    (images / "sub").mkdir(parents=True)
+    (masks / "sub").mkdir(parents=True)
+    for name in ("a", "sub/b"):
+        Image.new("L", (20, 24), 128).save(images / f"{name}.png")
+    Image.new("L", (20, 24), 3).save(masks / "a.png")
+    data = Config.from_dict({"data": {"source": "folder", "path": str(images), "masks": str(masks), "resolution": 8}}).data
+    with pytest.raises(ConfigError, match="^" + re.escape(f"data.masks: no mask for {images / 'sub' / 'b.png'}: expected {masks / 'sub' / 'b.png'}") + "$"):
+        data_masks(data)
+    Image.new("L", (24, 24), 5).save(masks / "sub" / "b.png")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"data.masks: {masks / 'sub' / 'b.png'} is 24x24, its image {images / 'sub' / 'b.png'} 20x24") + "$"):
+        data_masks(data)
+    Image.new("L", (20, 24), 5).save(masks / "sub" / "b.png")
+    read = data_masks(data)
+    assert read.shape == (2, 8, 8) and set(read[0].unique().tolist()) == {3} and set(read[1].unique().tolist()) == {5}
+    with pytest.raises(ConfigError, match=r"^objective.pefl_segmentation.masks: data needs the digits or an image folder with data.masks"):
+        data_masks(Config.from_dict({"data": {"source": "folder", "path": str(images)}}).data)
+
+
+def test_the_trainer_hands_the_data_masks_to_the_structure_loss(digits_assets, tmp_path, monkeypatch):
+    from objectives.pefl_segmentation import PeflSegmentation
+    from sweeps.presets import load
+    from trainers.loop import train
+
+    seen = []
+    original = PeflSegmentation.masks
+    monkeypatch.setattr(PeflSegmentation, "masks", lambda self, ctx: (seen.append(ctx.masks), original(self, ctx))[1])
+    config, _ = load("digits", ["train.steps=2", "train.batch_size=8", "eval.samples=8", "eval.sampling_steps=[2]",
+                                f"train.output_dir={tmp_path}/run",
+                                f"objective={{denoise: 1.0, pefl_segmentation: {{masks: data, sampling_steps: 4, start: 1, stop_low: 2, "
+                                f"stop_high: 3, segmenter: {{network: digits-segmenter, weights: {digits_assets}/segmenter.safetensors}}}}}}"])
+    result = train(config)
+    assert len(seen) == 2 and all(m is not None and m.shape == (8, 16, 16) and m.max() <= 10 and (m > 0).any() for m in seen)
+    assert "loss/pefl_segmentation" in result["metrics"]
 
 
 def scaled_metric(digits_assets, tmp_path, factor=100.0):
