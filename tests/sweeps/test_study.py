@@ -186,8 +186,9 @@ def test_broken_study_file_fails_in_one_line(tmp_path, capsys):
     ("cifar10", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
     ("sd15", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
     ("digits-anchor", {"at_denoise", "at_feedback", "at_both"}),
+    ("digits-adversarial", {"before", "unifl"}),
 ])
 def test_shipped_studies_validate(capsys, preset, methods):
     assert main(["--preset", preset, "--dry-run"]) == 0
     study = json.loads(capsys.readouterr().out)
-    assert set(study["methods"]) == methods and study["preset"] == preset.removesuffix("-anchor") and len(study["seeds"]) >= 3
+    assert set(study["methods"]) == methods and study["preset"] == preset.removesuffix("-anchor").removesuffix("-adversarial") and len(study["seeds"]) >= 3
