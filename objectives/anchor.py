@@ -62,10 +62,11 @@ class Anchor(Term):
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         """Per-sample mean squared distance `[N]` between the two noise predictions; 0 when the models agree."""
-        at_denoise = None
-        if self.at != "feedback":
-            at_denoise = noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.scheduler)
         at_feedback = self.at_feedback(ctx) if self.at != "denoise" else None
-        if at_feedback is None:
-            return at_denoise if at_denoise is not None else noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.scheduler)
-        return at_feedback if at_denoise is None else (at_denoise + at_feedback) / 2
+        if at_feedback is None:  # `denoise`, or no feedback term ran this step
+            return self.at_denoise(ctx)
+        return at_feedback if self.at == "feedback" else (self.at_denoise(ctx) + at_feedback) / 2
+
+    @staticmethod
+    def at_denoise(ctx: StepContext) -> torch.Tensor:
+        return noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.scheduler)

@@ -108,13 +108,16 @@ def digits_data_hash() -> str:
     return h.hexdigest()
 
 
-def _to_model_range(image: Image.Image, resolution: int, channels: int) -> torch.Tensor:
-    image = image.convert("L" if channels == 1 else "RGB")
-    # Center crop to a square, then resize: the usual preprocessing for unconditional DDPMs.
+def _square(image: Image.Image, resolution: int, resample) -> Image.Image:
+    """Center crop to a square, then resize: the usual preprocessing for unconditional DDPMs."""
     w, h = image.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return image.crop((left, top, left + side, top + side)).resize((resolution, resolution), resample)
+
+
+def _to_model_range(image: Image.Image, resolution: int, channels: int) -> torch.Tensor:
+    image = _square(image.convert("L" if channels == 1 else "RGB"), resolution, Image.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     x = x.unsqueeze(0) if channels == 1 else x.permute(2, 0, 1)
     return x * 2 - 1
@@ -235,11 +238,7 @@ def data_masks(data) -> torch.Tensor:
 
 def _labels_to_resolution(mask: Image.Image, resolution: int) -> torch.Tensor:
     """A label image center-cropped and resized as `_to_model_range` does an image (nearest: labels stay labels)."""
-    w, h = mask.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    mask = mask.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.NEAREST)
-    array = np.asarray(mask)
+    array = np.asarray(_square(mask, resolution, Image.NEAREST))
     return torch.from_numpy((array if array.ndim == 2 else array[..., 0]).astype(np.int64))
 
 
