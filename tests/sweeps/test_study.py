@@ -187,8 +187,12 @@ def test_broken_study_file_fails_in_one_line(tmp_path, capsys):
     ("sd15", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
     ("digits-anchor", {"at_denoise", "at_feedback", "at_both"}),
     ("digits-adversarial", {"before", "unifl"}),
+    ("digits-pefl-masks", {"segmenter", "data"}),
+    ("digits-self-perceptual", {"with_denoise", "published"}),
+    ("digits-t2i-decoupled", {"sampled", "rollout"}),
 ])
 def test_shipped_studies_validate(capsys, preset, methods):
     assert main(["--preset", preset, "--dry-run"]) == 0
     study = json.loads(capsys.readouterr().out)
-    assert set(study["methods"]) == methods and study["preset"] == preset.removesuffix("-anchor").removesuffix("-adversarial") and len(study["seeds"]) >= 3
+    base = "digits-t2i" if preset.startswith("digits-t2i") else "digits" if preset.startswith("digits") else preset
+    assert set(study["methods"]) == methods and study["preset"] == base and len(study["seeds"]) >= 3
