@@ -134,7 +134,9 @@ class TrainConfig(Section):
     gradient_accumulation: Positive = 1  # micro-batches per optimizer step (the loss is divided by this, once)
     seed: int = 0  # every draw derives from (seed, rank, step): trainers.common.seeds.derive_seed
     ema_decay: float = Field(0.0, ge=0, lt=1)  # EMA of the trainable weights, used for evaluation; 0 disables
-    mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16: autocast on CUDA (ignored on CPU); no: fp32 everywhere
+    # auto: bf16 autocast on CUDA, fp32 on the CPU (where autocast is slower than fp32 for these convolutions);
+    # bf16: autocast on either (the CPU runs the GPU's dtype path, for rehearsals and tests); no: fp32 everywhere
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile the trainable UNet (first steps pay the compilation)
     eval_every: NonNegative = 0  # evaluate + checkpoint every N steps (0: only at the end)

@@ -137,8 +137,8 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
     if settings.compile:
         model.compile()  # in place: parameter names and checkpoints stay those of the plain UNet
 
-    # bf16 autocast on CUDA only: CPU autocast is slower than fp32 for these convolutions.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and settings.mixed_precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=settings.mixed_precision == "bf16" or (settings.mixed_precision == "auto" and use_cuda))
     num_timesteps = base.scheduler.config.num_train_timesteps
     rollout_model = objective.wrap_for_rollouts(model, base.scheduler.config)  # Cas-DM: rollouts through its cascade
     logged, metrics, checkpoint = {}, {}, None

@@ -1,6 +1,7 @@
 """The per-worker loop without Ray: exact resume, data-parallel ranks in a gloo group, LoRA on the
-SD-shaped latent model, EMA, NaN stop, and the CUDA bf16 path where a GPU exists."""
+SD-shaped latent model, EMA, NaN stop, bf16 autocast on the CPU, and the CUDA bf16 path where a GPU exists."""
 
+import math
 import os
 
 import pytest
@@ -166,6 +167,37 @@ def test_cuda_bf16_steps(tmp_path, tiny_sd, digits_assets):
                           f"model.base={tiny_sd}", "objective={denoise: 1.0, anchor: 1.0}")
     result = train(config, report=lambda *_: None)
     assert next(result["model"].parameters()).is_cuda and torch.isfinite(torch.tensor(result["metrics"]["loss"]))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "auto"])
+def test_cpu_bf16_autocast_runs_the_gpu_dtype_path(tmp_path, tiny_sd, digits_assets, monkeypatch, precision):
+    """`mixed_precision: bf16` on the CPU: the UNet runs in bf16 under autocast (the denoise step, the
+    anchor's frozen base, a sampled x0 decoded by the VAE for the fp32 reward model), the losses stay
+    finite, the fp32 LoRA weights move and the base's do not; `auto` stays fp32 on the CPU."""
+    from diffusers import UNet2DConditionModel
+
+    config = small_config(tmp_path, "train.steps=2", "model.finetune=lora", f"model.base={tiny_sd}", "train.learning_rate=1e-2",
+                          f"train.mixed_precision={precision}",
+                          f"objective={{denoise: 1.0, anchor: 1.0, nr_iqa: {{weight: 0.5, metric: {{arch: cnniqa, weights: "
+                          f"{digits_assets}/quality_cnniqa.safetensors}}, x0: sampled, sampling_steps: 3, feedback_steps: 1}}}}")
+    dtypes, forward = set(), UNet2DConditionModel.forward
+
+    def recording(self, *args, **kwargs):  # every UNet call, trained or frozen (evaluation samples without autocast)
+        out = forward(self, *args, **kwargs)
+        dtypes.add((out.sample if hasattr(out, "sample") else out[0]).dtype)
+        return out
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    reports = []
+    result = train(config, report=lambda m, c=None: reports.append(m))
+    assert (torch.bfloat16 in dtypes) == (precision == "bf16")
+    assert all(math.isfinite(reports[-1][k]) for k in ("loss", "loss/denoise", "loss/anchor", "loss/nr_iqa"))
+    after = weights(result["model"])
+    before = load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(v.abs().sum() > 0 for k, v in after.items() if "lora_B" in k)
+    frozen = {k.replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
+    assert all(torch.equal(before[k], frozen[k]) for k in before)
 
 
 def test_captioned_hf_data_conditions_on_its_own_captions(tmp_path, tiny_sd, digits_assets, monkeypatch):
