@@ -2,14 +2,14 @@
 Models"): a second, cascaded module predicts the clean image from the eps-module's output; a metric
 function (LPIPS by default) is applied to that x0 only, so the eps-module is unaffected.
 
-The cascaded module (`CascadedX0Head`) sees x_t, the eps-module's one-step x0 estimate and t, and
-predicts a correction to the estimate and a blend weight r_t in (0, 1):
+The cascaded module (`CascadedX0Head`) sees x_t, the eps-module's one-step x0 estimate e (bounded,
+below) and t, and predicts a correction to it and a blend weight r_t in (0, 1):
 
-    x0 = r_t * estimate + (1 - r_t) * (estimate + correction)
+    x0 = r_t * e + (1 - r_t) * (e + correction)
 
 This is the paper's blend `r * x0_eps + (1 - r) * x0_phi` with the x0-module's output written as a
-residual on the estimate, `x0_phi = estimate + correction` (ours: it lets the head start as the
-identity, below).
+residual on the estimate, `x0_phi = e + correction` (ours: it lets the head start as the identity,
+below).
 The estimate enters the head detached: no gradient from the metric reaches the eps-module, whose
 denoising objective is unchanged. The head is part of the model, not of the loss: the trainer
 optimizes and checkpoints it, and sampling, evaluation and the exported model use it at every step
@@ -18,14 +18,16 @@ DPM-Solver, the step is formed from the cascaded x0 and the noise implied by it)
 
 Where this departs from the paper: the paper trains both modules from scratch with the metric on the
 x0-module; here the eps-module is a pretrained model being fine-tuned (by `denoise`, or not at all)
-and the head starts as the identity (zero correction) so that adding it changes nothing until it
-has learned. The head is a small convolutional network (`width`, `depth`), not a second UNet.
+and the head starts as the identity (zero correction) so that adding it changes nothing (within the
+bound) until it has learned. The head is a small convolutional network (`width`, `depth`), not a
+second UNet.
 The cascade is built on the estimate bounded: to the data range when the scheduler clips samples
 (its steps clip the same x0, so sampling is unchanged), else (latent models) to +-8, past any
 sampled latent (the digits-t2i base's reach 5.1; a few of its first sampling steps' estimates
 exceed 8). Near t = T the estimate is the noise amplified (~650x on the digits schedule, up to
 ~20,000x on digits-t2i's): unbounded, that error, which no correction can undo, was the head's MSE
-(a mean of 300 to 2,500 on digits-t2i against 0.33 for the metric), so the metric barely trained it.
+(a mean of 357 on digits and of 300 to 2,500 on digits-t2i, against 0.7 and 0.33 for the metric), so
+the metric barely trained it; bounded, 0.07 and 0.5 (README, "The rest of issue 28").
 
 Other terms' training-time rollouts and samples (ReFL, PeFL, adversarial) go through the cascade, as
 sampling and evaluation do (`wrap_for_rollouts`: their gradient reaches the eps-module through it,
