@@ -26,54 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ObjectiveStep, bare_loop, describe, gib, our_steps, peak_tflops, pick_device  # noqa: E402
 
-# runwayml/stable-diffusion-v1-5: unet/config.json, vae/config.json, text_encoder/config.json, scheduler.
-SIZES = {
-    "sd15": {
-        "resolution": 512,
-        "unet": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8),
-        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
-                    scaling_factor=0.18215),
-        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                     hidden_act="quick_gelu"),
-    },
-    "tiny": {  # the same block types and depth pattern, narrow, at 64 px
-        "resolution": 64,
-        "unet": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
-                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=4,
-                     norm_num_groups=8),
-        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
-                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
-                    norm_num_groups=8, scaling_factor=0.18215),
-        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                     hidden_act="quick_gelu"),
-    },
-}
+from trainers import rehearsal  # noqa: E402
+from trainers.rehearsal import SD15  # noqa: E402
+
+SIZES = {"sd15": SD15, "tiny": "tiny"}  # trainers/rehearsal.py: the published configs, and a narrow copy for the tests
 
 
 def build(size: str, folder: Path) -> Path:
     """The architecture with random weights (seed 0), saved as a diffusers pipeline (safetensors)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from trainers.models import save_base_model
 
-    from assets.digits_t2i import build_tokenizer
-    from trainers.models import DiffusionModel, save_base_model
-
-    spec = SIZES[size]
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()  # a local character vocabulary: the real BPE vocabulary lives on the hub
-    tokenizer.model_max_length = spec["text"]["max_position_embeddings"]
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=max(len(tokenizer), 49408 if size == "sd15" else 0), **spec["text"],
-                                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type="epsilon", steps_offset=1, clip_sample=False)
-    model = DiffusionModel(unet=UNet2DConditionModel(**spec["unet"]), scheduler=scheduler, vae=AutoencoderKL(**spec["vae"]),
-                      text_encoder=text_encoder, tokenizer=tokenizer)
-    return save_base_model(model, folder)
+    return save_base_model(rehearsal.build(SIZES[size]), folder)
 
 
 def write_images(folder: Path, count: int, resolution: int) -> Path:
@@ -104,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     size = args.size or ("sd15" if device.type == "cuda" else "tiny")
-    resolution = SIZES[size]["resolution"]
+    resolution = rehearsal.ARCHITECTURES[SIZES[size]]["resolution"]
 
     with tempfile.TemporaryDirectory(prefix="sd-shape-") as scratch:
         work = args.work or Path(scratch)
