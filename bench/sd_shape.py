@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         images = write_images(work / "images", max(64, 2 * args.batch), resolution)
         common = [f"model.base={base}", "data.source=folder", f"data.path={images}", f"data.resolution={resolution}", "data.channels=3",
                   "data.caption_column=''", "data.caption='a handwritten digit'", f"eval.reference={images}", "eval.guidance_scale=1.0",
-                  f"train.batch_size={args.batch}", "train.mixed_precision=bf16", f"data.cache_dir={work / 'latents'}"]
+                  f"train.batch_size={args.batch}", "train.mixed_precision=auto", f"data.cache_dir={work / 'latents'}"]
         # pyiqa's CNNIQA (the digits weights; any input size) is the reward, and scores the token evaluation
         # between timings; the digits-only prompt metrics of the preset are dropped.
         quality = "{arch: cnniqa, weights: assets/digits/quality_cnniqa.safetensors}"
