@@ -88,18 +88,9 @@ def build(name: str, seed: int = 0, device: str | torch.device = "cpu"):
     with torch.device(device):
         if "text" not in spec:  # a pixel DDPM
             return DiffusionModel(unet=UNet2DModel(**spec["unet"]), scheduler=scheduler)
-        tokenizer = clip_tokenizer(spec["text"]["max_position_embeddings"]) if name == SD15 else _character_tokenizer()
+        tokenizer = clip_tokenizer(spec["text"]["max_position_embeddings"])
         text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **spec["text"], bos_token_id=tokenizer.bos_token_id,
                                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
         return DiffusionModel(unet=UNet2DConditionModel(**spec["unet"]), scheduler=scheduler, vae=AutoencoderKL(**spec["vae"]),
                               text_encoder=text_encoder.requires_grad_(False).eval(), tokenizer=tokenizer)
 
-
-def _character_tokenizer():
-    """The tiny model's: the digits-t2i stand-in's character vocabulary (a 49,408-row embedding would
-    be most of a narrow model)."""
-    from assets.digits_t2i import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    tokenizer.model_max_length = 77
-    return tokenizer
