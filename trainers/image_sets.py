@@ -176,8 +176,9 @@ class HFImageDataset(Dataset):
         else:
             try:
                 ds = datasets.load_dataset(name, split=split)
-            except (ConnectionError, OSError, ValueError) as error:
-                raise RuntimeError(f"could not load Hugging Face dataset {name!r} (split {split!r}): {error}") from None
+            except (ConnectionError, OSError, ValueError) as error:  # offline, or no such set: a user's error, one line
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise FileNotFoundError(f"could not load Hugging Face dataset {name!r} (split {split!r}): {first}") from None
         for column in filter(None, (image_column, caption_column)):
             if column not in ds.column_names:
                 raise ValueError(f"dataset {name} has no column {column!r} (columns: {ds.column_names})")

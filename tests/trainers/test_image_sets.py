@@ -93,6 +93,10 @@ def test_hf_dataset_from_a_saved_folder(tmp_path):
         HFImageDataset(str(tmp_path / "ds"), resolution=4)
 
 
-def test_hf_dataset_by_name_offline_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="could not load Hugging Face dataset 'uoft-cs/cifar10'"):
+def test_hf_dataset_by_name_offline_is_a_clear_error(capsys):
+    from trainers.common.errors import report_error
+
+    with pytest.raises(FileNotFoundError, match="could not load Hugging Face dataset 'uoft-cs/cifar10'") as raised:
         HFImageDataset("uoft-cs/cifar10", resolution=32, image_column="img")
+    assert report_error(raised.value) != 0  # a user's error: one line, no traceback
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
