@@ -33,6 +33,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from trainers.common import storage
 from trainers.common.keys import ContentKey
+from trainers.common.weights import read_state_dict
 
 # Online presets use torch-fidelity's Inception; the digits preset names its classifier instead.
 DEFAULT_FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -71,6 +72,17 @@ def _extractor(name: str, weights: str | None, cuda: bool):
     """One extractor per process and setting, reused for every evaluation (built once, like every helper)."""
     prepare_feature_extractor(name)
     layer = resolve_feature_layer_for_metric("fid", feature_extractor=name)
+    if name.startswith("inception-v3") and weights:
+        # torch-fidelity reads a local Inception file with torch.load(weights_only=False), an unpickling;
+        # ours is read as tensors only and handed over in place of its download.
+        import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+        state = read_state_dict(weights)
+        original, inception.load_state_dict_from_url = inception.load_state_dict_from_url, lambda *_, **__: state
+        try:
+            return create_feature_extractor(name, [layer], cuda=cuda, verbose=False), layer
+        finally:
+            inception.load_state_dict_from_url = original
     kwargs = {"feature_extractor_weights_path": weights} if weights else {}
     return create_feature_extractor(name, [layer], cuda=cuda, verbose=False, **kwargs), layer
 

@@ -25,6 +25,7 @@ Specs:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -119,9 +120,75 @@ def load_quality_model(spec: str | dict, device: str | torch.device = "cpu") -> 
     if arch not in pyiqa_metric_names():
         known = ", ".join(sorted(LOCAL_ARCHS))
         raise ValueError(f"unknown quality model arch {arch!r}: neither a pyiqa metric nor one of: {known}")
-    metric = pyiqa.create_metric(arch, as_loss=True, loss_reduction="none", pretrained=None, device=torch.device(device))
-    metric.net.load_state_dict(state)
+    metric = create_pyiqa_arch(arch, state, device, as_loss=True, loss_reduction="none")
     return QualityModel(name, _PyiqaNet(metric), lower_better=bool(metric.lower_better), in_channels=3).to(device)
+
+
+def offline_arch_options(arch: str) -> dict:
+    """What pyiqa's `arch` needs to be built without downloading anything: `pretrained=None` where it
+    takes one, and TOPIQ's ResNet backbone, which otherwise comes from timm's hub (a weights file for
+    the arch holds the backbone too)."""
+    import inspect
+
+    from pyiqa.archs import ARCH_REGISTRY, _lazy_import_arch
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+    network_type = DEFAULT_CONFIGS[arch]["metric_opts"]["type"]
+    _lazy_import_arch(network_type)  # pyiqa registers an architecture when build_network first imports it
+    accepted = inspect.signature(ARCH_REGISTRY.get(network_type)).parameters
+    options = {"pretrained": None, "backbone_pretrain": False}
+    return {key: value for key, value in options.items() if key in accepted}
+
+
+CLIP_PREFIX = "clip_model."  # where a CLIP-based architecture's weights file carries the CLIP model itself
+
+
+def create_pyiqa_arch(arch: str, state: dict, device: str | torch.device = "cpu", **options):
+    """pyiqa's metric `arch` built from `state` and nothing else: no download, no unpickling.
+
+    pyiqa's CLIP-based architectures (laion_aes, clipscore, clipiqa) load a CLIP when they are built,
+    which downloads OpenAI's weights. When `state` carries the CLIP model under `clip_model.`, it is
+    built from those tensors instead (`build_model`, what the loaders do after their download), so a
+    weights file with its CLIP works offline. LAION-aes and CLIP-IQA keep their CLIP outside their
+    state dict (in a list), so there the CLIP tensors are used for building only."""
+    import pyiqa
+
+    clip_state = {key[len(CLIP_PREFIX):]: value for key, value in state.items() if key.startswith(CLIP_PREFIX)}
+    with _clip_built_from(clip_state) if clip_state else contextlib.nullcontext():
+        metric = pyiqa.create_metric(arch, device=torch.device(device), **offline_arch_options(arch), **options)
+    own = metric.net.state_dict()
+    metric.net.load_state_dict({key: value for key, value in state.items() if key in own or not key.startswith(CLIP_PREFIX)})
+    return metric
+
+
+@contextlib.contextmanager
+def clip_loaders(build):
+    """While open, pyiqa's two CLIP loaders (OpenAI's `clip.load`, used by laion_aes and clipscore, and
+    its own `clip_model.load`, used by clipiqa) return `build(name, openai)` instead of downloading:
+    `openai` says which package's CLIP class the caller expects."""
+    import pyiqa.archs.clipiqa_arch as clipiqa
+    from clip.clip import _transform
+    from pyiqa.archs.clip_imports import clip
+
+    def openai_load(name, device="cpu", **_):
+        model = build(name, True).float().to(device)
+        return model, _transform(model.visual.input_resolution)
+
+    originals = clip.load, clipiqa.load
+    clip.load, clipiqa.load = openai_load, lambda name, device="cpu", **_: build(name, False).float().to(device)
+    try:
+        yield
+    finally:
+        clip.load, clipiqa.load = originals
+
+
+def _clip_built_from(clip_state: dict):
+    """The CLIP a weights file carries, built as the loaders build a downloaded one (`build_model`
+    casts to fp16; the metrics run in fp32 on a CPU)."""
+    import clip.model
+    import pyiqa.archs.clip_model
+
+    return clip_loaders(lambda name, openai: (clip.model if openai else pyiqa.archs.clip_model).build_model(dict(clip_state)))
 
 
 class _PyiqaNet(nn.Module):
@@ -136,14 +203,18 @@ class _PyiqaNet(nn.Module):
         return self.metric.net(x)
 
 
-def load_clip_score(name: str = "clipscore", device: str | torch.device = "cpu"):
+def load_clip_score(spec: str | dict = "clipscore", device: str | torch.device = "cpu"):
     """pyiqa's CLIP score as `(images [N, 3, H, W] in [0, 1], captions) -> [N]` (higher: the image
-    matches its prompt better). pyiqa downloads the CLIP weights."""
+    matches its prompt better). A pyiqa name (pyiqa downloads the CLIP weights) or {arch, weights}
+    (a weights file carrying its CLIP: `create_pyiqa_arch`)."""
     import pyiqa
 
-    if name not in pyiqa_metric_names():
-        raise ValueError(f"unknown CLIP score metric {name!r}: not a pyiqa metric (see pyiqa.list_models())")
-    metric = pyiqa.create_metric(name, device=torch.device(device))
+    if isinstance(spec, dict):
+        metric = create_pyiqa_arch(spec["arch"], read_state_dict(spec["weights"]), device)
+    elif spec not in pyiqa_metric_names():
+        raise ValueError(f"unknown CLIP score metric {spec!r}: not a pyiqa metric (see pyiqa.list_models())")
+    else:
+        metric = pyiqa.create_metric(spec, device=torch.device(device))
 
     def clip_score(images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         x = images.clamp(0, 1)

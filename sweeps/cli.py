@@ -72,6 +72,10 @@ def cmd_train(args) -> int:
     print(f"\nstep {after['step']}, checkpoint: {checkpoint}")
     if config.preset.startswith("digits"):
         print(DIGITS_NOTE)
+    if config.model.rehearsal:
+        from trainers.rehearsal import NOTE
+
+        print(NOTE)
     return 0
 
 
@@ -112,6 +116,10 @@ def cmd_eval(args) -> int:
           f"in {config.eval.feature_extractor} features")
     if config.preset.startswith("digits"):
         print(DIGITS_NOTE)
+    if config.model.rehearsal:
+        from trainers.rehearsal import NOTE
+
+        print(NOTE)
     if args.json:
         report = {"checkpoint": str(args.checkpoint), "preset": config.preset, "samples": config.eval.samples,
                   "directions": directions, "checkpoint_metrics": metrics, "base_metrics": base,

@@ -42,6 +42,10 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
     use_the_node_cores()
     sweep_id = claim_folder(sweep, directory, uri)
     print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
+    if config.model.rehearsal:
+        from trainers.rehearsal import NOTE
+
+        print(f"[sweep] {NOTE}", flush=True)
     tracking, parent = start_tracking(config, sweep, uri, sweep_id, directory)
     try:
         evaluate_base(config, directory, tracking, parent)
@@ -188,8 +192,9 @@ def tracking_uri(sweep: SweepConfig) -> str:
 def start_tracking(config: Config, sweep: SweepConfig, uri: str, sweep_id: str, directory: str):
     """The sweep's MLflow experiment and parent run (found again on --resume), with its settings."""
     from sweeps.tracking import SweepTracking
+    from trainers.rehearsal import WEIGHTS_TAG
 
-    tracking = SweepTracking(uri, sweep.name, sweep.experiment, sweep_id)
+    tracking = SweepTracking(uri, sweep.name, sweep.experiment, sweep_id, tags=WEIGHTS_TAG if config.model.rehearsal else None)
     parent = tracking.run("sweep", sweep.name, sweep.parent_run or None)
     tracking.client.set_tag(parent, "acpo.folder", str(directory))
     tracking.log_params(parent, {"preset": config.preset, "num_samples": sweep.num_samples, "algorithm": sweep.algorithm,

@@ -170,6 +170,11 @@ def load(preset: str = "digits", overrides: list[str] | None = None) -> tuple[Co
     if resolved.sweep.fidelity == "kid" and resolved.sweep.kid_tolerance is None:
         raise ConfigError("sweep.kid_tolerance: required with sweep.fidelity 'kid' (KID <= the base's + this, in the evaluation's "
                           "KID units; `acpo eval --noise` prints KID's spread for this preset)")
+    if resolved.model.rehearsal:
+        from trainers.rehearsal import stage
+
+        stage(resolved)  # hub models and data -> random-weight local stand-ins, built once (trainers/rehearsal.py)
+        resolved.sweep.register_champion = False  # a random-weight model never joins the registry users take champions from
     config = Config.model_construct(**{name: getattr(resolved, name) for name in Config.model_fields})
     config.check_references()  # once, here at the edge; what a worker re-validates is the schema only
     return config, resolved.sweep

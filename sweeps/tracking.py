@@ -36,10 +36,12 @@ GRID_WIDTH = 512
 
 
 class SweepTracking:
-    def __init__(self, tracking_uri: str, sweep: str, experiment: str = "", sweep_id: str = ""):
+    def __init__(self, tracking_uri: str, sweep: str, experiment: str = "", sweep_id: str = "", tags: dict | None = None):
         """`experiment`: the MLflow experiment ("" = the sweep's name; a study's sweeps share one).
-        `sweep_id`: the sweep folder's id; its runs are found by it ("": by name, as a study's run is)."""
+        `sweep_id`: the sweep folder's id; its runs are found by it ("": by name, as a study's run is).
+        `tags`: set on every run this creates (a rehearsal's `acpo.weights: random (rehearsal)`)."""
         self.uri, self.sweep, self.experiment, self.sweep_id = tracking_uri, sweep, experiment or sweep, sweep_id
+        self.tags = dict(tags or {})
         # The champion is registered on the sweep's own server: without registry_uri, MLflow would follow a
         # $MLFLOW_REGISTRY_URI left behind by any earlier mlflow.set_registry_uri in this process (found by the tests).
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -59,7 +61,7 @@ class SweepTracking:
         found = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
         if found:
             return found[0].info.run_id
-        tags = {"acpo.sweep": self.sweep, "acpo.role": role, "mlflow.runName": name}
+        tags = {**self.tags, "acpo.sweep": self.sweep, "acpo.role": role, "mlflow.runName": name}
         if self.sweep_id:
             tags["acpo.sweep_id"] = self.sweep_id
         if parent_id:

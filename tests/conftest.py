@@ -17,16 +17,19 @@ import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-_SESSION_FOLDERS = [tempfile.mkdtemp(prefix="acpo-fidelity-cache-"), tempfile.mkdtemp(prefix="acpo-mlflow-default-")]
+_SESSION_FOLDERS = [tempfile.mkdtemp(prefix="acpo-fidelity-cache-"), tempfile.mkdtemp(prefix="acpo-mlflow-default-"),
+                    tempfile.mkdtemp(prefix="acpo-rehearsal-cache-")]
 
 
 @atexit.register
-def _remove_session_folders():  # one pair per test session, not left behind in the temporary folder
+def _remove_session_folders():  # one set per test session, not left behind in the temporary folder
     for folder in _SESSION_FOLDERS:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 os.environ["ACPO_FIDELITY_CACHE"] = _SESSION_FOLDERS[0]
+# The rehearsal's random-weight stand-ins (trainers/rehearsal.py), shared by the session's rehearsals (GBs: removed at exit).
+os.environ["ACPO_REHEARSAL_CACHE"] = _SESSION_FOLDERS[2]
 # Tests name their MLflow server explicitly; anything that falls back to MLflow's default store (a
 # sqlite file in the working directory) writes here instead of into the checkout.
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_FOLDERS[1]}/mlflow.db"

@@ -60,11 +60,24 @@ def test_eval_speed_agrees_with_torch_fidelity(capsys, digits_assets):
     assert agree and float(agree.group(1)) < 1e-3
 
 
-@pytest.mark.integration  # builds the SD-shaped model at tiny size and trains eight variants
-def test_sd_shape_tiny(capsys, digits_assets):
-    output = run_bench(capsys, "sd_shape.py", "--size", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--compile", "off")
-    assert ratio(output, "sd_shape") > 0
-    assert len(re.findall(r"^  (bare loop|ours, )", output, re.MULTILINE)) == 7
+@pytest.mark.integration  # the GPU check at tiny size on the CPU: sd_shape's eight variants, a rehearsal of sd15, the CUDA tests
+def test_gpu_check_tiny_on_the_cpu_writes_its_json(tmp_path, digits_assets):
+    import json
+    import subprocess
+
+    out = tmp_path / "check.json"
+    # the session's $ACPO_REHEARSAL_CACHE (tests/conftest.py) passes through: quality stand-ins built once per session
+    done = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--size", "tiny", "--out", str(out)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["size"] == "tiny" and set(report["parts"]) == {"cuda_tests", "sd_shape", "rehearsal"}
+    shape = report["parts"]["sd_shape"]
+    assert shape["ratio"] > 0 and sum(re.match(r"^  (bare loop|ours, )", line) is not None for line in shape["table"]) == 7
+    rehearsal = report["parts"]["rehearsal"]
+    assert rehearsal["seconds_per_step"] > 0 and rehearsal["figures"]["memory/rss_peak_gib"] > 0
+    assert "REHEARSAL: every model in this run has RANDOM weights" in rehearsal["stdout_tail"]
+    assert report["parts"]["cuda_tests"]["counts"].get("skipped", 0) >= 1  # no GPU here: skipped, and said so
 
 
 @pytest.mark.integration  # a real sweep: Ray, MLflow, two tiny trials

@@ -105,6 +105,9 @@ class ModelConfig(Section):
     lora_rank: Positive = 4
     lora_alpha: float = Field(0.0, ge=0)  # 0: same as the rank (scale 1)
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], min_length=1)
+    # A rehearsal (trainers/rehearsal.py): every hub model of the preset replaced by its architecture with RANDOM
+    # weights, built here, and the hub data by local RGB images: the run's cost and code path, never its quality.
+    rehearsal: bool = False
 
 
 class DataConfig(Section):
@@ -137,7 +140,7 @@ class TrainConfig(Section):
     # auto: bf16 autocast on CUDA, fp32 on the CPU (where autocast is slower than fp32 for these convolutions);
     # bf16: autocast on either (the CPU runs the GPU's dtype path, for rehearsals and tests); no: fp32 everywhere
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = False  # recompute UNet (and VAE decoder) activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile the trainable UNet (first steps pay the compilation)
     eval_every: NonNegative = 0  # evaluate + checkpoint every N steps (0: only at the end)
     output_dir: str = "runs/digits"  # checkpoints and the resolved config go here
@@ -166,7 +169,7 @@ class EvalConfig(Section):
     heldout_quality: Any = Field(default_factory=lambda: {"arch": "digits_heldout_iqa", "weights": "assets/digits/heldout_iqa.safetensors"})
     prompts: list[str] = Field(default_factory=list)  # text models: prompts cycled over the samples (default: data.caption for labels 0-9)
     guidance_scale: float = Field(1.0, ge=1)  # text models: classifier-free guidance when sampling (1 = none; Stable Diffusion: 7.5)
-    clip_score: str = ""  # text models: a pyiqa CLIP-score metric ("clipscore") reported as clip_score@S; "" = off
+    clip_score: str | dict = ""  # text models: a pyiqa CLIP-score metric ("clipscore", or {arch, weights}) reported as clip_score@S; "" = off
     extra_quality: dict[str, Any] = Field(default_factory=dict)  # more quality models to report, name -> pyiqa name or {arch, weights}
     cache_dir: str = ""  # reference-feature cache, shareable by a cluster ("" = $ACPO_FIDELITY_CACHE or ~/.cache/acpo/fidelity)
 
@@ -225,7 +228,12 @@ class Config(Section):
                 check_quality_spec(spec, option)
             except OptionError as error:
                 raise ConfigError(str(error)) from None
-        if evaluation.clip_score and evaluation.clip_score not in pyiqa_metric_names():
+        if isinstance(evaluation.clip_score, dict):
+            try:
+                check_quality_spec(evaluation.clip_score, "eval.clip_score")
+            except OptionError as error:
+                raise ConfigError(str(error)) from None
+        elif evaluation.clip_score and evaluation.clip_score not in pyiqa_metric_names():
             raise ConfigError(f"eval.clip_score: unknown pyiqa metric {evaluation.clip_score!r}")
         try:
             validate_objective(self.objective)
@@ -249,6 +257,7 @@ class Config(Section):
         self.eval.trained_quality = resolve_quality_paths(self.eval.trained_quality)
         self.eval.heldout_quality = resolve_quality_paths(self.eval.heldout_quality)
         self.eval.extra_quality = {k: resolve_quality_paths(v) for k, v in self.eval.extra_quality.items()}
+        self.eval.clip_score = resolve_quality_paths(self.eval.clip_score)
         from trainers.common.storage import is_remote, resolve
 
         if is_remote(self.data.cache_dir):

@@ -108,6 +108,7 @@ class EncodedDataset(Dataset):
         return (item, self.second[i]) if self.second is not None else item
 
 
+ENCODE_PIXELS = 2**20  # pixels the VAE encodes at once when caching latents
 DEFAULT_LATENT_CACHE = Path(os.environ.get("ACPO_LATENT_CACHE", Path.home() / ".cache" / "acpo" / "latents"))
 
 
@@ -133,7 +134,10 @@ def cached_latents(dataset: Dataset, vae: torch.nn.Module, device, cache_dir: st
             log(f"[data] latent cache {path} holds {tuple(moments.shape)}, not {len(dataset)} images' moments; encoding again")
         except Exception as error:  # noqa: BLE001 - a file cut short by a killed writer: encode again, replace it
             log(f"[data] latent cache {path} unreadable ({error}); encoding again")
-    moments = torch.cat([latent_moments(vae, images.to(device)).cpu() for images, _ in reader()])
+    # Encoded a few at a time: the encoder's activations are ~128 channels at full resolution, so 32 images
+    # at 512 px (the key's chunks) would hold ~4 GiB per activation; a budget of 2^20 pixels is 4 of them.
+    moments = torch.cat([latent_moments(vae, part.to(device)).cpu() for images, _ in reader()
+                         for part in images.split(max(1, ENCODE_PIXELS // images[0, 0].numel()))])
     write_whole(path, lambda tmp: save_file({"moments": moments.contiguous()}, tmp))
     log(f"[data] encoded the {len(dataset)} training images once: {path}")
     return EncodedDataset(moments, second)

@@ -4,9 +4,10 @@ Never imports ray: `trainers/ray_train.py` runs this same function on every Ray 
 `train(config, report, rank, world_size, resume_from)` reports through the
 `report(metrics: dict, checkpoint: Path | None)` callback it is given: the command line prints, the
 Ray wrapper forwards to `ray.train.report`. Every report carries `step`, `fid`, `heldout_quality`,
-the per-term losses averaged since the previous report and rank 0's clocks (`time/train_s`,
-`time/eval_s`; the first also `time/setup_s`: what bench/sweep_overhead.py sums); every rank reports the same number of times
-(Ray's report is a barrier), only rank 0 evaluates and writes checkpoints.
+the per-term losses averaged since the previous report, rank 0's clocks (`time/train_s`,
+`time/eval_s`; the first also `time/setup_s`: what bench/sweep_overhead.py sums) and its memory
+high-water mark (`memory/*`); every rank reports the same number of times (Ray's report is a
+barrier), only rank 0 evaluates and writes checkpoints.
 
 With several workers the process group is already up (Ray Train's TorchConfig: gloo on CPU, nccl on
 GPU). Gradients are averaged by an explicit all-reduce after backward rather than by
@@ -85,6 +86,8 @@ def setup_models(config: Config, base: DiffusionModel, objective: Objective):
     model.train()
     if config.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+        if base.vae is not None:  # feedback terms decode x0 with gradient: at 512 px the decoder's activations outweigh the UNet's
+            base.vae.enable_gradient_checkpointing()
     return model, frozen
 
 
@@ -199,6 +202,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             if use_cuda:
                 torch.cuda.synchronize(device)
             times["time/train_s"] = time.perf_counter() - clock
+            times.update(peak_memory(device))  # before evaluation: what training (and set-up) took
             metrics = {"step": step, "resumed_from": start,  # 0 unless this process restarted from a checkpoint
                        **{f"loss/{k}" if k != "loss" else k: float(total) / count for k, (total, count) in logged.items()}}
             logged, checkpoint = {}, None
@@ -214,6 +218,16 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             report(metrics, checkpoint)
             times, clock = {}, time.perf_counter()
     return {"metrics": metrics, "checkpoint": str(checkpoint) if checkpoint else None, "model": model}
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The high-water mark so far, in GiB: on CUDA what torch allocated (`memory/cuda_peak_gib`), on the
+    CPU the process's resident set (`memory/rss_peak_gib`: every model, the data, Python itself)."""
+    if device.type == "cuda":
+        return {"memory/cuda_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"memory/rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: kB
 
 
 def objective_env(config: Config, base: DiffusionModel, device) -> BuildEnv:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 # The digits base model: ~1.1M parameters, 16x16 grayscale, one attention level at 8x8.
 DIGITS_UNET_CONFIG = dict(
@@ -30,6 +31,7 @@ DIGITS_UNET_CONFIG = dict(
 DIGITS_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 
 diffusers_logging.disable_progress_bar()  # "Loading pipeline components" on stderr would break one-line errors
+transformers_logging.disable_progress_bar()  # and the text encoder's "Loading weights"
 
 
 @dataclass

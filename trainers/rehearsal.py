@@ -11,11 +11,26 @@ rehearsal tokenizes prompts as the real model does.
 
 Random weights change nothing in what a step costs in time or memory; they make every quality figure
 meaningless. Nothing built here is ever a quality figure.
+
+`stage(config)` is the rehearsal itself (`model.rehearsal: true`), applied once where presets are
+loaded: every hub model the config names is written, at random weights, as the local file of the
+same architecture (a diffusers folder, a pyiqa architecture's weights, torch-fidelity's Inception),
+the hub data set as a local `save_to_disk` set of RGB crops of scikit-learn's two bundled photographs,
+and the config is pointed at them. From there the run is the product's own, through the loaders a
+user's local files take; nothing downstream knows it is a rehearsal but the flag, which the output
+and MLflow carry. Staged files are cached under $ACPO_REHEARSAL_CACHE (~/.cache/acpo/rehearsal).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
 import torch
+
+from trainers.common.errors import ConfigError
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CHURCH256 = "google/ddpm-church-256"
@@ -94,3 +109,195 @@ def build(name: str, seed: int = 0, device: str | torch.device = "cpu"):
         return DiffusionModel(unet=UNet2DConditionModel(**spec["unet"]), scheduler=scheduler, vae=AutoencoderKL(**spec["vae"]),
                               text_encoder=text_encoder.requires_grad_(False).eval(), tokenizer=tokenizer)
 
+
+# ----------------------------------------------------------------------------------- the rehearsal
+
+NOTE = ("REHEARSAL: every model in this run has RANDOM weights (model.rehearsal: true) and the data are crops of two "
+        "bundled photographs; its figures measure the code path and its cost, never quality")
+WEIGHTS_TAG = {"acpo.weights": "random (rehearsal)"}  # on every MLflow run of a rehearsal
+
+# pyiqa's CLIP-based metrics build OpenAI's CLIP (laion_aes ViT-L/14, clipscore ViT-B/32, clipiqa RN50), as published
+# (clip/model.py's CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+# context_length, vocab_size, transformer_width, transformer_heads, transformer_layers)).
+_CLIP = {"ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12), "ViT-B/32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
+         "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12)}
+INCEPTION = "inception-v3-compat"
+REFERENCE_IMAGES = 64  # the staged data set: training images and the FID reference
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ACPO_REHEARSAL_CACHE") or Path.home() / ".cache" / "acpo" / "rehearsal")
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "--")
+
+
+@contextlib.contextmanager
+def _written(path: Path):
+    """Yield a temporary path beside `path`, moved to it once complete: a crash leaves no half file."""
+    partial = path.with_name(f".{path.name}.partial")
+    if partial.is_dir():  # what a killed build left
+        shutil.rmtree(partial)
+    partial.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yield partial
+    partial.rename(path)
+
+
+def staged_base(name: str, resolution: int, seed: int = 0) -> Path:
+    """`build(name)` saved as a diffusers folder, its sample size set to `resolution` (a UNet's weights
+    do not depend on it: SD 1.5's widths at 64 px are the tests' cheap real shape)."""
+    from trainers.models import save_base_model
+
+    path = cache_root() / f"{_slug(name)}-{resolution}px-random-seed{seed}"
+    if not (path / "model_index.json").is_file():
+        model = build(name, seed)
+        model.unet.register_to_config(sample_size=resolution // model.vae_scale_factor if model.latent else resolution)
+        with _written(path) as partial:
+            save_base_model(model, partial)
+    return path
+
+
+def staged_images(data, captions: list[str], count: int = REFERENCE_IMAGES) -> Path:
+    """RGB crops (random size and place, seeded) of scikit-learn's two bundled photographs at the data's
+    resolution, as a `datasets` folder with the data's image column and, when it has one, its caption
+    column (the captions cycled): the hub set's form, offline."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    columns = (data.image_column, data.caption_column)
+    path = cache_root() / f"photos-{data.resolution}px-{count}-{'-'.join(filter(None, columns))}"
+    if path.is_dir():
+        return path
+    photos = [Image.fromarray(array) for array in load_sample_images().images]
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        side = int(rng.integers(min(photo.size) // 3, min(photo.size) + 1))
+        left, top = (int(rng.integers(0, extent - side + 1)) for extent in photo.size)
+        images.append(photo.crop((left, top, left + side, top + side)).resize((data.resolution,) * 2, Image.BICUBIC))
+    table = {data.image_column: images}
+    if data.caption_column:
+        table[data.caption_column] = [captions[i % len(captions)] for i in range(count)]
+    datasets.disable_progress_bars()
+    with _written(path) as partial:
+        datasets.Dataset.from_dict(table).save_to_disk(str(partial))
+    return path
+
+
+def staged_quality(metric: str, seed: int = 0) -> dict:
+    """pyiqa's `metric` at random weights as {arch, weights, name}: the architecture pyiqa builds,
+    initialised as its code does (seeded), saved with its CLIP under `clip_model.` where it has one
+    (eval.quality.create_pyiqa_arch reads that file without any download)."""
+    import pyiqa
+    from safetensors.torch import save_file
+
+    from eval.quality import CLIP_PREFIX, clip_loaders, offline_arch_options
+
+    path = cache_root() / f"{metric}-random-seed{seed}.safetensors"
+    if not path.is_file():
+        torch.manual_seed(seed)
+        built = {}
+
+        def random_clip(name, openai):
+            import clip.model
+            import pyiqa.archs.clip_model
+
+            built["clip"] = (clip.model if openai else pyiqa.archs.clip_model).CLIP(*_CLIP[name])
+            return built["clip"]
+
+        with clip_loaders(random_clip):
+            net = pyiqa.create_metric(metric, **offline_arch_options(metric)).net
+        state = dict(net.state_dict())
+        if "clip" in built:
+            state.update({f"{CLIP_PREFIX}{key}": value for key, value in built["clip"].state_dict().items()})
+        with _written(path) as partial:
+            save_file({key: value.contiguous() for key, value in state.items()}, str(partial))
+    return {"arch": metric, "weights": str(path), "name": f"{metric} (random weights)"}
+
+
+def staged_inception(seed: int = 0) -> Path:
+    """torch-fidelity's `inception-v3-compat` architecture at random weights (Kaiming-normal
+    convolutions and linear layers: PyTorch's default initialisation makes its deep features vanish, every
+    image one point, FID 0). eval.fidelity loads it through torch-fidelity with this file in place of
+    the download."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+    from safetensors.torch import save_file
+
+    path = cache_root() / f"{INCEPTION}-random-seed{seed}.safetensors"
+    if not path.is_file():
+        torch.manual_seed(seed)
+        # torch-fidelity builds the network, downloads its weights and loads them in one constructor:
+        # here nothing is downloaded and nothing loaded
+        originals = inception.load_state_dict_from_url, inception.FeatureExtractorInceptionV3.load_state_dict
+        inception.load_state_dict_from_url = lambda *_, **__: {}
+        inception.FeatureExtractorInceptionV3.load_state_dict = lambda *_, **__: None
+        try:
+            net = inception.FeatureExtractorInceptionV3(INCEPTION, ["2048"])
+        finally:
+            inception.load_state_dict_from_url, inception.FeatureExtractorInceptionV3.load_state_dict = originals
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        with _written(path) as partial:
+            save_file({key: value.contiguous() for key, value in net.state_dict().items()}, str(partial))
+    return path
+
+
+def _is_hub(path: str) -> bool:
+    return bool(path) and not Path(path).expanduser().exists() and not path.startswith((".", "/", "~"))
+
+
+def _staged_spec(spec, option: str):
+    """A pyiqa metric name -> its random-weights {arch, weights, name}; local specs stay."""
+    from eval.prompt_rewards import PROMPT_REWARDS
+    from eval.quality import pyiqa_metric_names
+
+    if not isinstance(spec, str):
+        return spec
+    if spec in PROMPT_REWARDS:
+        raise ConfigError(f"{option}: no rehearsal for {spec!r} (a prompt-conditioned reward model outside pyiqa); "
+                          "give it local weights or leave it out of the rehearsal")
+    return staged_quality(spec) if spec in pyiqa_metric_names() else spec
+
+
+def _stage_objective(options, prefix: str):
+    """The objective's quality models (`metric:` of nr_iqa, `model:` of decoupled rewards, ...)."""
+    if not isinstance(options, dict):
+        return options
+    return {key: _staged_spec(value, f"{prefix}.{key}") if key in ("metric", "model") else _stage_objective(value, f"{prefix}.{key}")
+            for key, value in options.items()}
+
+
+def stage(config) -> None:
+    """Point `config` (a validated Config, or the preset holding one) at random-weight local stand-ins
+    of every hub model and data set it names, building them on first use. The edge calls this once,
+    before anything loads; `model.rehearsal` stays set, for the output and MLflow to say so."""
+    base, data, evaluation = config.model.base, config.data, config.eval
+    if _is_hub(base):
+        if base not in ARCHITECTURES:
+            raise ConfigError(f"model.base: no rehearsal architecture for {base!r} (known: {', '.join(ARCHITECTURES)}); "
+                              "a local folder rehearses as it is")
+        config.model.base = str(staged_base(base, data.resolution))
+    prompts = list(evaluation.prompts) or [data.caption.format(label="a photograph")]
+    hub_data = data.source == "hf" and _is_hub(data.path)
+    if hub_data:
+        data.path = str(staged_images(data, prompts))
+    if evaluation.reference.startswith("hf:"):
+        from trainers.image_sets import parse_hf_reference
+
+        name, _ = parse_hf_reference(evaluation.reference)
+        if _is_hub(name):
+            evaluation.reference = f"hf:{staged_images(data, prompts)}:train"
+    evaluation.trained_quality = _staged_spec(evaluation.trained_quality, "eval.trained_quality")
+    evaluation.heldout_quality = _staged_spec(evaluation.heldout_quality, "eval.heldout_quality")
+    evaluation.extra_quality = {name: _staged_spec(spec, f"eval.extra_quality.{name}") for name, spec in evaluation.extra_quality.items()}
+    if evaluation.clip_score:
+        evaluation.clip_score = _staged_spec(evaluation.clip_score, "eval.clip_score")
+    if evaluation.feature_extractor == INCEPTION and not evaluation.feature_extractor_weights:
+        evaluation.feature_extractor_weights = str(staged_inception())
+    config.objective = _stage_objective(config.objective, "objective")

@@ -273,3 +273,23 @@ def test_cas_dm_head_reaches_the_samples_checkpoints_and_export(tmp_path, digits
     base_fid = Evaluator.from_config(config).evaluate(base).metrics["fid"]
     assert trained_fid != pytest.approx(base_fid, abs=1e-6)
     assert (tmp_path / "champion" / "cascade" / "model.safetensors").is_file()
+
+
+def test_the_latent_cache_encodes_a_few_images_at_a_time(tmp_path, tiny_sd, monkeypatch):
+    # 32 images at once was the chunk: at 512 px that is ~4 GiB per encoder activation, and the sd15
+    # rehearsal was killed at 24 GB. The encoder now sees at most ENCODE_PIXELS pixels per call, with
+    # the same moments as one big batch.
+    from trainers import data as data_module
+    from trainers.data import cached_latents, latent_moments
+    from trainers.models import load_base_model
+
+    vae = load_base_model(tiny_sd).vae
+    size = vae.config.sample_size
+    monkeypatch.setattr(data_module, "ENCODE_PIXELS", 2 * size * size)
+    batches = []
+    vae.encoder.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    torch.manual_seed(0)
+    images = torch.rand(5, vae.config.in_channels, size, size) * 2 - 1
+    encoded = cached_latents([(image, 0) for image in images], vae, "cpu", tmp_path, log=lambda *_: None)
+    assert batches and max(batches) == 2 and sum(batches) == 5
+    assert torch.allclose(encoded.moments, latent_moments(vae, images), atol=1e-5)

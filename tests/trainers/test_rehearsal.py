@@ -42,3 +42,66 @@ def test_a_built_model_saves_and_loads_as_a_base_model(tmp_path):
         assert model.unet(x, torch.tensor([10]), **conditioning).sample.shape == x.shape
     with pytest.raises(KeyError, match="no rehearsal architecture for 'sdxl'"):
         rehearsal.build("sdxl")
+
+
+# ------------------------------------------------------------------ the stand-ins a rehearsal stages
+
+
+def _tiny_clip_state(prefix: str = "clip_model.") -> dict:
+    """OpenAI CLIP's architecture (clip/model.py), narrow, at random weights: what a weights file
+    carrying its CLIP holds (the real vocabulary, so clip.tokenize's ids fit)."""
+    from clip.model import CLIP
+
+    torch.manual_seed(0)
+    net = CLIP(32, 32, 1, 64, 16, 77, 49408, 64, 1, 1)  # widths of 64: clip.model.build_model infers 64-wide heads
+    return {f"{prefix}{key}": value.float() for key, value in net.state_dict().items()}
+
+
+def test_clip_based_metrics_load_from_a_weights_file_that_carries_their_clip(tmp_path):
+    # pyiqa's laion_aes and clipscore call clip.load (a download) when built: with the CLIP in the file
+    # nothing is fetched (tests run offline: a download would raise), and the scores depend on it
+    from safetensors.torch import save_file
+
+    from eval.quality import load_clip_score, load_quality_model
+
+    clip_state = _tiny_clip_state()
+    save_file(clip_state, tmp_path / "clipscore.safetensors")
+    score = load_clip_score({"arch": "clipscore", "weights": str(tmp_path / "clipscore.safetensors")})
+    images = torch.rand(2, 3, 40, 40)
+    assert score(images, ["a church", "a dog"]).shape == (2,)
+
+    from pyiqa.archs.laion_aes_arch import MLP
+
+    torch.manual_seed(1)
+
+    mlp = {f"mlp.{key}": value for key, value in MLP(32).state_dict().items()}
+    save_file({**mlp, **clip_state}, tmp_path / "laion_aes.safetensors")
+    aesthetic = load_quality_model({"arch": "laion_aes", "weights": str(tmp_path / "laion_aes.safetensors")})
+    assert aesthetic.net.metric.net.clip_model[0].visual.input_resolution == 32  # the file's CLIP, not ViT-L/14
+    scores = aesthetic(images)
+    assert scores.shape == (2,) and torch.isfinite(scores).all() and scores[0] != scores[1]
+
+
+def test_the_random_inception_separates_image_sets_and_is_never_unpickled(tmp_path, monkeypatch):
+    # torch-fidelity's Inception at random weights (Kaiming): its FID tells two image sets apart (the default
+    # init would give every image one feature vector); read from safetensors, torch.load is never called
+    monkeypatch.setenv("ACPO_REHEARSAL_CACHE", str(tmp_path))
+    from eval import fidelity
+
+    weights = str(rehearsal.staged_inception())
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (unpickling) called"))
+    fidelity._extractor.cache_clear()
+    torch.manual_seed(0)
+    noise, smooth = torch.rand(8, 3, 64, 64), torch.rand(8, 3, 4, 4).repeat_interleave(16, 2).repeat_interleave(16, 3)
+    same = fidelity.features_metrics(fidelity.extract_features(noise, weights=weights), fidelity.extract_features(noise.flip(0), weights=weights), kid=False)
+    apart = fidelity.features_metrics(fidelity.extract_features(noise, weights=weights), fidelity.extract_features(smooth, weights=weights), kid=False)
+    fidelity._extractor.cache_clear()
+    assert abs(same["fid"]) < 1e-3 < apart["fid"]
+
+
+def test_a_rehearsal_of_a_hub_model_without_an_architecture_is_a_one_line_error():
+    from sweeps.presets import load
+    from trainers.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model.base: no rehearsal architecture for 'someone/else'"):
+        load("sd15", ["model.rehearsal=true", "model.base=someone/else"])
