@@ -67,7 +67,8 @@ def measure_row(row: str, resolution: int) -> dict:
     config, _ = load("sd15", ["model.rehearsal=true", f"data.resolution={resolution}", "train.batch_size=1", "data.workers=0",
                               *ROWS[row][1]])
     step = ObjectiveStep(config, torch.device("cpu"))
-    modules = [step.model, step.frozen, step.base.vae, step.base.text_encoder]  # a full fine-tuning's frozen base is a second UNet
+    # a full fine-tuning's frozen base is a second UNet; SDXL has a second text encoder
+    modules = [step.model, step.frozen, step.base.vae, step.base.text_encoder, step.base.text_encoder_2]
     modules += [value for _, term in step.objective.terms.values() for value in vars(term).values() if isinstance(value, torch.nn.Module)]
     parameters = {id(p): p for module in filter(None, modules) for p in module.parameters()}  # LoRA's base is the UNet's own
     parameters.update({id(p): p for p in step.objective.trainable_parameters()})

@@ -20,6 +20,7 @@ leaves a half checkpoint that a resume would pick up.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -47,7 +48,7 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
                      ema=None, objective=None, world_size: int = 1, metrics: dict | None = None, samples=None,
                      per_sample: dict[str, torch.Tensor] | None = None) -> Path:
     from objectives.lpips_x0 import CascadedDenoiser
-    from trainers.models import DiffusionModel, save_base_model
+    from trainers.models import save_base_model
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +64,7 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
             if isinstance(denoiser, CascadedDenoiser):
                 denoiser.save(tmp / "model" / "cascade")
         else:
-            save_base_model(DiffusionModel(unet=denoiser, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
-                                      tokenizer=base.tokenizer), tmp / "model")
+            save_base_model(dataclasses.replace(base, unet=denoiser), tmp / "model")
         if ema is not None:
             save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -159,5 +159,11 @@ class PromptCache:
                 self.rows[prompt] = self.encode_prompt([prompt])
                 if len(self.rows) > self.size:
                     self.rows.popitem(last=False)
-        keys = self.rows[prompts[0]].keys()
-        return {key: torch.cat([self.rows[prompt][key] for prompt in prompts]) for key in keys}
+        return _stack([self.rows[prompt] for prompt in prompts])
+
+
+def _stack(rows: list):
+    """The rows' tensors concatenated along the batch, nested dicts (SDXL's added_cond_kwargs) kept."""
+    if isinstance(rows[0], dict):
+        return {key: _stack([row[key] for row in rows]) for key in rows[0]}
+    return torch.cat(rows)

@@ -18,6 +18,7 @@ a sampled x0, the discriminator's own step), which DDP's reducer does not allow.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -243,4 +244,4 @@ def eval_model(model: torch.nn.Module, base: DiffusionModel, ema: Ema | None, ob
     with every module a term adds to the model (the Cas-DM head)."""
     unet = ema.copy_to(copy.deepcopy(model)) if ema is not None else model
     unet = objective.wrap_for_sampling(unet, base.scheduler.config)
-    return DiffusionModel(unet=unet, scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer)
+    return dataclasses.replace(base, unet=unet)

@@ -44,6 +44,8 @@ class DiffusionModel:
     vae: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
     tokenizer: object = None
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second (OpenCLIP bigG, with projection)
+    tokenizer_2: object = None
 
     @property
     def latent(self) -> bool:
@@ -78,10 +80,22 @@ class DiffusionModel:
         """Prompts -> the UNet's conditioning kwargs; the text encoder is frozen, so no graph."""
         if not self.text_conditioned:
             return {}
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.unet.device)
+        ids = self._ids(self.tokenizer, prompts)
         with torch.no_grad():
-            return {"encoder_hidden_states": self.text_encoder(ids)[0]}
+            if self.text_encoder_2 is None:
+                return {"encoder_hidden_states": self.text_encoder(ids)[0]}
+            # SDXL, as its pipeline conditions: both encoders' penultimate layers side by side, the second's
+            # pooled projection, and the size conditioning (original size, crop corner, target size)
+            first = self.text_encoder(ids, output_hidden_states=True)
+            second = self.text_encoder_2(self._ids(self.tokenizer_2, prompts), output_hidden_states=True)
+            hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+            size = self.resolution
+            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=hidden.dtype, device=hidden.device).repeat(len(prompts), 1)
+            return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": second.text_embeds, "time_ids": time_ids}}
+
+    def _ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.unet.device)
 
 
 def build_digits_unet(**overrides) -> UNet2DModel:
@@ -123,7 +137,7 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") 
     unet = pipe.unet.to(device)
     # Training adds noise with the DDPM forward process whatever sampler the pipeline shipped with.
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    frozen = {name: getattr(pipe, name, None) for name in ("vae", "text_encoder")}
+    frozen = {name: getattr(pipe, name, None) for name in ("vae", "text_encoder", "text_encoder_2")}
     for module in frozen.values():
         if module is not None:
             module.to(device).requires_grad_(False).eval()
@@ -131,17 +145,24 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") 
         from objectives.lpips_x0 import CascadedDenoiser
 
         unet = CascadedDenoiser.load(local / "cascade", unet, scheduler.config)
-    return DiffusionModel(unet=unet, scheduler=scheduler, tokenizer=getattr(pipe, "tokenizer", None), **frozen)
+    return DiffusionModel(unet=unet, scheduler=scheduler, tokenizer=getattr(pipe, "tokenizer", None),
+                          tokenizer_2=getattr(pipe, "tokenizer_2", None), **frozen)
 
 
 def save_base_model(model: DiffusionModel, path: str | Path) -> Path:
-    """Write a diffusers pipeline folder (DDPMPipeline, or StableDiffusionPipeline for latent text
-    models), weights as safetensors, and a Cas-DM head as `cascade/`; `load_base_model` reads it back."""
+    """Write a diffusers pipeline folder (DDPMPipeline, StableDiffusionPipeline for latent text models,
+    StableDiffusionXLPipeline with a second text encoder), weights as safetensors, and a Cas-DM head
+    as `cascade/`; `load_base_model` reads it back."""
     from objectives.lpips_x0 import CascadedDenoiser, core_denoiser
 
     path = Path(path)
     unet = core_denoiser(model.unet)
-    if model.latent:
+    if model.text_encoder_2 is not None:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+                                         tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=unet, scheduler=model.scheduler)
+    elif model.latent:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet,

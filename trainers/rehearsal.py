@@ -33,6 +33,7 @@ import torch
 from trainers.common.errors import ConfigError
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 CHURCH256 = "google/ddpm-church-256"
 
 _SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -64,6 +65,38 @@ ARCHITECTURES = {
                      hidden_act="quick_gelu"),
         "scheduler": _SD_SCHEDULER,
     },
+    SDXL: {  # two text encoders (CLIP ViT-L and OpenCLIP bigG, penultimate layers concatenated), size conditioning
+        "resolution": 1024,
+        "unet": dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+                     attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024,
+                    scaling_factor=0.13025, force_upcast=True),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                     hidden_act="quick_gelu", projection_dim=768),
+        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+                       hidden_act="gelu", projection_dim=1280),
+        "scheduler": _SD_SCHEDULER,
+    },
+    "tiny-xl": {  # SDXL's block types, two text encoders and size conditioning, narrow, at 64 px
+        "resolution": 64,
+        "unet": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True,
+                     addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
+                     norm_num_groups=8),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+                    norm_num_groups=8, scaling_factor=0.13025),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                     hidden_act="quick_gelu"),
+        "text_2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                       hidden_act="gelu", projection_dim=32),
+        "scheduler": _SD_SCHEDULER,
+    },
     CHURCH256: {  # the LSUN-256 DDPMs share this UNet: attention at 16x16 only
         "resolution": 256,
         "unet": dict(sample_size=256, in_channels=3, out_channels=3, block_out_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2,
@@ -91,7 +124,7 @@ def build(name: str, seed: int = 0, device: str | torch.device = "cpu"):
     """The architecture `name` (a key of ARCHITECTURES) with random weights drawn from `seed`, as a
     `DiffusionModel`. `device="meta"` builds it without memory (parameter counts)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from trainers.models import DiffusionModel
 
@@ -104,10 +137,18 @@ def build(name: str, seed: int = 0, device: str | torch.device = "cpu"):
         if "text" not in spec:  # a pixel DDPM
             return DiffusionModel(unet=UNet2DModel(**spec["unet"]), scheduler=scheduler)
         tokenizer = clip_tokenizer(spec["text"]["max_position_embeddings"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **spec["text"], bos_token_id=tokenizer.bos_token_id,
-                                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+        def text_config(options):
+            return CLIPTextConfig(vocab_size=len(tokenizer), **options, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+        text_encoder = CLIPTextModel(text_config(spec["text"]))
+        second = {}
+        if "text_2" in spec:  # SDXL: its second tokenizer is the same vocabulary (the hub's pads with "!", here with end-of-text)
+            second = {"text_encoder_2": CLIPTextModelWithProjection(text_config(spec["text_2"])).requires_grad_(False).eval(),
+                      "tokenizer_2": tokenizer}
         return DiffusionModel(unet=UNet2DConditionModel(**spec["unet"]), scheduler=scheduler, vae=AutoencoderKL(**spec["vae"]),
-                              text_encoder=text_encoder.requires_grad_(False).eval(), tokenizer=tokenizer)
+                              text_encoder=text_encoder.requires_grad_(False).eval(), tokenizer=tokenizer, **second)
 
 
 # ----------------------------------------------------------------------------------- the rehearsal

@@ -105,3 +105,35 @@ def test_a_rehearsal_of_a_hub_model_without_an_architecture_is_a_one_line_error(
 
     with pytest.raises(ConfigError, match=r"^model.base: no rehearsal architecture for 'someone/else'"):
         load("sd15", ["model.rehearsal=true", "model.base=someone/else"])
+
+
+def test_sdxl_has_its_published_parameter_counts():
+    sdxl = rehearsal.build(rehearsal.SDXL, device="meta")
+    assert (count(sdxl.unet), count(sdxl.text_encoder), count(sdxl.text_encoder_2)) == (2_567_463_684, 123_060_480, 694_659_840)
+
+
+def test_an_sdxl_shaped_rehearsal_trains_samples_and_exports_as_sdxl(tmp_path):
+    # SDXL's conditioning (both encoders' penultimate layers, the pooled projection, the size ids) through
+    # the loop, the prompt cache, guidance, a LoRA checkpoint and its export as a StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
+
+    from sweeps.champion import export_champion
+    from sweeps.presets import load
+    from trainers.loop import train
+
+    cnniqa = "{arch: cnniqa, weights: assets/digits/quality_cnniqa.safetensors}"
+    config, _ = load("sdxl", ["model.rehearsal=true", "model.base=tiny-xl", "data.resolution=64", "train.steps=2", "train.batch_size=2",
+                              "train.gradient_accumulation=1", "data.workers=0", "train.use_gpu=false", "eval.samples=3",
+                              "eval.sampling_steps=[2]", "eval.resamples=100", f"eval.trained_quality={cnniqa}",
+                              f"eval.heldout_quality={cnniqa}", "eval.extra_quality={}", "eval.clip_score=''", "model.lora_rank=2",
+                              f"objective={{denoise: 1.0, anchor: 1.0, nr_iqa: {{weight: 0.5, metric: {cnniqa}, x0: sampled, sampling_steps: 2}}}}",
+                              f"train.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'latents'}"])
+    base = load_base_model(config.model.base)
+    conditioning = base.encode_prompt(["a church", "a fox"])
+    assert conditioning["encoder_hidden_states"].shape == (2, 77, 64)  # 32 + 32: the two encoders side by side
+    assert conditioning["added_cond_kwargs"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    result = train(config, report=lambda *_: None)
+    assert all(torch.isfinite(torch.tensor(value)) for key, value in result["metrics"].items() if key.startswith("loss"))
+    exported = export_champion(result["checkpoint"], tmp_path / "export")
+    pipe = StableDiffusionXLPipeline.from_pretrained(exported, use_safetensors=True)
+    assert pipe("a fox", num_inference_steps=1, height=64, width=64, output_type="pt").images.shape == (1, 3, 64, 64)
