@@ -163,8 +163,7 @@ class ObjectiveStep:
         self.x0 = sample_latents(latent_moments(base.vae, images), base.vae.config.scaling_factor, generator) if base.latent else images
         params = [p for p in self.model.parameters() if p.requires_grad] + self.objective.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate)
-        precision = config.train.mixed_precision  # as the trainer reads it: auto is bf16 on CUDA only
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16" or (precision == "auto" and device.type == "cuda"))
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.bf16_autocast(device.type))  # as the trainer
         self.seed = 0
 
     def _count(self, *_):

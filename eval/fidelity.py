@@ -73,8 +73,8 @@ def _extractor(name: str, weights: str | None, cuda: bool):
     prepare_feature_extractor(name)
     layer = resolve_feature_layer_for_metric("fid", feature_extractor=name)
     if name.startswith("inception-v3") and weights:
-        # torch-fidelity reads a local Inception file with torch.load(weights_only=False), an unpickling;
-        # ours is read as tensors only and handed over in place of its download.
+        # torch-fidelity would unpickle a local Inception file (its weights path loads pickles); ours is
+        # read as tensors only (safetensors) and handed over in place of its download.
         import torch_fidelity.feature_extractor_inceptionv3 as inception
 
         state = read_state_dict(weights)

@@ -151,6 +151,10 @@ class TrainConfig(Section):
     max_failures: NonNegative = 1  # restarts from the last checkpoint after a worker dies
     keep_checkpoints: NonNegative = 0  # how many reported checkpoints Ray keeps (0: all; the sweep's front needs them)
 
+    def bf16_autocast(self, device_type: str) -> bool:
+        """Whether steps run under bf16 autocast on this device (`mixed_precision`, read in one place)."""
+        return self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and device_type == "cuda")
+
 
 class EvalConfig(Section):
     samples: int = Field(500, ge=3)  # images generated per evaluation (intervals need at least 3)

@@ -141,8 +141,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
     if settings.compile:
         model.compile()  # in place: parameter names and checkpoints stay those of the plain UNet
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=settings.mixed_precision == "bf16" or (settings.mixed_precision == "auto" and use_cuda))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16_autocast(device.type))
     num_timesteps = base.scheduler.config.num_train_timesteps
     rollout_model = objective.wrap_for_rollouts(model, base.scheduler.config)  # Cas-DM: rollouts through its cascade
     logged, metrics, checkpoint = {}, {}, None
