@@ -111,11 +111,12 @@ def _schedule(optimizer, steps: int):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
 
 
-def train_vae(steps: int, seed: int, batch_size: int = 64, kl_weight: float = 1e-4, log=print):
+def train_vae(steps: int, seed: int, batch_size: int = 64, kl_weight: float = 1e-4, log=print, build=build_vae, shift: bool = False):
+    """`build()` the VAE and train it; `shift`: also centre the latents (`shift_factor`, SD3's and Flux's VAEs)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 3)
     train = DigitsDataset("train").images
-    vae = build_vae().train()
+    vae = build().train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     schedule = _schedule(optimizer, steps)
     for step in range(steps):
@@ -127,13 +128,15 @@ def train_vae(steps: int, seed: int, batch_size: int = 64, kl_weight: float = 1e
         optimizer_step(optimizer, list(vae.parameters()), grad_clip=1.0)
         schedule.step()
         if (step + 1) % 500 == 0:
-            log(f"[assets] t2i VAE: step {step + 1}/{steps}, loss {loss.item():.4f}")
+            log(f"[assets] VAE: step {step + 1}/{steps}, loss {loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        std = vae.encode(train).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=1.0 / std)
+        latents = vae.encode(train).latent_dist.mean
+    mean = latents.mean().item() if shift else 0.0
+    std = (latents - mean).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std, **({"shift_factor": mean} if shift else {}))
     return vae, {"steps": steps, "batch_size": batch_size, "loss": "MSE + KL", "kl_weight": kl_weight, "optimizer": "AdamW lr 1e-3, warm-up + cosine",
-                 "scaling_factor": round(1.0 / std, 5)}
+                 "scaling_factor": round(1.0 / std, 5), **({"shift_factor": round(mean, 5)} if shift else {})}
 
 
 @torch.no_grad()
@@ -186,7 +189,7 @@ def train_t2i_unet(vae, text_encoder, tokenizer, steps: int, seed: int, batch_si
 
 
 @torch.no_grad()
-def t2i_figures(model: DiffusionModel, classifier_path: Path, num_samples: int, sampling_steps: int, seed: int = 0) -> dict:
+def t2i_figures(model: DiffusionModel, classifier_path: Path, num_samples: int, sampling_steps: int, seed: int = 0, sampler_name: str = "DDIM") -> dict:
     """The fraction of samples the digits classifier reads as the prompted digit, at guidance 1 and
     3, and classifier FID against the held-out split (prompts "a handwritten D", D cycling 0-9)."""
     from eval.digits_fid import FEATURE_EXTRACTOR_NAME, load_digits_classifier
@@ -196,7 +199,7 @@ def t2i_figures(model: DiffusionModel, classifier_path: Path, num_samples: int, 
     classifier = load_digits_classifier(classifier_path)
     prompts = [f"a handwritten {d}" for d in range(10)]
     wanted = torch.arange(num_samples) % 10
-    figures = {"sampler": f"DDIM {sampling_steps} steps, {num_samples} samples, prompts 'a handwritten D' for D = 0..9, seed {seed}"}
+    figures = {"sampler": f"{sampler_name} {sampling_steps} steps, {num_samples} samples, prompts 'a handwritten D' for D = 0..9, seed {seed}"}
     for guidance in (1.0, BAR_GUIDANCE):
         images = sample_images(model.unet, model.scheduler.config, num_samples, steps=sampling_steps, seed=seed, vae=model.vae,
                                encode_prompt=model.encode_prompt, prompts=prompts, guidance_scale=guidance)

@@ -160,7 +160,7 @@ class ObjectiveStep:
         self.prompts = captions(config.data.caption, labels, len(images)) if base.text_conditioned else None
         self.conditioning = base.encode_prompt(self.prompts) if self.prompts else {}
         generator = torch.Generator().manual_seed(0)
-        self.x0 = sample_latents(latent_moments(base.vae, images), base.vae.config.scaling_factor, generator) if base.latent else images
+        self.x0 = sample_latents(latent_moments(base.vae, images), base.vae.config, generator) if base.latent else images
         params = [p for p in self.model.parameters() if p.requires_grad] + self.objective.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=config.train.learning_rate)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.bf16_autocast(device.type))  # as the trainer

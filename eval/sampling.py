@@ -1,23 +1,70 @@
-"""Sampling from a pixel-space diffusion model with a diffusers scheduler, batched and seeded.
+"""Sampling from a diffusion model with a diffusers scheduler, batched and seeded.
 
 Returns images `[N, C, H, W]` in [0, 1]. The sampler family is taken from the model's own noise
-schedule (`from_config`), so a model trained with a cosine schedule is sampled with it.
+schedule (`from_config`), so a model trained with a cosine schedule is sampled with it, and a flow
+model (`FlowMatchEulerDiscreteScheduler` config) with a flow sampler.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from trainers.common.seeds import derive_seed
 
-SAMPLERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
+SAMPLERS = ("ddim", "dpm_solver", "euler")
 
 
-def make_sampler(scheduler_config, sampler: str = "ddim"):
+def is_flow_config(scheduler_config) -> bool:
+    """A flow-matching model's scheduler config (every diffusers FlowMatch scheduler has
+    `use_dynamic_shifting`; no DDPM-family one does)."""
+    return "use_dynamic_shifting" in scheduler_config
+
+
+class FlowMatchEuler(FlowMatchEulerDiscreteScheduler):
+    """diffusers' flow Euler sampler with the two members every other diffusers sampler has (a flow
+    sampler starts from unit noise and takes its input unscaled), and the resolution-dependent shift
+    (Flux: `use_dynamic_shifting`) computed as FluxPipeline does from the number of 2x2 latent patches."""
+
+    init_noise_sigma = 1.0
+    image_seq_len = 4096
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        if self.config.use_dynamic_shifting and mu is None:
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            mu = calculate_shift(self.image_seq_len, self.config.base_image_seq_len, self.config.max_image_seq_len,
+                                 self.config.base_shift, self.config.max_shift)
+        return super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+
+
+def make_sampler(scheduler_config, sampler: str = "ddim", latent_size: int | None = None):
+    """A fresh sampler for a model's scheduler config. For a flow model, `ddim` and `euler` are the
+    flow Euler sampler (deterministic first order on the model's ODE: what DDIM is for a DDPM model)
+    and `dpm_solver` is DPM-Solver++ on flow sigmas with the config's shift; `latent_size` (the side
+    of x0) sets the dynamic shift of models that shift by resolution (Flux)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
-    return SAMPLERS[sampler].from_config(scheduler_config)
+    if is_flow_config(scheduler_config):
+        if sampler == "dpm_solver":
+            return DPMSolverMultistepScheduler(num_train_timesteps=scheduler_config["num_train_timesteps"], use_flow_sigmas=True,
+                                               prediction_type="flow_prediction", flow_shift=scheduler_config.get("shift", 1.0),
+                                               use_dynamic_shifting=scheduler_config.get("use_dynamic_shifting", False))
+        scheduler = FlowMatchEuler.from_config(scheduler_config)
+        if latent_size is not None:
+            scheduler.image_seq_len = (latent_size // 2) ** 2
+        return scheduler
+    return {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}[sampler].from_config(scheduler_config)
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Model-space latents -> pixels in [-1, 1] (about): undo the scale, and the shift that SD3's and
+    Flux's VAEs add (`shift_factor`), as their pipelines do."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode(latents / vae.config.scaling_factor + shift).sample
 
 
 @torch.no_grad()
@@ -49,9 +96,9 @@ def sample_images(
     """
     if steps < 1:
         raise ValueError(f"sampling steps must be >= 1, got {steps}")
-    scheduler = make_sampler(scheduler_config, sampler)
     config = unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    scheduler = make_sampler(scheduler_config, sampler, latent_size=size)
     was_training = unet.training
     unet.eval()
     out = []
@@ -71,12 +118,12 @@ def sample_images(
             model_input = scheduler.scale_model_input(x, t)
             if guided:
                 uncond, cond = unet(torch.cat([model_input] * 2), t.to(device).expand(2 * n), **conditioning).sample.chunk(2)
-                eps = uncond + guidance_scale * (cond - uncond)
+                output = uncond + guidance_scale * (cond - uncond)
             else:
-                eps = unet(model_input, t.to(device).expand(n), **conditioning).sample
-            x = scheduler.step(eps, t, x).prev_sample
+                output = unet(model_input, t.to(device).expand(n), **conditioning).sample
+            x = scheduler.step(output, t, x).prev_sample
         if vae is not None:
-            x = vae.decode(x / vae.config.scaling_factor).sample
+            x = decode_latents(vae, x)
         out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
     unet.train(was_training)
     return torch.cat(out) if out else torch.empty(0, config.in_channels, size, size)

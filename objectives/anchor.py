@@ -3,7 +3,10 @@ prediction close to the frozen base model's at the same (x_t, t, conditioning).
 
 Both outputs are converted to the noise they imply before comparing (`eps_from_prediction`): for an
 epsilon model that is the raw output; for a v-prediction or sample-prediction model the raw outputs
-are not noise, and their distance would weight timesteps differently from ACPO's.
+are not noise, and their distance would weight timesteps differently from ACPO's. For a flow model
+(velocity v, flow sigma s) the implied noise is x_t + (1 - s) v, so the anchor is (1 - s)^2 times the
+squared velocity difference: ours, chosen so that the anchor means on a flow model what ACPO's
+means on its epsilon UNet (the noise the model implies, not the raw output).
 
 The perceptual reward pulls the model wherever the quality model likes; the anchor is what keeps it
 a model of the data. With LoRA the base is the same network with its adapters disabled (no second

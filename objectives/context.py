@@ -8,6 +8,12 @@ optimizer step.
 Spaces: `x0`, `noise`, `x_t` and every `*x0*` result are in the model's space (pixels in [-1, 1], or
 latents for latent models). `image(x)` maps model space to pixels in [-1, 1], decoding through the
 VAE inside the graph when there is one; quality models then take `(image + 1) / 2`.
+
+Model families: the conversions between a model's output and x0, the noise and the training target
+(below, and `StepContext.target`) are the one place that knows a DDPM-family UNet from a flow
+transformer; terms ask the context and never branch on the family. `t` is an integer timestep for
+the DDPM family and sigma * T (a float from the flow schedule, or an integer drawn in a `t_range`)
+for a flow model: larger is noisier either way, and a term's `t_range` means the same on both.
 """
 
 from __future__ import annotations
@@ -17,13 +23,69 @@ from functools import cached_property
 
 import torch
 
+from eval.sampling import SAMPLERS, decode_latents, is_flow_config, make_sampler
 from objectives.term import OptionError, check_t_range, check_t_range_fits
 
 
+def training_scheduler(scheduler_config):
+    """The scheduler whose forward process noises the training data: DDPM's for the UNet families
+    (whatever sampler the pipeline shipped with), the flow path for flow models."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    return (FlowMatchEulerDiscreteScheduler if is_flow_config(scheduler_config) else DDPMScheduler).from_config(scheduler_config)
+
+
+def prediction_type(scheduler) -> str:
+    """What the model outputs: `epsilon`, `v_prediction` or `sample` (the scheduler's config), or
+    `flow_prediction` (velocity; diffusers' name for it) for a flow model."""
+    return "flow_prediction" if is_flow_config(scheduler.config) else scheduler.config.prediction_type
+
+
+# -- the parameterisation, the one place that knows the model families ------------------------------
+#
+# DDPM family: x_t = sqrt(a) x0 + sqrt(1 - a) eps, a = alphas_cumprod[t], t an integer timestep.
+# Flow family (rectified flow, SD3 / Flux): x_t = (1 - s) x0 + s eps with s = t / T, the flow sigma
+# (t is what the transformer is called with: sigma * 1000, as in diffusers' pipelines), and the model
+# predicts the velocity v = eps - x0, so x0 = x_t - s v and eps = x_t + (1 - s) v.
+
+def _alphas(scheduler, t, like):
+    return scheduler.alphas_cumprod.to(like.device)[t.long()].view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def flow_sigma(scheduler, t, like) -> torch.Tensor:
+    """A flow model's sigma s = t / T at timestep `t`, shaped to broadcast over `like`."""
+    return (t.to(like.device).float() / scheduler.config.num_train_timesteps).view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def add_noise(scheduler, x0, noise, t) -> torch.Tensor:
+    """x_t: the forward process of the model's family at timesteps `t` `[N]`."""
+    if is_flow_config(scheduler.config):
+        s = flow_sigma(scheduler, t, x0)
+        return (1 - s) * x0 + s * noise
+    return scheduler.add_noise(x0, noise, t)
+
+
+def training_target(scheduler, x0, noise, t) -> torch.Tensor:
+    """What the model's output is regressed onto at (x0, noise, t): eps, v, x0, or the flow velocity."""
+    kind = prediction_type(scheduler)
+    if kind == "flow_prediction":
+        return noise - x0
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        alphas = _alphas(scheduler, t, x0)
+        return alphas.sqrt() * noise - (1 - alphas).sqrt() * x0
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
 def x0_from_prediction(prediction, x_t, t, scheduler) -> torch.Tensor:
-    """The Tweedie (one-step) estimate of x0 from a model output of the scheduler's prediction type."""
-    alphas = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.dim() - 1))).to(prediction.dtype)
-    kind = scheduler.config.prediction_type
+    """The one-step estimate of x0 from a model output (Tweedie for the DDPM family; x_t - s v for a flow)."""
+    kind = prediction_type(scheduler)
+    if kind == "flow_prediction":
+        return x_t - flow_sigma(scheduler, t, prediction) * prediction
+    alphas = _alphas(scheduler, t, prediction)
     if kind == "epsilon":
         return (x_t - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
     if kind == "v_prediction":
@@ -34,9 +96,11 @@ def x0_from_prediction(prediction, x_t, t, scheduler) -> torch.Tensor:
 
 
 def eps_from_prediction(prediction, x_t, t, scheduler) -> torch.Tensor:
-    """The noise implied by a model output of the scheduler's prediction type (x_t = sqrt(a) x0 + sqrt(1-a) eps)."""
-    alphas = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.dim() - 1))).to(prediction.dtype)
-    kind = scheduler.config.prediction_type
+    """The noise a model output implies at (x_t, t)."""
+    kind = prediction_type(scheduler)
+    if kind == "flow_prediction":
+        return x_t + (1 - flow_sigma(scheduler, t, prediction)) * prediction
+    alphas = _alphas(scheduler, t, prediction)
     if kind == "epsilon":
         return prediction
     if kind == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0
@@ -46,10 +110,15 @@ def eps_from_prediction(prediction, x_t, t, scheduler) -> torch.Tensor:
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+FLOW_SIGMA_MIN = 1e-3  # prediction_from_x0 divides by s: at s = 0 (t = 0) any velocity gives the same x0
+
+
 def prediction_from_x0(x0, x_t, t, scheduler) -> torch.Tensor:
-    """The model output of the scheduler's prediction type that implies clean image `x0` at (x_t, t)."""
-    alphas = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.dim() - 1))).to(x0.dtype)
-    kind = scheduler.config.prediction_type
+    """The model output of the model's prediction type that implies clean image `x0` at (x_t, t)."""
+    kind = prediction_type(scheduler)
+    if kind == "flow_prediction":  # v = eps - x0 with eps = (x_t - (1 - s) x0) / s
+        return (x_t - x0) / flow_sigma(scheduler, t, x0).clamp(min=FLOW_SIGMA_MIN)
+    alphas = _alphas(scheduler, t, x0)
     eps = (x_t - alphas.sqrt() * x0) / (1 - alphas).sqrt()
     if kind == "epsilon":
         return eps
@@ -60,12 +129,32 @@ def prediction_from_x0(x0, x_t, t, scheduler) -> torch.Tensor:
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+TIMESTEP_DENSITIES = ("auto", "uniform", "logit_normal", "mode")
+
+
+def draw_timesteps(scheduler, n: int, generator: torch.Generator, density: str = "auto") -> torch.Tensor:
+    """The denoise step's timesteps `[n]`, as each family trains: DDPM uniform over the integer
+    timesteps; a flow model as diffusers' SD3 and Flux training scripts draw them (`auto`:
+    logit-normal(0, 1); `mode` with scale 1.29; `uniform`): u from that density indexes the
+    scheduler's training sigmas (shifted by its `shift`, unless it shifts by resolution as Flux does)."""
+    if not is_flow_config(scheduler.config):
+        if density not in ("auto", "uniform"):
+            raise ValueError(f"train.timestep_density {density!r} is for flow models; a DDPM-family model draws t uniformly")
+        return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling("logit_normal" if density == "auto" else density, n, logit_mean=0.0, logit_std=1.0,
+                                              mode_scale=1.29, generator=generator)
+    table = training_scheduler(scheduler.config).timesteps  # descending sigma * T, as the scripts index it
+    return table[(u * len(table)).long().clamp(max=len(table) - 1)]
+
+
 @dataclass(eq=False)
 class StepContext:
     """x0, noise: `[N, C, H, W]` in model space; t: `[N]` integer timesteps."""
 
     model: torch.nn.Module  # the trainable denoiser; called as model(x_t, t, **conditioning).sample
-    scheduler: object  # diffusers DDPMScheduler: alphas_cumprod, config.prediction_type
+    scheduler: object  # the training scheduler (`training_scheduler`): DDPMScheduler, or FlowMatchEulerDiscreteScheduler
     x0: torch.Tensor
     noise: torch.Tensor
     t: torch.Tensor
@@ -85,7 +174,7 @@ class StepContext:
     # -- the step's own forward passes ------------------------------------------------------------
     @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+        return prediction_type(self.scheduler)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -98,7 +187,12 @@ class StepContext:
 
     @cached_property
     def x_t(self) -> torch.Tensor:
-        return self.scheduler.add_noise(self.x0, self.noise, self.t)
+        return add_noise(self.scheduler, self.x0, self.noise, self.t)
+
+    @cached_property
+    def target(self) -> torch.Tensor:
+        """What the denoise loss regresses the prediction onto (`training_target`)."""
+        return training_target(self.scheduler, self.x0, self.noise, self.t)
 
     @cached_property
     def prediction(self) -> torch.Tensor:
@@ -137,7 +231,7 @@ class StepContext:
         key = ("one_step", tuple(t_range))
         if key not in self._cache:
             t = self.draw(len(self.x0), low=t_range[0], high=t_range[1], integers=True)
-            x_t = self.scheduler.add_noise(self.x0, self.noise, t)
+            x_t = add_noise(self.scheduler, self.x0, self.noise, t)
             prediction = self.model(x_t, t, **self.conditioning).sample
             self._record(x_t, t, prediction, self.conditioning)
             self._cache[key] = x0_from_prediction(prediction, x_t, t, self.scheduler)
@@ -156,11 +250,9 @@ class StepContext:
         batch's conditioning with the encoded prompts, one image per prompt."""
         key = ("sampled", steps, feedback_steps, sampler, prompts)
         if key not in self._cache:
-            from eval.sampling import make_sampler
-
             conditioning = self.conditioning if prompts is None else self.encode_prompt(list(prompts))
             n = len(self.x0) if prompts is None else len(prompts)
-            scheduler = make_sampler(self.scheduler.config, sampler)
+            scheduler = make_sampler(self.scheduler.config, sampler, latent_size=self.x0.shape[-1])
             scheduler.set_timesteps(steps)
             x = self.draw(n, *self.x0.shape[1:]) * scheduler.init_noise_sigma
             for i, t in enumerate(scheduler.timesteps):
@@ -184,12 +276,10 @@ class StepContext:
         one image per prompt (ReFL, and UniFL's decoupled feedback)."""
         key = ("rollout", steps, stop_low, stop_high, start, feedback_steps, sampler, prompts)
         if key not in self._cache:
-            from eval.sampling import make_sampler
-
             if prompts is not None and start is not None:
                 raise ValueError("a rollout from the real image keeps the batch's captions: prompts need a rollout from noise")
             conditioning = self.conditioning if prompts is None else self.encode_prompt(list(prompts))
-            scheduler = make_sampler(self.scheduler.config, sampler)
+            scheduler = make_sampler(self.scheduler.config, sampler, latent_size=self.x0.shape[-1])
             scheduler.set_timesteps(steps)
             timesteps = scheduler.timesteps.to(self.x0.device)
             stop = int(self.draw(1, low=stop_low, high=stop_high + 1, integers=True))
@@ -197,7 +287,7 @@ class StepContext:
             if start is None:
                 x = self.draw(n, *self.x0.shape[1:]) * scheduler.init_noise_sigma
             else:  # the forward process to the schedule's step `start`: what the sampler would hold there
-                x = self.scheduler.add_noise(self.x0, self.draw(n, *self.x0.shape[1:]), timesteps[start].expand(n))
+                x = add_noise(self.scheduler, self.x0, self.draw(n, *self.x0.shape[1:]), timesteps[start].expand(n))
             for i in range(first, stop + 1):
                 t = timesteps[i]
                 with torch.set_grad_enabled(i > stop - feedback_steps):
@@ -232,17 +322,22 @@ class StepContext:
             return x
         key = ("image", id(x))
         if key not in self._cache:
-            scale = getattr(self.vae.config, "scaling_factor", 1.0)
-            self._cache[key] = (x, self.vae.decode(x / scale).sample)  # keep x alive so its id stays unique
+            self._cache[key] = (x, decode_latents(self.vae, x))  # keep x alive so its id stays unique
         return self._cache[key][1]
 
     def base_features(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The frozen base model's mid-block activations at (x_t, t); differentiable w.r.t. x_t."""
+        """The frozen base model's mid-block activations at (x_t, t); differentiable w.r.t. x_t. A flow
+        transformer's are its middle block's image tokens."""
         if self.base is None:
             raise ValueError("this objective needs the frozen base model, but the context has none")
         network = getattr(self.base, "module", self.base)  # AdaptersDisabled wraps the model
         captured = {}
-        handle = network.mid_block.register_forward_hook(lambda _m, _i, out: captured.setdefault("features", out))
+
+        def hook(_module, _inputs, out):  # returns None: the block's output goes on unchanged
+            # a transformer's middle block (FlowTransformer.mid_block) returns (text stream, image stream): the image's
+            captured.setdefault("features", out[-1] if isinstance(out, tuple) else out)
+
+        handle = network.mid_block.register_forward_hook(hook)
         try:
             self.base(x_t, t, **self.conditioning)
         finally:
@@ -285,8 +380,6 @@ class X0Source:
     def from_options(cls, x0="one_step", t_range=None, sampling_steps=20, feedback_steps=1, sampler="ddim", stop_low=None,
                      stop_high=None, start=None) -> "X0Source":
         """Validated construction; errors are `OptionError`s naming the option."""
-        from eval.sampling import SAMPLERS
-
         if x0 not in ("one_step", "sampled", "rollout"):
             raise OptionError("x0", f"expected 'one_step', 'sampled' or 'rollout', got {x0!r}")
         t_range = check_t_range(t_range)

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from objectives.context import StepContext, prediction_from_x0, x0_from_prediction
+from objectives.context import StepContext, prediction_from_x0, training_scheduler, x0_from_prediction
 from objectives.networks import PerceptualDistance, check_network_spec
 from objectives.term import BuildEnv, OptionError, Term, require_number
 
@@ -95,10 +95,8 @@ class CascadedDenoiser(nn.Module):
 
     def __init__(self, unet: nn.Module, head: CascadedX0Head, scheduler_config, train_head: bool = True):
         super().__init__()
-        from diffusers import DDPMScheduler
-
         self.unet, self.head = unet, head
-        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.scheduler = training_scheduler(scheduler_config)
         self.clip = _clip(scheduler_config)
         # False in other terms' training rollouts: their gradient reaches the eps-module through the
         # cascade, as sampling sees it, but not the head, which learns from lpips_x0 alone

@@ -12,6 +12,11 @@ Where the predicted x0 is taken (`x0_t_range`), by the model's prediction type:
   epsilon model's x0 near t = T multiplies its noise error by up to ~650x (digits schedule), and that
   one sample would dominate the loss. `x0_t_range: [0, T]` restores the paper's choice there too.
 
+Flow models (ours: the paper's model is a UNet): re-noised along the flow path, (1 - s') x0 + s' eps,
+and compared on the frozen transformer's middle block's image tokens (`StepContext.base_features`);
+the predicted x0 is taken at every t, as for v-prediction (a flow's x0 = x_t - s v multiplies the
+velocity error by s <= 1).
+
 The paper trains on this loss *instead of* the diffusion MSE. `sweeps/presets/digits-self-perceptual.yaml`
 runs it that way (`denoise: 0`); the README's example and the digits study keep `denoise: 1.0` beside
 it (ours: the study compares each method as an addition to plain fine-tuning).
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from objectives.context import StepContext
+from objectives.context import StepContext, add_noise
 from objectives.term import BuildEnv, Term, check_t_range, check_t_range_fits
 
 
@@ -47,7 +52,7 @@ class SelfPerceptual(Term):
         lo, hi = self.t_range or (0, ctx.num_train_timesteps)
         t_prime = ctx.draw(len(ctx.x0), low=lo, high=hi, integers=True)
         noise = ctx.draw(*ctx.x0.shape)  # one noise for both sides: only x0 differs
-        predicted = ctx.base_features(ctx.scheduler.add_noise(ctx.one_step(self.x0_range(ctx)), noise, t_prime), t_prime)
+        predicted = ctx.base_features(add_noise(ctx.scheduler, ctx.one_step(self.x0_range(ctx)), noise, t_prime), t_prime)
         with torch.no_grad():
-            target = ctx.base_features(ctx.scheduler.add_noise(ctx.x0, noise, t_prime), t_prime)
+            target = ctx.base_features(add_noise(ctx.scheduler, ctx.x0, noise, t_prime), t_prime)
         return (predicted.float() - target.float()).pow(2).flatten(1).mean(dim=1)

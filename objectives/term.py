@@ -77,6 +77,7 @@ class BuildEnv:
     model_channels: int = 1  # channels of x0 in model space (latent channels for latent models)
     image_channels: int = 1  # channels of decoded images
     num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"  # the model's output (objectives.context.prediction_type): `flow_prediction` for flow models
     text_conditioned: bool = False  # the model takes encoder_hidden_states (prompts can be chosen)
     reference: object = None  # () -> (training images [N, C, H, W] in [0, 1], their captions or None): `target: auto`
     resolution: int = 16  # image resolution in pixels (a folder of preferred samples is read at it)

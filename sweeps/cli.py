@@ -9,6 +9,7 @@
     acpo select --sweep NAME [--preset digits]                        re-run the selection of a finished sweep
     acpo assets build [--out assets/digits] [--quick]                 re-create the digits stand-ins
     acpo assets build-t2i [--out assets/digits-t2i] [--quick]         re-create the digits-t2i text-to-image stand-in
+    acpo assets build-flow [--out assets/digits-flow] [--quick]       re-create the digits-flow flow-matching stand-in (SD3 types)
     acpo prompts select --in FILE --out FILE [--preset P] [--size N]  UniFL's offline prompt selection
 
 Bad input ends with one line on stderr naming the field or file, exit status 2.
@@ -204,6 +205,13 @@ def cmd_assets_build_t2i(args) -> int:
     return 0
 
 
+def cmd_assets_build_flow(args) -> int:
+    from assets.digits_flow import FlowBudget, build_digits_flow
+
+    build_digits_flow(args.out, args.classifier, FlowBudget.quick() if args.quick else FlowBudget(), seed=args.seed)
+    return 0
+
+
 def cmd_prompts_select(args) -> int:
     from objectives.prompt_pool import read_prompts
     from objectives.prompt_select import load_filter, min_words, select_prompts, text_embedder
@@ -280,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     t2i.add_argument("--quick", action="store_true", help="a few steps each: proves the pipeline, not the quality bars")
     t2i.add_argument("--seed", type=int, default=0)
     t2i.set_defaults(func=cmd_assets_build_t2i)
+    flow = assets_sub.add_parser("build-flow", help="train the digits-flow stand-in (VAE, then SD3 transformer with rectified flow; text encoders frozen)")
+    flow.add_argument("--out", default="assets/digits-flow", help="output folder (default: assets/digits-flow)")
+    flow.add_argument("--classifier", default="assets/digits/classifier.safetensors", help="the digits classifier that scores the samples")
+    flow.add_argument("--quick", action="store_true", help="a few steps each: proves the pipeline, not the quality bars")
+    flow.add_argument("--seed", type=int, default=0)
+    flow.set_defaults(func=cmd_assets_build_flow)
 
     prompts = sub.add_parser("prompts", help="prompt pools for prompt-conditioned rewards")
     prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True)

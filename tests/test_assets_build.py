@@ -56,3 +56,18 @@ def test_quick_t2i_rebuild_loads_as_a_stable_diffusion_pipeline(tmp_path, digits
     images = sample_images(model.unet, model.scheduler.config, 4, steps=2, vae=model.vae, encode_prompt=model.encode_prompt,
                            prompts=["a thick handwritten 7"], guidance_scale=3.0)
     assert images.shape == (4, 1, 16, 16)
+
+
+@pytest.mark.integration  # VAE, transformer and figures through the CLI: ~15 s
+def test_quick_flow_rebuild_loads_as_a_stable_diffusion_3_pipeline(tmp_path, digits_assets):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "digits-flow"
+    assert main(["assets", "build-flow", "--quick", "--out", str(out), "--classifier", str(digits_assets / "classifier.safetensors")]) == 0
+    card = json.loads((out / "base" / "card.json").read_text())
+    assert card["data"]["data_hash"] == digits_data_hash() and "classifier_fid_vs_heldout_guidance_1" in card["figures"]
+    assert card["training"]["vae"]["shift_factor"] != 0  # SD3's VAE kind: latents centred, then scaled
+    # diffusers' own pipeline, as a user would load it: T5 left out (saved as absent), no T5 tokens
+    pipe = StableDiffusion3Pipeline.from_pretrained(out / "base", text_encoder_3=None, tokenizer_3=None)
+    images = pipe("a thick handwritten 7", num_inference_steps=2, height=16, width=16, max_sequence_length=0, output_type="pt").images
+    assert images.shape == (1, 1, 16, 16) and torch.isfinite(images).all()

@@ -19,7 +19,7 @@ LAYERS = [
     ("eval", ("eval",)),  # evaluation and the frozen scorers
     ("objectives", ("objectives",)),
     ("trainers", ("trainers",)),  # the rest of trainers/
-    ("asset builder", ("assets.build", "assets.digits_t2i")),  # they train with trainers.loop
+    ("asset builder", ("assets.build", "assets.digits_t2i", "assets.digits_flow")),  # they train with trainers.loop
     ("sweeps", ("sweeps",)),
 ]
 

@@ -36,3 +36,32 @@ def build_tiny_sd(image_channels: int = 1, resolution: int = 16, seed: int = 0) 
     for module in (vae, text_encoder):
         module.requires_grad_(False).eval()
     return DiffusionModel(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+def build_tiny_flow(family: str = "sd3", resolution: int = 16, seed: int = 0):
+    """A randomly initialized flow model shaped like SD3 (SD3Transformer2DModel, two CLIP encoders with
+    projection, no T5) or Flux (FluxTransformer2DModel with guidance embedding, CLIP + T5 encoders are
+    not built: the test passes conditioning tensors of their shapes), an AutoencoderKL with 16 latent
+    channels and a shift, and the flow scheduler. Returns (DiffusionModel, conditioning for 1 sample)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+
+    from trainers.flow_transformer import FlowTransformer
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=16, block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=resolution, shift_factor=0.1,
+                        scaling_factor=1.5).requires_grad_(False).eval()
+    latent = resolution // 2
+    if family == "sd3":
+        transformer = SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+                                            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24,
+                                            pos_embed_max_size=latent)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        conditioning = {"encoder_hidden_states": torch.randn(1, 5, 32), "pooled_projections": torch.randn(1, 24)}
+    else:
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
+                                             axes_dims_rope=(2, 2, 4))
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+        conditioning = {"encoder_hidden_states": torch.randn(1, 5, 32), "pooled_projections": torch.randn(1, 24)}
+    return DiffusionModel(unet=FlowTransformer(transformer, sample_size=latent), scheduler=scheduler, vae=vae), conditioning

@@ -126,9 +126,15 @@ def _read_checkpoint(directory: Path, *, model, optimizer, ema, objective, devic
 
 
 def _model_weights(model_dir: Path, finetune: str) -> dict[str, torch.Tensor]:
+    """The trained weights named as the trainable model names them: the adapter's; or a UNet's, or a flow
+    transformer's under `transformer.` (FlowTransformer holds it there), read from every shard."""
     if finetune == "lora":
         return load_file(model_dir / "adapter_model.safetensors")
-    return load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    folder, prefix = (model_dir / "unet", "") if (model_dir / "unet").is_dir() else (model_dir / "transformer", "transformer.")
+    shards = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no weights in {folder}")
+    return {prefix + name: tensor for shard in shards for name, tensor in load_file(shard).items()}
 
 
 def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = True) -> DiffusionModel:

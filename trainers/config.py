@@ -140,6 +140,9 @@ class TrainConfig(Section):
     # auto: bf16 autocast on CUDA, fp32 on the CPU (where autocast is slower than fp32 for these convolutions);
     # bf16: autocast on either (the CPU runs the GPU's dtype path, for rehearsals and tests); no: fp32 everywhere
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    # how the denoise step draws t: auto is the family's (DDPM: uniform; flow models: logit-normal, as diffusers'
+    # SD3 and Flux scripts); logit_normal and mode (SD3's densities) are for flow models
+    timestep_density: Literal["auto", "uniform", "logit_normal", "mode"] = "auto"
     gradient_checkpointing: bool = False  # recompute UNet (and VAE decoder) activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile the trainable UNet (first steps pay the compilation)
     eval_every: NonNegative = 0  # evaluate + checkpoint every N steps (0: only at the end)
@@ -163,7 +166,7 @@ class EvalConfig(Section):
     seed: int = 0
     resamples: int = Field(1000, ge=100)  # paired-bootstrap resamples behind every interval (eval/intervals.py)
     sampling_steps: list[Positive] = Field(default_factory=lambda: [25], min_length=1)  # one row of figures per step count
-    sampler: Literal["ddim", "dpm_solver"] = "ddim"
+    sampler: Literal["ddim", "dpm_solver", "euler"] = "ddim"  # a flow model: ddim and euler are its Euler sampler (eval/sampling.py)
     reference: str = "digits:heldout"  # "digits:heldout", an image folder, or "hf:NAME[:SPLIT]" (data.image_column)
     feature_extractor: str = "digits-classifier"  # torch-fidelity extractor name (inception-v3-compat online)
     feature_extractor_weights: str = "assets/digits/classifier.safetensors"  # only for extractors that need local weights

@@ -85,12 +85,13 @@ def latent_moments(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack([posterior.mean, posterior.std], dim=1).float().contiguous()
 
 
-def sample_latents(moments: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
-    """One draw from the posterior (`moments` from `latent_moments`, on any device), scaled as the UNet
-    was trained: with the step's generator, so that the cached and the uncached run draw the same."""
+def sample_latents(moments: torch.Tensor, vae_config, generator: torch.Generator) -> torch.Tensor:
+    """One draw from the posterior (`moments` from `latent_moments`, on any device), shifted (SD3's and
+    Flux's VAEs: `shift_factor`) and scaled as the denoiser was trained: with the step's generator, so
+    that the cached and the uncached run draw the same."""
     mean, std = moments[:, 0], moments[:, 1]
     draw = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return (mean + std * draw) * scaling_factor
+    return (mean + std * draw - (vae_config.get("shift_factor") or 0.0)) * vae_config["scaling_factor"]
 
 
 class EncodedDataset(Dataset):

@@ -30,7 +30,7 @@ from eval.evaluate import Evaluator
 from eval.intervals import per_sample_tensors
 from trainers.image_sets import WithMasks, captioned_images, captions, data_masks, training_set
 from trainers.common.seeds import derive_seed
-from objectives.context import StepContext
+from objectives.context import StepContext, draw_timesteps, prediction_type
 from objectives.registry import Objective, build_objective
 from objectives.term import BuildEnv
 from trainers.checkpoint import checkpoint_name, read_checkpoint, write_checkpoint
@@ -142,7 +142,6 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
         model.compile()  # in place: parameter names and checkpoints stay those of the plain UNet
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16_autocast(device.type))
-    num_timesteps = base.scheduler.config.num_train_timesteps
     rollout_model = objective.wrap_for_rollouts(model, base.scheduler.config)  # Cas-DM: rollouts through its cascade
     logged, metrics, checkpoint = {}, {}, None
     times = {"time/setup_s": time.perf_counter() - started}  # the first report carries the set-up time
@@ -165,11 +164,11 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             conditioning = encode_prompt(prompts) if prompts else {}
             if base.latent:  # a latent drawn from the posterior with this step's generator, cached or not
                 moments = images if data.cache_latents else latent_moments(base.vae, images)
-                x0 = sample_latents(moments, base.vae.config.scaling_factor, generator)
+                x0 = sample_latents(moments, base.vae.config, generator)
             else:
                 x0 = images
             noise = torch.randn(x0.shape, generator=generator).to(device)
-            t = torch.randint(0, num_timesteps, (len(x0),), generator=generator).to(device)
+            t = draw_timesteps(base.scheduler, len(x0), generator, settings.timestep_density).to(device)
             ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t, conditioning=conditioning, prompts=prompts,
                               base=frozen, vae=base.vae, encode_prompt=base.encode_prompt, generator=generator,
                               rollout_model=rollout_model, masks=masks)
@@ -233,7 +232,8 @@ def peak_memory(device: torch.device) -> dict:
 def objective_env(config: Config, base: DiffusionModel, device) -> BuildEnv:
     """What the objective's terms are built against: the base model's shapes and scheduler, the data."""
     return BuildEnv(device=str(device), model_channels=base.model_channels, image_channels=base.channels,
-                    num_train_timesteps=base.scheduler.config.num_train_timesteps, text_conditioned=base.text_conditioned,
+                    num_train_timesteps=base.scheduler.config.num_train_timesteps, prediction_type=prediction_type(base.scheduler),
+                    text_conditioned=base.text_conditioned,
                     reference=lambda: captioned_images(config.data, base.text_conditioned), resolution=base.resolution,
                     cache_dir=config.eval.cache_dir or None)
 

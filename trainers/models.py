@@ -7,6 +7,9 @@ safetensors only.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,9 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
+
+from objectives.context import training_scheduler
+from trainers.flow_transformer import FlowTransformer
 
 # The digits base model: ~1.1M parameters, 16x16 grayscale, one attention level at 8x8.
 DIGITS_UNET_CONFIG = dict(
@@ -37,15 +43,30 @@ transformers_logging.disable_progress_bar()  # and the text encoder's "Loading w
 @dataclass
 class DiffusionModel:
     """A denoiser and the noise scheduler it was trained with; for latent text-to-image models
-    (Stable Diffusion) also the VAE, the text encoder and its tokenizer."""
+    (Stable Diffusion) also the VAE, the text encoders and their tokenizers. `unet` is the denoiser: a
+    UNet, or a flow transformer behind `FlowTransformer` (SD3, Flux), called the same way."""
 
     unet: torch.nn.Module
-    scheduler: DDPMScheduler
+    scheduler: object  # objectives.context.training_scheduler: DDPMScheduler, or FlowMatchEulerDiscreteScheduler
     vae: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
     tokenizer: object = None
-    text_encoder_2: torch.nn.Module | None = None  # SDXL's second (OpenCLIP bigG, with projection)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's and SD3's second CLIP; Flux's T5
     tokenizer_2: object = None
+    text_encoder_3: torch.nn.Module | None = None  # SD3's T5 (optional there: None drops it)
+    tokenizer_3: object = None
+
+    @property
+    def family(self) -> str:
+        """Which diffusers pipeline this model is: ddpm, sd, sdxl, sd3 or flux."""
+        from objectives.lpips_x0 import core_denoiser
+
+        denoiser = core_denoiser(self.unet)
+        if isinstance(denoiser, FlowTransformer):
+            return "flux" if denoiser.flux else "sd3"
+        if self.text_encoder_2 is not None:
+            return "sdxl"
+        return "sd" if self.latent and self.text_conditioned else "ddpm"
 
     @property
     def latent(self) -> bool:
@@ -80,6 +101,8 @@ class DiffusionModel:
         """Prompts -> the UNet's conditioning kwargs; the text encoder is frozen, so no graph."""
         if not self.text_conditioned:
             return {}
+        if self.family in ("sd3", "flux"):
+            return self._encode_flow_prompt(prompts)
         ids = self._ids(self.tokenizer, prompts)
         with torch.no_grad():
             if self.text_encoder_2 is None:
@@ -92,6 +115,35 @@ class DiffusionModel:
             size = self.resolution
             time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=hidden.dtype, device=hidden.device).repeat(len(prompts), 1)
             return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": second.text_embeds, "time_ids": time_ids}}
+
+    def _encode_flow_prompt(self, prompts: list[str]) -> dict:
+        """SD3 and Flux condition as their pipelines' own `encode_prompt` does (called here on a pipeline
+        of this model's frozen encoders): SD3 both CLIPs' penultimate layers side by side, padded to the
+        T5 width, T5's tokens after them, both pooled outputs; Flux T5's tokens and CLIP's pooled output.
+        Without SD3's T5 the pipeline would append 256 zero tokens; this model appends none (`t5_tokens`)."""
+        with torch.no_grad():
+            if self.family == "flux":
+                hidden, pooled, _text_ids = self.text_pipeline.encode_prompt(list(prompts), prompt_2=None, device=self.unet.device,
+                                                                             max_sequence_length=self.t5_tokens)
+            else:
+                hidden, _, pooled, _ = self.text_pipeline.encode_prompt(list(prompts), prompt_2=None, prompt_3=None, device=self.unet.device,
+                                                                        do_classifier_free_guidance=False, max_sequence_length=self.t5_tokens)
+        return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+
+    @property
+    def t5_tokens(self) -> int:
+        """How many T5 tokens a flow model's prompts take: the pipelines' defaults (SD3 256, Flux 512), and
+        none for an SD3 model without T5 (diffusers would pad 256 zero tokens; `digits-flow` trains without them)."""
+        if self.family == "flux":
+            return 512
+        return 256 if self.text_encoder_3 is not None else 0
+
+    @functools.cached_property
+    def text_pipeline(self):
+        """The model's diffusers pipeline over its own modules (nothing copied): what encodes its prompts."""
+        from objectives.lpips_x0 import core_denoiser
+
+        return pipeline_of(dataclasses.replace(self, unet=core_denoiser(self.unet)))
 
     def _ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -127,17 +179,17 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") 
             raise FileNotFoundError(f"base model folder has no model_index.json (not a diffusers pipeline): {local}")
     try:
         # use_safetensors=None: prefer safetensors, accept .bin only for hub models that ship nothing else
-        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None)
+        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None, **(absent_components(local) if looks_local else {}))
     except (OSError, ValueError) as error:
         # offline, or neither a folder nor a hub id: diffusers' message is long; keep its first line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FileNotFoundError(f"could not load base model {source!r}: {first}") from None
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
-        raise ValueError(f"base model {source!r} has no unet/scheduler (got {type(pipe).__name__})")
-    unet = pipe.unet.to(device)
-    # Training adds noise with the DDPM forward process whatever sampler the pipeline shipped with.
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    frozen = {name: getattr(pipe, name, None) for name in ("vae", "text_encoder", "text_encoder_2")}
+    if not (hasattr(pipe, "unet") or hasattr(pipe, "transformer")) or not hasattr(pipe, "scheduler"):
+        raise ValueError(f"base model {source!r} has no unet or transformer, or no scheduler (got {type(pipe).__name__})")
+    unet = pipe.unet.to(device) if hasattr(pipe, "unet") else FlowTransformer(pipe.transformer.to(device))
+    # Training noises with the family's forward process (DDPM's, or the flow path) whatever sampler the pipeline shipped with.
+    scheduler = training_scheduler(pipe.scheduler.config)
+    frozen = {name: getattr(pipe, name, None) for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
     for module in frozen.values():
         if module is not None:
             module.to(device).requires_grad_(False).eval()
@@ -146,34 +198,63 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") 
 
         unet = CascadedDenoiser.load(local / "cascade", unet, scheduler.config)
     return DiffusionModel(unet=unet, scheduler=scheduler, tokenizer=getattr(pipe, "tokenizer", None),
-                          tokenizer_2=getattr(pipe, "tokenizer_2", None), **frozen)
+                          tokenizer_2=getattr(pipe, "tokenizer_2", None), tokenizer_3=getattr(pipe, "tokenizer_3", None), **frozen)
+
+
+def absent_components(folder: Path) -> dict:
+    """The components a saved pipeline records as absent (`[null, null]` in model_index.json), as None:
+    diffusers saves an SD3 pipeline without T5 that way but will not load it unless told so."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"{folder / 'model_index.json'}: unreadable ({type(error).__name__}: {error})") from None
+    return {name: None for name, value in index.items() if value == [None, None]} if isinstance(index, dict) else {}
 
 
 def save_base_model(model: DiffusionModel, path: str | Path) -> Path:
-    """Write a diffusers pipeline folder (DDPMPipeline, StableDiffusionPipeline for latent text models,
-    StableDiffusionXLPipeline with a second text encoder), weights as safetensors, and a Cas-DM head
-    as `cascade/`; `load_base_model` reads it back."""
+    """Write a diffusers pipeline folder of the model's family (`pipeline_of`: DDPMPipeline,
+    StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline),
+    weights as safetensors, and a Cas-DM head as `cascade/`; `load_base_model` reads it back."""
     from objectives.lpips_x0 import CascadedDenoiser, core_denoiser
 
     path = Path(path)
-    unet = core_denoiser(model.unet)
-    if model.text_encoder_2 is not None:
-        from diffusers import StableDiffusionXLPipeline
-
-        pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
-                                         tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=unet, scheduler=model.scheduler)
-    elif model.latent:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet,
-                                       scheduler=model.scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    else:
-        pipe = DDPMPipeline(unet=unet, scheduler=model.scheduler)
-    pipe.save_pretrained(path, safe_serialization=True)
+    pipe = pipeline_of(dataclasses.replace(model, unet=core_denoiser(model.unet)))
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # an absent T5 is saved as absent, with a warning per checkpoint otherwise
+    try:
+        pipe.save_pretrained(path, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if isinstance(model.unet, CascadedDenoiser):
         model.unet.save(path / "cascade")
     return path
+
+
+def pipeline_of(model: DiffusionModel):
+    """The diffusers pipeline of the model's family over its modules (the denoiser without a Cas-DM head)."""
+    family, unet = model.family, model.unet
+    if family == "sd3":
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(transformer=unet.transformer, scheduler=model.scheduler, vae=model.vae, text_encoder=model.text_encoder,
+                                        tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
+                                        text_encoder_3=model.text_encoder_3, tokenizer_3=model.tokenizer_3)
+    if family == "flux":
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(transformer=unet.transformer, scheduler=model.scheduler, vae=model.vae, text_encoder=model.text_encoder,
+                            tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2)
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+                                         tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=unet, scheduler=model.scheduler)
+    if family == "sd":
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet,
+                                       scheduler=model.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return DDPMPipeline(unet=unet, scheduler=model.scheduler)
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

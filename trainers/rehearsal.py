@@ -35,6 +35,8 @@ from trainers.common.errors import ConfigError
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 CHURCH256 = "google/ddpm-church-256"
+SD3 = "stabilityai/stable-diffusion-3.5-medium"
+FLUX = "black-forest-labs/FLUX.1-dev"
 
 _SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                      prediction_type="epsilon", steps_offset=1, clip_sample=False)
@@ -97,6 +99,48 @@ ARCHITECTURES = {
                        hidden_act="gelu", projection_dim=32),
         "scheduler": _SD_SCHEDULER,
     },
+    SD3: {  # MMDiT-X: joint text/image blocks, the first 13 with a second self-attention; two CLIPs with projection
+        # (the T5-XXL encoder is left out, as SD3's pipeline allows: its sentencepiece tokenizer is on the hub only)
+        "resolution": 1024,
+        "transformer": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                            pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024,
+                    scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                     hidden_act="quick_gelu", projection_dim=768),
+        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+                       hidden_act="gelu", projection_dim=1280),
+        "scheduler": dict(num_train_timesteps=1000, shift=3.0),
+    },
+    "tiny-sd3": {  # SD3.5 medium's block kinds (dual attention, RMS q/k norm), two CLIPs, narrow, at 64 px
+        "resolution": 64,
+        "transformer": dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+                            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+                            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64,
+                    norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                     hidden_act="quick_gelu", projection_dim=32),
+        "text_2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                       hidden_act="gelu", projection_dim=32),
+        "scheduler": dict(num_train_timesteps=1000, shift=3.0),
+    },
+    FLUX: {  # 19 double-stream and 38 single-stream blocks, guidance-distilled; CLIP-L (pooled) and T5-XXL (left out here, as
+        # for SD3; Flux cannot run without it, so this entry counts parameters on the meta device and is not staged)
+        "resolution": 1024,
+        "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                            joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024,
+                    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                     hidden_act="quick_gelu"),
+        "scheduler": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                          base_image_seq_len=256, max_image_seq_len=4096),
+    },
     CHURCH256: {  # the LSUN-256 DDPMs share this UNet: attention at 16x16 only
         "resolution": 256,
         "unet": dict(sample_size=256, in_channels=3, out_channels=3, block_out_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2,
@@ -123,16 +167,18 @@ def clip_tokenizer(model_max_length: int = 77):
 def build(name: str, seed: int = 0, device: str | torch.device = "cpu"):
     """The architecture `name` (a key of ARCHITECTURES) with random weights drawn from `seed`, as a
     `DiffusionModel`. `device="meta"` builds it without memory (parameter counts)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from trainers.flow_transformer import FlowTransformer
     from trainers.models import DiffusionModel
 
     if name not in ARCHITECTURES:
         raise KeyError(f"no rehearsal architecture for {name!r} (known: {', '.join(ARCHITECTURES)})")
     spec = ARCHITECTURES[name]
     torch.manual_seed(seed)
-    scheduler = DDPMScheduler(**spec["scheduler"])
+    flow = "transformer" in spec
+    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler)(**spec["scheduler"])
     with torch.device(device):
         if "text" not in spec:  # a pixel DDPM
             return DiffusionModel(unet=UNet2DModel(**spec["unet"]), scheduler=scheduler)
@@ -142,12 +188,20 @@ def build(name: str, seed: int = 0, device: str | torch.device = "cpu"):
             return CLIPTextConfig(vocab_size=len(tokenizer), **options, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
-        text_encoder = CLIPTextModel(text_config(spec["text"]))
+        # SD3's first CLIP has a projection (its pooled output conditions the transformer); SD 1.5's, SDXL's and Flux's none
+        text_encoder = (CLIPTextModelWithProjection if "projection_dim" in spec["text"] and flow else CLIPTextModel)(text_config(spec["text"]))
         second = {}
-        if "text_2" in spec:  # SDXL: its second tokenizer is the same vocabulary (the hub's pads with "!", here with end-of-text)
+        if "text_2" in spec:  # SDXL, SD3: the second tokenizer is the same vocabulary (the hub's pads with "!", here with end-of-text)
             second = {"text_encoder_2": CLIPTextModelWithProjection(text_config(spec["text_2"])).requires_grad_(False).eval(),
                       "tokenizer_2": tokenizer}
-        return DiffusionModel(unet=UNet2DConditionModel(**spec["unet"]), scheduler=scheduler, vae=AutoencoderKL(**spec["vae"]),
+        if flow:
+            from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+            kind = SD3Transformer2DModel if "pos_embed_max_size" in spec["transformer"] else FluxTransformer2DModel
+            unet = FlowTransformer(kind(**spec["transformer"]))
+        else:
+            unet = UNet2DConditionModel(**spec["unet"])
+        return DiffusionModel(unet=unet, scheduler=scheduler, vae=AutoencoderKL(**spec["vae"]),
                               text_encoder=text_encoder.requires_grad_(False).eval(), tokenizer=tokenizer, **second)
 
 
@@ -193,8 +247,12 @@ def staged_base(name: str, resolution: int, seed: int = 0) -> Path:
 
     path = cache_root() / f"{_slug(name)}-{resolution}px-random-seed{seed}"
     if not (path / "model_index.json").is_file():
+        if name == FLUX:
+            raise ConfigError(f"model.base: {FLUX} is not rehearsed here: it needs its T5-XXL encoder, whose tokenizer is on the hub only, "
+                              "and 48 GB for its fp32 weights (ARCHITECTURES counts its parameters)")
         model = build(name, seed)
-        model.unet.register_to_config(sample_size=resolution // model.vae_scale_factor if model.latent else resolution)
+        denoiser = model.unet.transformer if model.family in ("sd3", "flux") else model.unet
+        denoiser.register_to_config(sample_size=resolution // model.vae_scale_factor if model.latent else resolution)
         with _written(path) as partial:
             save_base_model(model, partial)
     return path

@@ -183,6 +183,7 @@ def test_broken_study_file_fails_in_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("preset, methods", [
     ("digits", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
     ("digits-t2i", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
+    ("digits-flow", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
     ("cifar10", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
     ("sd15", {"baseline", "reward_only", "acpo", "cas_dm", "self_perceptual", "unifl"}),
     ("digits-anchor", {"at_denoise", "at_feedback", "at_both"}),
@@ -194,5 +195,5 @@ def test_broken_study_file_fails_in_one_line(tmp_path, capsys):
 def test_shipped_studies_validate(capsys, preset, methods):
     assert main(["--preset", preset, "--dry-run"]) == 0
     study = json.loads(capsys.readouterr().out)
-    base = "digits-t2i" if preset.startswith("digits-t2i") else "digits" if preset.startswith("digits") else preset
+    base = next((name for name in ("digits-t2i", "digits-flow", "digits") if preset.startswith(name)), preset)
     assert set(study["methods"]) == methods and study["preset"] == base and len(study["seeds"]) >= 3

@@ -178,6 +178,40 @@ def test_a_cas_dm_champion_samples_with_its_head_from_the_registry(tmp_path, mlf
 
 
 @pytest.mark.integration
+def test_a_digits_flow_sweep_registers_a_champion_that_samples_and_exports_as_sd3(tmp_path, mlflow_server, digits_assets, monkeypatch):
+    """The flow-matching stand-in through the whole sweep: its registered champion samples through
+    mlflow.pyfunc as the evaluation does, and the pipeline folder inside the MLflow model loads with
+    diffusers' StableDiffusion3Pipeline (T5 absent, as saved) and samples."""
+    import mlflow
+    import pandas as pd
+    import ray
+    from diffusers import StableDiffusion3Pipeline
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.acpo_sweep import main
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["--preset", "digits-flow", *sweep_args("flow", tmp_path, mlflow_server, samples=2),
+                     "--set", "sweep.model_name=flow-model"]) == 0
+    finally:
+        ray.shutdown()
+    selection = json.loads((tmp_path / "flow" / "selection.json").read_text())
+    version = MlflowClient(mlflow_server).get_model_version_by_alias("flow-model", "champion")
+    assert version.tags["trial"] == selection["champion"]["trial"]
+    with monkeypatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        env.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
+        model = mlflow.pyfunc.load_model("models:/flow-model@champion")
+    images = model.predict(pd.DataFrame({"num_images": [3], "steps": [4], "seed": [0], "prompt": ["a handwritten 7"]}))
+    assert images.shape == (3, 16, 16, 1) and images.dtype.name == "uint8" and 0 < images.mean() < 255
+    local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "download"), tracking_uri=mlflow_server)
+    pipe = StableDiffusion3Pipeline.from_pretrained(Path(local) / "artifacts" / "champion", text_encoder_3=None, tokenizer_3=None)
+    out = pipe("a handwritten 7", num_inference_steps=4, height=16, width=16, guidance_scale=3.0, max_sequence_length=0, output_type="pt")
+    assert out.images.shape == (1, 1, 16, 16) and torch.isfinite(out.images).all()
+
+
+@pytest.mark.integration
 def test_a_killed_driver_resumes_without_duplicates(tmp_path, mlflow_server, digits_assets):
     import optuna
     from mlflow.tracking import MlflowClient

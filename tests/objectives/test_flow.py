@@ -1,0 +1,208 @@
+"""Flow-matching models (SD3 / Flux): the parameterisation in its one place, every term on a tiny
+SD3-shaped model, the anchor's zero, the flow rollout, the flow samplers, and a tiny Flux-shaped
+transformer training a LoRA step with the anchor and a reward."""
+
+import copy
+
+import pytest
+import torch
+
+from eval.sampling import make_sampler, sample_images
+from objectives.context import (StepContext, X0Source, add_noise, draw_timesteps, eps_from_prediction, prediction_from_x0, prediction_type,
+                                training_target, x0_from_prediction)
+from objectives.registry import build_objective
+from objectives.term import BuildEnv
+from tests.objectives.test_terms import term_specs
+from tests.tiny_models import build_tiny_flow
+from trainers.lora import AdaptersDisabled, add_lora
+
+FLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2"]
+
+
+@pytest.fixture(scope="module")
+def specs(digits_assets):
+    cnniqa = {"arch": "cnniqa", "weights": str(digits_assets / "quality_cnniqa.safetensors")}
+    heldout = {"arch": "digits_heldout_iqa", "weights": str(digits_assets / "heldout_iqa.safetensors")}
+    network = {"network": "digits-classifier", "weights": str(digits_assets / "classifier.safetensors")}
+    segmenter = {"network": "digits-segmenter", "weights": str(digits_assets / "segmenter.safetensors")}
+    return {"cnniqa": cnniqa, "heldout": heldout, "network": network, "segmenter": segmenter}
+
+
+def flow_context(model, base, x0, conditioning, seed=0, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = draw_timesteps(kwargs["scheduler"], len(x0), generator)
+    return StepContext(x0=x0, noise=noise, t=t, generator=generator, model=model, base=base,
+                       conditioning={k: v.expand(len(x0), *v.shape[1:]) for k, v in conditioning.items()}, **kwargs)
+
+
+def test_the_flow_parameterisation_recovers_x0_eps_and_the_target_from_the_velocity():
+    model, _ = build_tiny_flow("sd3")
+    scheduler = model.scheduler
+    assert prediction_type(scheduler) == "flow_prediction"
+    x0, eps = torch.full((2, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), -1.0)
+    t = torch.tensor([250.0, 800.0])  # s = 0.25, 0.8
+    s = torch.tensor([0.25, 0.8]).view(-1, 1, 1, 1)
+    x_t = add_noise(scheduler, x0, eps, t)
+    torch.testing.assert_close(x_t, ((1 - s) * 0.5 + s * -1.0).expand_as(x0))  # by hand: 0.125, -0.7
+    velocity = training_target(scheduler, x0, eps, t)
+    torch.testing.assert_close(velocity, torch.full_like(x0, -1.5))  # eps - x0
+    torch.testing.assert_close(x0_from_prediction(velocity, x_t, t, scheduler), x0)
+    torch.testing.assert_close(eps_from_prediction(velocity, x_t, t, scheduler), eps)
+    torch.testing.assert_close(prediction_from_x0(x0, x_t, t, scheduler), velocity)
+    # a wrong velocity gives the x0 and eps it implies: x0 = x_t - s v, eps = x_t + (1 - s) v
+    wrong = torch.zeros_like(x0)
+    torch.testing.assert_close(x0_from_prediction(wrong, x_t, t, scheduler), x_t)
+    torch.testing.assert_close(eps_from_prediction(wrong, x_t, t, scheduler), x_t)
+
+
+def test_flow_timesteps_are_drawn_logit_normal_and_shifted_as_the_sd3_script_does():
+    model, _ = build_tiny_flow("sd3")  # shift 3
+    t = draw_timesteps(model.scheduler, 4000, torch.Generator().manual_seed(0))
+    assert t.dtype.is_floating_point and 0 < t.min() and t.max() <= 1000
+    # logit-normal(0, 1) has its median at u = 0.5; shift 3 moves it to sigma = 3 * 0.5 / (1 + 2 * 0.5) = 0.75
+    assert t.median().item() == pytest.approx(750, abs=25)
+    uniform = draw_timesteps(model.scheduler, 4000, torch.Generator().manual_seed(0), "uniform")
+    assert uniform.median().item() == pytest.approx(750, abs=40)  # shifted uniform: median at 3 * 0.5 / 2
+    assert (t > 900).float().mean() < (uniform > 900).float().mean()  # logit-normal thins the ends
+
+
+def test_the_ddpm_draw_is_unchanged():
+    from trainers.models import build_digits_scheduler
+
+    drawn = draw_timesteps(build_digits_scheduler(), 8, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="timestep_density 'logit_normal' is for flow models"):
+        draw_timesteps(build_digits_scheduler(), 8, torch.Generator(), "logit_normal")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+def test_flow_sampling_with_a_perfect_velocity_lands_on_the_image(sampler):
+    """A model that knows x0 outputs the velocity (x_t - x0) / s at every step; the flow samplers must
+    then end on x0 (the path is straight), whatever the step count."""
+    target = torch.linspace(-0.8, 0.8, 16 * 64).view(1, 16, 8, 8)
+
+    class Oracle(torch.nn.Module):
+        config = type("Config", (), {"in_channels": 16, "sample_size": 8})
+
+        def forward(self, x, t, **_):
+            s = (t.float() / 1000).view(-1, 1, 1, 1)
+            return type("Out", (), {"sample": (x - target) / s})()
+
+    model, _ = build_tiny_flow("sd3")
+    sampler_config = model.scheduler.config
+    for steps in (4, 10):
+        latents = sample_images(Oracle(), sampler_config, 2, steps=steps, sampler=sampler, seed=0)  # pixel space: [0, 1] of the clamp
+        torch.testing.assert_close(latents, ((target.clamp(-1, 1) + 1) / 2).expand(2, -1, -1, -1), atol=2e-3, rtol=0)
+
+
+def test_flux_dynamic_shift_follows_the_latent_size():
+    model, _ = build_tiny_flow("flux")
+    small, large = make_sampler(model.scheduler.config, "ddim", latent_size=8), make_sampler(model.scheduler.config, "ddim", latent_size=128)
+    small.set_timesteps(4), large.set_timesteps(4)
+    assert large.sigmas[1] > small.sigmas[1]  # more patches: more time at high noise, as FluxPipeline shifts
+
+
+@pytest.fixture(scope="module")
+def latents():
+    from trainers.image_sets import DigitsDataset, images_only
+
+    model, _ = build_tiny_flow("sd3")
+    with torch.no_grad():
+        return model.vae.encode(images_only(DigitsDataset("train"))[:4]).latent_dist.mean
+
+
+@pytest.mark.parametrize("case", ["denoise", "anchor", "nr_iqa", "nr_iqa_sampled", "lpips_x0", "self_perceptual", "pefl", "pefl_rollout",
+                                  "decoupled_rewards", "decoupled_rewards_rollout", "adversarial", "adversarial_rollout"])
+def test_every_term_trains_a_flow_transformer(case, specs, latents):
+    base_model, conditioning = build_tiny_flow("sd3")
+    base = base_model.unet.requires_grad_(False)
+    model = copy.deepcopy(base).requires_grad_(True)
+    with torch.no_grad():  # drifted a little, so the anchor is not at its 0
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    name = case.removesuffix("_sampled").removesuffix("_rollout")
+    options = term_specs(specs)[case]
+    env = BuildEnv(model_channels=16, image_channels=1, prediction_type="flow_prediction")
+    objective = build_objective({name: {"weight": 1.0, **options}}, env)
+    ctx = flow_context(model, base, latents, conditioning, scheduler=base_model.scheduler, vae=base_model.vae,
+                       rollout_model=objective.wrap_for_rollouts(model, base_model.scheduler.config))
+    total, parts = objective(ctx)
+    assert torch.isfinite(total) and all(torch.isfinite(v) for v in parts.values())
+    total.backward()
+    moved = [p.grad for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    if name == "lpips_x0":  # the cascade's head learns; the transformer does not (stop-gradient)
+        assert not moved and any(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.trainable_parameters())
+    else:
+        assert moved, f"{case}: no gradient reached the transformer"
+    assert all(p.grad is None for p in base.parameters()) or base is model
+
+
+def test_the_flow_anchor_is_zero_at_the_base_and_positive_after_one_step(specs, latents):
+    base_model, conditioning = build_tiny_flow("sd3")
+    model = add_lora(base_model.unet, 4, targets=FLOW_LORA_TARGETS)
+    frozen = AdaptersDisabled(model)
+    objective = build_objective({"anchor": 1.0, "nr_iqa": {"weight": 1.0, "metric": specs["cnniqa"]}},
+                                BuildEnv(model_channels=16, image_channels=1, prediction_type="flow_prediction"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+
+    def step_context(seed):
+        return flow_context(model, frozen, latents, conditioning, seed=seed, scheduler=base_model.scheduler, vae=base_model.vae)
+
+    _, parts = objective(step_context(0))
+    assert parts["anchor"].item() == 0.0  # LoRA's B starts at zero: the model is its base
+    total, _ = objective(step_context(1))
+    total.backward()
+    optimizer.step()
+    with torch.no_grad():
+        _, parts = objective(step_context(2))
+    assert parts["anchor"].item() > 0
+
+
+def test_a_flow_rollout_stops_in_its_window_with_gradients_in_the_last_steps(latents):
+    base_model, conditioning = build_tiny_flow("sd3")
+    calls = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x, t, **kwargs):
+            calls.append((t.detach().clone(), torch.is_grad_enabled()))
+            return self.module(x, t, **kwargs)
+
+    source = X0Source.from_options("rollout", sampling_steps=8, stop_low=5, stop_high=6, feedback_steps=2)
+    stops = set()
+    for seed in range(8):
+        calls.clear()
+        ctx = flow_context(Recording(base_model.unet), None, latents, conditioning, seed=seed, scheduler=base_model.scheduler)
+        x0 = ctx.generated(source)
+        stop = len(calls) - 1
+        assert 5 <= stop <= 6 and [grad for _, grad in calls] == [False] * (stop - 1) + [True, True]
+        assert calls[0][0][0].item() == pytest.approx(1000.0)  # the flow schedule starts from pure noise (sigma 1)
+        assert x0.requires_grad and x0.shape == latents.shape
+        stops.add(stop)
+    assert stops == {5, 6}
+
+
+def test_a_tiny_flux_transformer_trains_a_lora_step_with_the_anchor_and_a_reward_and_samples(specs, latents):
+    model, conditioning = build_tiny_flow("flux")
+    unet = add_lora(model.unet, 4, targets=FLOW_LORA_TARGETS + ["ff_context.net.0.proj", "ff_context.net.2"])
+    frozen = AdaptersDisabled(unet)
+    objective = build_objective({"denoise": 1.0, "anchor": 1.0, "nr_iqa": {"weight": 1.0, "metric": specs["cnniqa"], "x0": "sampled",
+                                                                           "sampling_steps": 2}},
+                                BuildEnv(model_channels=16, image_channels=1, prediction_type="flow_prediction"))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    ctx = flow_context(unet, frozen, latents, conditioning, scheduler=model.scheduler, vae=model.vae)
+    total, parts = objective(ctx)
+    assert set(parts) >= {"denoise", "anchor", "nr_iqa"} and torch.isfinite(total)
+    total.backward()
+    optimizer.step()
+    assert any(not torch.equal(p, b) for p, b in zip(trainable, before))
+    images = sample_images(unet, model.scheduler.config, 2, steps=2, seed=0, vae=model.vae,
+                           encode_prompt=lambda prompts: {k: v.expand(len(prompts), *v.shape[1:]) for k, v in conditioning.items()},
+                           prompts=["a", "b"])
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
