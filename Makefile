@@ -96,7 +96,7 @@ bench: $(STAMP)
 	$(PY) bench/sd_shape.py --compile off
 	$(PY) bench/sweep_overhead.py --trials 3
 
-# Re-create assets/digits (~30 minutes on 2 CPU cores), then assets/digits-t2i (~15) and assets/digits-flow (~17) from scratch.
+# Re-create assets/digits (~30 minutes on 2 CPU cores), then assets/digits-t2i (~15) and assets/digits-flow (~14) from scratch.
 assets: $(STAMP)
 	$(VENV)/bin/acpo assets build --out assets/digits
 	$(VENV)/bin/acpo assets build-t2i --out assets/digits-t2i

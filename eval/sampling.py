@@ -7,6 +7,8 @@ model (`FlowMatchEulerDiscreteScheduler` config) with a flow sampler.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -27,18 +29,24 @@ class FlowMatchEuler(FlowMatchEulerDiscreteScheduler):
     (Flux: `use_dynamic_shifting`) computed as FluxPipeline does from the number of 2x2 latent patches."""
 
     init_noise_sigma = 1.0
-    image_seq_len = 4096
+    mu = None  # the dynamic shift's exponent (`dynamic_shift`), set by make_sampler
 
     def scale_model_input(self, sample, timestep=None):
         return sample
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
-        if self.config.use_dynamic_shifting and mu is None:
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        return super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=self.mu if mu is None else mu, timesteps=timesteps)
 
-            mu = calculate_shift(self.image_seq_len, self.config.base_image_seq_len, self.config.max_image_seq_len,
-                                 self.config.base_shift, self.config.max_shift)
-        return super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+
+def dynamic_shift(scheduler_config, latent_size: int | None) -> float | None:
+    """The exponent mu of the resolution-dependent shift (`use_dynamic_shifting`: Flux), from the number of
+    2x2 latent patches as FluxPipeline computes it (1024 px when the size is not known); None without one."""
+    if not scheduler_config.get("use_dynamic_shifting", False):
+        return None
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(((latent_size or 128) // 2) ** 2, scheduler_config["base_image_seq_len"], scheduler_config["max_image_seq_len"],
+                           scheduler_config["base_shift"], scheduler_config["max_shift"])
 
 
 def make_sampler(scheduler_config, sampler: str = "ddim", latent_size: int | None = None):
@@ -49,13 +57,13 @@ def make_sampler(scheduler_config, sampler: str = "ddim", latent_size: int | Non
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
     if is_flow_config(scheduler_config):
-        if sampler == "dpm_solver":
+        mu = dynamic_shift(scheduler_config, latent_size)
+        if sampler == "dpm_solver":  # its flow shift is the static one, or exp(mu) as its set_timesteps(mu=...) would make it
             return DPMSolverMultistepScheduler(num_train_timesteps=scheduler_config["num_train_timesteps"], use_flow_sigmas=True,
-                                               prediction_type="flow_prediction", flow_shift=scheduler_config.get("shift", 1.0),
-                                               use_dynamic_shifting=scheduler_config.get("use_dynamic_shifting", False))
+                                               prediction_type="flow_prediction",
+                                               flow_shift=math.exp(mu) if mu is not None else scheduler_config.get("shift", 1.0))
         scheduler = FlowMatchEuler.from_config(scheduler_config)
-        if latent_size is not None:
-            scheduler.image_seq_len = (latent_size // 2) ** 2
+        scheduler.mu = mu
         return scheduler
     return {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}[sampler].from_config(scheduler_config)
 
@@ -64,7 +72,7 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Model-space latents -> pixels in [-1, 1] (about): undo the scale, and the shift that SD3's and
     Flux's VAEs add (`shift_factor`), as their pipelines do."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return vae.decode(latents / vae.config.scaling_factor + shift).sample
+    return vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
 
 
 @torch.no_grad()
@@ -99,6 +107,7 @@ def sample_images(
     config = unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
     scheduler = make_sampler(scheduler_config, sampler, latent_size=size)
+    dtype = getattr(unet, "dtype", torch.float32)  # bf16 weights (model.weights_dtype) take bf16 inputs; the sampler stays fp32
     was_training = unet.training
     unet.eval()
     out = []
@@ -117,10 +126,10 @@ def sample_images(
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(x, t)
             if guided:
-                uncond, cond = unet(torch.cat([model_input] * 2), t.to(device).expand(2 * n), **conditioning).sample.chunk(2)
+                uncond, cond = unet(torch.cat([model_input] * 2).to(dtype), t.to(device).expand(2 * n), **conditioning).sample.float().chunk(2)
                 output = uncond + guidance_scale * (cond - uncond)
             else:
-                output = unet(model_input, t.to(device).expand(n), **conditioning).sample
+                output = unet(model_input.to(dtype), t.to(device).expand(n), **conditioning).sample.float()
             x = scheduler.step(output, t, x).prev_sample
         if vae is not None:
             x = decode_latents(vae, x)

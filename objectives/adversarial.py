@@ -30,6 +30,9 @@ Ours, said here:
   studies use for their budget, named there as ours. Measured on digits at 4 sampling steps (README,
   "Studies"): the paper's version cost about twice the FID of that one for the same held-out gain,
   within noise on three seeds.
+
+On a flow model (SD3, Flux) the schedule is the flow Euler sampler's (`sampler: ddim` names it there) and
+`start` noises the real image along the flow path; ours, as UniFL's models are DDPM-family UNets.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ existing ones. `prompt_order: ranked` replaces the random draw with our online p
 unsaturated, diverse prompts (`objectives/prompt_pool.py`). `x0: one_step`, or a rollout from the
 noised real image (`start`, as the digits study shares PeFL's), score the batch's own x0 against its
 captions; neither takes `prompts`.
+
+On a flow model (SD3, Flux) the rollout runs the flow Euler sampler (`sampler: ddim` names it there); ours,
+as UniFL's and ReFL's models are DDPM-family UNets.
 """
 
 from __future__ import annotations

@@ -110,6 +110,10 @@ class CascadedDenoiser(nn.Module):
     def device(self):
         return self.unet.device
 
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
     def forward(self, x_t, t, **conditioning):
         t = t.to(x_t.device).expand(len(x_t)) if t.dim() == 0 else t
         prediction = self.unet(x_t, t, **conditioning).sample

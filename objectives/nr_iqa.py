@@ -13,6 +13,9 @@ Said plainly: ACPO's body was not available to us, only its abstract (a learned 
 reward, an anchor to the frozen base). Ours, therefore: the hinge form and its `auto` target, the
 one-step x0 at t < 400 in the presets (where Tweedie is sharp), the gradient through the IQA model
 with clamped inputs, and where the anchor acts (`objectives/anchor.py`, `at`).
+
+On a flow model (SD3, Flux) t is 1000 times the flow sigma, so a `t_range` keeps its meaning (less noise
+below), and the one-step x0 is x_t - s v (`objectives/context.py`); ours, as ACPO's models are UNets.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ VGG-16 (as in UniFL, which fine-tunes it on ~150k artist-style pairs; which of i
 is not said: we read relu1_2, relu2_2, relu3_3 and relu4_3, the usual style taps) or, offline, the
 digits classifier's convolutions. UniFL's main variant, the structure loss (Eq. 4, instance
 segmentation), is the separate term `pefl_segmentation`.
+
+On a flow model (SD3, Flux) the schedule is the flow Euler sampler's (`sampler: ddim` names it there) and
+`start` noises the real image along the flow path; ours, as UniFL's models are DDPM-family UNets.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def cmd_train(args) -> int:
     from eval.evaluate import Evaluator
     from trainers.models import load_base_model
 
-    before = Evaluator.from_config(config).evaluate(load_base_model(config.model.base)).metrics
+    before = Evaluator.from_config(config).evaluate(load_base_model(config.model.base, weights_dtype=config.model.weights_dtype)).metrics
     if args.local:  # the same loop in this process: one worker, no Ray (for debugging)
         from trainers.loop import train
 

@@ -77,7 +77,7 @@ def confirm(config: Config, sweep: SweepConfig, directory: str, front: list[dict
           f"seed {settings.seed})", flush=True)
     reference = evaluator.reference_features()
     # Sampled one after another (each sampling uses every core), then judged side by side (the bootstraps).
-    base = measure(evaluator, base_location(config, sweep, directory), config.model.base, base_model=True)
+    base = measure(evaluator, base_location(config, sweep, directory), config.model.base, base_model=True, weights_dtype=config.model.weights_dtype)
     measured = [measure(evaluator, storage.join(layout.confirmation_dir(directory), bank, f"{row['trial']}-step{row.get('step', 0)}.safetensors"),
                         row["checkpoint"]) for row in candidates]
     jobs = [lambda: paired_intervals(base, reference, resamples=config.eval.resamples, seed=settings.seed, **figure_options(fidelity))]
@@ -128,9 +128,9 @@ def judge(data, base, reference, fidelity: Fidelity, resamples: int, seed: int) 
             "gain_low": float(np.quantile(draws[DIFF], ALPHA))}
 
 
-def measure(evaluator, location: str, model_location: str, base_model: bool = False):
+def measure(evaluator, location: str, model_location: str, base_model: bool = False, weights_dtype: str = "fp32"):
     """The per-sample data of one model on the confirmation bank: read from `location` when this bank
-    measured it before, else sampled and stored there."""
+    measured it before, else sampled and stored there. A base model loads in `weights_dtype` (`model.weights_dtype`)."""
     from eval.intervals import per_sample_bytes
 
     stored = read_per_sample(location)
@@ -140,7 +140,7 @@ def measure(evaluator, location: str, model_location: str, base_model: bool = Fa
         if base_model:
             from trainers.models import load_base_model
 
-            evaluation = evaluator.evaluate(load_base_model(model_location))
+            evaluation = evaluator.evaluate(load_base_model(model_location, weights_dtype=weights_dtype))
         else:
             from trainers.checkpoint import load_checkpoint_model
 

@@ -220,7 +220,7 @@ def evaluate_base(config: Config, directory: str | Path, tracking, parent: str) 
         from trainers.models import load_base_model
 
         print("[sweep] evaluating the base model", flush=True)
-        evaluation = Evaluator.from_config(config).evaluate(load_base_model(config.model.base))
+        evaluation = Evaluator.from_config(config).evaluate(load_base_model(config.model.base, weights_dtype=config.model.weights_dtype))
         png = io.BytesIO()
         save_image(evaluation.samples, png, format="png", nrow=8, padding=1)  # next to the checkpoints' grids
         storage.write_bytes(grid, png.getvalue())

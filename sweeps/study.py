@@ -202,7 +202,7 @@ def confirmation_base(config, sweep, directory: Path) -> Path:
 
         print(f"[study] the base model on the confirmation bank ({sweep.confirm.samples} samples, seed {sweep.confirm.seed})", flush=True)
         confirm.measure(confirm.confirmation_evaluator(Evaluator.from_config(config), sweep), str(location), config.model.base,
-                        base_model=True)
+                        base_model=True, weights_dtype=config.model.weights_dtype)
     return location
 
 
@@ -214,7 +214,7 @@ def measure_noise(config, directory: Path, seeds: int) -> dict:
         from trainers.models import load_base_model
 
         print(f"[study] evaluation noise: the base model under {seeds} sampling seeds", flush=True)
-        noise = sampling_noise(Evaluator.from_config(config), load_base_model(config.model.base), range(seeds))
+        noise = sampling_noise(Evaluator.from_config(config), load_base_model(config.model.base, weights_dtype=config.model.weights_dtype), range(seeds))
         noise_file.write_text(json.dumps(noise, indent=2) + "\n")
     return json.loads(noise_file.read_text())
 

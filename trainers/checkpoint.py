@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 def _lora_settings(model_config) -> dict:
     return {"rank": model_config.lora_rank, "alpha": model_config.lora_alpha or model_config.lora_rank,
-            "targets": list(model_config.lora_targets)}
+            "targets": list(model_config.lora_targets), "weights_dtype": model_config.weights_dtype}
 
 
 def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module, base: DiffusionModel, config, optimizer,
@@ -151,7 +151,7 @@ def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = T
     adapter = model_dir / "adapter_config.json"
     if adapter.is_file():
         settings = json.loads(adapter.read_text())
-        model = load_base_model(settings["base"], device)
+        model = load_base_model(settings["base"], device, settings.get("weights_dtype", "fp32"))
         add_lora(model.unet, settings["rank"], settings["alpha"], settings["targets"])
         model.unet.load_state_dict(load_file(model_dir / "adapter_model.safetensors", device=str(device)), strict=False)
         if (model_dir / "cascade").is_dir():

@@ -105,6 +105,9 @@ class ModelConfig(Section):
     lora_rank: Positive = 4
     lora_alpha: float = Field(0.0, ge=0)  # 0: same as the rank (scale 1)
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], min_length=1)
+    # The dtype the base model's weights are loaded in. bf16 halves the frozen weights (what FLUX.1-dev's 12B transformer
+    # and its T5-XXL need to fit one 80 GB GPU): LoRA only, the adapters stay fp32, every step under bf16 autocast.
+    weights_dtype: Literal["fp32", "bf16"] = "fp32"
     # A rehearsal (trainers/rehearsal.py): every hub model of the preset replaced by its architecture with RANDOM
     # weights, built here, and the hub data by local RGB images: the run's cost and code path, never its quality.
     rehearsal: bool = False
@@ -209,6 +212,10 @@ class Config(Section):
 
     def check_fields(self) -> None:
         data, evaluation = self.data, self.eval
+        if self.model.weights_dtype == "bf16" and self.model.finetune != "lora":
+            raise ConfigError("model.weights_dtype: bf16 keeps the base weights frozen in bf16; full fine-tuning trains them (use fp32)")
+        if self.model.weights_dtype == "bf16" and self.train.mixed_precision != "bf16":
+            raise ConfigError("model.weights_dtype: bf16 weights need train.mixed_precision: bf16 (every step under bf16 autocast)")
         if data.caption_column and data.source == "folder":
             raise ConfigError("data.caption_column: only for data.source 'hf' (a column) or 'digits' ('caption': digits_captions)")
         if data.source == "digits" and data.caption_column not in ("", "caption"):

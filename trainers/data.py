@@ -79,7 +79,7 @@ def batch_loader(dataset: Dataset, batch_size: int, seed: int, rank: int, world_
 def latent_moments(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] -> the VAE posterior's mean and std, stacked per image: `[N, 2, c, h, w]`."""
     with torch.no_grad():
-        posterior = vae.encode(pixels).latent_dist
+        posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
     # Contiguous: the VAE's convolutions may hand back channels-last tensors, and a UNet fed another
     # memory layout than the cached run's takes other kernels, and other bits.
     return torch.stack([posterior.mean, posterior.std], dim=1).float().contiguous()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from diffusers.training_utils import cast_training_params
 
 from eval.evaluate import Evaluator
 from eval.intervals import per_sample_tensors
@@ -80,6 +81,7 @@ def setup_models(config: Config, base: DiffusionModel, objective: Objective):
     base.unet.requires_grad_(False).eval()
     if config.model.finetune == "lora":
         model = add_lora(base.unet, config.model.lora_rank, config.model.lora_alpha or None, config.model.lora_targets)
+        cast_training_params(model, torch.float32)  # adapters on bf16 weights are made bf16: they train in fp32
         frozen = AdaptersDisabled(model)
     else:
         model = copy.deepcopy(base.unet).requires_grad_(True)
@@ -104,7 +106,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
     torch.manual_seed(settings.seed)
 
     # The base model, the objective, the trainable model and the frozen base.
-    base = load_base_model(config.model.base, device)
+    base = load_base_model(config.model.base, device, config.model.weights_dtype)
     if base.channels != data.channels or base.resolution != data.resolution:
         raise ConfigError(f"data: base model takes {base.channels}x{base.resolution}x{base.resolution} images, "
                           f"data.channels/resolution say {data.channels}x{data.resolution}")

@@ -159,7 +159,10 @@ def build_digits_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**DIGITS_SCHEDULER_CONFIG)
 
 
-def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
+WEIGHTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu", weights_dtype: str = "fp32") -> DiffusionModel:
     """Load a diffusion pipeline from a local diffusers folder or a hub id.
 
     Local folders must exist and hold `model_index.json`; anything else is treated as a hub id, which
@@ -167,7 +170,8 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") 
     A folder with a `cascade/` subfolder (a Cas-DM model: `objectives/lpips_x0.py`) loads as the UNet
     wrapped with its cascaded x0 head, which then takes part in every sampling step. This is the one
     call that loads an exported champion: `load_base_model(folder)`. (Plain
-    `DiffusionPipeline.from_pretrained(folder)` also loads it, without the cascade.)
+    `DiffusionPipeline.from_pretrained(folder)` also loads it, without the cascade.) `weights_dtype`
+    (`model.weights_dtype`): every weight in fp32, or in bf16.
     """
     source = str(path_or_id)
     local = Path(source)
@@ -179,7 +183,8 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu") 
             raise FileNotFoundError(f"base model folder has no model_index.json (not a diffusers pipeline): {local}")
     try:
         # use_safetensors=None: prefer safetensors, accept .bin only for hub models that ship nothing else
-        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None, **(absent_components(local) if looks_local else {}))
+        pipe = DiffusionPipeline.from_pretrained(source, use_safetensors=None, dtype=WEIGHTS_DTYPES[weights_dtype],
+                                                 **(absent_components(local) if looks_local else {}))
     except (OSError, ValueError) as error:
         # offline, or neither a folder nor a hub id: diffusers' message is long; keep its first line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -12,20 +12,11 @@ from objectives.context import (StepContext, X0Source, add_noise, draw_timesteps
                                 training_target, x0_from_prediction)
 from objectives.registry import build_objective
 from objectives.term import BuildEnv
-from tests.objectives.test_terms import term_specs
+from tests.objectives.test_terms import specs, term_specs  # noqa: F401 - specs is a fixture
 from tests.tiny_models import build_tiny_flow
 from trainers.lora import AdaptersDisabled, add_lora
 
 FLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2"]
-
-
-@pytest.fixture(scope="module")
-def specs(digits_assets):
-    cnniqa = {"arch": "cnniqa", "weights": str(digits_assets / "quality_cnniqa.safetensors")}
-    heldout = {"arch": "digits_heldout_iqa", "weights": str(digits_assets / "heldout_iqa.safetensors")}
-    network = {"network": "digits-classifier", "weights": str(digits_assets / "classifier.safetensors")}
-    segmenter = {"network": "digits-segmenter", "weights": str(digits_assets / "segmenter.safetensors")}
-    return {"cnniqa": cnniqa, "heldout": heldout, "network": network, "segmenter": segmenter}
 
 
 def flow_context(model, base, x0, conditioning, seed=0, **kwargs):
@@ -96,9 +87,10 @@ def test_flow_sampling_with_a_perfect_velocity_lands_on_the_image(sampler):
         torch.testing.assert_close(latents, ((target.clamp(-1, 1) + 1) / 2).expand(2, -1, -1, -1), atol=2e-3, rtol=0)
 
 
-def test_flux_dynamic_shift_follows_the_latent_size():
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+def test_flux_dynamic_shift_follows_the_latent_size(sampler):
     model, _ = build_tiny_flow("flux")
-    small, large = make_sampler(model.scheduler.config, "ddim", latent_size=8), make_sampler(model.scheduler.config, "ddim", latent_size=128)
+    small, large = (make_sampler(model.scheduler.config, sampler, latent_size=size) for size in (8, 128))
     small.set_timesteps(4), large.set_timesteps(4)
     assert large.sigmas[1] > small.sigmas[1]  # more patches: more time at high noise, as FluxPipeline shifts
 

@@ -5,6 +5,8 @@ base's) differs from the base's (integration tier: ~3 min)."""
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from sweeps.cli import main
 
@@ -27,10 +29,10 @@ OBJECTIVES = {
 EVAL = ["eval.samples=40", "eval.sampling_steps=[10]", "eval.resamples=100", "train.batch_size=16", "train.learning_rate=1.0e-3"]
 
 
-def run(tmp_path, name, objective, capsys):
+def run(tmp_path, name, objective, capsys, extra=()):
     out = tmp_path / name
     args = ["train", "--preset", "digits-flow", "--local", "--set", "train.steps=2", "--set", f"train.output_dir={out}",
-            "--set", f"objective={json.dumps(objective)}", *sum((["--set", item] for item in EVAL), [])]
+            "--set", f"objective={json.dumps(objective)}", *sum((["--set", item] for item in [*EVAL, *extra]), [])]
     assert main(args) == 0, capsys.readouterr().err
     return json.loads((out / "checkpoints" / "step_000002" / "metrics.json").read_text())
 
@@ -42,6 +44,23 @@ def test_every_term_trains_the_flow_stand_in_and_changes_its_samples(case, tmp_p
     losses = {k for k in metrics if k.startswith("loss/")}
     assert losses, metrics
     assert (metrics["fid@10"], metrics["heldout_quality@10"]) != (base_figures["fid@10"], base_figures["heldout_quality@10"])
+    if case == "lpips_x0":  # the head is part of the model: the checkpoint reloads with it around the transformer
+        from objectives.lpips_x0 import CascadedDenoiser
+        from trainers.checkpoint import load_checkpoint_model
+
+        model = load_checkpoint_model(tmp_path / case / "checkpoints" / "step_000002")
+        assert isinstance(model.unet, CascadedDenoiser) and model.family == "sd3"
+
+
+@pytest.mark.integration
+def test_ema_and_gradient_checkpointing_on_the_flow_transformer(tmp_path, capsys, base_figures):
+    """The EMA's weights are what evaluation samples (they lag the trained ones, so the figures differ from
+    the plain run's) and gradient checkpointing recomputes the same gradients (the same figures)."""
+    plain = run(tmp_path, "plain", OBJECTIVES["denoise"], capsys)
+    checkpointed = run(tmp_path, "checkpointed", OBJECTIVES["denoise"], capsys, ["train.gradient_checkpointing=true"])
+    ema = run(tmp_path, "ema", OBJECTIVES["denoise"], capsys, ["train.ema_decay=0.5"])
+    assert checkpointed["fid@10"] == pytest.approx(plain["fid@10"], rel=1e-4)
+    assert ema["fid@10"] != plain["fid@10"] and ema["fid@10"] != base_figures["fid@10"]
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +72,36 @@ def base_figures():
 
     config, _ = load("digits-flow", EVAL)
     return Evaluator.from_config(config, "cpu").evaluate(load_base_model(config.model.base)).metrics
+
+
+LORA = ["model.finetune=lora", "model.lora_targets=[to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out]"]
+
+
+@pytest.mark.integration
+def test_bf16_base_weights_train_fp32_adapters_and_evaluate(tmp_path, capsys):
+    """`model.weights_dtype: bf16` (the flux preset's): the frozen transformer, VAE and text encoders load
+    in bf16, the LoRA adapters train in fp32 under bf16 autocast, evaluation samples, and the checkpoint
+    reloads with its base in bf16."""
+    from trainers.checkpoint import load_checkpoint_model
+
+    out = tmp_path / "bf16"
+    args = ["train", "--preset", "digits-flow", "--local", "--set", "train.steps=2", "--set", f"train.output_dir={out}",
+            "--set", "model.weights_dtype=bf16", "--set", "train.mixed_precision=bf16", *sum((["--set", item] for item in LORA + EVAL), [])]
+    assert main(args) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "checkpoints" / "step_000002" / "metrics.json").read_text())
+    assert metrics["loss/anchor"] >= 0 and metrics["fid@10"] > 0
+    adapters = load_file(out / "checkpoints" / "step_000002" / "model" / "adapter_model.safetensors")
+    assert adapters and {t.dtype for t in adapters.values()} == {torch.float32}  # trained in fp32
+    model = load_checkpoint_model(out / "checkpoints" / "step_000002")
+    frozen = {p.dtype for name, p in model.unet.named_parameters() if "lora_" not in name}
+    assert frozen == {torch.bfloat16} and model.vae.dtype == torch.bfloat16 and model.text_encoder.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.weights_dtype=bf16", "train.mixed_precision=bf16"], "model.weights_dtype: bf16 keeps the base weights frozen in bf16; full"),
+    (["model.weights_dtype=bf16", "model.finetune=lora"], "model.weights_dtype: bf16 weights need train.mixed_precision: bf16"),
+])
+def test_bf16_weights_need_lora_and_bf16_autocast(overrides, message, capsys):
+    assert main(["train", "--preset", "digits-flow", "--dry-run", *sum((["--set", item] for item in overrides), [])]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

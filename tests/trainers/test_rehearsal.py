@@ -20,6 +20,26 @@ def test_the_architectures_have_the_published_parameter_counts():
     assert count(rehearsal.build(rehearsal.CHURCH256, device="meta").unet) == 113_673_219
 
 
+def test_the_flow_architectures_are_the_published_configs():
+    # SD3.5 Medium's MMDiT-X (24 blocks, the first 13 with a second self-attention, RMS q/k norm) and its
+    # 16-channel VAE; FLUX.1-dev's 19 + 38 blocks with guidance embedding (the "12B" of its card: 11.9B).
+    # The counts are those of the published configs: a wrong width, depth or block kind changes them.
+    sd3 = rehearsal.build(rehearsal.SD3, device="meta")
+    assert sd3.family == "sd3" and type(sd3.unet.transformer).__name__ == "SD3Transformer2DModel"
+    assert (count(sd3.unet), count(sd3.vae), count(sd3.text_encoder), count(sd3.text_encoder_2)) == (
+        2_243_171_520, 83_819_683, 123_650_304, 694_659_840)  # CLIP-L with its projection; bigG as SDXL's
+    flux = rehearsal.build(rehearsal.FLUX, device="meta")
+    assert flux.family == "flux" and count(flux.unet) == 11_901_408_320 and flux.unet.transformer.config.guidance_embeds
+
+
+def test_flux_is_not_staged_on_this_machine(tmp_path, monkeypatch):
+    from trainers.common.errors import ConfigError
+
+    monkeypatch.setenv("ACPO_REHEARSAL_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match="model.base: black-forest-labs/FLUX.1-dev is not rehearsed here: it needs its T5-XXL"):
+        rehearsal.staged_base(rehearsal.FLUX, 256)
+
+
 def test_the_tokenizer_is_clips_own():
     clip = pytest.importorskip("clip")
     tokenizer = rehearsal.clip_tokenizer()
@@ -42,6 +62,23 @@ def test_a_built_model_saves_and_loads_as_a_base_model(tmp_path):
         assert model.unet(x, torch.tensor([10]), **conditioning).sample.shape == x.shape
     with pytest.raises(KeyError, match="no rehearsal architecture for 'sdxl'"):
         rehearsal.build("sdxl")
+
+
+def test_an_sd3_shaped_build_saves_loads_and_samples_through_its_pipeline_encoders(tmp_path):
+    """SD3's kinds (MMDiT-X blocks, two CLIPs with projection and CLIP's real tokenizer, a 16-channel VAE
+    with a shift, the flow scheduler), narrow: saved as StableDiffusion3Pipeline without T5, loaded back,
+    prompts encoded by the pipeline's own encode_prompt (both CLIPs side by side, both pooled outputs)."""
+    from eval.sampling import sample_images
+
+    folder = save_base_model(rehearsal.build("tiny-sd3"), tmp_path / "tiny-sd3")
+    assert '"StableDiffusion3Pipeline"' in (folder / "model_index.json").read_text()
+    model = load_base_model(folder)
+    assert model.family == "sd3" and model.resolution == 64 and model.text_encoder_3 is None
+    conditioning = model.encode_prompt(["a church at dusk", ""])
+    assert conditioning["encoder_hidden_states"].shape == (2, 77, 64) and conditioning["pooled_projections"].shape == (2, 64)
+    images = sample_images(model.unet, model.scheduler.config, 2, steps=2, vae=model.vae, encode_prompt=model.encode_prompt,
+                           prompts=["a church at dusk"], guidance_scale=5.0)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
 
 
 # ------------------------------------------------------------------ the stand-ins a rehearsal stages
