@@ -149,7 +149,7 @@ class ObjectiveStep:
         from trainers.models import load_base_model
 
         self.device, self.config = device, config
-        self.base = base = load_base_model(config.model.base, device)
+        self.base = base = load_base_model(config.model.base, device, config.model.weights_dtype)
         self.objective = build_objective(config.objective, objective_env(config, base, device))
         self.model, self.frozen = setup_models(config, base, self.objective)
         self.calls = 0
@@ -171,12 +171,12 @@ class ObjectiveStep:
 
     def run(self) -> float:
         """One forward and backward of the objective (and the optimizer step); seconds, synced."""
-        from objectives.context import StepContext
+        from objectives.context import StepContext, draw_timesteps
 
         self.seed += 1
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(self.x0.shape, generator=generator).to(self.device)
-        t = torch.randint(0, self.base.scheduler.config.num_train_timesteps, (len(self.x0),), generator=generator).to(self.device)
+        t = draw_timesteps(self.base.scheduler, len(self.x0), generator, self.config.train.timestep_density).to(self.device)
         sync(self.device)
         started = time.perf_counter()
         ctx = StepContext(model=self.model, scheduler=self.base.scheduler, x0=self.x0, noise=noise, t=t, conditioning=self.conditioning,

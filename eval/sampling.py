@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -18,15 +19,20 @@ SAMPLERS = ("ddim", "dpm_solver", "euler")
 
 
 def is_flow_config(scheduler_config) -> bool:
-    """A flow-matching model's scheduler config (every diffusers FlowMatch scheduler has
-    `use_dynamic_shifting`; no DDPM-family one does)."""
-    return "use_dynamic_shifting" in scheduler_config
+    """A flow-matching model's scheduler config: one of diffusers' FlowMatch schedulers, by its class name
+    when the config was read from a file, else by what only they have: a `shift` and no `prediction_type`
+    (DPM-Solver's and UniPC's configs carry `use_dynamic_shifting` and `flow_shift` too, beside a
+    `prediction_type`: an SD 1.5 that ships one of them is a DDPM-family model)."""
+    name = scheduler_config.get("_class_name")
+    if name:
+        return str(name).startswith("FlowMatch")
+    return "shift" in scheduler_config and "use_dynamic_shifting" in scheduler_config and "prediction_type" not in scheduler_config
 
 
 class FlowMatchEuler(FlowMatchEulerDiscreteScheduler):
     """diffusers' flow Euler sampler with the two members every other diffusers sampler has (a flow
-    sampler starts from unit noise and takes its input unscaled), and the resolution-dependent shift
-    (Flux: `use_dynamic_shifting`) computed as FluxPipeline does from the number of 2x2 latent patches."""
+    sampler starts from unit noise and takes its input unscaled), and, for a model that shifts by
+    resolution (Flux: `use_dynamic_shifting`), FluxPipeline's step grid and shift (`dynamic_shift`)."""
 
     init_noise_sigma = 1.0
     mu = None  # the dynamic shift's exponent (`dynamic_shift`), set by make_sampler
@@ -35,6 +41,8 @@ class FlowMatchEuler(FlowMatchEulerDiscreteScheduler):
         return sample
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        if self.mu is not None and sigmas is None and timesteps is None:  # FluxPipeline's grid: linspace(1, 1/N, N), then shifted
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         return super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=self.mu if mu is None else mu, timesteps=timesteps)
 
 

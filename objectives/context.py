@@ -11,7 +11,8 @@ VAE inside the graph when there is one; quality models then take `(image + 1) / 
 
 Model families: the conversions between a model's output and x0, the noise and the training target
 (below, and `StepContext.target`) are the one place that knows a DDPM-family UNet from a flow
-transformer; terms ask the context and never branch on the family. `t` is an integer timestep for
+transformer; terms ask the context for x0, eps and the target (only `denoise` looks at the family, for
+its loss weighting). `t` is an integer timestep for
 the DDPM family and sigma * T (a float from the flow schedule, or an integer drawn in a `t_range`)
 for a flow model: larger is noisier either way, and a term's `t_range` means the same on both.
 """
@@ -23,7 +24,7 @@ from functools import cached_property
 
 import torch
 
-from eval.sampling import SAMPLERS, decode_latents, is_flow_config, make_sampler
+from eval.sampling import decode_latents, is_flow_config, make_sampler
 from objectives.term import OptionError, check_t_range, check_t_range_fits
 
 
@@ -129,7 +130,17 @@ def prediction_from_x0(x0, x_t, t, scheduler) -> torch.Tensor:
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+# Samplers a feedback term's rollout or sample may run: the ones whose state is the sample itself (`euler` on a
+# DDPM model keeps it scaled by its sigma); on a flow model `ddim` is the flow Euler sampler (eval/sampling.py)
+ROLLOUT_SAMPLERS = ("ddim", "dpm_solver")
 TIMESTEP_DENSITIES = ("auto", "uniform", "logit_normal", "mode")
+
+
+def check_timestep_density(scheduler, density: str) -> None:
+    if density not in TIMESTEP_DENSITIES:
+        raise OptionError("timestep_density", f"expected one of {', '.join(TIMESTEP_DENSITIES)}, got {density!r}")
+    if density not in ("auto", "uniform") and not is_flow_config(scheduler.config):
+        raise OptionError("timestep_density", f"{density!r} is for flow models; a DDPM-family model draws t uniformly")
 
 
 def draw_timesteps(scheduler, n: int, generator: torch.Generator, density: str = "auto") -> torch.Tensor:
@@ -137,9 +148,8 @@ def draw_timesteps(scheduler, n: int, generator: torch.Generator, density: str =
     timesteps; a flow model as diffusers' SD3 and Flux training scripts draw them (`auto`:
     logit-normal(0, 1); `mode` with scale 1.29; `uniform`): u from that density indexes the
     scheduler's training sigmas (shifted by its `shift`, unless it shifts by resolution as Flux does)."""
+    check_timestep_density(scheduler, density)
     if not is_flow_config(scheduler.config):
-        if density not in ("auto", "uniform"):
-            raise ValueError(f"train.timestep_density {density!r} is for flow models; a DDPM-family model draws t uniformly")
         return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -151,7 +161,7 @@ def draw_timesteps(scheduler, n: int, generator: torch.Generator, density: str =
 
 @dataclass(eq=False)
 class StepContext:
-    """x0, noise: `[N, C, H, W]` in model space; t: `[N]` integer timesteps."""
+    """x0, noise: `[N, C, H, W]` in model space; t: `[N]` timesteps (integers for the DDPM family, sigma * T for a flow model)."""
 
     model: torch.nn.Module  # the trainable denoiser; called as model(x_t, t, **conditioning).sample
     scheduler: object  # the training scheduler (`training_scheduler`): DDPMScheduler, or FlowMatchEulerDiscreteScheduler
@@ -260,7 +270,7 @@ class StepContext:
                     model_input = scheduler.scale_model_input(x, t)
                     output = self.sampler_model(model_input, t.to(x.device).expand(n), **conditioning).sample
                     self._record(model_input, t.to(x.device).expand(n), output, conditioning)
-                    x = scheduler.step(output, t, x).prev_sample
+                    x = scheduler.step(output.float(), t, x).prev_sample  # fp32 path under autocast
             self._cache[key] = x
         return self._cache[key]
 
@@ -295,7 +305,7 @@ class StepContext:
                     output = self.sampler_model(model_input, t.expand(n), **conditioning).sample
                     self._record(model_input, t.expand(n), output, conditioning)
                     if i < stop:
-                        x = scheduler.step(output, t, x).prev_sample
+                        x = scheduler.step(output.float(), t, x).prev_sample  # fp32 path under autocast
             self._cache[key] = x0_from_prediction(output, x, t.expand(n), self.scheduler)
         return self._cache[key]
 
@@ -390,8 +400,8 @@ class X0Source:
                 raise OptionError(name, f"expected an integer >= 1, got {value!r}")
         if feedback_steps > sampling_steps:
             raise OptionError("feedback_steps", f"{feedback_steps} is more than sampling_steps ({sampling_steps})")
-        if sampler not in SAMPLERS:
-            raise OptionError("sampler", f"expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if sampler not in ROLLOUT_SAMPLERS:
+            raise OptionError("sampler", f"expected one of {', '.join(ROLLOUT_SAMPLERS)}, got {sampler!r}")
         if x0 != "rollout":
             for name, value in (("stop_low", stop_low), ("stop_high", stop_high), ("start", start)):
                 if value is not None:

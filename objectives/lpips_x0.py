@@ -122,8 +122,10 @@ class CascadedDenoiser(nn.Module):
         if not self.train_head:
             weights = {name: value.detach() for name, value in self.head.named_parameters()}
             head = lambda *inputs: torch.func.functional_call(self.head, weights, inputs)  # noqa: E731
+        # the head is fp32 (it trains): with bf16 weights (model.weights_dtype) sampling hands it bf16 tensors
+        x_t, estimate = x_t.float(), estimate.float()
         x0 = cascaded_x0(head, x_t, estimate, t, self.scheduler.config.num_train_timesteps, self.clip)
-        return SimpleNamespace(sample=prediction_from_x0(x0, x_t, t, self.scheduler))
+        return SimpleNamespace(sample=prediction_from_x0(x0, x_t, t, self.scheduler).to(prediction.dtype))
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,8 @@ def text_embedder(base, batch_size: int = 256):
         for start in range(0, len(prompts), batch_size):
             ids = base.tokenizer(prompts[start:start + batch_size], padding="max_length", max_length=base.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(base.text_encoder.device)
-            out.append(base.text_encoder(ids).pooler_output.float().cpu())
+            encoded = base.text_encoder(ids)  # CLIPTextModel's pooled output; SD3's CLIP with projection: its projection of it
+            out.append((encoded.text_embeds if hasattr(encoded, "text_embeds") else encoded.pooler_output).float().cpu())
         return torch.cat(out)
 
     return embed

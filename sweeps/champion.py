@@ -237,13 +237,15 @@ def evaluated_checkpoints(directory: str, axes=("fid", "heldout_quality")) -> tu
 
 
 def export_champion(checkpoint: str, out: Path) -> Path:
-    """The champion as a plain diffusers pipeline folder (LoRA merged into the weights), at the local `out`."""
+    """The champion as a plain diffusers pipeline folder (LoRA merged into the weights), at the local `out`.
+    In fp32 whatever the base trained on: merged into bf16 weights, a LoRA delta below a weight's
+    precision (2^-8 of it) would round away."""
     from trainers.checkpoint import load_checkpoint_model
     from trainers.lora import merge_lora
     from trainers.models import save_base_model
 
     with storage.local_copy(checkpoint) as local:
-        model = load_checkpoint_model(local)
+        model = load_checkpoint_model(local, weights_dtype="fp32")
         merge_lora(model.unet)
         save_base_model(model, out)
         (out / layout.CHECKPOINT_METRICS).write_bytes((local / layout.CHECKPOINT_METRICS).read_bytes())

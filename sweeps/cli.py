@@ -220,7 +220,7 @@ def cmd_prompts_select(args) -> int:
     from trainers.models import load_base_model
 
     config, _ = load(args.preset, args.overrides)
-    base = load_base_model(config.model.base)
+    base = load_base_model(config.model.base, weights_dtype=config.model.weights_dtype)
     if not base.text_conditioned:
         raise ConfigError(f"model.base: {config.model.base} has no text encoder: prompt selection embeds prompts with it")
     if args.size < 1 or not 0 < args.threshold <= 1:

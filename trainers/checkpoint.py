@@ -137,9 +137,10 @@ def _model_weights(model_dir: Path, finetune: str) -> dict[str, torch.Tensor]:
     return {prefix + name: tensor for shard in shards for name, tensor in load_file(shard).items()}
 
 
-def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = True) -> DiffusionModel:
+def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = True, weights_dtype: str | None = None) -> DiffusionModel:
     """A checkpoint as a ready-to-sample model: the full pipeline, or the base with the adapter
-    loaded; with `use_ema` and an EMA file, the averaged weights; with a `cascade/`, the Cas-DM head."""
+    loaded; with `use_ema` and an EMA file, the averaged weights; with a `cascade/`, the Cas-DM head.
+    A LoRA checkpoint's base loads in the dtype it trained on, or in `weights_dtype` when given."""
     from objectives.lpips_x0 import CascadedDenoiser, core_denoiser
     from trainers.lora import add_lora
     from trainers.models import load_base_model
@@ -151,7 +152,7 @@ def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = T
     adapter = model_dir / "adapter_config.json"
     if adapter.is_file():
         settings = json.loads(adapter.read_text())
-        model = load_base_model(settings["base"], device, settings.get("weights_dtype", "fp32"))
+        model = load_base_model(settings["base"], device, weights_dtype or settings.get("weights_dtype", "fp32"))
         add_lora(model.unet, settings["rank"], settings["alpha"], settings["targets"])
         model.unet.load_state_dict(load_file(model_dir / "adapter_model.safetensors", device=str(device)), strict=False)
         if (model_dir / "cascade").is_dir():

@@ -25,15 +25,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from diffusers.training_utils import cast_training_params
 
 from eval.evaluate import Evaluator
 from eval.intervals import per_sample_tensors
 from trainers.image_sets import WithMasks, captioned_images, captions, data_masks, training_set
 from trainers.common.seeds import derive_seed
-from objectives.context import StepContext, draw_timesteps, prediction_type
+from objectives.context import StepContext, check_timestep_density, draw_timesteps, prediction_type
 from objectives.registry import Objective, build_objective
-from objectives.term import BuildEnv
+from objectives.term import BuildEnv, OptionError
 from trainers.checkpoint import checkpoint_name, read_checkpoint, write_checkpoint
 from trainers.config import Config, ConfigError
 from trainers.data import PromptCache, batch_loader, cached_latents, latent_moments, sample_latents
@@ -81,7 +80,6 @@ def setup_models(config: Config, base: DiffusionModel, objective: Objective):
     base.unet.requires_grad_(False).eval()
     if config.model.finetune == "lora":
         model = add_lora(base.unet, config.model.lora_rank, config.model.lora_alpha or None, config.model.lora_targets)
-        cast_training_params(model, torch.float32)  # adapters on bf16 weights are made bf16: they train in fp32
         frozen = AdaptersDisabled(model)
     else:
         model = copy.deepcopy(base.unet).requires_grad_(True)
@@ -107,6 +105,10 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
 
     # The base model, the objective, the trainable model and the frozen base.
     base = load_base_model(config.model.base, device, config.model.weights_dtype)
+    try:  # which densities apply depends on the model's family: known once it is loaded
+        check_timestep_density(base.scheduler, settings.timestep_density)
+    except OptionError as error:
+        raise ConfigError(f"train.{error}") from None
     if base.channels != data.channels or base.resolution != data.resolution:
         raise ConfigError(f"data: base model takes {base.channels}x{base.resolution}x{base.resolution} images, "
                           f"data.channels/resolution say {data.channels}x{data.resolution}")

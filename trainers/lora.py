@@ -8,6 +8,7 @@ the adapters off reproduces the base exactly (bit for bit) without holding a sec
 from __future__ import annotations
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -23,6 +24,9 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None, t
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets)), unet)
     for name, parameter in unet.named_parameters():
         parameter.requires_grad_("lora_" in name)
+    # peft makes adapters in the base layer's dtype: on bf16 weights (model.weights_dtype) they are fp32 anyway, in
+    # training and when a checkpoint is loaded back, as diffusers' LoRA scripts keep them
+    cast_training_params(unet, torch.float32)
     return unet
 
 

@@ -37,10 +37,10 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
     base_measurements = []  # (where, whether it was there before): the base's per-sample data on a confirmation bank
     real_measure = sweeps.confirm.measure
 
-    def spy(evaluator, location, model_location, base_model=False):
+    def spy(evaluator, location, model_location, base_model=False, **options):
         if base_model:
             base_measurements.append((location, Path(location).is_file()))
-        return real_measure(evaluator, location, model_location, base_model)
+        return real_measure(evaluator, location, model_location, base_model, **options)
 
     monkeypatch.setattr(sweeps.confirm, "measure", spy)
     path = tiny_study(tmp_path, mlflow_server)
