@@ -25,6 +25,11 @@ class FlowTransformer(torch.nn.Module):
         super().__init__()
         self.transformer = transformer
         self.flux = type(transformer).__name__.startswith("Flux")
+        if self.flux:  # its packing helpers, looked up once rather than on every forward
+            from diffusers import FluxPipeline
+
+            self._pack, self._unpack, self._image_ids = (FluxPipeline._pack_latents, FluxPipeline._unpack_latents,
+                                                         FluxPipeline._prepare_latent_image_ids)
         # the latent side the model samples at: SD3's config holds it; Flux's does not (FluxPipeline's default, 1024 px)
         self.sample_size = sample_size or getattr(transformer.config, "sample_size", None) or 128
         self.guidance = guidance
@@ -58,15 +63,13 @@ class FlowTransformer(torch.nn.Module):
             out = self.transformer(hidden_states=x_t, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
                                    timestep=t, return_dict=False)[0]
             return SimpleNamespace(sample=out)
-        from diffusers import FluxPipeline
-
         n, c, h, w = x_t.shape
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((n,), self.guidance, device=x_t.device, dtype=x_t.dtype)
         out = self.transformer(
-            hidden_states=FluxPipeline._pack_latents(x_t, n, c, h, w), encoder_hidden_states=encoder_hidden_states,
+            hidden_states=self._pack(x_t, n, c, h, w), encoder_hidden_states=encoder_hidden_states,
             pooled_projections=pooled_projections, timestep=t.to(x_t.dtype) / 1000, guidance=guidance,
-            img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x_t.device, x_t.dtype),
+            img_ids=self._image_ids(n, h // 2, w // 2, x_t.device, x_t.dtype),
             txt_ids=torch.zeros(encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=x_t.dtype), return_dict=False)[0]
-        return SimpleNamespace(sample=FluxPipeline._unpack_latents(out, h, w, 1))
+        return SimpleNamespace(sample=self._unpack(out, h, w, 1))
