@@ -179,10 +179,14 @@ def cmd_select(args) -> int:
     from sweeps.presets import load
 
     config, sweep = load(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])
+    from sweeps.lease import Lease
+
     directory = sweep_dir(sweep)
     require_sweep(directory)
     uri = tracking_uri(sweep)
-    print_summary(select_and_register(sweep, directory, uri, config), uri, sweep)
+    with Lease(directory):  # not while a driver runs the sweep (it selects at its end)
+        selection = select_and_register(sweep, directory, uri, config)
+    print_summary(selection, uri, sweep)
     return 0
 
 

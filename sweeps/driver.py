@@ -4,14 +4,14 @@ tracked in MLflow (sweeps/tracking.py), and the champion selected from the Paret
 (sweeps/champion.py). The command line is sweeps/acpo_sweep.py.
 
 `run_sweep` reads top to bottom: resolve the storage and tracking, check what can be checked before
-Ray starts, claim the folder, evaluate the base model once, build (or restore) the Tuner, fit it,
-reconcile the trials interrupted with an earlier driver, select the champion. MLflow's tracking URI
-comes from `sweep.tracking_uri` or $MLFLOW_TRACKING_URI (an `mlflow server`). Everything else lives
-under `<sweep.storage_dir>/<sweep.name>/` (trainers/common/layout.py), a folder or object storage
-(`s3://bucket/prefix`: every read and write goes through trainers/common/storage.py, Ray's through the
-same pyarrow layer): the Tune experiment, each trial's checkpoints and records (its parameters and
-tracking spool), the base model's metrics and grid, the selection, the front's plots and the exported
-champion; in a local folder also the Optuna study (see optuna_storage).
+Ray starts, claim the folder and take its lease (one driver per sweep: sweeps/lease.py), evaluate the
+base model once, square the Optuna study with the trials' records on --resume (sweeps/search.py), fit
+a Tuner for the trials still to run, select the champion. --resume reads only what the sweep wrote
+itself (the study, each trial's parameters, checkpoints, figures and spool), never Ray Tune's pickled
+experiment state. MLflow's tracking URI comes from `sweep.tracking_uri` or $MLFLOW_TRACKING_URI (an
+`mlflow server`). Everything else lives under `<sweep.storage_dir>/<sweep.name>/`
+(trainers/common/layout.py), a folder or object storage (`s3://bucket/prefix`: every read and write
+goes through trainers/common/storage.py, Ray's through the same pyarrow layer).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
     preflight(config, sweep, directory, uri, resume, inputs_checked)  # one line and nothing written when bad
 
     from sweeps.champion import select_and_register
+    from sweeps.lease import Lease
     from sweeps.replay import SpoolReplayer, finish_tracking
     from trainers.ray_train import TrainingError, check_resources, init_ray, root_message
 
@@ -41,29 +42,31 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
     check_resources(config)
     use_the_node_cores()
     sweep_id = claim_folder(sweep, directory, uri)
-    print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
-    if config.model.rehearsal:
-        from trainers.rehearsal import NOTE
+    with Lease(directory):  # until the sweep ends, however it ends: a second driver refuses
+        print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
+        if config.model.rehearsal:
+            from trainers.rehearsal import NOTE
 
-        print(f"[sweep] {NOTE}", flush=True)
-    tracking, parent = start_tracking(config, sweep, uri, sweep_id, directory)
-    try:
-        evaluate_base(config, directory, tracking, parent)
-        replayer = SpoolReplayer(tracking, directory, parent).start()
-        tuner = restore_tuner(config, sweep, directory) if resume else build_tuner(config, sweep, directory)
-        results = fit_tuner(tuner, directory)
-        finish_tracking(replayer, sweep.tracking_wait_s)
-        close_interrupted(sweep, directory, tracking)
-        errors = [root_message(r.error) for r in results if r.error]
-        if errors:
-            print(f"[sweep] {len(errors)} trial(s) failed; first: {errors[0]}", file=sys.stderr, flush=True)
-            if len(errors) == len(results):
-                raise TrainingError(f"every trial failed ({len(errors)}); first: {errors[0]}")
-        selection = select_and_register(sweep, directory, uri, config)
-    except BaseException as error:
-        end_failed(tracking, parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        raise
-    tracking.client.set_terminated(parent)
+            print(f"[sweep] {NOTE}", flush=True)
+        tracking, parent = start_tracking(config, sweep, uri, sweep_id, directory)
+        try:
+            evaluate_base(config, directory, tracking, parent)
+            replayer = SpoolReplayer(tracking, directory, parent).start()
+            tuner = build_tuner(config, sweep, directory, resume)
+            results = fit_tuner(tuner, directory) if tuner is not None else []
+            finish_tracking(replayer, sweep.tracking_wait_s)
+            close_interrupted(sweep, directory, tracking)
+            errors = [root_message(r.error) for r in results if r.error]
+            if errors:
+                print(f"[sweep] {len(errors)} trial(s) failed; first: {errors[0]} (--resume runs them again from their last checkpoint)",
+                      file=sys.stderr, flush=True)
+                if len(errors) == len(results):
+                    raise TrainingError(f"every trial failed ({len(errors)}); first: {errors[0]}")
+            selection = select_and_register(sweep, directory, uri, config)
+        except BaseException as error:
+            end_failed(tracking, parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+        tracking.client.set_terminated(parent)
     return selection
 
 
@@ -108,6 +111,10 @@ def preflight(config: Config, sweep: SweepConfig, directory: str, uri: str, resu
     else:
         check_storage_folder(Path(directory), "sweep.storage_dir")
     check_name_and_resume(sweep, directory, resume)
+    if resume:
+        from sweeps.lease import check_free
+
+        check_free(directory)
     check_services(uri, "sweep.tracking_uri" if sweep.tracking_uri else "$MLFLOW_TRACKING_URI")
     for line in [] if inputs_checked else check_inputs(config):
         print(f"[sweep] not checked before the run: {line}", file=sys.stderr, flush=True)
@@ -123,16 +130,18 @@ def end_failed(tracking, parent: str, status: str) -> None:
         print(f"[sweep] could not mark the MLflow runs {status}: {last_line(error)[:200]}", file=sys.stderr)
 
 
+def holds_sweep(directory: str) -> bool:
+    """Whether a sweep was started in `directory` (its id is the first thing a sweep writes; Tune's folder, for older sweeps)."""
+    return storage.is_file(layout.sweep_id_file(directory)) or storage.exists(layout.tune_dir(directory))
+
+
 def check_name_and_resume(sweep: SweepConfig, directory: str, resume: bool) -> None:
     """A new sweep needs a new name (no sweep in its folder yet); --resume needs a sweep to resume. Writes nothing."""
-    from ray import tune
-
     if not sweep.space:
         raise ConfigError("sweep.space: expected a non-empty mapping of config key -> distribution")
-    tune_dir = layout.tune_dir(directory)
-    if resume and not tune.Tuner.can_restore(tune_dir):
-        raise ConfigError(f"--resume: no sweep to resume at {tune_dir}")
-    if not resume and storage.exists(tune_dir):
+    if resume and not holds_sweep(directory):
+        raise ConfigError(f"--resume: no sweep to resume at {directory}")
+    if not resume and holds_sweep(directory):
         raise ConfigError(f"sweep.name: {directory} already holds a sweep; pass --resume, or choose another name")
 
 
@@ -236,18 +245,21 @@ def evaluate_base(config: Config, directory: str | Path, tracking, parent: str) 
     return base
 
 
-def build_tuner(config: Config, sweep: SweepConfig, directory: str):
-    """A new Tuner: Optuna's multi-objective search over the space, its study stored, as many
-    concurrent trials as the cluster fits, FIFO (an early stopper on one metric would bias the front)."""
+def build_tuner(config: Config, sweep: SweepConfig, directory: str, resume: bool = False):
+    """A Tuner for the trials still to run (None when none is left): Optuna's multi-objective search over
+    the space, its study stored (sweeps/search.py), as many concurrent trials as the cluster fits, FIFO
+    (an early stopper on one metric would bias the front). On --resume the study is first squared with
+    the trials' records: finished trials are told, interrupted and failed ones asked again with their
+    parameters and key (each resumes from its last checkpoint)."""
+    import optuna
     import ray
     from optuna.samplers import NSGAIISampler, TPESampler
-    from optuna.storages import RDBStorage
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from eval.axes import front_axes
-    from sweeps.space import tune_space
+    from sweeps.search import ask_space, reconcile, study_storage
 
     settings = config.train
     if settings.use_gpu:
@@ -255,38 +267,33 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str):
     else:
         fit = int(ray.cluster_resources().get("CPU", 1) // (settings.workers * settings.cpus_per_worker))
     concurrency = sweep.max_concurrent or max(1, fit)
-    sampler = NSGAIISampler(seed=sweep.seed) if sweep.algorithm == "nsga2" else TPESampler(seed=sweep.seed, multivariate=True)
-    url = optuna_storage(sweep, directory)
     axes = front_axes(sweep.fidelity)  # Optuna's two objectives are the front's axes
-    search = OptunaSearch(metric=list(axes), mode=list(axes.values()), sampler=sampler, study_name=sweep.name,
-                          storage=RDBStorage(url) if url else None, seed=sweep.seed)
-    print(f"[sweep] {sweep.num_samples} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
+    store = study_storage(sweep, directory)
+    study = optuna.create_study(study_name=sweep.name, storage=store, load_if_exists=True,
+                                directions=["minimize" if mode == "min" else "maximize" for mode in axes.values()])
+    asked, done = len(study.trials), 0
+    if resume:
+        counts = reconcile(study, directory, axes)
+        done = counts["done"]
+        print(f"[sweep] resuming from the sweep's records: {done} trial(s) done ({counts['told']} of them told now), "
+              f"{counts['again']} to run again from their last checkpoint", flush=True)
+    remaining = sweep.num_samples - done
+    if remaining <= 0:
+        return None
+    # A resumed search draws from a seed of its own: the first run's seed would repeat its first random draws.
+    seed = sweep.seed + asked
+    sampler = NSGAIISampler(seed=seed) if sweep.algorithm == "nsga2" else TPESampler(seed=seed, multivariate=True)
+    search = OptunaSearch(space=ask_space(sweep), metric=list(axes), mode=list(axes.values()), sampler=sampler,
+                          study_name=sweep.name, storage=store)
+    print(f"[sweep] {remaining} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
     return tune.Tuner(
         trainable(config, directory),
-        param_space=tune_space(sweep),
         # reuse_actors: the next trial runs in the finished trial's actor, not a new process (~2.5 s a trial here)
-        tune_config=tune.TuneConfig(search_alg=search, scheduler=FIFOScheduler(), num_samples=sweep.num_samples,
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=FIFOScheduler(), num_samples=remaining,
                                     max_concurrent_trials=concurrency, reuse_actors=True),
-        run_config=tune.RunConfig(name=layout.TUNE, storage_path=directory),  # a folder or a URI: Ray's pyarrow layer
+        # Tune writes its experiment state there (a folder or a URI: Ray's pyarrow layer); no driver reads it back
+        run_config=tune.RunConfig(name=layout.TUNE, storage_path=directory),
     )
-
-
-def optuna_storage(sweep: SweepConfig, directory: str) -> str | None:
-    """The Optuna study's storage URL: `sweep.optuna_storage` (any of Optuna's RDB URLs: on a cluster, the
-    tracking server's PostgreSQL), else SQLite in a local sweep folder. SQLite cannot live in object
-    storage: there the default is None, a study in memory, which Tune saves with its searcher's state
-    in the store and restores on --resume."""
-    if sweep.optuna_storage:
-        return sweep.optuna_storage
-    return None if storage.is_remote(directory) else f"sqlite:///{layout.optuna_db(directory)}"
-
-
-def restore_tuner(config: Config, sweep: SweepConfig, directory: str):
-    """The interrupted Tuner with its searcher: unfinished trials resume from their last checkpoint."""
-    from ray import tune
-
-    return tune.Tuner.restore(layout.tune_dir(directory), trainable=trainable(config, directory),
-                              resume_unfinished=True, resume_errored=True)
 
 
 def trainable(config: Config, directory: str):
@@ -305,13 +312,14 @@ def trainable(config: Config, directory: str):
 
 def close_interrupted(sweep: SweepConfig, directory: str, tracking) -> int:
     """After the Tuner is done, nothing of this sweep is running. A trial that Optuna or MLflow still
-    shows as running was interrupted with the driver before Tune's experiment state recorded it
-    (Tune then ran a fresh trial in its place): record it as failed / killed, not as a duplicate."""
+    shows as running lost its end (Optuna's tell or the run's end failed: a full disk, an outage):
+    record it as failed / killed; a --resume reads its records and tells it, or runs it again."""
     import optuna
 
+    from sweeps.search import study_exists, study_storage
+
     interrupted = 0
-    url = optuna_storage(sweep, directory)  # a study in memory is the searcher's own (restored with it by Tune)
-    study = optuna.load_study(study_name=sweep.name, storage=url) if url else None
+    study = optuna.load_study(study_name=sweep.name, storage=study_storage(sweep, directory)) if study_exists(sweep, directory) else None
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if study else []:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         interrupted += 1

@@ -161,28 +161,29 @@ def check_services(tracking_uri: str, field: str) -> None:
 
 def check_storage_folder(folder: Path, field: str) -> None:
     """`folder` (or, while it does not exist, its nearest existing parent) is a folder this user can
-    write to, and no one else can: `--resume` unpickles Ray Tune's state from it (tuner.pkl, the
-    searcher), so whoever can write there can run code in the driver."""
+    write to, and no one else can: whoever can write there can change the checkpoints and figures
+    the champion is chosen from (nothing there is unpickled: sweeps/search.py)."""
     check_writable(field, folder)
     for path in (p for p in (folder.parent, folder) if p.exists()):
         mode = path.stat()
         if mode.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or mode.st_uid != os.geteuid():
             raise ConfigError(f"{field}: {path} is writable by others (mode {stat.filemode(mode.st_mode)}, owner uid {mode.st_uid}); "
-                              "--resume loads Ray's pickled state from it: use a folder only you can write (chmod go-w)")
+                              "the sweep's checkpoints and records would be theirs to change: use a folder only you can write (chmod go-w)")
 
 
 def check_object_storage(location: str, field: str) -> None:
     """A probe object written under `location` and deleted: the bucket exists, the credentials let us
-    write, the endpoint answers. A bucket is the user's to make (and to lock down: --resume unpickles
-    Ray Tune's state from it, as from a folder)."""
+    write, the endpoint answers, now (no retries: one line at once). A bucket is the user's to make,
+    and to lock down: whoever can write there can change the sweep's records and checkpoints."""
     import uuid
 
     from trainers.common import storage
 
     probe = storage.join(location, f".acpo-probe-{uuid.uuid4().hex[:8]}")
     try:
-        storage.write_text(probe, "probe")
-        storage.delete(probe)
+        with storage.retrying_for(0):
+            storage.write_text(probe, "probe")
+            storage.delete(probe)
     except Exception as error:  # noqa: BLE001 - whatever pyarrow says, this store is not usable
         raise ConfigError(f"{field}: cannot write to {location} ({last_line(error)[:300]}); check the bucket, "
                           "the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the endpoint (AWS_ENDPOINT_URL)") from None

@@ -97,19 +97,6 @@ def pin_searched(sweep, overrides: list[str]):
     return sweep.model_copy(update={"space": space})
 
 
-def tune_space(sweep) -> dict:
-    """The space as Ray Tune distributions (OptunaSearch converts them to Optuna's)."""
-    from ray import tune
-
-    out = {}
-    for key, spec in sweep.space.items():
-        kind, args, step = _distribution(key, spec)
-        if kind == "loguniform":
-            out[key] = tune.loguniform(*args)
-        elif kind == "uniform":
-            out[key] = tune.uniform(*args)
-        elif kind == "randint":
-            out[key] = tune.qrandint(args[0], args[1], step) if step else tune.randint(args[0], args[1] + 1)
-        else:
-            out[key] = tune.choice(args)
-    return out
+def dimensions(sweep) -> list[tuple[str, str, list, int | None]]:
+    """(key, kind, args, step) of every dimension, in the space's order (sweeps/search.py asks Optuna for them)."""
+    return [(key, *_distribution(key, spec)) for key, spec in sweep.space.items()]

@@ -174,7 +174,7 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
                 shutil.copy(confirmation_base(config, sweep, directory), target)
             print(f"[study] {sweep.name}", flush=True)
             try:
-                driver.run_sweep(config, sweep, resume=Path(layout.tune_dir(sweep_dir)).exists(), inputs_checked=True)
+                driver.run_sweep(config, sweep, resume=driver.holds_sweep(str(sweep_dir)), inputs_checked=True)
             except Exception as error:  # noqa: BLE001 - a failed method is reported in the table, not fatal
                 failures[sweep.name] = last_line(error)
                 print(f"[study] {sweep.name} failed: {failures[sweep.name]}", file=sys.stderr, flush=True)

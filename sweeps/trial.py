@@ -27,8 +27,12 @@ from trainers.ray_train import build_trainer
 def run_trial(params: dict, base_config: dict, directory: str) -> None:
     """One Tune trial: the trainer's TorchTrainer, fitted (Train V2: the trial function is its driver).
     `base_config`: the sweep's resolved run config as a dict (`Config.to_dict`), validated here once
-    with the trial's parameters set (the schema only: the driver checked what it refers to)."""
-    trial = tune.get_context().get_trial_id()
+    with the trial's parameters set (the schema only: the driver checked what it refers to).
+    `params` carries the trial's key (`layout.TRIAL_KEY`, given by the Optuna trial: sweeps/search.py),
+    which names its records and its Ray Train run: a trial asked again on --resume has the same key,
+    and so resumes from its last checkpoint."""
+    params = dict(params)
+    trial = params.pop(layout.TRIAL_KEY, None) or tune.get_context().get_trial_id()
     records = layout.trial_records(directory, trial)  # the trial's parameters and spool, where the driver reads them
     # Where the workers write a checkpoint before Ray Train uploads it to `trials/`: beside the records in
     # a local sweep folder; on object storage, a scratch folder on this node, removed when the trial ends.

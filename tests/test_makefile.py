@@ -1,5 +1,7 @@
 """`make services` / `make stop`: stop ends exactly the process groups services started (their ids
-recorded under runs/), not another process that merely looks like them (integration tier)."""
+recorded under runs/), not another process that merely looks like them, and leaves no record of the
+stopped head; a sweep started afterwards without `ray job submit` (no address given) starts its own
+Ray at once, even when a crashed head's record is left behind (integration tier)."""
 
 import os
 import signal
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port
+from tests.servers import free_port, mlflow_server
+from tests.sweeps.test_sweep import sweep_args
 from trainers.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -27,7 +30,7 @@ def answers(url: str) -> bool:
         return False
 
 
-def test_stop_ends_what_services_started_and_nothing_else(tmp_path):
+def test_stop_ends_what_services_started_and_nothing_else(tmp_path, digits_assets):
     if answers("http://127.0.0.1:8265"):
         pytest.skip("a Ray head already answers on 127.0.0.1:8265; make services would use it")
     port = free_port()
@@ -55,6 +58,18 @@ def test_stop_ends_what_services_started_and_nothing_else(tmp_path):
 
         record = Path(get_ray_address_file(None))  # `ray start` wrote it; a head ended by a signal leaves it behind
         assert not (record.is_file() and record.read_text().strip() == "127.0.0.1:6379"), "the stopped head's record is left"
+        # The README's "the sweep without `ray job submit`" after `make stop`; the record planted as a head
+        # ended by a crash (not `make stop`) leaves it: ray.init would retry that address for ~15 minutes.
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text("127.0.0.1:6379\n")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        with mlflow_server(f"sqlite:///{tmp_path}/sweep-mlflow.db", tmp_path / "sweep-artifacts") as uri:
+            started_at = time.time()
+            sweep = subprocess.run([sys.executable, str(PROJECT_ROOT / "sweeps" / "acpo_sweep.py"), *sweep_args("after-stop", tmp_path / "sweeps", uri, samples=1)],
+                                   env=env, capture_output=True, text=True, timeout=600)
+        assert sweep.returncode == 0, sweep.stderr[-2000:]
+        assert "the Ray head recorded on this machine (127.0.0.1:6379) does not answer" in sweep.stdout
+        assert time.time() - started_at < 300 and not record.exists()
     finally:
         os.killpg(decoy.pid, signal.SIGKILL)
         subprocess.run([*make, "stop"], timeout=200, capture_output=True)

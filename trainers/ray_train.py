@@ -14,7 +14,9 @@ from pathlib import Path
 import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+import torch.distributed as dist
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend  # ray 2.60, pinned
 
 from trainers.common.storage import resolve
 from trainers.common.errors import TrainingError, UnreadableCheckpointError, root_message
@@ -127,6 +129,7 @@ def build_trainer(config: Config, name: str, storage_path: str | Path, callbacks
     return TorchTrainer(
         train_worker,
         train_loop_config=config.to_dict(),
+        torch_config=OneMachineTorchConfig(),
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
@@ -136,6 +139,64 @@ def build_trainer(config: Config, name: str, storage_path: str | Path, callbacks
             callbacks=list(callbacks),
         ),
     )
+
+
+class OneMachineTorchConfig(TorchConfig):
+    """Ray Train's torch setup, except when every worker runs on one machine: then the process group's
+    rendezvous store (torch's TCPStore) listens on 127.0.0.1 only, and Gloo / NCCL connect over the
+    loopback interface. torch binds a TCPStore to every interface whatever MASTER_ADDR says; it takes
+    a socket already bound instead (`master_listen_fd`), which rank 0 makes. Across machines nothing
+    changes (Ray's own setup, MASTER_ADDR the first worker's node)."""
+
+    @property
+    def backend_cls(self):
+        return _OneMachineBackend
+
+
+class _OneMachineBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: TorchConfig):
+        if len(set(worker_group.execute(_node_id))) > 1 or not dist.is_available():
+            return super().on_start(worker_group, backend_config)
+        backend = backend_config.backend or ("nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
+        port = worker_group.execute_single(0, _listen_on_loopback)
+        worker_group.execute(_set_torch_distributed_env_vars)
+        ray.get([worker_group.execute_single_async(rank, _join_on_loopback, backend=backend, port=port, world_rank=rank,
+                                                   world_size=len(worker_group), timeout_s=backend_config.timeout_s)
+                 for rank in range(len(worker_group))])
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+_LISTENER_FD: int | None = None  # rank 0's listening socket, handed to its TCPStore (which then owns it)
+
+
+def _listen_on_loopback() -> int:
+    import socket
+
+    global _LISTENER_FD
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    _LISTENER_FD = listener.detach()
+    return port
+
+
+def _join_on_loopback(backend: str, port: int, world_rank: int, world_size: int, timeout_s: int) -> None:
+    from datetime import timedelta
+
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ[name] = "127.0.0.1" if name == "MASTER_ADDR" else str(port)
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # a user's choice wins
+        os.environ.setdefault(name, "lo")
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # as Ray's setup does
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=world_rank == 0, timeout=timeout, wait_for_workers=False,
+                          master_listen_fd=_LISTENER_FD if world_rank == 0 else None)
+    dist.init_process_group(backend=backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)
 
 
 def check_resources(config: Config) -> None:

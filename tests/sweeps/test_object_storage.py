@@ -70,6 +70,7 @@ def test_a_sweep_on_s3_resumes_after_a_driver_kill_and_writes_nothing_locally(tm
     keys = servers.s3_keys("sweeps/ons3/")
     assert {"sweeps/ons3/base_metrics.json", "sweeps/ons3/pareto.html", "sweeps/ons3/champion/model_index.json"} <= set(keys)
     assert sum(key.endswith("/metrics.json") and "/trials/" in key for key in keys) >= 4
+    assert any(key.startswith("sweeps/ons3/optuna-journal/") for key in keys)  # the study, resumed from the bucket's journal
     assert any(key.startswith("cache/") for key in servers.s3_keys("cache/"))  # the reference features, cached in the bucket
     assert list(work.iterdir()) == []  # nothing in a local sweep folder
     scratch = os.path.join(tempfile.gettempdir(), "acpo-scratch")

@@ -4,6 +4,7 @@ presets and --dry-run need neither (unit tier)."""
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -233,8 +234,19 @@ def test_a_killed_driver_resumes_without_duplicates(tmp_path, mlflow_server, dig
     assert driver.poll() is None, "the sweep ended before the kill"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
+    # Whoever can write the sweep folder plants pickles where Tune keeps its state: --resume never loads them.
+    marker = tmp_path / "unpickled"
+    planted = pickle.dumps(Plant(marker))
+    tune_dir = tmp_path / "killed" / "tune"
+    for target in [*tune_dir.rglob("*.pkl"), tune_dir / "tuner.pkl", tune_dir / "searcher-state-planted.pkl"]:
+        target.write_bytes(planted)
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not marker.exists()
+    # the killed driver's lease is free at once on its machine (its process is gone), and the resume says what it found
+    assert f"taking over the sweep from driver pid {driver.pid}" in resumed.stdout and "has ended" in resumed.stdout
+    assert "resuming from the sweep's records" in resumed.stdout
+    assert not (tmp_path / "killed" / "driver.lease").exists()  # given back at the end
     trials = optuna.load_study(study_name="killed", storage=storage).trials
     states = [t.state for t in trials]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -247,6 +259,16 @@ def test_a_killed_driver_resumes_without_duplicates(tmp_path, mlflow_server, dig
     assert len(finished) == 4 and len({r.data.tags["acpo.trial"] for r in runs}) == len(runs)  # no trial logged twice
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
     assert len(runs) - len(finished) <= states.count(optuna.trial.TrialState.FAIL)  # killed before or after its run began
+
+
+class Plant:
+    """A pickle whose loading writes `marker` (what a hostile pickle could do instead)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (Path(self.marker), "unpickled")
 
 
 def test_bad_presets_fail_before_ray_starts(capsys):

@@ -24,9 +24,33 @@ def local_ray():
     ray.shutdown()
 
 
+def listeners_of_train_workers(seen: set, stop: threading.Event) -> None:
+    """Every (pid, listening TCP address) of a Ray Train worker process (`ss -ltnp`), until `stop`."""
+    import re
+    import subprocess
+
+    while not stop.wait(0.1):
+        for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines():
+            if "RayTrainWo" in line:
+                seen.add((re.search(r"pid=(\d+)", line).group(1), line.split()[3]))
+
+
 def test_cli_trains_on_two_workers(tmp_path, capsys, local_ray, digits_assets):
-    code = main(["train", "--workers", "2", *sum((["--set", o] for o in QUICK), []), "--set", "train.steps=3",
-                 "--set", f"train.output_dir={tmp_path}"])
+    seen, stop = set(), threading.Event()
+    watcher = threading.Thread(target=listeners_of_train_workers, args=(seen, stop), daemon=True)
+    watcher.start()
+    try:
+        code = main(["train", "--workers", "2", *sum((["--set", o] for o in QUICK), []), "--set", "train.steps=3",
+                     "--set", f"train.output_dir={tmp_path}"])
+    finally:
+        stop.set()
+        watcher.join()
+    # One machine: the process group's rendezvous store and Gloo listen on loopback only (trainers/ray_train.py:
+    # OneMachineTorchConfig); torch alone binds its store to every interface ("*:port"). Each worker keeps one
+    # listener on every interface, Ray's own (its core worker's gRPC server, in a local Ray instance).
+    wildcard = [pid for pid, address in seen if address.startswith(("*:", "0.0.0.0:", "[::]:"))]
+    loopback = {pid for pid, address in seen if address.startswith("127.0.0.1:")}
+    assert len(loopback) == 2 and all(wildcard.count(pid) <= 1 for pid in wildcard), seen
     out = capsys.readouterr().out
     assert code == 0, out
     assert "fid@1" in out and "step 3, checkpoint:" in out

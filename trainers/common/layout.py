@@ -2,9 +2,11 @@
 
     <storage>/<sweep>/
       sweep_id                      the sweep's id (its MLflow runs carry it as a tag)
-      tune/                         Ray Tune's experiment (what --resume restores)
-      optuna.db                     the Optuna study, in a local sweep folder (see sweeps/driver.optuna_storage)
-      trials/<trial>/step_NNNNNN/   each trial's checkpoints (trainers/checkpoint.py), kept by Ray Train;
+      driver.lease                  the driver that runs the sweep now: host, pid, heartbeat (sweeps/lease.py)
+      tune/                         Ray Tune's experiment state (written by Tune, never read: --resume reads the rest)
+      optuna.db                     the Optuna study, in a local sweep folder (sweeps/search.py)
+      optuna-journal/               the Optuna study as a journal of write-once objects, on object storage
+      trials/<trial>/step_NNNNNN/   each trial's checkpoints (<trial>: its key, `trial_0003`, sweeps/search.py) (trainers/checkpoint.py), kept by Ray Train;
                                     Ray's record of them: checkpoint_manager_snapshot.json
       work/<trial>/params.json      each trial's parameters
       work/<trial>/tracking/        its tracking spool (sweeps/spool.py), and tracking.sent, the place of its replay
@@ -28,7 +30,9 @@ from trainers.common.storage import join, parent
 
 SWEEP_ID = "sweep_id"
 TUNE = "tune"
-OPTUNA_DB = "optuna.db"
+OPTUNA_DB, OPTUNA_JOURNAL = "optuna.db", "optuna-journal"
+LEASE = "driver.lease"
+TRIAL_KEY = "acpo.trial"  # a trial's key: the Optuna trial's user attribute, the Tune trial's parameter, the MLflow run's tag
 TRIALS = "trials"
 WORK = "work"
 PARAMS = "params.json"
@@ -68,6 +72,14 @@ def tune_dir(directory: Location) -> str:
 
 def optuna_db(directory: Location) -> str:
     return join(directory, OPTUNA_DB)
+
+
+def optuna_journal(directory: Location) -> str:
+    return join(directory, OPTUNA_JOURNAL)
+
+
+def lease_file(directory: Location) -> str:
+    return join(directory, LEASE)
 
 
 def trials_dir(directory: Location) -> str:

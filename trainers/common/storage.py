@@ -9,7 +9,12 @@ Ray and MLflow (boto3).
 
 Writes are whole or not at all: a local file is written beside its place and renamed into it; an
 object store's PUT is atomic. Object stores have no append and no rename: callers that append (the
-tracking spool) write one object per record instead.
+tracking spool, the Optuna journal) write one object per record instead.
+
+An object store that does not answer (a network error, a 503 / SlowDown) is retried with back-off for
+up to $ACPO_STORE_RETRY_S seconds (default 180), each read and write on its own; pyarrow's own three
+quick attempts sit inside each try. Past that the error is raised, naming the location. Errors the
+store answered (not found, access denied) are raised at once.
 
 Part of the bottom layer (trainers/common/): the FID reference cache (eval), the latent cache
 (trainers) and the sweep (sweeps) all read and write through it.
@@ -18,10 +23,14 @@ Part of the bottom layer (trainers/common/): the FID reference cache (eval), the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fnmatch
+import functools
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +67,55 @@ def parent(location: str | Path) -> str:
     return str(location).rstrip("/").rsplit("/", 1)[0]
 
 
+# What pyarrow's S3 / GCS layer says when the store did not answer, or asked to be called again later.
+UNANSWERED = ("NETWORK_CONNECTION", "curlCode", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "REQUEST_TIMEOUT", "INTERNAL_FAILURE",
+              "Connection refused", "Could not connect", "timed out", "503")
+
+
+_RETRY_S: contextvars.ContextVar[float | None] = contextvars.ContextVar("retry_s", default=None)
+
+
+def retry_seconds() -> float:
+    override = _RETRY_S.get()
+    return override if override is not None else float(os.environ.get("ACPO_STORE_RETRY_S", "180"))
+
+
+@contextlib.contextmanager
+def retrying_for(seconds: float):
+    """Within the block, an unanswering store is retried for `seconds` (0: not at all; a preflight's probe)."""
+    token = _RETRY_S.set(seconds)
+    try:
+        yield
+    finally:
+        _RETRY_S.reset(token)
+
+
+def unanswered(error: BaseException) -> bool:
+    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and any(s in str(error) for s in UNANSWERED)
+
+
+def retried(operation):
+    """`operation(location, ...)`, tried again with back-off while an object store does not answer
+    (local locations: once). The first retry says so on stderr, once per call."""
+    @functools.wraps(operation)
+    def call(location, *args, **kwargs):
+        if not any(isinstance(a, (str, Path)) and is_remote(a) for a in (location, *args)):  # upload(local, remote)
+            return operation(location, *args, **kwargs)
+        deadline, pause = time.monotonic() + retry_seconds(), 1.0
+        while True:
+            try:
+                return operation(location, *args, **kwargs)
+            except OSError as error:
+                if not unanswered(error) or time.monotonic() + pause > deadline:
+                    raise
+                if pause == 1.0:
+                    print(f"[storage] {location}: the object store does not answer ({str(error).splitlines()[0][:160]}); "
+                          f"retrying for up to {retry_seconds():.0f} s", file=sys.stderr, flush=True)
+                time.sleep(pause)
+                pause = min(pause * 2, 15.0)
+    return call
+
+
 def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
     """pyarrow's filesystem and the path within it."""
     if is_remote(location):
@@ -65,6 +123,7 @@ def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), resolve(location)
 
 
+@retried
 def _info(location) -> pafs.FileInfo:
     fs, path = filesystem(location)
     return fs.get_file_info(path)
@@ -84,6 +143,7 @@ def mtime(location: str | Path) -> float:
     return info.mtime.timestamp() if info.mtime is not None else 0.0
 
 
+@retried
 def read_bytes(location: str | Path) -> bytes:
     if not is_remote(location):
         return Path(resolve(location)).read_bytes()
@@ -99,6 +159,7 @@ def read_text(location: str | Path) -> str:
     return read_bytes(location).decode()
 
 
+@retried
 def write_bytes(location: str | Path, data: bytes) -> None:
     """Whole or not at all (concurrent readers never see half a file)."""
     if not is_remote(location):
@@ -127,6 +188,7 @@ def write_whole(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+@retried
 def listdir(location: str | Path) -> list[str]:
     """Names of the entries directly under `location`, sorted ([] when there is none)."""
     fs, path = filesystem(location)
@@ -134,6 +196,7 @@ def listdir(location: str | Path) -> list[str]:
     return sorted(info.base_name for info in infos)
 
 
+@retried
 def glob(location: str | Path, pattern: str) -> list[str]:
     """Locations of the files under `location` whose relative path matches `pattern` segment by
     segment (`trials/*/step_*/metrics.json`), sorted. One listing of the pattern's fixed prefix."""
@@ -159,11 +222,13 @@ def makedirs(location: str | Path) -> None:
         Path(resolve(location)).mkdir(parents=True, exist_ok=True)
 
 
+@retried
 def move(source: str | Path, destination: str | Path) -> None:
     fs, path = filesystem(source)
     fs.move(path, filesystem(destination)[1])
 
 
+@retried
 def delete(location: str | Path) -> None:
     """A file or a whole folder; nothing when it is not there."""
     fs, path = filesystem(location)
@@ -174,6 +239,7 @@ def delete(location: str | Path) -> None:
         fs.delete_file(path)
 
 
+@retried
 def upload(local: str | Path, location: str | Path) -> None:
     """A local file or folder copied to `location` (for a folder: its files under it)."""
     fs, path = filesystem(location)

@@ -1,0 +1,144 @@
+"""One driver per sweep: a lease in the sweep's folder (`driver.lease`: host, pid, the process's start
+time, a token and a heartbeat), written through trainers/common/storage.py, so a local folder and a
+bucket behave alike.
+
+A driver takes the lease before it writes anything of the sweep and gives it back when it ends. While
+it runs, a thread renews the heartbeat every `BEAT_S` seconds. A second driver (a second `--resume`, a
+second `ray job submit` of the same name) refuses in one line naming the first, unless the first is
+gone:
+- on the same machine, at once, when its process no longer runs (a killed driver does not block the
+  `--resume` that follows it);
+- from another machine, when its heartbeat is older than `STALE_S` seconds (90: nine missed beats).
+A live driver is never displaced: its beats keep the lease fresh. Two drivers starting together both
+write, wait `CONFIRM_S`, and read back: only the one whose token is there goes on. (That is safe while
+each reads and writes within `CONFIRM_S` of the other; an object store offers no compare-and-swap
+through pyarrow.) A driver that finds its lease taken over (it stalled past `STALE_S`, and another
+driver took the sweep) stops at once: two drivers must never drive the same trials.
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+
+from trainers.common import layout, storage
+from trainers.common.errors import ConfigError, last_line
+
+BEAT_S, STALE_S, CONFIRM_S = 10.0, 90.0, 1.0
+
+
+def process_start(pid: int) -> float | None:
+    """When the process `pid` of this machine started (psutil), or None when there is none."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def gone_why(holder: dict, now: float, stale_s: float = STALE_S) -> str | None:
+    """Why the lease `holder` no longer holds (its driver ended, or its heartbeat is stale), or None."""
+    if holder.get("host") == socket.gethostname():
+        started = process_start(int(holder.get("pid", -1)))
+        if started is None or abs(started - float(holder.get("started", 0))) > 1:
+            return f"its process {holder.get('pid')} on this machine has ended"
+    age = now - float(holder.get("heartbeat", 0))
+    if age > stale_s:
+        return f"its last heartbeat was {age:.0f} s ago (stale after {stale_s:.0f} s)"
+    return None
+
+
+def describe(holder: dict, now: float) -> str:
+    return (f"driver pid {holder.get('pid')} on {holder.get('host')} (started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))}, "
+            f"heartbeat {now - float(holder.get('heartbeat', 0)):.0f} s ago)")
+
+
+def read(directory: str) -> dict | None:
+    """The lease's holder, or None when there is no lease (or it cannot be read: a write cut short)."""
+    try:
+        return json.loads(storage.read_text(layout.lease_file(directory)))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def check_free(directory: str, what: str = "--resume") -> None:
+    """Refuses (one line) when a live driver holds the sweep. Writes nothing (the preflight's check)."""
+    holder = read(directory)
+    now = time.time()
+    if holder is not None and gone_why(holder, now) is None:
+        raise ConfigError(f"sweep.name: {directory} is being driven by {describe(holder, now)}; "
+                          f"{what} refused (wait for it to end, or stop it: a stopped driver's lease is free at once on its "
+                          f"machine, {STALE_S:.0f} s after its last heartbeat elsewhere)")
+
+
+class Lease:
+    """`with Lease(directory):` - the sweep's lease, held and renewed for the block (see the module)."""
+
+    def __init__(self, directory: str, beat_s: float = BEAT_S, stale_s: float = STALE_S, confirm_s: float = CONFIRM_S):
+        self.directory, self.beat_s, self.stale_s, self.confirm_s = directory, beat_s, stale_s, confirm_s
+        self.file = layout.lease_file(directory)
+        self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()) or time.time(),
+                     "token": uuid.uuid4().hex}
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.lost = False
+
+    def _write(self) -> None:
+        storage.write_text(self.file, json.dumps({**self.mine, "heartbeat": time.time()}) + "\n")
+
+    def acquire(self) -> "Lease":
+        holder = read(self.directory)
+        if holder is not None and gone_why(holder, time.time(), self.stale_s) is None:
+            raise ConfigError(f"sweep.name: {self.directory} is being driven by {describe(holder, time.time())}; refused")
+        if holder is not None:
+            print(f"[sweep] taking over the sweep from {describe(holder, time.time())}: {gone_why(holder, time.time(), self.stale_s)}",
+                  flush=True)
+        self._write()
+        time.sleep(self.confirm_s)
+        holder = read(self.directory)
+        if holder is None or holder.get("token") != self.mine["token"]:
+            raise ConfigError(f"sweep.name: {self.directory} was taken by "
+                              f"{describe(holder, time.time()) if holder else 'another driver'} at the same moment; refused")
+        self.thread = threading.Thread(target=self._beat, name="sweep-lease", daemon=True)
+        self.thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.beat_s):
+            try:
+                holder = read(self.directory)
+                if holder is not None and holder.get("token") != self.mine["token"]:
+                    self.lost = True
+                    print(f"[sweep] the sweep's lease was taken over by {describe(holder, time.time())} (this driver stalled?): "
+                          "stopping, so that two drivers never drive the same trials", file=sys.stderr, flush=True)
+                    _thread.interrupt_main()
+                    return
+                self._write()
+            except Exception as error:  # noqa: BLE001 - an outage: the next beat tries again; STALE_S allows nine misses
+                print(f"[sweep] could not renew the lease {self.file}: {last_line(error)[:160]}", file=sys.stderr, flush=True)
+
+    def release(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.lost:
+            return
+        try:
+            holder = read(self.directory)
+            if holder is not None and holder.get("token") == self.mine["token"]:
+                storage.delete(self.file)
+        except Exception as error:  # noqa: BLE001 - a lease left behind is freed by its dead pid / stale heartbeat
+            print(f"[sweep] could not remove the lease {self.file}: {last_line(error)[:160]}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

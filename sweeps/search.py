@@ -1,0 +1,163 @@
+"""The sweep's search: the Optuna study, where it is stored, the space as Optuna asks it, and how a
+resumed sweep picks the search up from the sweep's own records. Nothing here reads a pickle: Ray Tune
+still writes its experiment state under tune/, but no driver ever loads it.
+
+Where the study lives (`study_storage`):
+- `sweep.optuna_storage`: any Optuna RDB URL (on a cluster, the tracking server's PostgreSQL);
+- a local sweep folder: SQLite, `optuna.db`;
+- object storage: Optuna's journal storage on `StoreJournal`, one object per append under
+  `optuna-journal/`. SQLite needs a file system with locks and writes in place, which a bucket does not
+  have; Optuna's journal only ever appends, and an object written whole is an append that neither a
+  full disk nor an outage can cut in half. It has one writer: the driver holding the sweep's lease
+  (sweeps/lease.py).
+
+Each Optuna trial names its trial's records: the user attribute `acpo.trial` (`trial_0003`, after the
+number of the Optuna trial that first ran it) goes to the Tune trial with its parameters, and
+sweeps/trial.py keeps its checkpoints in trials/<key>/ and its records in work/<key>/.
+
+On --resume (`reconcile`, before the Tuner is built) the study is squared with those records:
+- a COMPLETE trial is done, and is not run again;
+- a RUNNING trial whose records end FINISHED (the driver died between the trial's end and Optuna's
+  tell) is told its final figures: its last evaluated checkpoint's metrics.json, what it reported;
+- every other key without a COMPLETE trial (interrupted, failed, or asked and never started) is
+  marked failed and enqueued again with the same parameters and key. Optuna's next asks return those
+  first, and Ray Train picks each run up from its last checkpoint in trials/<key>/ (same run name).
+The Tuner then runs `num_samples` minus the done trials.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from optuna.storages.journal import BaseJournalBackend
+
+from sweeps.spool import record_names
+from trainers.common import layout, storage
+
+TRIAL_KEY = layout.TRIAL_KEY
+
+
+def study_storage(sweep, directory: str):
+    """The sweep's Optuna storage (see the module's docstring), as OptunaSearch takes it."""
+    from optuna.storages import JournalStorage, RDBStorage
+
+    if sweep.optuna_storage:
+        return RDBStorage(sweep.optuna_storage)
+    if storage.is_remote(directory):
+        return JournalStorage(StoreJournal(layout.optuna_journal(directory)))
+    return RDBStorage(f"sqlite:///{layout.optuna_db(directory)}")
+
+
+def study_exists(sweep, directory: str) -> bool:
+    """Whether the sweep's study was created (read only: nothing is created here)."""
+    if sweep.optuna_storage:
+        import optuna
+
+        return sweep.name in optuna.get_all_study_names(sweep.optuna_storage)
+    if storage.is_remote(directory):
+        return bool(storage.listdir(layout.optuna_journal(directory)))
+    return storage.is_file(layout.optuna_db(directory))
+
+
+class StoreJournal(BaseJournalBackend):
+    """Optuna's journal as write-once objects (or files) through trainers/common/storage.py: each
+    `append_logs` is one object named by its first log's number, so a listing gives the journal in
+    order. Objects once read are kept in memory: they never change."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.logs: list[dict[str, Any]] = []
+        self.read: set[str] = set()
+
+    def _load(self) -> None:
+        for name in storage.listdir(self.location):
+            if name.endswith(".json") and name not in self.read:
+                entries = json.loads(storage.read_text(storage.join(self.location, name)))
+                if int(name.removesuffix(".json")) != len(self.logs):
+                    raise RuntimeError(f"{self.location}/{name}: the Optuna journal has a gap before it (another writer?)")
+                self.logs.extend(entries)
+                self.read.add(name)
+
+    def read_logs(self, log_number_from: int) -> Iterable[dict[str, Any]]:
+        self._load()
+        return self.logs[log_number_from:]
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        self._load()
+        name = f"{len(self.logs):012d}.json"
+        storage.write_text(storage.join(self.location, name), json.dumps(logs))
+        self.logs.extend(logs)
+        self.read.add(name)
+
+
+def ask_space(sweep) -> "AskSpace":
+    return AskSpace(sweep)
+
+
+class AskSpace:
+    """The space as an Optuna define-by-run function (OptunaSearch's `space`): each dimension suggested
+    in the space's order, and the trial's key returned with them for sweeps/trial.py. A class, not a
+    closure: Tune pickles its searcher (into tune/, where nothing reads it back)."""
+
+    def __init__(self, sweep):
+        from sweeps.space import dimensions
+
+        self.dims = dimensions(sweep)
+
+    def __call__(self, trial) -> dict:
+        for key, kind, args, step in self.dims:
+            if kind == "loguniform":
+                trial.suggest_float(key, *args, log=True)
+            elif kind == "uniform":
+                trial.suggest_float(key, *args)
+            elif kind == "randint":
+                trial.suggest_int(key, args[0], args[1], step=step or 1)
+            else:
+                trial.suggest_categorical(key, args)
+        name = trial.user_attrs.get(TRIAL_KEY) or f"trial_{trial.number:04d}"  # an enqueued trial keeps its key
+        trial.set_user_attr(TRIAL_KEY, name)
+        return {TRIAL_KEY: name}
+
+
+def finished_values(directory: str, key: str, axes: dict) -> list[float] | None:
+    """The figures a trial whose records end FINISHED reported last (its last evaluated checkpoint's),
+    one per front axis; None when its records do not end FINISHED."""
+    spool = layout.trial_spool(directory, key)
+    names = record_names(spool)
+    if not names or json.loads(storage.read_text(storage.join(spool, names[-1]))).get("status") != "FINISHED":
+        return None
+    evaluated = storage.glob(layout.trial_checkpoints(directory, key), layout.trial_metrics_glob())
+    if not evaluated:
+        return None
+    metrics = json.loads(storage.read_text(evaluated[-1]))
+    values = [metrics.get(axis) for axis in axes]
+    return values if all(isinstance(v, (int, float)) for v in values) else None
+
+
+def reconcile(study, directory: str, axes: dict) -> dict[str, int]:
+    """Squares the study with the sweep's records (see the module's docstring). Returns the counts:
+    done (COMPLETE, before and now), told (finished, told now), again (enqueued to run again)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = {t.user_attrs.get(TRIAL_KEY) for t in trials if t.state == TrialState.COMPLETE}
+    waiting = {t.user_attrs.get(TRIAL_KEY) for t in trials if t.state == TrialState.WAITING}
+    told, last_params = 0, {}
+    for trial in trials:
+        key = trial.user_attrs.get(TRIAL_KEY)
+        if key is not None and trial.params:
+            last_params[key] = trial.params
+        if trial.state != TrialState.RUNNING:
+            continue
+        values = finished_values(directory, key, axes) if key and key not in done else None
+        if values is not None:
+            study.tell(trial.number, values)
+            done.add(key)
+            told += 1
+        else:
+            study.tell(trial.number, state=TrialState.FAIL)
+    again = [key for key in last_params if key not in done and key not in waiting]
+    for key in again:
+        study.enqueue_trial(last_params[key], user_attrs={TRIAL_KEY: key})
+    return {"done": len(done - {None}), "told": told, "again": len(again) + len(waiting - {None})}

@@ -1,0 +1,193 @@
+"""--resume from the sweep's own records (sweeps/search.py), the one-driver lease (sweeps/lease.py) and
+the object store's retries (trainers/common/storage.py), without Ray: the study is a real Optuna
+study, the records real files in a sweep folder's layout, the lease a real file renewed by its thread."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from sweeps import lease as lease_module
+from sweeps.lease import Lease, check_free
+from sweeps.presets import SweepConfig
+from sweeps.search import StoreJournal, ask_space, reconcile, study_exists, study_storage
+from sweeps.spool import spool
+from trainers.common import layout, storage
+from trainers.config import ConfigError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+AXES = {"fid": "min", "heldout_quality": "max"}
+SPACE = {"objective.anchor.weight": {"loguniform": [1.0, 100.0]}, "train.steps": {"randint": [2, 8], "step": 2},
+         "model.finetune": {"choice": ["full", "lora"]}}
+
+
+def sweep_config(name="s", **kw) -> SweepConfig:
+    return SweepConfig(name=name, space=SPACE, **kw)
+
+
+def new_study(sweep, directory):
+    return optuna.create_study(study_name=sweep.name, storage=study_storage(sweep, directory), load_if_exists=True,
+                               directions=["minimize", "maximize"])
+
+
+def ask(study, sweep) -> tuple[optuna.trial.Trial, dict]:
+    trial = study.ask()
+    return trial, ask_space(sweep)(trial)
+
+
+def finished_records(directory, key, fid, quality, status="FINISHED"):
+    """What sweeps/trial.py leaves of a trial: an evaluated checkpoint's figures and a spool ending `status`."""
+    storage.write_text(storage.join(layout.trial_checkpoints(directory, key), "step_000002", "metrics.json"),
+                       json.dumps({"step": 2, "fid": fid, "heldout_quality": quality}))
+    spool(layout.trial_spool(directory, key), {"op": "start", "params": {}})
+    if status:
+        spool(layout.trial_spool(directory, key), {"op": "end", "status": status})
+
+
+def test_the_journal_on_the_storage_layer_keeps_the_study_across_drivers(tmp_path):
+    location = str(tmp_path / "sweep" / layout.OPTUNA_JOURNAL)
+    study = optuna.create_study(study_name="j", storage=optuna.storages.JournalStorage(StoreJournal(location)),
+                                directions=["minimize", "maximize"])
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study.tell(trial, [1.0, 2.0])
+    running = study.ask()
+    running.set_user_attr(layout.TRIAL_KEY, "trial_0001")
+    # a second driver (a new process: a new backend) reads the same study from the written objects
+    again = optuna.load_study(study_name="j", storage=optuna.storages.JournalStorage(StoreJournal(location)))
+    assert [t.state for t in again.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING]
+    assert again.trials[0].values == [1.0, 2.0] and again.trials[1].user_attrs[layout.TRIAL_KEY] == "trial_0001"
+    objects = sorted(os.listdir(location))
+    assert objects and all(name.endswith(".json") for name in objects)  # write-once objects, no pickle
+    os.remove(os.path.join(location, objects[1]))  # a gap: never read past silently
+    with pytest.raises(RuntimeError, match="gap"):
+        optuna.load_study(study_name="j", storage=optuna.storages.JournalStorage(StoreJournal(location)))
+
+
+def test_a_local_folder_keeps_its_study_in_sqlite_and_a_bucket_in_the_journal(tmp_path, monkeypatch):
+    sweep = sweep_config()
+    assert not study_exists(sweep, str(tmp_path))  # read only: nothing created
+    assert not (tmp_path / layout.OPTUNA_DB).exists()
+    assert "sqlite" in str(study_storage(sweep, str(tmp_path)).engine.url)
+    monkeypatch.setattr(StoreJournal, "read_logs", lambda self, start: [])  # no bucket to read here
+    journal = study_storage(sweep, "s3://bucket/s")
+    assert isinstance(journal, optuna.storages.JournalStorage) and journal._backend.location == "s3://bucket/s/optuna-journal"
+
+
+def test_resume_tells_finished_trials_and_asks_interrupted_ones_again_with_their_key(tmp_path):
+    directory, sweep = str(tmp_path), sweep_config()
+    study = new_study(sweep, directory)
+    done, _ = ask(study, sweep)                     # trial_0000: complete, told by Tune's searcher
+    study.tell(done, [10.0, 0.5])
+    told, _ = ask(study, sweep)                     # trial_0001: finished, but the driver died before the tell
+    finished_records(directory, "trial_0001", 12.0, 0.6)
+    interrupted, params = ask(study, sweep)         # trial_0002: interrupted mid-training
+    finished_records(directory, "trial_0002", 13.0, 0.7, status=None)
+    failed, _ = ask(study, sweep)                   # trial_0003: failed (an outage)
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    never, _ = ask(study, sweep)                    # trial_0004: asked, never started
+    assert params[layout.TRIAL_KEY] == "trial_0002"
+
+    counts = reconcile(new_study(sweep, directory), directory, AXES)  # a new driver: the study from its storage
+    assert counts == {"done": 2, "told": 1, "again": 3}
+    study = new_study(sweep, directory)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[1].state == optuna.trial.TrialState.COMPLETE and by_number[1].values == [12.0, 0.6]
+    assert by_number[2].state == by_number[4].state == optuna.trial.TrialState.FAIL
+    # Optuna's next asks are the unfinished keys, in order, with their own parameters
+    again = [ask(study, sweep) for _ in range(3)]
+    assert [p[layout.TRIAL_KEY] for _, p in again] == ["trial_0002", "trial_0003", "trial_0004"]
+    assert again[0][0].params == interrupted.params
+    fresh, params = ask(study, sweep)
+    assert params[layout.TRIAL_KEY] == f"trial_{fresh.number:04d}"  # then new trials, named after their number
+    # a second resume (the first was killed before its re-asked trials ran) enqueues nothing twice
+    for trial, _ in [*again, (fresh, None)]:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    assert reconcile(new_study(sweep, directory), directory, AXES)["again"] == 4
+    assert reconcile(new_study(sweep, directory), directory, AXES)["again"] == 4
+    waiting = new_study(sweep, directory).get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sorted(t.user_attrs[layout.TRIAL_KEY] for t in waiting) == ["trial_0002", "trial_0003", "trial_0004", f"trial_{fresh.number:04d}"]
+
+
+# ---------------------------------------------------------------------------------------------- the lease
+
+
+def test_a_live_driver_is_never_displaced(tmp_path):
+    first = Lease(str(tmp_path), beat_s=0.1, stale_s=0.5, confirm_s=0.05).acquire()
+    try:
+        time.sleep(1.5)  # three times the stale age: its beats keep it fresh
+        with pytest.raises(ConfigError, match=f"driver pid {os.getpid()} on {socket.gethostname()}"):
+            Lease(str(tmp_path), stale_s=0.5, confirm_s=0.05).acquire()
+        with pytest.raises(ConfigError, match="--resume refused"):
+            check_free(str(tmp_path))
+        assert not first.lost
+    finally:
+        first.release()
+    assert not os.path.exists(layout.lease_file(str(tmp_path)))  # given back
+    Lease(str(tmp_path), confirm_s=0.05).acquire().release()
+
+
+def test_a_killed_drivers_lease_is_taken_at_once_on_its_machine_and_after_it_goes_stale_elsewhere(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    holder = {"host": socket.gethostname(), "pid": dead.pid, "started": time.time() - 5, "token": "x", "heartbeat": time.time()}
+    storage.write_text(layout.lease_file(str(tmp_path)), json.dumps(holder))
+    check_free(str(tmp_path))  # a dead process holds nothing
+    Lease(str(tmp_path), confirm_s=0.05).acquire().release()
+    assert f"its process {dead.pid} on this machine has ended" in capsys.readouterr().out
+
+    elsewhere = {**holder, "host": "another-node", "pid": 1, "heartbeat": time.time() - 10}
+    storage.write_text(layout.lease_file(str(tmp_path)), json.dumps(elsewhere))
+    with pytest.raises(ConfigError, match="driver pid 1 on another-node"):
+        Lease(str(tmp_path), stale_s=60, confirm_s=0.05).acquire()  # fresh: another machine's driver may be alive
+    storage.write_text(layout.lease_file(str(tmp_path)), json.dumps({**elsewhere, "heartbeat": time.time() - lease_module.STALE_S - 1}))
+    Lease(str(tmp_path), confirm_s=0.05).acquire().release()  # stale after STALE_S: taken
+    assert "last heartbeat was" in capsys.readouterr().out
+
+
+def test_a_driver_that_finds_its_lease_taken_stops(tmp_path, monkeypatch):
+    interrupted = []
+    monkeypatch.setattr(lease_module._thread, "interrupt_main", lambda: interrupted.append(True))
+    held = Lease(str(tmp_path), beat_s=0.1, confirm_s=0.05).acquire()
+    storage.write_text(layout.lease_file(str(tmp_path)), json.dumps({"host": "other", "pid": 1, "started": 0, "token": "theirs",
+                                                                      "heartbeat": time.time()}))
+    time.sleep(0.5)
+    held.release()
+    assert held.lost and interrupted == [True]
+    assert json.loads(storage.read_text(layout.lease_file(str(tmp_path))))["token"] == "theirs"  # theirs is left alone
+
+
+# ---------------------------------------------------------------------------------------------- the object store's retries
+
+
+def test_an_unanswering_store_is_retried_and_an_answer_is_not(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    @storage.retried
+    def put(location):
+        calls.append(location)
+        if len(calls) < 3:
+            raise OSError("When uploading ...: AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Could not connect")
+        return "ok"
+
+    assert put("s3://bucket/key") == "ok" and len(calls) == 3
+
+    @storage.retried
+    def denied(location):
+        calls.append(location)
+        raise OSError("AWS Error ACCESS_DENIED during PutObject operation: Access Denied")
+
+    calls.clear()
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        denied("s3://bucket/key")
+    assert len(calls) == 1
+    monkeypatch.setenv("ACPO_STORE_RETRY_S", "0")
+    calls.clear()
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        put("s3://bucket/key")  # past the deadline: raised, naming what failed
