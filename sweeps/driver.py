@@ -36,13 +36,16 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
     from sweeps.champion import select_and_register
     from sweeps.lease import Lease
     from sweeps.replay import SpoolReplayer, finish_tracking
+    from sweeps.tracking import read_sweep_id
     from trainers.ray_train import TrainingError, check_resources, init_ray, root_message
 
     init_ray()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one (not a stopped head's record)
     check_resources(config)
     use_the_node_cores()
     sweep_id = claim_folder(sweep, directory, uri)
-    with Lease(directory):  # until the sweep ends, however it ends: a second driver refuses
+    with Lease(directory) as lease:  # until the sweep ends, however it ends: a second driver refuses
+        if not read_sweep_id(directory):
+            storage.write_text(layout.sweep_id_file(directory), sweep_id + "\n")
         print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
         if config.model.rehearsal:
             from trainers.rehearsal import NOTE
@@ -54,6 +57,7 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
             replayer = SpoolReplayer(tracking, directory, parent).start()
             tuner = build_tuner(config, sweep, directory, resume)
             results = fit_tuner(tuner, directory) if tuner is not None else []
+            lease.check()  # taken over during the fit: the study, MLflow and the selection are the other driver's now
             finish_tracking(replayer, sweep.tracking_wait_s)
             close_interrupted(sweep, directory, tracking)
             errors = [root_message(r.error) for r in results if r.error]
@@ -146,8 +150,9 @@ def check_name_and_resume(sweep: SweepConfig, directory: str, resume: bool) -> N
 
 
 def claim_folder(sweep: SweepConfig, directory: str, uri: str) -> str:
-    """The sweep's id: read from its folder, or made for a new one. A name that another sweep folder
-    already uses in the MLflow experiment is refused (its runs would merge with this one's)."""
+    """The sweep's id: read from its folder, or made for a new one (written under the lease, by
+    run_sweep). A name that another sweep folder already uses in the MLflow experiment is refused (its
+    runs would merge with this one's). Writes nothing."""
     import uuid
 
     from sweeps.tracking import SweepTracking, read_sweep_id
@@ -157,9 +162,6 @@ def claim_folder(sweep: SweepConfig, directory: str, uri: str) -> str:
     if other is not None:
         raise ConfigError(f"sweep.name: '{sweep.name}' is already used in MLflow experiment '{sweep.experiment or sweep.name}' "
                           f"by the sweep at {other}; choose another name (or --resume that sweep)")
-    storage.makedirs(directory)
-    if not read_sweep_id(directory):
-        storage.write_text(layout.sweep_id_file(directory), sweep_id + "\n")
     return sweep_id
 
 

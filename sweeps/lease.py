@@ -3,17 +3,19 @@ time, a token and a heartbeat), written through trainers/common/storage.py, so a
 bucket behave alike.
 
 A driver takes the lease before it writes anything of the sweep and gives it back when it ends. While
-it runs, a thread renews the heartbeat every `BEAT_S` seconds. A second driver (a second `--resume`, a
-second `ray job submit` of the same name) refuses in one line naming the first, unless the first is
-gone:
-- on the same machine, at once, when its process no longer runs (a killed driver does not block the
-  `--resume` that follows it);
-- from another machine, when its heartbeat is older than `STALE_S` seconds (90: nine missed beats).
-A live driver is never displaced: its beats keep the lease fresh. Two drivers starting together both
+it runs, a thread renews the heartbeat every `BEAT_S` seconds. A second driver (a second `--resume`, or
+`acpo select`) refuses in one line naming the first, unless the first is gone:
+- on the same machine (same host name, boot and process namespace), at once when its process no
+  longer runs (a killed driver does not block the `--resume` that follows it), and never while it runs;
+- from another machine, when its heartbeat is older than `STALE_S` seconds (90: nine missed beats;
+  each beat gives up after `BEAT_S`, so an outage of the store cannot hold a beat for longer).
+A live driver on its machine is never displaced; from another machine, only after 90 s without a
+beat (a store unreachable from the driver's machine for that long, or a driver stalled that long). Two drivers starting together both
 write, wait `CONFIRM_S`, and read back: only the one whose token is there goes on. (That is safe while
 each reads and writes within `CONFIRM_S` of the other; an object store offers no compare-and-swap
-through pyarrow.) A driver that finds its lease taken over (it stalled past `STALE_S`, and another
-driver took the sweep) stops at once: two drivers must never drive the same trials.
+through pyarrow.) A driver that finds its lease taken over stops: `interrupt_main` ends what runs
+outside Ray Tune, and the driver checks `lost` after the Tuner (Tune's own SIGINT handler only ends
+the fit), before it touches the study, MLflow or the selection.
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from trainers.common import layout, storage
 from trainers.common.errors import ConfigError, last_line
 
 BEAT_S, STALE_S, CONFIRM_S = 10.0, 90.0, 1.0
+
+
+class LeaseLost(ConfigError):
+    """Another driver took the sweep over (this one stalled past STALE_S)."""
 
 
 def process_start(pid: int) -> float | None:
@@ -43,12 +50,24 @@ def process_start(pid: int) -> float | None:
         return None
 
 
+def machine() -> str:
+    """This machine as a lease names it: host name, boot and process namespace (containers that share
+    a host name but not their processes are different machines)."""
+    def proc(path: str) -> str:
+        try:
+            return Path(path).read_text().strip() if "boot_id" in path else str(os.stat(path).st_ino)
+        except OSError:
+            return ""
+    return f"{socket.gethostname()}/{proc('/proc/sys/kernel/random/boot_id')}/{proc('/proc/self/ns/pid')}"
+
+
 def gone_why(holder: dict, now: float, stale_s: float = STALE_S) -> str | None:
     """Why the lease `holder` no longer holds (its driver ended, or its heartbeat is stale), or None."""
-    if holder.get("host") == socket.gethostname():
+    if holder.get("machine") == machine():
         started = process_start(int(holder.get("pid", -1)))
         if started is None or abs(started - float(holder.get("started", 0))) > 1:
             return f"its process {holder.get('pid')} on this machine has ended"
+        return None  # it runs: never displaced, whatever its heartbeat
     age = now - float(holder.get("heartbeat", 0))
     if age > stale_s:
         return f"its last heartbeat was {age:.0f} s ago (stale after {stale_s:.0f} s)"
@@ -84,11 +103,11 @@ class Lease:
     def __init__(self, directory: str, beat_s: float = BEAT_S, stale_s: float = STALE_S, confirm_s: float = CONFIRM_S):
         self.directory, self.beat_s, self.stale_s, self.confirm_s = directory, beat_s, stale_s, confirm_s
         self.file = layout.lease_file(directory)
-        self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()) or time.time(),
+        self.mine = {"host": socket.gethostname(), "machine": machine(), "pid": os.getpid(), "started": process_start(os.getpid()) or time.time(),
                      "token": uuid.uuid4().hex}
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
-        self.lost = False
+        self.lost, self.taker = False, ""
 
     def _write(self) -> None:
         storage.write_text(self.file, json.dumps({**self.mine, "heartbeat": time.time()}) + "\n")
@@ -113,16 +132,28 @@ class Lease:
     def _beat(self) -> None:
         while not self.stop.wait(self.beat_s):
             try:
-                holder = read(self.directory)
-                if holder is not None and holder.get("token") != self.mine["token"]:
-                    self.lost = True
-                    print(f"[sweep] the sweep's lease was taken over by {describe(holder, time.time())} (this driver stalled?): "
-                          "stopping, so that two drivers never drive the same trials", file=sys.stderr, flush=True)
-                    _thread.interrupt_main()
-                    return
-                self._write()
+                with storage.retrying_for(self.beat_s):  # a beat that cannot be written is the next beat's to try
+                    self._renew()
             except Exception as error:  # noqa: BLE001 - an outage: the next beat tries again; STALE_S allows nine misses
                 print(f"[sweep] could not renew the lease {self.file}: {last_line(error)[:160]}", file=sys.stderr, flush=True)
+            if self.lost:
+                return
+
+    def _renew(self) -> None:
+        holder = read(self.directory)
+        if holder is not None and holder.get("token") != self.mine["token"]:
+            self.lost = True
+            self.taker = describe(holder, time.time())
+            print(f"[sweep] the sweep's lease was taken over by {self.taker} (this driver stalled?): "
+                  "stopping, so that two drivers never drive the same trials", file=sys.stderr, flush=True)
+            _thread.interrupt_main()
+            return
+        self._write()
+
+    def check(self) -> None:
+        """Raises when the lease was taken over (see the module's docstring)."""
+        if self.lost:
+            raise LeaseLost(f"sweep.name: {self.directory} was taken over by {self.taker}; this driver stopped")
 
     def release(self) -> None:
         self.stop.set()
@@ -131,9 +162,10 @@ class Lease:
         if self.lost:
             return
         try:
-            holder = read(self.directory)
-            if holder is not None and holder.get("token") == self.mine["token"]:
-                storage.delete(self.file)
+            with storage.retrying_for(self.beat_s):
+                holder = read(self.directory)
+                if holder is not None and holder.get("token") == self.mine["token"]:
+                    storage.delete(self.file)
         except Exception as error:  # noqa: BLE001 - a lease left behind is freed by its dead pid / stale heartbeat
             print(f"[sweep] could not remove the lease {self.file}: {last_line(error)[:160]}", file=sys.stderr, flush=True)
 

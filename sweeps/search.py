@@ -17,12 +17,14 @@ sweeps/trial.py keeps its checkpoints in trials/<key>/ and its records in work/<
 
 On --resume (`reconcile`, before the Tuner is built) the study is squared with those records:
 - a COMPLETE trial is done, and is not run again;
-- a RUNNING trial whose records end FINISHED (the driver died between the trial's end and Optuna's
-  tell) is told its final figures: its last evaluated checkpoint's metrics.json, what it reported;
+- a RUNNING or FAILED trial whose records end FINISHED (the driver died between the trial's end and
+  Optuna's tell, or the tell failed) is recorded COMPLETE with its final figures: its last evaluated
+  checkpoint's metrics.json, what it reported;
 - every other key without a COMPLETE trial (interrupted, failed, or asked and never started) is
   marked failed and enqueued again with the same parameters and key. Optuna's next asks return those
   first, and Ray Train picks each run up from its last checkpoint in trials/<key>/ (same run name).
-The Tuner then runs `num_samples` minus the done trials.
+The Tuner then runs `num_samples` minus the done trials. A sweep made before trials had keys (its
+Optuna trials have none) is refused in one line: it can be selected from, not resumed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from optuna.storages.journal import BaseJournalBackend
 
 from sweeps.spool import record_names
 from trainers.common import layout, storage
+from trainers.common.errors import ConfigError
 
 TRIAL_KEY = layout.TRIAL_KEY
 
@@ -62,22 +65,31 @@ def study_exists(sweep, directory: str) -> bool:
 
 class StoreJournal(BaseJournalBackend):
     """Optuna's journal as write-once objects (or files) through trainers/common/storage.py: each
-    `append_logs` is one object named by its first log's number, so a listing gives the journal in
-    order. Objects once read are kept in memory: they never change."""
+    `append_logs` is one object named by its first log's number (`000000000042.json`). The folder is
+    listed once, to check that the journal has no gap; afterwards only the next name is read (one
+    request per Optuna call, not a listing). Objects once read are kept in memory: they never change."""
 
     def __init__(self, location: str):
         self.location = location
         self.logs: list[dict[str, Any]] = []
-        self.read: set[str] = set()
+        self.listed = False
+
+    def _name(self) -> str:
+        return storage.join(self.location, f"{len(self.logs):012d}.json")
 
     def _load(self) -> None:
-        for name in storage.listdir(self.location):
-            if name.endswith(".json") and name not in self.read:
-                entries = json.loads(storage.read_text(storage.join(self.location, name)))
+        if not self.listed:
+            names = [n for n in storage.listdir(self.location) if n.endswith(".json")]
+            for name in names:
                 if int(name.removesuffix(".json")) != len(self.logs):
-                    raise RuntimeError(f"{self.location}/{name}: the Optuna journal has a gap before it (another writer?)")
-                self.logs.extend(entries)
-                self.read.add(name)
+                    raise RuntimeError(f"{self.location}/{name}: the Optuna journal has a gap before it (an object deleted?)")
+                self.logs.extend(json.loads(storage.read_text(storage.join(self.location, name))))
+            self.listed = True
+        while True:  # appended since (by this process: the lease allows no other writer)
+            try:
+                self.logs.extend(json.loads(storage.read_text(self._name())))
+            except FileNotFoundError:
+                return
 
     def read_logs(self, log_number_from: int) -> Iterable[dict[str, Any]]:
         self._load()
@@ -85,10 +97,8 @@ class StoreJournal(BaseJournalBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         self._load()
-        name = f"{len(self.logs):012d}.json"
-        storage.write_text(storage.join(self.location, name), json.dumps(logs))
+        storage.write_text(self._name(), json.dumps(logs))
         self.logs.extend(logs)
-        self.read.add(name)
 
 
 def ask_space(sweep) -> "AskSpace":
@@ -137,27 +147,35 @@ def finished_values(directory: str, key: str, axes: dict) -> list[float] | None:
 
 def reconcile(study, directory: str, axes: dict) -> dict[str, int]:
     """Squares the study with the sweep's records (see the module's docstring). Returns the counts:
-    done (COMPLETE, before and now), told (finished, told now), again (enqueued to run again)."""
-    from optuna.trial import TrialState
+    done (COMPLETE, before and now), told (finished, recorded as such now), again (to run again)."""
+    from optuna.trial import TrialState, create_trial
 
     trials = study.get_trials(deepcopy=False)
+    keyless = [t.number for t in trials if t.state == TrialState.COMPLETE and TRIAL_KEY not in t.user_attrs]
+    if keyless or (not trials and storage.listdir(layout.work_dir(directory))):
+        raise ConfigError(f"--resume: {directory} was swept by an earlier version of this project, whose trials carry no key "
+                          "(sweeps/search.py); it cannot be resumed, only selected from (`acpo select`); start a new sweep")
     done = {t.user_attrs.get(TRIAL_KEY) for t in trials if t.state == TrialState.COMPLETE}
     waiting = {t.user_attrs.get(TRIAL_KEY) for t in trials if t.state == TrialState.WAITING}
-    told, last_params = 0, {}
+    told, last = 0, {}
     for trial in trials:
         key = trial.user_attrs.get(TRIAL_KEY)
         if key is not None and trial.params:
-            last_params[key] = trial.params
-        if trial.state != TrialState.RUNNING:
+            last[key] = trial
+        if trial.state not in (TrialState.RUNNING, TrialState.FAIL):
             continue
         values = finished_values(directory, key, axes) if key and key not in done else None
-        if values is not None:
-            study.tell(trial.number, values)
+        if values is not None:  # finished: its end was lost (the driver died, or the tell failed and it was marked failed)
+            if trial.state == TrialState.RUNNING:
+                study.tell(trial.number, values)
+            else:
+                study.add_trial(create_trial(params=trial.params, distributions=trial.distributions, values=values,
+                                             user_attrs={TRIAL_KEY: key}))
             done.add(key)
             told += 1
-        else:
+        elif trial.state == TrialState.RUNNING:
             study.tell(trial.number, state=TrialState.FAIL)
-    again = [key for key in last_params if key not in done and key not in waiting]
+    again = [key for key in last if key not in done and key not in waiting]
     for key in again:
-        study.enqueue_trial(last_params[key], user_attrs={TRIAL_KEY: key})
+        study.enqueue_trial(last[key].params, user_attrs={TRIAL_KEY: key})
     return {"done": len(done - {None}), "told": told, "again": len(again) + len(waiting - {None})}

@@ -520,7 +520,7 @@ def fault_two_drivers(work: Path, uri: str) -> Outcome:
         elif time.time() - started > 60:
             problems.append(f"second driver took {time.time() - started:.0f} s to refuse")
     code = finished(first)
-    note = "a second --resume and a second submit refused in one line naming the first; the first finished"
+    note = "a second --resume refused in one line naming the first driver, a second start of the name in one line; the first finished"
     outcome = judged("a second driver on a running sweep", code, work / name, uri, name, 2, note)
     if problems:
         outcome.ok, outcome.detail = False, "; ".join([*problems, outcome.detail])

@@ -155,9 +155,14 @@ class OneMachineTorchConfig(TorchConfig):
 
 class _OneMachineBackend(_TorchBackend):
     def on_start(self, worker_group, backend_config: TorchConfig):
-        if len(set(worker_group.execute(_node_id))) > 1 or not dist.is_available():
+        resources = worker_group.get_resources_per_worker()
+        backend = backend_config.backend or ("nccl" if resources.get("GPU", 0) > 0 else "gloo")
+        # Ray's own setup wherever ours would differ from it in more than the address: several nodes, TPUs,
+        # another backend or init_method, Train V1's worker group.
+        if (backend not in ("gloo", "nccl") or resources.get("TPU", 0) or backend_config.init_method != "env"
+                or os.environ.get("RAY_TRAIN_V2_ENABLED") == "0" or not dist.is_available()
+                or len(set(worker_group.execute(_node_id))) > 1):
             return super().on_start(worker_group, backend_config)
-        backend = backend_config.backend or ("nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
         port = worker_group.execute_single(0, _listen_on_loopback)
         worker_group.execute(_set_torch_distributed_env_vars)
         ray.get([worker_group.execute_single_async(rank, _join_on_loopback, backend=backend, port=port, world_rank=rank,
@@ -191,8 +196,8 @@ def _join_on_loopback(backend: str, port: int, world_rank: int, world_size: int,
         os.environ[name] = "127.0.0.1" if name == "MASTER_ADDR" else str(port)
     for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # a user's choice wins
         os.environ.setdefault(name, "lo")
-    if backend == "nccl":
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # as Ray's setup does
+    if backend == "nccl" and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT"} & set(os.environ):
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"  # as Ray's setup does: fail on a collective's timeout
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=world_rank == 0, timeout=timeout, wait_for_workers=False,
                           master_listen_fd=_LISTENER_FD if world_rank == 0 else None)

@@ -93,12 +93,18 @@ def test_resume_tells_finished_trials_and_asks_interrupted_ones_again_with_their
     never, _ = ask(study, sweep)                    # trial_0004: asked, never started
     assert params[layout.TRIAL_KEY] == "trial_0002"
 
+    lost_end, _ = ask(study, sweep)                 # trial_0005: finished, its tell failed, marked failed after the Tuner
+    finished_records(directory, "trial_0005", 14.0, 0.8)
+    study.tell(lost_end, state=optuna.trial.TrialState.FAIL)
+
     counts = reconcile(new_study(sweep, directory), directory, AXES)  # a new driver: the study from its storage
-    assert counts == {"done": 2, "told": 1, "again": 3}
+    assert counts == {"done": 3, "told": 2, "again": 3}
     study = new_study(sweep, directory)
     by_number = {t.number: t for t in study.trials}
     assert by_number[1].state == optuna.trial.TrialState.COMPLETE and by_number[1].values == [12.0, 0.6]
     assert by_number[2].state == by_number[4].state == optuna.trial.TrialState.FAIL
+    recorded = [t for t in study.trials if t.user_attrs.get(layout.TRIAL_KEY) == "trial_0005" and t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(recorded) == 1 and recorded[0].values == [14.0, 0.8] and recorded[0].params == lost_end.params
     # Optuna's next asks are the unfinished keys, in order, with their own parameters
     again = [ask(study, sweep) for _ in range(3)]
     assert [p[layout.TRIAL_KEY] for _, p in again] == ["trial_0002", "trial_0003", "trial_0004"]
@@ -109,7 +115,7 @@ def test_resume_tells_finished_trials_and_asks_interrupted_ones_again_with_their
     for trial, _ in [*again, (fresh, None)]:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     assert reconcile(new_study(sweep, directory), directory, AXES)["again"] == 4
-    assert reconcile(new_study(sweep, directory), directory, AXES)["again"] == 4
+    assert reconcile(new_study(sweep, directory), directory, AXES) == {"done": 3, "told": 0, "again": 4}
     waiting = new_study(sweep, directory).get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert sorted(t.user_attrs[layout.TRIAL_KEY] for t in waiting) == ["trial_0002", "trial_0003", "trial_0004", f"trial_{fresh.number:04d}"]
 
@@ -126,6 +132,13 @@ def test_a_live_driver_is_never_displaced(tmp_path):
         with pytest.raises(ConfigError, match="--resume refused"):
             check_free(str(tmp_path))
         assert not first.lost
+        # a driver alive on this machine holds its lease however old its heartbeat (a store outage held its beats)
+        alive = {**json.loads(storage.read_text(layout.lease_file(str(tmp_path)))), "heartbeat": time.time() - 10_000}
+        first.stop.set()
+        first.thread.join()
+        storage.write_text(layout.lease_file(str(tmp_path)), json.dumps(alive))
+        with pytest.raises(ConfigError, match="being driven by"):
+            Lease(str(tmp_path), stale_s=0.5, confirm_s=0.05).acquire()
     finally:
         first.release()
     assert not os.path.exists(layout.lease_file(str(tmp_path)))  # given back
@@ -135,13 +148,14 @@ def test_a_live_driver_is_never_displaced(tmp_path):
 def test_a_killed_drivers_lease_is_taken_at_once_on_its_machine_and_after_it_goes_stale_elsewhere(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    holder = {"host": socket.gethostname(), "pid": dead.pid, "started": time.time() - 5, "token": "x", "heartbeat": time.time()}
+    holder = {"host": socket.gethostname(), "machine": lease_module.machine(), "pid": dead.pid, "started": time.time() - 5, "token": "x",
+              "heartbeat": time.time()}
     storage.write_text(layout.lease_file(str(tmp_path)), json.dumps(holder))
     check_free(str(tmp_path))  # a dead process holds nothing
     Lease(str(tmp_path), confirm_s=0.05).acquire().release()
     assert f"its process {dead.pid} on this machine has ended" in capsys.readouterr().out
 
-    elsewhere = {**holder, "host": "another-node", "pid": 1, "heartbeat": time.time() - 10}
+    elsewhere = {**holder, "host": "another-node", "machine": "another-node/boot/ns", "pid": 1, "heartbeat": time.time() - 10}
     storage.write_text(layout.lease_file(str(tmp_path)), json.dumps(elsewhere))
     with pytest.raises(ConfigError, match="driver pid 1 on another-node"):
         Lease(str(tmp_path), stale_s=60, confirm_s=0.05).acquire()  # fresh: another machine's driver may be alive
@@ -159,6 +173,8 @@ def test_a_driver_that_finds_its_lease_taken_stops(tmp_path, monkeypatch):
     time.sleep(0.5)
     held.release()
     assert held.lost and interrupted == [True]
+    with pytest.raises(lease_module.LeaseLost, match="taken over by driver pid 1 on other"):
+        held.check()  # what the driver asks after the Tuner, whose SIGINT handler swallows interrupt_main
     assert json.loads(storage.read_text(layout.lease_file(str(tmp_path))))["token"] == "theirs"  # theirs is left alone
 
 
@@ -181,13 +197,28 @@ def test_an_unanswering_store_is_retried_and_an_answer_is_not(monkeypatch):
     @storage.retried
     def denied(location):
         calls.append(location)
-        raise OSError("AWS Error ACCESS_DENIED during PutObject operation: Access Denied")
+        raise OSError(f"When uploading key '{location}': AWS Error ACCESS_DENIED during PutObject operation: Access Denied")
 
     calls.clear()
     with pytest.raises(OSError, match="ACCESS_DENIED"):
-        denied("s3://bucket/key")
+        denied("s3://bucket/trials/trial_0503/step_000503")  # "503" in a key is not a 503 answer
     assert len(calls) == 1
     monkeypatch.setenv("ACPO_STORE_RETRY_S", "0")
     calls.clear()
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
         put("s3://bucket/key")  # past the deadline: raised, naming what failed
+
+
+def test_a_sweep_whose_trials_have_no_key_is_refused_in_one_line(tmp_path):
+    directory, sweep = str(tmp_path), sweep_config()
+    study = new_study(sweep, directory)
+    trial = study.ask()  # asked by the earlier version: no key
+    trial.suggest_float("objective.anchor.weight", 1.0, 100.0, log=True)
+    study.tell(trial, [10.0, 0.5])
+    with pytest.raises(ConfigError, match="--resume: .* earlier version .* cannot be resumed"):
+        reconcile(new_study(sweep, directory), directory, AXES)
+    bucket = tmp_path / "bucket-sweep"  # an earlier version's sweep in a bucket kept its study in Tune's pickle: none here
+    (bucket / layout.WORK / "run_trial_abc_00000").mkdir(parents=True)
+    empty = optuna.create_study(study_name="b", storage=study_storage(sweep, str(bucket)), directions=["minimize", "maximize"])
+    with pytest.raises(ConfigError, match="earlier version"):
+        reconcile(empty, str(bucket), AXES)

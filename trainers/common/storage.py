@@ -27,6 +27,7 @@ import contextvars
 import fnmatch
 import functools
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -67,9 +68,10 @@ def parent(location: str | Path) -> str:
     return str(location).rstrip("/").rsplit("/", 1)[0]
 
 
-# What pyarrow's S3 / GCS layer says when the store did not answer, or asked to be called again later.
-UNANSWERED = ("NETWORK_CONNECTION", "curlCode", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "REQUEST_TIMEOUT", "INTERNAL_FAILURE",
-              "Connection refused", "Could not connect", "timed out", "503")
+# What pyarrow's S3 / GCS layer says when the store did not answer, or asked to be called again later
+# (its AWS error names, and an HTTP status of 500, 502, 503 or 504), never a key that happens to hold "503".
+UNANSWERED = re.compile(r"AWS Error (NETWORK_CONNECTION|SERVICE_UNAVAILABLE|SLOW_DOWN|REQUEST_TIMEOUT|INTERNAL_FAILURE|THROTTLING)\b"
+                        r"|curlCode: \d+|HTTP status (500|502|503|504)\b|Connection refused|Could not connect to server")
 
 
 _RETRY_S: contextvars.ContextVar[float | None] = contextvars.ContextVar("retry_s", default=None)
@@ -91,7 +93,7 @@ def retrying_for(seconds: float):
 
 
 def unanswered(error: BaseException) -> bool:
-    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and any(s in str(error) for s in UNANSWERED)
+    return isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and UNANSWERED.search(str(error)) is not None
 
 
 def retried(operation):
@@ -249,6 +251,17 @@ def upload(local: str | Path, location: str | Path) -> None:
         write_bytes(location, Path(local).read_bytes())
 
 
+@retried
+def _download(location: str, target: Path, folder: bool) -> None:
+    """`location` copied to the local `target` (a file, or a folder's files), whole again when retried."""
+    shutil.rmtree(target, ignore_errors=True)
+    if folder:
+        fs, path = filesystem(location)
+        pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    else:
+        target.write_bytes(read_bytes(location))
+
+
 @contextlib.contextmanager
 def local_copy(location: str | Path):
     """A local path holding what `location` holds (a file or a folder): the path itself when local,
@@ -256,17 +269,13 @@ def local_copy(location: str | Path):
     if not is_remote(location):
         yield Path(resolve(location))
         return
-    fs, path = filesystem(location)
-    info = fs.get_file_info(path)
+    info = _info(location)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"not found: {location}")
     scratch = Path(tempfile.mkdtemp(prefix="acpo-download."))
     target = scratch / name(location)
     try:
-        if info.type == pafs.FileType.Directory:
-            pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        else:
-            target.write_bytes(read_bytes(location))
+        _download(location, target, info.type == pafs.FileType.Directory)
         yield target
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
