@@ -179,6 +179,7 @@ def check_object_storage(location: str, field: str) -> None:
 
     from trainers.common import storage
 
+    storage.retry_seconds()  # a bad $ACPO_STORE_RETRY_S fails here, in one line, not at the first outage
     probe = storage.join(location, f".acpo-probe-{uuid.uuid4().hex[:8]}")
     try:
         with storage.retrying_for(0):

@@ -222,3 +222,11 @@ def test_a_sweep_whose_trials_have_no_key_is_refused_in_one_line(tmp_path):
     empty = optuna.create_study(study_name="b", storage=study_storage(sweep, str(bucket)), directions=["minimize", "maximize"])
     with pytest.raises(ConfigError, match="earlier version"):
         reconcile(empty, str(bucket), AXES)
+
+
+def test_a_bad_retry_time_is_one_line(monkeypatch):
+    monkeypatch.setenv("ACPO_STORE_RETRY_S", "soon")
+    with pytest.raises(ConfigError, match="ACPO_STORE_RETRY_S"):
+        storage.retry_seconds()
+    with storage.retrying_for(0):
+        assert storage.retry_seconds() == 0  # the preflight's probe: not retried

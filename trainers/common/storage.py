@@ -78,8 +78,20 @@ _RETRY_S: contextvars.ContextVar[float | None] = contextvars.ContextVar("retry_s
 
 
 def retry_seconds() -> float:
+    """How long an unanswering object store is retried: `retrying_for`'s, else $ACPO_STORE_RETRY_S (180)."""
     override = _RETRY_S.get()
-    return override if override is not None else float(os.environ.get("ACPO_STORE_RETRY_S", "180"))
+    if override is not None:
+        return override
+    text = os.environ.get("ACPO_STORE_RETRY_S", "180")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        from trainers.common.errors import ConfigError
+
+        raise ConfigError(f"$ACPO_STORE_RETRY_S: expected a number of seconds >= 0, got {text!r}")
+    return seconds
 
 
 @contextlib.contextmanager
