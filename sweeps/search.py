@@ -36,7 +36,7 @@ from optuna.storages.journal import BaseJournalBackend
 
 from sweeps.spool import record_names
 from trainers.common import layout, storage
-from trainers.common.errors import ConfigError
+from trainers.common.errors import ConfigError, UnreadableFileError
 
 TRIAL_KEY = layout.TRIAL_KEY
 
@@ -81,15 +81,25 @@ class StoreJournal(BaseJournalBackend):
         if not self.listed:
             names = [n for n in storage.listdir(self.location) if n.endswith(".json")]
             for name in names:
-                if int(name.removesuffix(".json")) != len(self.logs):
-                    raise RuntimeError(f"{self.location}/{name}: the Optuna journal has a gap before it (an object deleted?)")
-                self.logs.extend(json.loads(storage.read_text(storage.join(self.location, name))))
+                if not name.removesuffix(".json").isdigit() or int(name.removesuffix(".json")) != len(self.logs):
+                    raise UnreadableFileError(f"{self.location}/{name}: the Optuna journal has a gap before it (an object deleted?)")
+                self.logs.extend(self._read(storage.join(self.location, name)))
             self.listed = True
         while True:  # appended since (by this process: the lease allows no other writer)
             try:
-                self.logs.extend(json.loads(storage.read_text(self._name())))
+                self.logs.extend(self._read(self._name()))
             except FileNotFoundError:
                 return
+
+    @staticmethod
+    def _read(location: str) -> list:
+        try:
+            entries = json.loads(storage.read_text(location))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise UnreadableFileError(f"{location}: not an Optuna journal entry ({type(error).__name__}); the study cannot be read") from None
+        if not isinstance(entries, list):
+            raise UnreadableFileError(f"{location}: not an Optuna journal entry (a list of logs)")
+        return entries
 
     def read_logs(self, log_number_from: int) -> Iterable[dict[str, Any]]:
         self._load()

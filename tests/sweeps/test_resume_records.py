@@ -18,6 +18,7 @@ from sweeps.presets import SweepConfig
 from sweeps.search import StoreJournal, ask_space, reconcile, study_exists, study_storage
 from sweeps.spool import spool
 from trainers.common import layout, storage
+from trainers.common.errors import UnreadableFileError
 from trainers.config import ConfigError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -64,8 +65,12 @@ def test_the_journal_on_the_storage_layer_keeps_the_study_across_drivers(tmp_pat
     assert again.trials[0].values == [1.0, 2.0] and again.trials[1].user_attrs[layout.TRIAL_KEY] == "trial_0001"
     objects = sorted(os.listdir(location))
     assert objects and all(name.endswith(".json") for name in objects)  # write-once objects, no pickle
+    with open(os.path.join(location, objects[-1]), "w") as f:
+        f.write("{not json")  # a corrupt object: one line naming it
+    with pytest.raises(UnreadableFileError, match=objects[-1]):
+        optuna.load_study(study_name="j", storage=optuna.storages.JournalStorage(StoreJournal(location)))
     os.remove(os.path.join(location, objects[1]))  # a gap: never read past silently
-    with pytest.raises(RuntimeError, match="gap"):
+    with pytest.raises(UnreadableFileError, match="gap"):
         optuna.load_study(study_name="j", storage=optuna.storages.JournalStorage(StoreJournal(location)))
 
 
