@@ -176,11 +176,10 @@ def cmd_study(args) -> int:
 def cmd_select(args) -> int:
     from sweeps.champion import print_summary, require_sweep, select_and_register
     from sweeps.driver import sweep_dir, tracking_uri
+    from sweeps.lease import Lease
     from sweeps.presets import load
 
     config, sweep = load(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])
-    from sweeps.lease import Lease
-
     directory = sweep_dir(sweep)
     require_sweep(directory)
     uri = tracking_uri(sweep)

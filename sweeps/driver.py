@@ -36,15 +36,14 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
     from sweeps.champion import select_and_register
     from sweeps.lease import Lease
     from sweeps.replay import SpoolReplayer, finish_tracking
-    from sweeps.tracking import read_sweep_id
     from trainers.ray_train import TrainingError, check_resources, init_ray, root_message
 
     init_ray()  # joins the cluster of `ray start` / `ray job submit`, or starts a local one (not a stopped head's record)
     check_resources(config)
     use_the_node_cores()
-    sweep_id = claim_folder(sweep, directory, uri)
+    sweep_id, new = claim_folder(sweep, directory, uri)
     with Lease(directory) as lease:  # until the sweep ends, however it ends: a second driver refuses
-        if not read_sweep_id(directory):
+        if new:
             storage.write_text(layout.sweep_id_file(directory), sweep_id + "\n")
         print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
         if config.model.rehearsal:
@@ -149,20 +148,21 @@ def check_name_and_resume(sweep: SweepConfig, directory: str, resume: bool) -> N
         raise ConfigError(f"sweep.name: {directory} already holds a sweep; pass --resume, or choose another name")
 
 
-def claim_folder(sweep: SweepConfig, directory: str, uri: str) -> str:
-    """The sweep's id: read from its folder, or made for a new one (written under the lease, by
-    run_sweep). A name that another sweep folder already uses in the MLflow experiment is refused (its
+def claim_folder(sweep: SweepConfig, directory: str, uri: str) -> tuple[str, bool]:
+    """The sweep's id and whether it is new: read from its folder, or made for a new one (written under
+    the lease, by run_sweep). A name that another sweep folder already uses in the MLflow experiment is refused (its
     runs would merge with this one's). Writes nothing."""
     import uuid
 
     from sweeps.tracking import SweepTracking, read_sweep_id
 
-    sweep_id = read_sweep_id(directory) or uuid.uuid4().hex
+    recorded = read_sweep_id(directory)
+    sweep_id = recorded or uuid.uuid4().hex
     other = SweepTracking(uri, sweep.name, sweep.experiment, sweep_id).other_sweep()
     if other is not None:
         raise ConfigError(f"sweep.name: '{sweep.name}' is already used in MLflow experiment '{sweep.experiment or sweep.name}' "
                           f"by the sweep at {other}; choose another name (or --resume that sweep)")
-    return sweep_id
+    return sweep_id, not recorded
 
 
 def sweep_dir(sweep: SweepConfig) -> str:
@@ -261,7 +261,7 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str, resume: bool
     from ray.tune.search.optuna import OptunaSearch
 
     from eval.axes import front_axes
-    from sweeps.search import ask_space, reconcile, study_storage
+    from sweeps.search import AskSpace, reconcile, study_storage
 
     settings = config.train
     if settings.use_gpu:
@@ -285,7 +285,7 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str, resume: bool
     # A resumed search draws from a seed of its own: the first run's seed would repeat its first random draws.
     seed = sweep.seed + asked
     sampler = NSGAIISampler(seed=seed) if sweep.algorithm == "nsga2" else TPESampler(seed=seed, multivariate=True)
-    search = OptunaSearch(space=ask_space(sweep), metric=list(axes), mode=list(axes.values()), sampler=sampler,
+    search = OptunaSearch(space=AskSpace(sweep), metric=list(axes), mode=list(axes.values()), sampler=sampler,
                           study_name=sweep.name, storage=store)
     print(f"[sweep] {remaining} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
     return tune.Tuner(

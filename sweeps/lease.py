@@ -87,14 +87,16 @@ def read(directory: str) -> dict | None:
         return None
 
 
-def check_free(directory: str, what: str = "--resume") -> None:
-    """Refuses (one line) when a live driver holds the sweep. Writes nothing (the preflight's check)."""
+def check_free(directory: str, what: str = "--resume", stale_s: float = STALE_S) -> dict | None:
+    """Refuses (one line) when a live driver holds the sweep; else returns the lease left by a gone
+    driver, or None. Writes nothing (the preflight's check, and the first step of `Lease.acquire`)."""
     holder = read(directory)
     now = time.time()
-    if holder is not None and gone_why(holder, now) is None:
+    if holder is not None and gone_why(holder, now, stale_s) is None:
         raise ConfigError(f"sweep.name: {directory} is being driven by {describe(holder, now)}; "
                           f"{what} refused (wait for it to end, or stop it: a stopped driver's lease is free at once on its "
-                          f"machine, {STALE_S:.0f} s after its last heartbeat elsewhere)")
+                          f"machine, {stale_s:.0f} s after its last heartbeat elsewhere)")
+    return holder
 
 
 class Lease:
@@ -113,9 +115,7 @@ class Lease:
         storage.write_text(self.file, json.dumps({**self.mine, "heartbeat": time.time()}) + "\n")
 
     def acquire(self) -> "Lease":
-        holder = read(self.directory)
-        if holder is not None and gone_why(holder, time.time(), self.stale_s) is None:
-            raise ConfigError(f"sweep.name: {self.directory} is being driven by {describe(holder, time.time())}; refused")
+        holder = check_free(self.directory, "this driver", self.stale_s)
         if holder is not None:
             print(f"[sweep] taking over the sweep from {describe(holder, time.time())}: {gone_why(holder, time.time(), self.stale_s)}",
                   flush=True)

@@ -34,11 +34,11 @@ from typing import Any, Iterable
 
 from optuna.storages.journal import BaseJournalBackend
 
-from sweeps.spool import record_names
+from sweeps.spool import last_evaluation, record_names
 from trainers.common import layout, storage
 from trainers.common.errors import ConfigError, UnreadableFileError
 
-TRIAL_KEY = layout.TRIAL_KEY
+TRIAL_KEY = layout.TRIAL_KEY  # the name every layer uses for a trial's key
 
 
 def study_storage(sweep, directory: str):
@@ -111,10 +111,6 @@ class StoreJournal(BaseJournalBackend):
         self.logs.extend(logs)
 
 
-def ask_space(sweep) -> "AskSpace":
-    return AskSpace(sweep)
-
-
 class AskSpace:
     """The space as an Optuna define-by-run function (OptunaSearch's `space`): each dimension suggested
     in the space's order, and the trial's key returned with them for sweeps/trial.py. A class, not a
@@ -147,10 +143,9 @@ def finished_values(directory: str, key: str, axes: dict) -> list[float] | None:
     names = record_names(spool)
     if not names or json.loads(storage.read_text(storage.join(spool, names[-1]))).get("status") != "FINISHED":
         return None
-    evaluated = storage.glob(layout.trial_checkpoints(directory, key), layout.trial_metrics_glob())
-    if not evaluated:
+    metrics = last_evaluation(layout.trial_checkpoints(directory, key))
+    if metrics is None:
         return None
-    metrics = json.loads(storage.read_text(evaluated[-1]))
     values = [metrics.get(axis) for axis in axes]
     return values if all(isinstance(v, (int, float)) for v in values) else None
 

@@ -88,6 +88,12 @@ def spooled_steps(spool_location: str | Path) -> dict[int, int]:
     return steps
 
 
+def last_evaluation(checkpoints: str | Path) -> dict | None:
+    """The figures of a trial's last evaluated checkpoint (what it reported last), or None."""
+    evaluated = storage.glob(checkpoints, layout.trial_metrics_glob())
+    return json.loads(storage.read_text(evaluated[-1])) if evaluated else None
+
+
 def spool_unreported(spool_location: str | Path, checkpoints: str | Path) -> int:
     """Evaluations in the trial's checkpoints that the spool lacks (the trial's controller was killed
     between a checkpoint's upload and its callback, and the resumed run started after that step):

@@ -17,7 +17,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from sweeps.dotted import set_values
-from sweeps.spool import SpoolCallback, spool, spool_unreported
+from sweeps.spool import SpoolCallback, last_evaluation, spool, spool_unreported
 from trainers.common import layout, storage
 from trainers.common.errors import root_message
 from trainers.config import Config
@@ -65,9 +65,9 @@ def run_trial(params: dict, base_config: dict, directory: str) -> None:
     # recorded as done, is run again on --resume: its Train run is complete, so fit() reports
     # nothing and Tune would end the trial with no figures. Report the last evaluated checkpoint's
     # (in an ordinary trial this repeats the last report: same step, same figures).
-    evaluated = storage.glob(checkpoints, layout.trial_metrics_glob())
-    if evaluated:
-        tune.report(json.loads(storage.read_text(evaluated[-1])))
+    evaluated = last_evaluation(checkpoints)
+    if evaluated is not None:
+        tune.report(evaluated)
     spool(log, {"op": "end", "status": "FINISHED"})
 
 

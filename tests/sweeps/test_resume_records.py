@@ -15,7 +15,7 @@ import pytest
 from sweeps import lease as lease_module
 from sweeps.lease import Lease, check_free
 from sweeps.presets import SweepConfig
-from sweeps.search import StoreJournal, ask_space, reconcile, study_exists, study_storage
+from sweeps.search import AskSpace, StoreJournal, reconcile, study_exists, study_storage
 from sweeps.spool import spool
 from trainers.common import layout, storage
 from trainers.common.errors import UnreadableFileError
@@ -38,7 +38,7 @@ def new_study(sweep, directory):
 
 def ask(study, sweep) -> tuple[optuna.trial.Trial, dict]:
     trial = study.ask()
-    return trial, ask_space(sweep)(trial)
+    return trial, AskSpace(sweep)(trial)
 
 
 def finished_records(directory, key, fid, quality, status="FINISHED"):
