@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job on the embedded default (offline digits preset): a local Ray head and an MLflow
-# server (SQLite, 127.0.0.1 only) are started if not already up, the sweep is submitted as a Ray
-# job, and both stay up afterwards so the UI can be browsed (`make stop` ends them).
+# server (SQLite, 127.0.0.1 only) are started unless the ones an earlier `make services` started are
+# still up, the sweep is submitted as a Ray job, and both stay up afterwards so the UI can be browsed
+# (`make stop` ends them).
 RUNS         := $(abspath runs)
 MLFLOW_PORT  ?= 5000
 MLFLOW_URI   := http://127.0.0.1:$(MLFLOW_PORT)
@@ -28,16 +29,38 @@ SWEEP_NAME   ?= digits-acpo-$(shell date +%Y%m%d-%H%M%S)
 # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, ray_constants.ENABLE_RAY_CLUSTER). A one-machine head only.
 export RAY_AUTH_MODE := token
 RAY_LOCAL := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-RAY_DASHBOARD := http://127.0.0.1:8265
+RAY_DASHBOARD_PORT := 8265
+RAY_DASHBOARD := http://127.0.0.1:$(RAY_DASHBOARD_PORT)
 # What `make services` starts, it records (runs/ray.pid, runs/mlflow.pid: each the leader of its own
-# process group, via setsid) and `make stop` ends exactly those groups; a Ray or MLflow already running
-# is used and left alone (a head is up when its dashboard answers). `ray start --block` stays in the foreground and takes its Ray processes down on SIGTERM.
+# process group, via setsid) and `make stop` ends exactly those groups. A Ray or MLflow already answering
+# is used only when it is that record's: on a shared machine whatever else listens on 127.0.0.1 may be
+# another user's, and `demo` would hand it the sweep, its tracking and the Ray token. `ray start --block`
+# stays in the foreground and takes its Ray processes down on SIGTERM.
+#
+# $(call require_ours,NAME,PORT,COMMAND,WHAT,HINT) stops make in one line when 127.0.0.1:PORT accepts a
+# connection (curl's 7 is "refused") and its recorded process is gone or no longer runs COMMAND (the check
+# `make stop` makes), or, where `ss` can name the listener, the listener is outside the recorded group
+# (Ray's dashboard is a child of `ray start`, MLflow's uvicorn one of `mlflow server`; another user's
+# socket shows no process at all). Expanded with the recipe, before any of its lines runs. `ps -ww`: ps
+# cuts a command line at the terminal's width ($COLUMNS, 80 under some callers), and a long path hides COMMAND.
+define require_ours
+$(if $(shell curl -s -o /dev/null -m 5 http://127.0.0.1:$(2)/; test $$? = 7 && exit; \
+	pid=$$(cat $(RUNS)/$(1).pid 2>/dev/null) && ps -ww -o args= -p "$$pid" 2>/dev/null | grep -q "$(3)" || { echo no; exit; }; \
+	command -v ss >/dev/null || exit; \
+	owners=$$(ss -ltnp "sport = :$(2)" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | paste -sd,); \
+	test -n "$$owners" && ps -o pgid= -p "$$owners" | grep -qw "$$pid" || echo no),\
+$(error 127.0.0.1:$(2) answers but is not the $(4) that 'make services' started ($(RUNS)/$(1).pid); stop it$(5)))
+endef
+
 services: $(STAMP)
+	$(call require_ours,mlflow,$(MLFLOW_PORT),mlflow server,MLflow server, or pick a free MLFLOW_PORT)
+	$(call require_ours,ray,$(RAY_DASHBOARD_PORT),ray start,Ray head)
 	@mkdir -p $(RUNS)
 	@test -f $$HOME/.ray/auth_token || $(VENV)/bin/ray get-auth-token --generate >/dev/null
 	@curl -s -o /dev/null $(RAY_DASHBOARD) || { $(RAY_LOCAL) setsid $(VENV)/bin/ray start --head --block \
-		--node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --disable-usage-stats >$(RUNS)/ray-start.log 2>&1 & echo $$! >$(RUNS)/ray.pid; }
-	@curl -sf $(MLFLOW_URI)/health >/dev/null || { setsid $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db \
+		--node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --dashboard-port=$(RAY_DASHBOARD_PORT) --disable-usage-stats \
+		>$(RUNS)/ray-start.log 2>&1 & echo $$! >$(RUNS)/ray.pid; }
+	@curl -s -o /dev/null $(MLFLOW_URI)/health || { setsid $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(RUNS)/mlflow.db \
 		--artifacts-destination $(RUNS)/mlflow-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT) >$(RUNS)/mlflow.log 2>&1 & echo $$! >$(RUNS)/mlflow.pid; }
 	@for i in $$(seq 90); do curl -s -o /dev/null $(RAY_DASHBOARD) && curl -sf $(MLFLOW_URI)/health >/dev/null && break; sleep 1; done
 
@@ -61,7 +84,7 @@ study: services
 # started (a reused process id is left alone): SIGTERM, up to 30 s to go, then SIGKILL.
 stop:
 	@for name in mlflow ray; do f=$(RUNS)/$$name.pid; test -f $$f || continue; pid=$$(cat $$f); \
-		if ps -o args= -p $$pid 2>/dev/null | grep -q -e "mlflow server" -e "ray start"; then kill -TERM -$$pid; \
+		if ps -ww -o args= -p $$pid 2>/dev/null | grep -q -e "mlflow server" -e "ray start"; then kill -TERM -$$pid; \
 			for i in $$(seq 30); do kill -0 -$$pid 2>/dev/null || break; sleep 1; done; \
 			kill -KILL -$$pid 2>/dev/null; echo "stopped $$name (process group $$pid)"; fi; rm -f $$f; done
 	@# A head ended by a signal leaves its record (what `ray stop` removes): ray.init() and Ray's state API would

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sweeps.driver import sweep_dir
 from sweeps.study import check_study, method_sweep, read_study, run_study
+from trainers.common.credentials import redacted
 from trainers.common.errors import report_error
 from trainers.common.storage import is_remote
 from trainers.config import ConfigError
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = Path(sweep_dir(first.model_copy(update={"storage_dir": study.storage_dir, "name": study.name})))
         if args.dry_run:
             check_study(study, directory, resume=True if (directory / "study.json").is_file() else False)
-            print(json.dumps(study.model_dump(), indent=2))
+            print(json.dumps(redacted(study.model_dump()), indent=2))
             return 0
         run_study(study, directory, resume=args.resume)
         return 0

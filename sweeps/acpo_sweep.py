@@ -22,6 +22,7 @@ from sweeps.champion import print_summary
 from sweeps.driver import preflight, run_sweep, sweep_dir, tracking_uri
 from sweeps.presets import load
 from sweeps.space import check_space, pin_searched
+from trainers.common.credentials import redacted
 from trainers.common.errors import report_error
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         check_space(sweep, config)
         if args.dry_run:
             preflight(config, sweep, sweep_dir(sweep), tracking_uri(sweep), args.resume)
-            print(json.dumps({"config": config.to_dict(), "sweep": sweep.model_dump()}, indent=2))
+            print(json.dumps(redacted({"config": config.to_dict(), "sweep": sweep.model_dump()}), indent=2))
             return 0
         selection = run_sweep(config, sweep, resume=args.resume)
         print_summary(selection, tracking_uri(sweep), sweep)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sweeps.presets import SweepConfig
 from trainers.common import layout, storage
+from trainers.common.credentials import redact
 from trainers.common.errors import SelectionError, TrackingError, last_line
 from trainers.config import Config
 
@@ -25,9 +26,9 @@ def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str, con
     trials left spooled are replayed first. A failure of the selection itself is a `SelectionError`;
     one of MLflow's, a `TrackingError` saying what is safe in storage."""
     directory = str(directory)
-    stored = layout.champion_dir(directory)
     with tempfile.TemporaryDirectory(prefix="acpo-champion.") as stage:
         selection, exported, settings = select_and_export(sweep, directory, Path(stage), config)
+        stored = selection.get("export", {}).get("location", "")
         try:
             from sweeps.replay import SpoolReplayer, finish_tracking
             from sweeps.tracking import SweepTracking, read_sweep_id
@@ -49,7 +50,7 @@ def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str, con
             selection["mlflow"] = {"experiment_id": tracking.experiment_id, "parent_run_id": parent, "url": tracking.experiment_url()}
         except Exception as error:  # noqa: BLE001 - the server (or the network) failed; the selection is safe in storage
             reason = last_line(error)[:200]
-            raise TrackingError(f"MLflow at {uri} failed during the selection ({reason}); the selection is in "
+            raise TrackingError(f"MLflow at {redact(uri)} failed during the selection ({reason}); the selection is in "
                                 f"{layout.selection_file(directory)}{' and the champion in ' + stored if exported else ''}: "
                                 f"run `acpo select --sweep {sweep.name}` when the server answers") from None
         write_json(layout.selection_file(directory), selection)
@@ -65,25 +66,36 @@ def select_and_export(sweep: SweepConfig, directory: str, stage: Path, config: C
     if not (champion and sweep.register_champion):
         return selection, None, None
     exported = export_champion(champion["checkpoint"], stage / "champion")
-    store_folder(exported, layout.champion_dir(directory))
+    export = layout.new_export_id()
+    selection["export"] = {"id": export, "location": store_champion(exported, directory, export, champion)}
     return selection, exported, sampling_settings(champion["checkpoint"], exported)
 
 
-def store_folder(local: Path, location: str) -> None:
-    """A finished local folder into the sweep's storage: in a local folder it replaces the previous one
-    only once whole (a rename); in object storage its files are uploaded over the previous ones."""
-    import shutil
-
+def store_champion(local: Path, directory: str, export: str, champion: dict) -> str:
+    """The exported champion into the sweep's storage, replaced by upload-then-switch: written whole
+    under a folder no earlier export used (`champions/<export>/`), then `champion.json` names it (one
+    whole write), then the older exports are removed. A driver killed, or a store that stops answering,
+    at any point leaves the previous champion named and whole. Returns the new folder's location."""
+    location = layout.champion_dir(directory, export)
     if storage.is_remote(location):
-        storage.delete(location)
         storage.upload(local, location)
-        return
-    tmp = Path(location).with_name(f".{Path(location).name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(local, tmp)
-    if Path(location).exists():
-        shutil.rmtree(location)
-    os.replace(tmp, location)
+    else:
+        import shutil
+
+        tmp = Path(location).with_name(f".{export}.tmp")
+        shutil.copytree(local, tmp)
+        storage.sync_tree(tmp)
+        os.replace(tmp, location)
+        storage.sync(Path(location).parent)
+    write_json(layout.champion_pointer(directory), {"folder": f"{layout.CHAMPIONS}/{export}", "trial": champion["trial"],
+                                                    "step": champion.get("step"), "checkpoint": champion["checkpoint"]})
+    for older in storage.listdir(layout.champions_dir(directory)):
+        if older != export:
+            try:
+                storage.delete(layout.champion_dir(directory, older))
+            except OSError as error:  # the switch is done; an export left behind costs space only
+                print(f"[sweep] an earlier champion export was left in place: {older} ({last_line(error)[:160]})", file=sys.stderr, flush=True)
+    return location
 
 
 def sampling_settings(checkpoint: str, exported: Path) -> dict:
@@ -223,8 +235,8 @@ def evaluated_checkpoints(directory: str, axes=("fid", "heldout_quality")) -> tu
     for metrics_file in storage.glob(directory, layout.metrics_glob()):
         checkpoint = storage.parent(metrics_file)
         trial = storage.name(storage.parent(checkpoint))
-        params_file = layout.params_file(directory, trial)
         try:
+            params_file = layout.params_file(directory, trial)  # a folder not named as a trial's key: refused, not read
             params = json.loads(storage.read_text(params_file)) if storage.is_file(params_file) else {}
             metrics = json.loads(storage.read_text(metrics_file))
             if not all(isinstance(metrics.get(name), (int, float)) for name in axes):
@@ -257,7 +269,7 @@ def print_summary(selection: dict, uri: str, sweep: SweepConfig) -> None:
     from sweeps.selection import params_text
 
     base, champion, fidelity = selection["base"], selection.get("champion"), selection_fidelity(selection)
-    link = selection.get("mlflow", {}).get("url", uri)
+    link = redact(selection.get("mlflow", {}).get("url", uri))
     print(f"\nMLflow: {link}  (experiment '{sweep.experiment or sweep.name}', its runs)")
     bank = selection.get("screening", {}).get("bank")
     where = f"  (screening bank: seed {bank['seed']}, {bank['samples']} samples)" if bank else ""

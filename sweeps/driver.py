@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sweeps.presets import SweepConfig
 from trainers.common import layout, storage
+from trainers.common.credentials import redact
 from trainers.common.errors import last_line
 from trainers.config import Config, ConfigError
 
@@ -45,7 +46,7 @@ def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_c
     with Lease(directory) as lease:  # until the sweep ends, however it ends: a second driver refuses
         if new:
             storage.write_text(layout.sweep_id_file(directory), sweep_id + "\n")
-        print(f"[sweep] files: {directory}; MLflow: {uri}", flush=True)
+        print(f"[sweep] files: {directory}; MLflow: {redact(uri)}", flush=True)
         if config.model.rehearsal:
             from trainers.rehearsal import NOTE
 
@@ -221,7 +222,8 @@ def start_tracking(config: Config, sweep: SweepConfig, uri: str, sweep_id: str, 
 def evaluate_base(config: Config, directory: str | Path, tracking, parent: str) -> dict:
     """The base model, evaluated once (the reference point of the front), in its own child run."""
     base_file, grid = layout.base_metrics_file(directory), layout.base_samples_file(directory)
-    if not storage.is_file(base_file):
+    base = storage.read_json(base_file, "the base model's figures")  # one cut short by hand or another tool: measured again
+    if base is None:
         import io
 
         from torchvision.utils import save_image
@@ -238,7 +240,7 @@ def evaluate_base(config: Config, directory: str | Path, tracking, parent: str) 
         # the screening intervals' other half (sweeps/confirm.py), before the figures file that marks the base as done
         storage.write_bytes(layout.base_per_sample_file(directory), per_sample_bytes(evaluation.per_sample))
         storage.write_text(base_file, json.dumps(evaluation.metrics, indent=2) + "\n")
-    base = json.loads(storage.read_text(base_file))
+        base = json.loads(storage.read_text(base_file))
     base_run = tracking.run("base", "base model", parent)
     tracking.log_metrics(base_run, base)
     if storage.is_file(grid):
@@ -253,7 +255,6 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str, resume: bool
     (an early stopper on one metric would bias the front). On --resume the study is first squared with
     the trials' records: finished trials are told, interrupted and failed ones asked again with their
     parameters and key (each resumes from its last checkpoint)."""
-    import optuna
     import ray
     from optuna.samplers import NSGAIISampler, TPESampler
     from ray import tune
@@ -261,7 +262,8 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str, resume: bool
     from ray.tune.search.optuna import OptunaSearch
 
     from eval.axes import front_axes
-    from sweeps.search import AskSpace, reconcile, study_storage
+    from sweeps.search import AskSpace, open_study, rebuild, reconcile
+    from sweeps.spool import recorded_trials
 
     settings = config.train
     if settings.use_gpu:
@@ -270,9 +272,11 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str, resume: bool
         fit = int(ray.cluster_resources().get("CPU", 1) // (settings.workers * settings.cpus_per_worker))
     concurrency = sweep.max_concurrent or max(1, fit)
     axes = front_axes(sweep.fidelity)  # Optuna's two objectives are the front's axes
-    store = study_storage(sweep, directory)
-    study = optuna.create_study(study_name=sweep.name, storage=store, load_if_exists=True,
-                                directions=["minimize" if mode == "min" else "maximize" for mode in axes.values()])
+    study, store = open_study(sweep, directory, ["minimize" if mode == "min" else "maximize" for mode in axes.values()], resume)
+    if resume and not study.trials and recorded_trials(directory):  # the study's file was lost or set aside
+        rebuilt = rebuild(study, sweep, directory)
+        print(f"[sweep] the Optuna study had no trials; rebuilt {rebuilt} from the trials' records (work/<trial>/params.json)",
+              flush=True)
     asked, done = len(study.trials), 0
     if resume:
         counts = reconcile(study, directory, axes)

@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from trainers.config import Config, ConfigError
+from trainers.common.credentials import redact
 from trainers.common.errors import last_line
 
 PROBE_SECONDS = 5.0
@@ -124,13 +125,15 @@ def check_tracking(uri: str, field: str) -> None:
     if urlparse(uri).scheme not in ("http", "https"):
         return
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_SECONDS) as response:
+        # /health needs no login; urllib takes no user-info in a URL (MLflow's client sends it as basic auth)
+        probe = urlparse(uri)._replace(netloc=urlparse(uri).netloc.rpartition("@")[2]).geturl()
+        with urllib.request.urlopen(f"{probe.rstrip('/')}/health", timeout=PROBE_SECONDS) as response:
             if response.status == 200:
                 return
             reason = f"HTTP {response.status}"
     except OSError as error:
         reason = last_line(getattr(error, "reason", error))
-    raise ConfigError(f"{field}: no MLflow server answers at {uri} within {PROBE_SECONDS:g} s ({reason})")
+    raise ConfigError(f"{field}: no MLflow server answers at {redact(uri)} within {PROBE_SECONDS:g} s ({reason})")
 
 
 def check_ray_address() -> None:

@@ -19,7 +19,8 @@ import yaml
 from pydantic import Field, field_validator
 
 from sweeps.dotted import flatten_space, set_values
-from trainers.config import Config, ConfigError, Section
+from trainers.common.credentials import credentials_message, has_credentials
+from trainers.config import MAX_NESTING, MAX_SAMPLES, Config, ConfigError, Section
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -29,7 +30,7 @@ class ConfirmConfig(Section):
     search never saw, with more samples; the champion is chosen on those figures (sweeps/confirm.py)."""
 
     top_k: int = Field(3, ge=0)  # candidates taken from the front (0: no confirmation; the screening figures decide)
-    samples: int = Field(2000, ge=3)  # images per candidate and for the base
+    samples: int = Field(2000, ge=3, le=MAX_SAMPLES)  # images per candidate and for the base
     seed: int = 1  # the confirmation bank: must differ from eval.seed (the screening bank)
 
 
@@ -41,7 +42,7 @@ class SweepConfig(Section):
     register_champion: bool = True  # register the champion (a study's per-method sweeps leave it to the study)
     experiment: str = ""  # the MLflow experiment ("" = name; a study's sweeps share the study's)
     parent_run: str = ""  # an MLflow run id the sweep's parent run nests under (a study's run; "" = none)
-    num_samples: int = Field(8, ge=1)  # trials
+    num_samples: int = Field(8, ge=1, le=100_000)  # trials; bounded so a typo fails here, not after days of trials
     algorithm: Literal["tpe", "nsga2"] = "tpe"  # Optuna's sampler
     max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's resources fit
     # The front's fidelity axis (eval/axes.py): fid or kid. Measured on digits (README, "FID or KID"): FID's paired
@@ -55,13 +56,21 @@ class SweepConfig(Section):
     # experiment, trials' checkpoints, selection, champion: a folder (shared on a cluster), or object
     # storage as a URI (s3://bucket/prefix, gs://..., any pyarrow filesystem: trainers/common/storage.py)
     storage_dir: str = "runs/sweeps"
-    # Optuna's study: an Optuna storage URL (sqlite:///..., postgresql://...); "" = SQLite in a local sweep
-    # folder, or in memory (kept with Tune's searcher state in the store) when storage_dir is a URI
+    # Optuna's study: an Optuna storage URL (sqlite:///..., postgresql://...); "" = $ACPO_OPTUNA_STORAGE (a URL
+    # with a password belongs in the environment, not on a command line), else SQLite in a local sweep folder,
+    # or Optuna's journal of write-once objects under the sweep's folder when storage_dir is a URI
     optuna_storage: str = ""
     tracking_uri: str = ""  # MLflow; "" = $MLFLOW_TRACKING_URI, else a server answering at 127.0.0.1:5000
     tracking_wait_s: float = Field(120.0, ge=0)  # at the end, how long to wait for an unreachable MLflow before leaving records spooled
     seed: int = 0  # Optuna's sampler
     space: dict[str, Any] = Field(default_factory=dict, min_length=1)  # dotted config key -> distribution
+
+    @field_validator("storage_dir")
+    @classmethod
+    def _no_credentials(cls, location: str) -> str:
+        if has_credentials(location):
+            raise ValueError(credentials_message(location))
+        return location
 
     @field_validator("space", mode="before")
     @classmethod
@@ -86,14 +95,60 @@ _Loader.add_implicit_resolver(
 )
 
 
+# Anchors and aliases stay (the studies share a space between methods with them), but an alias is a
+# reference: `a: &x [*x]` builds a list that contains itself, which validation would follow forever, and
+# nine nested lists of nine aliases (a "billion laughs") expand to 9^9 values when validated. The node
+# graph is measured before anything is built: no preset or study comes near these.
+MAX_YAML_VALUES = 1_000_000  # values after every alias is expanded
+
+
+class RefusedYAMLError(yaml.YAMLError):
+    """Valid YAML this loader will not build: a value that contains itself, or too large once expanded."""
+
+
+def _expanded_size(node, depth: int = 0, sizes: dict | None = None, open_nodes: set | None = None) -> int:
+    """How many values `node` stands for with every alias expanded (each distinct node measured once)."""
+    sizes = {} if sizes is None else sizes
+    open_nodes = set() if open_nodes is None else open_nodes
+    if id(node) in sizes:
+        return sizes[id(node)]
+    where = f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+    if id(node) in open_nodes:
+        raise RefusedYAMLError(f"the value at {where} contains itself (an alias inside its own anchor)")
+    if depth > MAX_NESTING:
+        raise RefusedYAMLError(f"nested deeper than {MAX_NESTING} levels at {where}")
+    children = [] if isinstance(node, yaml.ScalarNode) else [
+        part for item in node.value for part in (item if isinstance(node, yaml.MappingNode) else (item,))]
+    open_nodes.add(id(node))
+    size = 1 + sum(_expanded_size(child, depth + 1, sizes, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    if size > MAX_YAML_VALUES:
+        raise RefusedYAMLError(f"aliases expand to more than {MAX_YAML_VALUES:,} values at {where}")
+    sizes[id(node)] = size
+    return size
+
+
 def _load_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    loader = _Loader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:  # the composer recurses per level of nesting
+            raise RefusedYAMLError(f"nested deeper than {MAX_NESTING} levels") from None
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict:
     """A YAML file holding a mapping (a preset, a study), or a one-line error naming it."""
     try:
         data = _load_yaml(path.read_text()) or {}
+    except RefusedYAMLError as error:
+        raise ConfigError(f"{what} {path}: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -150,6 +205,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: expected key=value")
         try:
             value = _load_yaml(raw)
+        except RefusedYAMLError as error:
+            raise ConfigError(f"override {item!r}: {error}") from None
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: value is not valid YAML") from None
         try:

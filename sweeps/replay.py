@@ -3,11 +3,16 @@ into MLflow in order, from a background thread (`SpoolReplayer`), keeping its pl
 `work/<trial>/tracking.sent`; when the server is down it waits and tries again, however long the
 outage. A replay after a restart makes no duplicates: metrics carry the time they were spooled, and
 MLflow stores a (key, step, time, value) once; parameters, images and run ends are idempotent too.
+
+A record the server cannot be blamed for (not JSON, not an object, an unknown op, a key its op needs
+missing or of the wrong type, an image from outside the sweep's folder) is skipped with one warning
+and its place kept like a replayed one's: retried, it would stall its trial's spool forever.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
@@ -20,6 +25,48 @@ from trainers.common.errors import last_line
 
 if TYPE_CHECKING:
     from sweeps.tracking import SweepTracking
+
+
+def number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def instance_of(kind: type):
+    return lambda value: isinstance(value, kind)
+
+
+def status(value: object) -> bool:
+    return value in ("FINISHED", "FAILED", "KILLED")  # what MLflow's set_terminated takes
+
+
+# op -> the keys it needs, each with the check of its value; then the keys some ops may have
+NEEDS = {"start": {}, "metrics": {"metrics": instance_of(dict), "step": number, "time": number},
+         "image": {"file": instance_of(str), "step": number, "time": number}, "end": {}}
+OPTIONAL = {"params": instance_of(dict), "status": status}
+
+
+def malformed(record: object) -> str | None:
+    """What keeps `record` from being replayed, whatever the server says; None when nothing does."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a record"
+    op = record.get("op")
+    if op not in NEEDS:
+        return f"unknown op {op!r}"
+    missing = [key for key in NEEDS[op] if key not in record]
+    if missing:
+        return f"op {op!r} without {', '.join(missing)}"
+    checks = {**NEEDS[op], **{key: check for key, check in OPTIONAL.items() if key in record}}
+    wrong = [key for key, check in checks.items() if not check(record[key])]
+    return f"op {op!r} with a bad {', '.join(wrong)}" if wrong else None
+
+
+def inside(directory: str, location: str) -> bool:
+    """Whether `location` lies inside the folder `directory`: after `..` and symlinks for a local path;
+    an object store keeps `..` as part of a key, so a URI holding one is refused outright."""
+    root, target = storage.resolve(directory), storage.resolve(location)
+    if storage.is_remote(root) or storage.is_remote(target):
+        return ".." not in target.split("/") and target.startswith(root + "/")
+    return Path(target).is_relative_to(root) and target != root
 
 
 def finish_tracking(replayer: "SpoolReplayer", wait_s: float) -> None:
@@ -41,7 +88,7 @@ class SpoolReplayer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._down_since: float | None = None
-        self.skipped = 0  # records that did not parse: counted, never retried forever
+        self.skipped = 0  # records that cannot be replayed (see the module): counted, never retried forever
 
     def start(self) -> "SpoolReplayer":
         self._thread = threading.Thread(target=self._loop, name="mlflow-spool-replay", daemon=True)
@@ -88,16 +135,27 @@ class SpoolReplayer:
             sent = self._sent[trial] = last_sent(location)
         try:
             for name in (n for n in record_names(location) if n > sent):
-                try:
-                    record = json.loads(storage.read_text(storage.join(location, name)))
-                except json.JSONDecodeError:
-                    self.skipped += 1
-                else:
+                record, why = self._read(storage.join(location, name))
+                if why is None:
                     self._apply(trial, record)
+                else:
+                    self.skipped += 1
+                    print(f"[tracking] skipped the spooled record {storage.join(location, name)}: {why}", file=sys.stderr, flush=True)
                 self._sent[trial] = name
         finally:
             if self._sent[trial] != sent:
                 storage.write_text(layout.sent_file(location), self._sent[trial])
+
+    def _read(self, location: str) -> tuple[object, str | None]:
+        """The record at `location`, and why it cannot be replayed (None when it can)."""
+        try:
+            record = json.loads(storage.read_text(location))
+        except ValueError as error:  # not JSON, or not UTF-8; a store that does not answer raises OSError
+            return None, f"not a JSON record ({last_line(error)[:120]})"
+        why = malformed(record)
+        if why is None and record["op"] == "image" and not inside(self.directory, record["file"]):
+            why = f"its image {record['file']} lies outside the sweep's folder {self.directory}"
+        return record, why
 
     def _apply(self, trial: str, record: dict) -> None:
         run_id = self._runs.get(trial)

@@ -3,7 +3,9 @@ resumed sweep picks the search up from the sweep's own records. Nothing here rea
 still writes its experiment state under tune/, but no driver ever loads it.
 
 Where the study lives (`study_storage`):
-- `sweep.optuna_storage`: any Optuna RDB URL (on a cluster, the tracking server's PostgreSQL);
+- `sweep.optuna_storage`, else $ACPO_OPTUNA_STORAGE: any Optuna RDB URL (on a cluster, the head's
+  PostgreSQL, its password in the environment rather than on a command line). Ray Tune pickles its
+  searcher, and so this storage, into tune/: the URL goes in with its password redacted (`StudyDatabase`);
 - a local sweep folder: SQLite, `optuna.db`;
 - object storage: Optuna's journal storage on `StoreJournal`, one object per append under
   `optuna-journal/`. SQLite needs a file system with locks and writes in place, which a bucket does not
@@ -30,34 +32,56 @@ Optuna trials have none) is refused in one line: it can be selected from, not re
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from typing import Any, Iterable
 
+from optuna.storages import RDBStorage
 from optuna.storages.journal import BaseJournalBackend
 
-from sweeps.spool import last_evaluation, record_names
+from sweeps.spool import last_evaluation, record_names, recorded_trials
 from trainers.common import layout, storage
-from trainers.common.errors import ConfigError, UnreadableFileError
+from trainers.common.credentials import redact
+from trainers.common.errors import ConfigError, UnreadableFileError, last_line
 
 TRIAL_KEY = layout.TRIAL_KEY  # the name every layer uses for a trial's key
+OPTUNA_URL_VARIABLE = "ACPO_OPTUNA_STORAGE"
+
+
+def database_url(sweep) -> str:
+    """The study's RDB URL: `sweep.optuna_storage`, else $ACPO_OPTUNA_STORAGE ("": none, the sweep's folder keeps it)."""
+    return sweep.optuna_storage or os.environ.get(OPTUNA_URL_VARIABLE, "")
+
+
+class StudyDatabase(RDBStorage):
+    """Optuna's RDB storage, pickled without its password: Ray Tune pickles OptunaSearch (this storage
+    inside its study) into the sweep's tune/ folder, which nothing reads back; a copy unpickled from
+    there could not connect, and need not."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["url"] = redact(state["url"])
+        return state
 
 
 def study_storage(sweep, directory: str):
     """The sweep's Optuna storage (see the module's docstring), as OptunaSearch takes it."""
-    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages import JournalStorage
 
-    if sweep.optuna_storage:
-        return RDBStorage(sweep.optuna_storage)
+    if database_url(sweep):
+        return StudyDatabase(database_url(sweep))
     if storage.is_remote(directory):
         return JournalStorage(StoreJournal(layout.optuna_journal(directory)))
-    return RDBStorage(f"sqlite:///{layout.optuna_db(directory)}")
+    return StudyDatabase(f"sqlite:///{layout.optuna_db(directory)}")
 
 
 def study_exists(sweep, directory: str) -> bool:
     """Whether the sweep's study was created (read only: nothing is created here)."""
-    if sweep.optuna_storage:
+    if database_url(sweep):
         import optuna
 
-        return sweep.name in optuna.get_all_study_names(sweep.optuna_storage)
+        return sweep.name in optuna.get_all_study_names(database_url(sweep))
     if storage.is_remote(directory):
         return bool(storage.listdir(layout.optuna_journal(directory)))
     return storage.is_file(layout.optuna_db(directory))
@@ -111,6 +135,67 @@ class StoreJournal(BaseJournalBackend):
         self.logs.extend(logs)
 
 
+def open_study(sweep, directory: str, directions: list[str], resume: bool):
+    """The sweep's study and its storage, created or loaded. On --resume, a study file that cannot be
+    opened (a local `optuna.db` that is not a database any more) is set aside and a new one rebuilt from
+    the trials' records (`rebuild`), saying so in one line; a study database the user named, or one that
+    fails on a new sweep, is a one-line error naming it."""
+    import optuna
+
+    try:
+        store = study_storage(sweep, directory)
+        return optuna.create_study(study_name=sweep.name, storage=store, load_if_exists=True, directions=directions), store
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy's and SQLite's errors: whatever it is, the file is not a study
+        reason = last_line(getattr(error, "orig", None) or error)[:200]  # SQLAlchemy's own last line is a link
+        if database_url(sweep) or storage.is_remote(directory) or not resume:
+            where = f"sweep.optuna_storage: {redact(database_url(sweep))}" if database_url(sweep) else layout.optuna_db(directory)
+            raise UnreadableFileError(f"{where}: the Optuna study cannot be opened ({reason})") from None
+    unreadable = f"{layout.optuna_db(directory)}.unreadable-{int(time.time())}"
+    storage.move(layout.optuna_db(directory), unreadable)  # kept, not deleted: it may still be of use to its owner
+    print(f"[sweep] {layout.optuna_db(directory)}: the Optuna study cannot be opened ({reason}); set aside as {unreadable}, "
+          "rebuilt from the trials' records", file=sys.stderr, flush=True)
+    store = study_storage(sweep, directory)
+    return optuna.create_study(study_name=sweep.name, storage=store, directions=directions), store
+
+
+def rebuild(study, sweep, directory: str) -> int:
+    """An empty study (its file lost or set aside) filled again from the trials' records: each key's
+    parameters (`work/<key>/params.json`) as a failed trial of the same number, which `reconcile` then
+    tells (finished) or asks again (unfinished); numbers without records are kept as failed trials with
+    no key, so a new trial never takes a recorded key. Returns the trials rebuilt."""
+    from optuna.trial import TrialState, create_trial
+
+    distributions = {key: distribution(kind, args, step) for key, kind, args, step in AskSpace(sweep).dims}
+    keys = recorded_trials(directory)
+    by_number = {int(key.removeprefix("trial_")): key for key in keys}
+    rebuilt = 0
+    for number in range(max(by_number, default=-1) + 1):
+        key = by_number.get(number)
+        params = storage.read_json(layout.params_file(directory, key), "a trial's parameters") if key else None
+        if isinstance(params, dict) and set(params) == set(distributions):
+            study.add_trial(create_trial(params=params, distributions=distributions, state=TrialState.FAIL, user_attrs={TRIAL_KEY: key}))
+            rebuilt += 1
+        else:
+            if key:
+                print(f"[sweep] {layout.params_file(directory, key)}: not this sweep's parameters; trial {key} is not rebuilt",
+                      file=sys.stderr, flush=True)
+            study.add_trial(create_trial(state=TrialState.FAIL))
+    return rebuilt
+
+
+def distribution(kind: str, args, step):
+    """The Optuna distribution of one dimension of the space (as AskSpace suggests it)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if kind == "loguniform":
+        return FloatDistribution(*args, log=True)
+    if kind == "uniform":
+        return FloatDistribution(*args)
+    if kind == "randint":
+        return IntDistribution(args[0], args[1], step=step or 1)
+    return CategoricalDistribution(args)
+
+
 class AskSpace:
     """The space as an Optuna define-by-run function (OptunaSearch's `space`): each dimension suggested
     in the space's order, and the trial's key returned with them for sweeps/trial.py. A class, not a
@@ -131,7 +216,7 @@ class AskSpace:
                 trial.suggest_int(key, args[0], args[1], step=step or 1)
             else:
                 trial.suggest_categorical(key, args)
-        name = trial.user_attrs.get(TRIAL_KEY) or f"trial_{trial.number:04d}"  # an enqueued trial keeps its key
+        name = layout.trial_key(trial.user_attrs.get(TRIAL_KEY) or f"trial_{trial.number:04d}")  # an enqueued trial keeps its key
         trial.set_user_attr(TRIAL_KEY, name)
         return {TRIAL_KEY: name}
 
@@ -141,7 +226,8 @@ def finished_values(directory: str, key: str, axes: dict) -> list[float] | None:
     one per front axis; None when its records do not end FINISHED."""
     spool = layout.trial_spool(directory, key)
     names = record_names(spool)
-    if not names or json.loads(storage.read_text(storage.join(spool, names[-1]))).get("status") != "FINISHED":
+    last = storage.read_json(storage.join(spool, names[-1]), "a trial's last record") if names else None
+    if not isinstance(last, dict) or last.get("status") != "FINISHED":
         return None
     metrics = last_evaluation(layout.trial_checkpoints(directory, key))
     if metrics is None:
@@ -156,6 +242,12 @@ def reconcile(study, directory: str, axes: dict) -> dict[str, int]:
     from optuna.trial import TrialState, create_trial
 
     trials = study.get_trials(deepcopy=False)
+    for trial in trials:  # a key names folders: one altered in the study is refused before any path is built
+        if TRIAL_KEY in trial.user_attrs:
+            try:
+                layout.trial_key(trial.user_attrs[TRIAL_KEY])
+            except ConfigError as error:
+                raise ConfigError(f"--resume: Optuna trial {trial.number} of the study: {error}") from None
     keyless = [t.number for t in trials if t.state == TrialState.COMPLETE and TRIAL_KEY not in t.user_attrs]
     if keyless or (not trials and storage.listdir(layout.work_dir(directory))):
         raise ConfigError(f"--resume: {directory} was swept by an earlier version of this project, whose trials carry no key "

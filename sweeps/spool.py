@@ -120,9 +120,15 @@ def last_sent(spool_location: str | Path) -> str:
     return storage.read_text(sent).strip() if storage.is_file(sent) else ""
 
 
+def recorded_trials(directory: str | Path) -> list[str]:
+    """The keys of the trials with records in the sweep's folder (`work/<key>/`), in order; an entry not
+    named as a trial's key is no trial's (and never becomes a path)."""
+    return [name for name in storage.listdir(layout.work_dir(directory)) if layout.TRIAL_KEY_PATTERN.fullmatch(name)]
+
+
 def trial_spools(directory: str | Path) -> dict[str, str]:
     """Trial id -> its spool, for every trial of the sweep that has one."""
-    return {trial: layout.trial_spool(directory, trial) for trial in storage.listdir(layout.work_dir(directory))}
+    return {trial: layout.trial_spool(directory, trial) for trial in recorded_trials(directory)}
 
 
 def pending_records(directory: str | Path) -> dict[str, int]:

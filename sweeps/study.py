@@ -30,7 +30,8 @@ from pydantic import Field
 from sweeps import confirm, driver  # `driver.run_sweep`, looked up when called (a test replaces it)
 from sweeps.presets import load
 from sweeps.space import pin_searched
-from trainers.common import layout
+from trainers.common import layout, storage
+from trainers.common.credentials import redacted
 from trainers.common.errors import last_line
 from trainers.config import ConfigError, Section, validate
 
@@ -145,7 +146,7 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
         raise ConfigError(f"study.name: '{study.name}' is already used in MLflow experiment '{study.name}' by a study whose folder "
                           f"is not {directory}; choose another name (or --resume it from its folder)")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "study.json").write_text(json.dumps(study.model_dump(), indent=2) + "\n")
+    storage.write_text(directory / "study.json", json.dumps(redacted(study.model_dump()), indent=2) + "\n")
     study_run = tracking.run("study", study.name)  # the study's own run; every method's sweep nests under it
     tracking.log_params(study_run, {"methods": ", ".join(study.methods), "seeds": study.seeds, "trials": study.trials,
                                     "budget": " ".join(study.set), "preset": study.preset})
@@ -209,14 +210,15 @@ def confirmation_base(config, sweep, directory: Path) -> Path:
 def measure_noise(config, directory: Path, seeds: int) -> dict:
     """`base_noise.json`: the base model's figures over `seeds` sampling seeds (computed once)."""
     noise_file = directory / "base_noise.json"
-    if not noise_file.is_file():
+    noise = storage.read_json(noise_file, "the base model's noise")
+    if noise is None:
         from eval.evaluate import Evaluator, sampling_noise
         from trainers.models import load_base_model
 
         print(f"[study] evaluation noise: the base model under {seeds} sampling seeds", flush=True)
         noise = sampling_noise(Evaluator.from_config(config), load_base_model(config.model.base, weights_dtype=config.model.weights_dtype), range(seeds))
-        noise_file.write_text(json.dumps(noise, indent=2) + "\n")
-    return json.loads(noise_file.read_text())
+        storage.write_text(noise_file, json.dumps(noise, indent=2) + "\n")
+    return noise
 
 
 def study_rows(study: StudyConfig, directory: Path) -> list[dict]:
@@ -275,7 +277,7 @@ def add_screening_intervals(study: StudyConfig, rows: list[dict], directory: Pat
     options = {"resamples": config.eval.resamples, "seed": 0, "with_kid": False}
     settings = ContentKey().file(base_file).json(options).hex(12)
     cache_file = directory / layout.STUDY_INTERVALS
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cache = storage.read_json(cache_file, "the screening intervals' cache") or {}
     reference = None
     for row in rows:
         key = f"{row['checkpoint']} {settings}"
@@ -291,7 +293,7 @@ def add_screening_intervals(study: StudyConfig, rows: list[dict], directory: Pat
             if fidelity_decides(cache[key], trained_lower_better):  # the FID ratio's interval only where the flag reads it
                 cache[key] = paired_intervals(data, reference, base, **options).to_json()
         row["intervals"] = cache[key]
-    cache_file.write_text(json.dumps(cache, indent=1) + "\n")
+    storage.write_text(cache_file, json.dumps(cache, indent=1) + "\n")
 
 
 def write_report(study: StudyConfig, directory: Path, failures: dict | None = None) -> dict:
@@ -305,7 +307,8 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
     out.mkdir(parents=True, exist_ok=True)
     base = json.loads(Path(layout.base_metrics_file(directory)).read_text())
     noise_file = directory / "base_noise.json"
-    noise = {name: f["std"] for name, f in json.loads(noise_file.read_text()).items()} if noise_file.is_file() else None
+    measured = storage.read_json(noise_file, "the base model's noise")
+    noise = {name: f["std"] for name, f in measured.items()} if measured else None
     rows = study_rows(study, directory)
     add_screening_intervals(study, rows, directory)
     picks, banks, unconfirmed = confirmed_picks(study, directory)
@@ -325,13 +328,13 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
         for h in s["hacking"]:
             text += f"\n- reward hacking, {method}: seed {h['seed']} trial {h['trial']} step {h['step']} (FID {h['fid']:.1f}, " \
                     f"held-out {h['heldout_quality']:.4f}, trained {h['trained_quality']:.4f})"
-    (out / "report.md").write_text(text + "\n")
+    storage.write_text(out / "report.md", text + "\n")
     images = {p.name: base64.b64encode(p.read_bytes()).decode() for p in [out / "fronts.png", *grids.values()]}
     body = html.escape(text)
     for name, data in images.items():
         body = body.replace(html.escape(f"({name})"), f'<br><img src="data:image/png;base64,{data}"><br>')
-    (out / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>Study {study.name}</title><pre>{body}</pre>\n")
-    (out / "summary.json").write_text(json.dumps({"base": base, "noise": noise, "confirmation_banks": banks, "unconfirmed": unconfirmed, "methods": summary,
+    storage.write_text(out / "report.html", f"<!doctype html><meta charset=utf-8><title>Study {study.name}</title><pre>{body}</pre>\n")
+    storage.write_text(out / "summary.json", json.dumps({"base": base, "noise": noise, "confirmation_banks": banks, "unconfirmed": unconfirmed, "methods": summary,
                                                   "failures": failures or {}}, indent=2) + "\n")
     print((out / "report.md").read_text(), flush=True)
     return {"summary": summary, "report": str(out / "report.md"), "failures": failures or {}}

@@ -23,6 +23,7 @@ from sweeps.champion_model import save_champion_model
 from sweeps.selection import params_text
 from sweeps.spool import finite_metrics
 from trainers.common import layout, storage
+from trainers.common.credentials import redact
 from trainers.common.errors import TrackingError  # noqa: F401 - the error of a step that needs MLflow, imported from here
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
@@ -141,7 +142,7 @@ class SweepTracking:
     def experiment_url(self) -> str:
         """The experiment's page in the MLflow UI, on its runs: MLflow 3.17's UI picks its GenAI or
         model-training view from the URL (or the browser's last choice), not from the experiment's tag."""
-        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+        return f"{redact(self.uri).rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
     def trial_runs(self) -> dict[str, str]:
         """Trial id -> its MLflow run id, for this sweep."""
@@ -159,17 +160,23 @@ class SweepTracking:
 
     def register_champion(self, run_id: str, exported: Path, model_name: str, selection: dict, settings: dict) -> dict:
         """The exported champion as an MLflow model (pyfunc: `trainers/mlflow_model.py`, the pipeline
-        as its artifact) under the parent run's `champion/`, registered as a new version of
-        `model_name` with alias `champion`, its figures and parameters as the version's tags."""
+        as its artifact) under the parent run's `champion/<export>/`, a path of this selection's own,
+        registered as a new version of `model_name` with alias `champion`, its figures and parameters as
+        the version's tags. A registered version is immutable: a later selection of the same sweep logs
+        under a path of its own, so no earlier version's files are ever overwritten or merged into; the
+        model is uploaded whole before the version is created and the alias moves."""
         import tempfile
 
         from sweeps.confirm import selection_fidelity
 
         champion, axis = selection["champion"], selection_fidelity(selection).axis
+        path = f"{layout.CHAMPION_ARTIFACTS}/{selection['export']['id']}"
+        if self.client.list_artifacts(run_id, path):
+            raise MlflowException(f"{path} of run {run_id} already holds a model; a registered version's files are never replaced")
         with tempfile.TemporaryDirectory(prefix="champion-model.") as tmp:
             save_champion_model(exported, Path(tmp) / "model", settings)
-            self.client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path="champion")
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/champion"
+            self.client.log_artifacts(run_id, str(Path(tmp) / "model"), artifact_path=path)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{path}"
         try:
             self.client.create_registered_model(model_name)
         except MlflowException:
@@ -241,7 +248,7 @@ def version_note(sweep: str, selection: dict) -> str:
             f"{label} {champion[axis]:.3f} (base {base[axis]:.3f}), held-out quality {champion['heldout_quality']:.4f} "
             f"(base {base['heldout_quality']:.4f}). Rule: {selection['rule']}. Parameters: {params_text(champion)}.\n\n"
             "Load: `mlflow.pyfunc.load_model(\"models:/NAME@champion\").predict(pandas.DataFrame({\"num_images\": [8], "
-            "\"steps\": [25], \"seed\": [0]}))` (uint8 images), or the diffusers pipeline in `artifacts/champion/`.")
+            "\"steps\": [25], \"seed\": [0]}))` (uint8 images), or the diffusers pipeline in the model's `artifacts/champion/`.")
 
 
 def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict[str, str]) -> str:
@@ -281,7 +288,7 @@ def sweep_note(sweep: str, experiment_id: str, selection: dict, trial_runs: dict
     if selection.get("unreadable"):
         lines += ["", f"{len(selection['unreadable'])} checkpoint(s) could not be read and were left out (selection.json)."]
     lines += ["", "Artifacts: `pareto.html` (interactive: each trial's path across its checkpoints), `pareto.png`, "
-              "`pareto_front.json`, `selection.json`" + (", `champion/` (the registered MLflow model)." if registered else ".")]
+              "`pareto_front.json`, `selection.json`" + (", `champion/<export>/` (the registered MLflow model of each selection)." if registered else ".")]
     return "\n".join(lines) + "\n"
 
 

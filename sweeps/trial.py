@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
-from pathlib import Path
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -32,13 +30,13 @@ def run_trial(params: dict, base_config: dict, directory: str) -> None:
     which names its records and its Ray Train run: a trial asked again on --resume has the same key,
     and so resumes from its last checkpoint."""
     params = dict(params)
-    trial = params.pop(layout.TRIAL_KEY, None) or tune.get_context().get_trial_id()
+    trial = layout.trial_key(params.pop(layout.TRIAL_KEY, None))  # checked before it names any folder
     records = layout.trial_records(directory, trial)  # the trial's parameters and spool, where the driver reads them
     # Where the workers write a checkpoint before Ray Train uploads it to `trials/`: beside the records in
-    # a local sweep folder; on object storage, a scratch folder on this node, removed when the trial ends.
-    scratch = Path(tempfile.gettempdir()) / "acpo-scratch" / f"{storage.name(directory)}-{trial}"
-    output = scratch if storage.is_remote(directory) else Path(records)
-    config = Config.from_dict(set_values(base_config, {**params, "train.output_dir": str(output)}))
+    # a local sweep folder; on object storage, "": each worker's own scratch folder on its own node
+    # (trainers/ray_train.py), not a path named here, which would be another node's.
+    output = "" if storage.is_remote(directory) else records
+    config = Config.from_dict(set_values(base_config, {**params, "train.output_dir": output}))
     storage.write_text(layout.params_file(directory, trial), json.dumps(params, indent=2) + "\n")
     log = layout.trial_spool(directory, trial)
     spool(log, {"op": "start", "params": params})
@@ -57,9 +55,6 @@ def run_trial(params: dict, base_config: dict, directory: str) -> None:
         if broken:
             raise RuntimeError(message) from error
         raise
-    finally:
-        if output == scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
     spool_unreported(log, checkpoints)
     # A trial whose training had finished when the driver was killed, but which Tune had not yet
     # recorded as done, is run again on --resume: its Train run is complete, so fit() reports

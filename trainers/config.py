@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trainers.common.credentials import credentials_message, has_credentials, redact
 from trainers.common.errors import ConfigError, last_line  # noqa: F401 - the config's error, as callers import it
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def _one_line(section: type[Section], error: dict, prefix: str) -> str:
         known = f" (known: {', '.join(owner.model_fields)})" if owner else ""
         return f"unknown key '{where}'{known}"
     message = _EXPECTED.get(error["type"]) or error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}, got {error['input']!r}" if "input" in error else f"{where}: {message}"
+    return redact(f"{where}: {message}, got {error['input']!r}" if "input" in error else f"{where}: {message}")
 
 
 def resolve_path(path: str) -> str:
@@ -95,14 +96,43 @@ def resolve_quality_paths(spec):
     return spec
 
 
-Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
+
+# Upper bounds on what a config can ask for. Each is far beyond any real run; they exist because a typo
+# (`samples: 1000000000`, an extra zero in a batch size) would otherwise run for days or exhaust memory
+# before the first figure, rather than fail here in one line naming the field.
+MAX_SAMPLES = 200_000  # images generated per evaluation (eval.samples, sweep.confirm.samples): 4x FID's usual 50,000
+MAX_RESAMPLES = 100_000  # bootstrap resamples per interval: intervals settle by a few thousand
+MAX_RESOLUTION = 4096  # pixels per side: 4x the largest preset (1024)
+MAX_BATCH = 65_536  # images per micro-batch, and micro-batches per step
+MAX_SAMPLING_STEPS = 10_000  # denoising steps per sample: 10x DDPM's 1,000
+MAX_TRAIN_STEPS = 10_000_000  # optimizer steps: 5,000x the presets' 2,000
+MAX_WORKERS = 1024  # processes per run (DataLoader readers, data-parallel workers)
+MAX_LORA_RANK = 8192  # past every hidden width of the supported models: a larger rank is no longer low-rank
+# Levels of nested mappings and lists: presets use under ten. A value that contains itself (a Python
+# caller's, or a YAML alias inside its own anchor) would otherwise recurse until Python gives up.
+MAX_NESTING = 100
+
+
+def check_nesting(value, where: str = "config", depth: int = 0, open_ids: set | None = None) -> None:
+    """A one-line error naming the first value that contains itself or is nested past MAX_NESTING."""
+    if not isinstance(value, (dict, list, tuple)):
+        return
+    open_ids = set() if open_ids is None else open_ids
+    if id(value) in open_ids:
+        raise ConfigError(f"{where}: the value contains itself")
+    if depth > MAX_NESTING:
+        raise ConfigError(f"{where}: nested deeper than {MAX_NESTING} levels")
+    open_ids.add(id(value))
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+        check_nesting(item, f"{where}.{key}" if depth else str(key), depth + 1, open_ids)
+    open_ids.discard(id(value))
 
 
 class ModelConfig(Section):
     base: str = "assets/digits/base"  # a local diffusers folder or a hub id (google/ddpm-cifar10-32)
     finetune: Literal["full", "lora"] = "full"  # full: every UNet weight trains; lora: peft adapters only, the base stays frozen
-    lora_rank: Positive = 4
+    lora_rank: int = Field(4, gt=0, le=MAX_LORA_RANK)
     lora_alpha: float = Field(0.0, ge=0)  # 0: same as the rank (scale 1)
     lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], min_length=1)
     # The dtype the base model's weights are loaded in. bf16 halves the frozen weights (what FLUX.1-dev's 12B transformer
@@ -120,11 +150,11 @@ class DataConfig(Section):
     image_column: str = "image"  # hf only: the column holding PIL images
     caption_column: str = ""  # hf: a column of per-image captions for text models (use caption "{label}"); digits: "caption" ("a thick handwritten 7")
     caption: str = "a handwritten digit {label}"  # text models: caption per image; {label} is filled where the data has labels
-    resolution: Positive = 16
+    resolution: int = Field(16, gt=0, le=MAX_RESOLUTION)
     channels: Literal[1, 3] = 1
     # Feeding the GPU (trainers/data.py): batch order stays a function of (seed, rank, step) whatever these say.
-    workers: NonNegative = 0  # DataLoader worker processes (0: read in the training process; in-memory digits need none)
-    prefetch: Positive = 2  # batches each worker reads ahead
+    workers: int = Field(0, ge=0, le=MAX_WORKERS)  # DataLoader worker processes (0: read in the training process; in-memory digits need none)
+    prefetch: int = Field(2, gt=0, le=MAX_BATCH)  # batches each worker reads ahead
     cache_latents: bool = True  # latent models: encode the training images with the VAE once, keyed by content and VAE weights
     cache_captions: bool = True  # text models: encode each distinct caption once
     cache_dir: str = ""  # latent cache, shareable by a sweep's trials ("" = $ACPO_LATENT_CACHE or ~/.cache/acpo/latents)
@@ -132,12 +162,12 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: Positive = 200  # optimizer steps
-    batch_size: Positive = 64  # per worker
+    steps: int = Field(200, gt=0, le=MAX_TRAIN_STEPS)  # optimizer steps
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH)  # per worker
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables
-    gradient_accumulation: Positive = 1  # micro-batches per optimizer step (the loss is divided by this, once)
+    gradient_accumulation: int = Field(1, gt=0, le=MAX_BATCH)  # micro-batches per optimizer step (the loss is divided by this, once)
     seed: int = 0  # every draw derives from (seed, rank, step): trainers.common.seeds.derive_seed
     ema_decay: float = Field(0.0, ge=0, lt=1)  # EMA of the trainable weights, used for evaluation; 0 disables
     # auto: bf16 autocast on CUDA, fp32 on the CPU (where autocast is slower than fp32 for these convolutions);
@@ -148,10 +178,12 @@ class TrainConfig(Section):
     timestep_density: Literal["auto", "uniform", "logit_normal", "mode"] = "auto"
     gradient_checkpointing: bool = False  # recompute UNet (and VAE decoder) activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile the trainable UNet (first steps pay the compilation)
-    eval_every: NonNegative = 0  # evaluate + checkpoint every N steps (0: only at the end)
-    output_dir: str = "runs/digits"  # checkpoints and the resolved config go here
+    eval_every: int = Field(0, ge=0, le=MAX_TRAIN_STEPS)  # evaluate + checkpoint every N steps (0: only at the end)
+    # checkpoints and the resolved config go here ("" under Ray Train: a private scratch folder on each worker's
+    # node, removed when the worker ends; what a sweep on object storage uses, Ray uploading each checkpoint)
+    output_dir: str = "runs/digits"
     # Ray Train (ignored by `acpo train --local`)
-    workers: Positive = 1  # data-parallel workers
+    workers: int = Field(1, gt=0, le=MAX_WORKERS)  # data-parallel workers
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: NonNegative = 1  # restarts from the last checkpoint after a worker dies
@@ -163,12 +195,12 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    samples: int = Field(500, ge=3)  # images generated per evaluation (intervals need at least 3)
+    samples: int = Field(500, ge=3, le=MAX_SAMPLES)  # images generated per evaluation (intervals need at least 3)
     # The screening seed bank: the noise every checkpoint and the base are sampled from during a sweep
     # (the same noise for all: common random numbers). The confirmation bank is sweep.confirm.seed.
     seed: int = 0
-    resamples: int = Field(1000, ge=100)  # paired-bootstrap resamples behind every interval (eval/intervals.py)
-    sampling_steps: list[Positive] = Field(default_factory=lambda: [25], min_length=1)  # one row of figures per step count
+    resamples: int = Field(1000, ge=100, le=MAX_RESAMPLES)  # paired-bootstrap resamples behind every interval (eval/intervals.py)
+    sampling_steps: list[Annotated[int, Field(gt=0, le=MAX_SAMPLING_STEPS)]] = Field(default_factory=lambda: [25], min_length=1)  # one row of figures per step count
     sampler: Literal["ddim", "dpm_solver", "euler"] = "ddim"  # a flow model: ddim and euler are its Euler sampler (eval/sampling.py)
     reference: str = "digits:heldout"  # "digits:heldout", an image folder, or "hf:NAME[:SPLIT]" (data.image_column)
     feature_extractor: str = "digits-classifier"  # torch-fidelity extractor name (inception-v3-compat online)
@@ -201,6 +233,7 @@ class Config(Section):
     def from_dict(cls, data: dict):
         """The schema: types and ranges, project paths resolved, the rules between fields. Opens no
         file and imports no model library (`check_references` does, once, at the edge)."""
+        check_nesting(data)
         check_renamed(data)
         config = validate(cls, data)
         config.resolve_paths()
@@ -274,6 +307,8 @@ class Config(Section):
         self.eval.clip_score = resolve_quality_paths(self.eval.clip_score)
         from trainers.common.storage import is_remote, resolve
 
+        if has_credentials(self.eval.cache_dir):
+            raise ConfigError(f"eval.cache_dir: {credentials_message(self.eval.cache_dir)}")
         if is_remote(self.data.cache_dir):
             raise ConfigError(f"data.cache_dir: {self.data.cache_dir} is a URI; the latent cache is a local folder on each node "
                               "(object storage serves sweep.storage_dir and eval.cache_dir)")

@@ -9,6 +9,8 @@ models are trained in). `DigitsDataset` also yields the label; a captioned Huggi
 from __future__ import annotations
 
 import hashlib
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from trainers.common.errors import UnreadableFileError
 
 DIGITS_RESOLUTION = 16
 DIGITS_HELDOUT = 297  # 1,797 images: 1,500 train, 297 held out
@@ -108,6 +112,30 @@ def digits_data_hash() -> str:
     return h.hexdigest()
 
 
+# PIL refuses an image past Image.MAX_IMAGE_PIXELS (about 89 megapixels) only at twice that, and only
+# warns below; a small file whose header claims a huge size (a decompression bomb) would take a node's
+# memory when decoded. Past the limit an image is refused before decoding; this one stands in where a
+# library turned PIL's off (MAX_IMAGE_PIXELS = None).
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default: 0.25 GB of RGB
+
+
+@contextmanager
+def open_image(path: Path):
+    """`Image.open` with every failure, a decompression bomb included, a one-line error naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise UnreadableFileError(f"unreadable image {path}: {error}") from None
+    with image:
+        limit = Image.MAX_IMAGE_PIXELS or MAX_IMAGE_PIXELS
+        if image.width * image.height > limit:
+            raise UnreadableFileError(f"unreadable image {path}: {image.width}x{image.height} pixels, past the limit of "
+                                      f"{limit:,} (a decompression bomb?)")
+        yield image
+
+
 def _square(image: Image.Image, resolution: int, resample) -> Image.Image:
     """Center crop to a square, then resize: the usual preprocessing for unconditional DDPMs."""
     w, h = image.size
@@ -142,17 +170,17 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"image folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}): {root}")
         self.resolution, self.channels = resolution, channels
         for path in self.files:
-            try:
-                with Image.open(path) as image:
+            with open_image(path) as image:
+                try:
                     image.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError) as error:
-                raise ValueError(f"unreadable image {path}: {error}") from None
+                except (OSError, SyntaxError) as error:
+                    raise UnreadableFileError(f"unreadable image {path}: {error}") from None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i) -> torch.Tensor:
-        with Image.open(self.files[i]) as image:
+        with open_image(self.files[i]) as image:
             return _to_model_range(image, self.resolution, self.channels)
 
 
@@ -182,14 +210,17 @@ class HFImageDataset(Dataset):
         for column in filter(None, (image_column, caption_column)):
             if column not in ds.column_names:
                 raise ValueError(f"dataset {name} has no column {column!r} (columns: {ds.column_names})")
-        self.ds, self.resolution, self.channels = ds, resolution, channels
+        self.name, self.ds, self.resolution, self.channels = name, ds, resolution, channels
         self.image_column, self.caption_column = image_column, caption_column
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i):
-        row = self.ds[i]
+        try:
+            row = self.ds[i]  # datasets decodes the image here, with PIL's limit
+        except Image.DecompressionBombError as error:
+            raise UnreadableFileError(f"dataset {self.name}, row {i}: {error}") from None
         image = _to_model_range(row[self.image_column], self.resolution, self.channels)
         return (image, str(row[self.caption_column])) if self.caption_column else image
 
@@ -229,7 +260,7 @@ def data_masks(data) -> torch.Tensor:
         mask_path = root / path.relative_to(Path(data.path)).with_suffix(".png")
         if not mask_path.is_file():
             raise ConfigError(f"data.masks: no mask for {path}: expected {mask_path}")
-        with Image.open(path) as image, Image.open(mask_path) as mask:
+        with open_image(path) as image, open_image(mask_path) as mask:
             if mask.size != image.size:
                 raise ConfigError(f"data.masks: {mask_path} is {mask.size[0]}x{mask.size[1]}, its image {path} "
                                   f"{image.size[0]}x{image.size[1]}")

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from eval.evaluate import Evaluator
 from eval.intervals import per_sample_tensors
 from trainers.image_sets import WithMasks, captioned_images, captions, data_masks, training_set
+from trainers.common import storage
 from trainers.common.seeds import derive_seed
 from objectives.context import StepContext, check_timestep_density, draw_timesteps, prediction_type
 from objectives.registry import Objective, build_objective
@@ -129,7 +130,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
     out = Path(settings.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        storage.write_text(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     # Data: micro-batches from the resumed one on, as latent moments when the VAE's encodings are
     # cached, conditioning from the caption cache for text models.

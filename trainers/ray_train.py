@@ -9,6 +9,8 @@ sweep trial builds the same trainer inside its Tune function (Train V2).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import ray
@@ -26,9 +28,22 @@ from trainers.config import Config
 
 def train_worker(config_dict: dict) -> None:
     """What every Ray Train worker runs."""
+    config = Config.from_dict(config_dict)
+    if config.train.output_dir:
+        run_worker(config)
+        return
+    # A scratch folder of this worker's own (mkdtemp: mode 0700, a new name each time, so two sweeps of
+    # one name, or two users of one node, never share or delete each other's), removed when it ends.
+    scratch = tempfile.mkdtemp(prefix="acpo-scratch-")
+    try:
+        run_worker(config.model_copy(update={"train": config.train.model_copy(update={"output_dir": scratch})}))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_worker(config: Config) -> None:
     from trainers.loop import train
 
-    config = Config.from_dict(config_dict)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     system = SystemMetrics().start() if rank == 0 else None  # rank 0's report is the one the sweep keeps

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -150,7 +151,7 @@ def test_a_live_driver_is_never_displaced(tmp_path):
     Lease(str(tmp_path), confirm_s=0.05).acquire().release()
 
 
-def test_a_killed_drivers_lease_is_taken_at_once_on_its_machine_and_after_it_goes_stale_elsewhere(tmp_path, capsys):
+def test_a_killed_drivers_lease_is_taken_at_once_on_its_machine(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     holder = {"host": socket.gethostname(), "machine": lease_module.machine(), "pid": dead.pid, "started": time.time() - 5, "token": "x",
@@ -160,13 +161,54 @@ def test_a_killed_drivers_lease_is_taken_at_once_on_its_machine_and_after_it_goe
     Lease(str(tmp_path), confirm_s=0.05).acquire().release()
     assert f"its process {dead.pid} on this machine has ended" in capsys.readouterr().out
 
-    elsewhere = {**holder, "host": "another-node", "machine": "another-node/boot/ns", "pid": 1, "heartbeat": time.time() - 10}
-    storage.write_text(layout.lease_file(str(tmp_path)), json.dumps(elsewhere))
-    with pytest.raises(ConfigError, match="driver pid 1 on another-node"):
-        Lease(str(tmp_path), stale_s=60, confirm_s=0.05).acquire()  # fresh: another machine's driver may be alive
-    storage.write_text(layout.lease_file(str(tmp_path)), json.dumps({**elsewhere, "heartbeat": time.time() - lease_module.STALE_S - 1}))
-    Lease(str(tmp_path), confirm_s=0.05).acquire().release()  # stale after STALE_S: taken
-    assert "last heartbeat was" in capsys.readouterr().out
+
+ELSEWHERE = {"host": "another-node", "machine": "another-node/boot/ns", "pid": 1, "started": 0, "token": "theirs"}
+
+
+@pytest.fixture
+def quick_lease(monkeypatch):
+    """The lease's times shrunk: the rule under test is the same at 90 s."""
+    monkeypatch.setattr(lease_module, "STALE_S", 0.6)
+    monkeypatch.setattr(lease_module, "BEAT_S", 0.1)
+
+
+@pytest.mark.parametrize("skew_s", [10_000, -10_000])
+def test_another_machines_lease_that_keeps_changing_is_never_taken_whatever_its_clock(tmp_path, quick_lease, skew_s):
+    location, stop = layout.lease_file(str(tmp_path)), threading.Event()
+
+    def beat():  # a live driver on a machine whose clock is hours off ours
+        beats = 0
+        while not stop.wait(0.05):
+            beats += 1
+            storage.write_text(location, json.dumps({**ELSEWHERE, "beat": beats, "heartbeat": time.time() + skew_s}))
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    try:
+        time.sleep(0.2)
+        watched = time.monotonic()
+        while time.monotonic() - watched < 2 * lease_module.STALE_S:
+            with pytest.raises(ConfigError, match="being driven by driver pid 1 on another-node"):
+                check_free(str(tmp_path))
+        with pytest.raises(ConfigError, match="this driver refused"):
+            Lease(str(tmp_path), confirm_s=0.05).acquire()
+    finally:
+        stop.set()
+        beating.join()
+    assert json.loads(storage.read_text(location))["token"] == "theirs"
+
+
+@pytest.mark.parametrize("skew_s", [10_000, -10_000])
+def test_another_machines_lease_that_stops_changing_is_taken_after_stale_s_of_the_readers_clock(tmp_path, quick_lease, capsys, skew_s):
+    storage.write_text(layout.lease_file(str(tmp_path)), json.dumps({**ELSEWHERE, "beat": 7, "heartbeat": time.time() + skew_s}))
+    watched = time.monotonic()
+    assert check_free(str(tmp_path))["token"] == "theirs"  # the preflight: waits, then finds it gone
+    assert time.monotonic() - watched >= lease_module.STALE_S  # never at once, however old its heartbeat says it is
+    assert capsys.readouterr().out.count("waiting up to") == 1
+    watched = time.monotonic()
+    Lease(str(tmp_path), confirm_s=0.05).acquire().release()  # the driver's own acquire: what the preflight saw still holds
+    assert time.monotonic() - watched < lease_module.STALE_S
+    assert "its lease has not changed for" in capsys.readouterr().out
 
 
 def test_a_driver_that_finds_its_lease_taken_stops(tmp_path, monkeypatch):

@@ -21,10 +21,10 @@ from trainers.config import Config
 from trainers.models import load_base_model
 
 BASE = {"fid": 50.0, "kid": 10.0, "heldout_quality": 0.5}
-# (trial, step, fid, held-out quality, kid): the front is t2@2, t1@2, t1@4; t2@4 is dominated by t1@4.
-# Within the FID tolerance (10%: FID <= 55) the highest held-out quality is t1@4: the champion.
-# On the KID axis (tolerance 5: KID <= 15) the front is t1@2, t2@4, t1@4 and the champion t2@4.
-FIGURES = [("t1", 2, 45.0, 0.55, 10.0), ("t1", 4, 52.0, 0.70, 30.0), ("t2", 2, 40.0, 0.52, 12.0), ("t2", 4, 60.0, 0.60, 14.0)]
+# (trial, step, fid, held-out quality, kid): the front is trial_0002@2, trial_0001@2, trial_0001@4; trial_0002@4 is dominated by trial_0001@4.
+# Within the FID tolerance (10%: FID <= 55) the highest held-out quality is trial_0001@4: the champion.
+# On the KID axis (tolerance 5: KID <= 15) the front is trial_0001@2, trial_0002@4, trial_0001@4 and the champion trial_0002@4.
+FIGURES = [("trial_0001", 2, 45.0, 0.55, 10.0), ("trial_0001", 4, 52.0, 0.70, 30.0), ("trial_0002", 2, 40.0, 0.52, 12.0), ("trial_0002", 4, 60.0, 0.60, 14.0)]
 SWEEP = SweepConfig(name="moved", fid_tolerance=0.1, space={"train.steps": {"randint": [2, 4]}}, tracking_wait_s=0)
 
 
@@ -47,7 +47,7 @@ def finished_sweep(tmp_path_factory, digits_assets):
         params = layout.params_file(folder, trial)
         (folder / "work" / trial).mkdir(parents=True, exist_ok=True)
         with open(params, "w") as out:
-            json.dump({"train.steps": 4 if trial == "t1" else 2}, out)
+            json.dump({"train.steps": 4 if trial == "trial_0001" else 2}, out)
     with open(layout.base_metrics_file(folder), "w") as out:
         json.dump(BASE, out)
     with open(layout.sweep_id_file(folder), "w") as out:
@@ -78,19 +78,20 @@ def test_select_runs_on_a_sweep_folder_moved_elsewhere(finished_sweep, tmp_path)
     finally:
         gone.rename(weights)
     champion = selection["champion"]
-    assert (champion["trial"], champion["step"]) == ("t1", 4), selection["rule"]
-    assert champion["checkpoint"] == str(moved / "trials" / "t1" / "step_000004")
+    assert (champion["trial"], champion["step"]) == ("trial_0001", 4), selection["rule"]
+    assert champion["checkpoint"] == str(moved / "trials" / "trial_0001" / "step_000004")
     assert champion["param:train.steps"] == 4
-    assert [(row["trial"], row["step"]) for row in selection["front"]] == [("t2", 2), ("t1", 2), ("t1", 4)]
+    assert [(row["trial"], row["step"]) for row in selection["front"]] == [("trial_0002", 2), ("trial_0001", 2), ("trial_0001", 4)]
     assert selection["unreadable"] == [] and selection["evaluated"] == 4
     written = json.loads((moved / "selection.json").read_text())
     assert written["champion"]["checkpoint"] == champion["checkpoint"]
     assert (moved / "pareto.png").is_file() and (moved / "pareto.html").is_file()
     # the champion, exported into the moved folder, loads on its own
-    assert exported is not None and (moved / "champion" / "model_index.json").is_file()
-    assert json.loads((moved / "champion" / "metrics.json").read_text())["fid"] == 52.0
-    assert load_checkpoint_model(moved / "champion").unet is not None
-    stored = json.loads((moved / "trials" / "t1" / "step_000004" / "config.json").read_text())["eval"]
+    stored_champion = moved / json.loads((moved / "champion.json").read_text())["folder"]  # champions/<export>/, named once whole
+    assert exported is not None and (stored_champion / "model_index.json").is_file()
+    assert json.loads((stored_champion / "metrics.json").read_text())["fid"] == 52.0
+    assert load_checkpoint_model(stored_champion).unet is not None
+    stored = json.loads((moved / "trials" / "trial_0001" / "step_000004" / "config.json").read_text())["eval"]
     assert settings == {"sampler": stored["sampler"], "guidance_scale": stored["guidance_scale"], "prompts": [],
                         "steps": stored["sampling_steps"][0]}
 
@@ -101,8 +102,8 @@ def test_a_sweep_on_the_kid_axis_selects_on_kid(finished_sweep, tmp_path):
     moved = copy_of(finished_sweep, tmp_path)
     sweep = SWEEP.model_copy(update={"fidelity": "kid", "kid_tolerance": 5.0})
     selection = select(sweep, str(moved))
-    assert [(row["trial"], row["step"]) for row in selection["front"]] == [("t1", 2), ("t2", 4), ("t1", 4)]
-    assert (selection["champion"]["trial"], selection["champion"]["step"]) == ("t2", 4), selection["rule"]
+    assert [(row["trial"], row["step"]) for row in selection["front"]] == [("trial_0001", 2), ("trial_0002", 4), ("trial_0001", 4)]
+    assert (selection["champion"]["trial"], selection["champion"]["step"]) == ("trial_0002", 4), selection["rule"]
     assert "KID <= 15" in selection["rule"] and selection["base"] == {"kid": 10.0, "heldout_quality": 0.5}
     assert selection["fidelity"] == {"axis": "kid", "tolerance": 5.0, "kind": "absolute"}
     assert "KID (lower is better)" in (moved / "pareto.html").read_text()
@@ -112,7 +113,7 @@ def test_a_config_of_another_version_still_gives_the_sampling_settings(finished_
     """The champion's settings are four values read from its config.json, not the whole config
     re-validated: a key this version does not know (a folder written by another version) is no error."""
     moved = copy_of(finished_sweep, tmp_path)
-    config_file = moved / "trials" / "t1" / "step_000004" / "config.json"
+    config_file = moved / "trials" / "trial_0001" / "step_000004" / "config.json"
     config = json.loads(config_file.read_text())
     config["model"]["from_another_version"] = True
     config_file.write_text(json.dumps(config))
@@ -122,7 +123,7 @@ def test_a_config_of_another_version_still_gives_the_sampling_settings(finished_
 
 @pytest.mark.parametrize("broken, names", [
     ("base_metrics.json", "base_metrics.json"),
-    ("trials/t1/step_000004/config.json", "config.json"),
+    ("trials/trial_0001/step_000004/config.json", "config.json"),
 ])
 def test_a_broken_selection_input_is_named_and_mlflow_is_not_blamed(finished_sweep, tmp_path, broken, names):
     """Something of the sweep's own folder unreadable: a SelectionError naming it, before MLflow is

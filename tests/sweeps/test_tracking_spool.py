@@ -11,7 +11,7 @@ from sweeps.spool import SENT, SPOOL, pending_records, read_records, record_name
 from sweeps.tracking import SweepTracking
 
 
-def spooled_trial(directory, trial="t1", steps=(2, 4, 6)):
+def spooled_trial(directory, trial="trial_0001", steps=(2, 4, 6)):
     path = directory / "work" / trial / SPOOL
     path.parent.mkdir(parents=True)
     spool(path, {"op": "start", "params": {"train.learning_rate": 1e-4}})
@@ -32,7 +32,7 @@ def test_a_replay_logs_in_order_and_a_second_replay_adds_nothing(tmp_path, track
     parent = tracking.run("sweep", "s")
     replayer = SpoolReplayer(tracking, tmp_path, parent)
     assert replayer.replay_once() and pending_records(tmp_path) == {}
-    run = tracking.client.get_run(tracking.run("trial", "trial-t1", parent, trial="t1"))
+    run = tracking.client.get_run(tracking.run("trial", "trial-trial_0001", parent, trial="trial_0001"))
     assert run.info.status == "FINISHED" and run.data.params["train.learning_rate"] == "0.0001"
     assert run.data.tags["acpo.sweep_id"] == "id-1"
     history = lambda: [(m.step, m.value) for m in tracking.client.get_metric_history(run.info.run_id, "fid")]  # noqa: E731
@@ -53,13 +53,13 @@ def test_an_unreachable_server_keeps_every_record_until_it_answers(tmp_path, tra
     with monkeypatch.context() as patch:
         patch.setattr(tracking.client, "log_batch", down)
         assert not replayer.replay_once()
-    assert pending_records(tmp_path) == {"t1": 5}  # nothing went through: parameters and metrics both go in batches
+    assert pending_records(tmp_path) == {"trial_0001": 5}  # nothing went through: parameters and metrics both go in batches
     assert replayer.finish(timeout=5) == {}
 
 
 def test_evaluations_on_disk_missing_from_the_spool_are_added_once(tmp_path):
     path = spooled_trial(tmp_path, steps=(4,))
-    checkpoints = tmp_path / "trials" / "t1"
+    checkpoints = tmp_path / "trials" / "trial_0001"
     for step in (2, 4):
         (checkpoints / f"step_{step:06d}").mkdir(parents=True)
         (checkpoints / f"step_{step:06d}" / "metrics.json").write_text(json.dumps({"step": step, "fid": 90.0}))
@@ -100,7 +100,7 @@ def test_sample_grids_become_step_indexed_readable_images_once(tmp_path, trackin
         spool(path, {"op": "image", "file": str(grid), "step": step, "time": 1_700_000_000_000 + step})
     parent = tracking.run("sweep", "s")
     assert SpoolReplayer(tracking, tmp_path, parent).replay_once()
-    run = tracking.run("trial", "trial-t1", parent, trial="t1")
+    run = tracking.run("trial", "trial-trial_0001", parent, trial="trial_0001")
 
     def images():
         return sorted(a.path for a in tracking.client.list_artifacts(run, "images") if a.path.endswith(".png"))
@@ -134,20 +134,72 @@ def test_a_spool_in_object_storage_is_replayed_in_order_with_its_images(s3, trac
     from trainers.common import storage
 
     directory = f"{s3}/{uuid.uuid4().hex[:8]}"
-    location = storage.join(directory, "work", "t1", SPOOL)
+    location = storage.join(directory, "work", "trial_0001", SPOOL)
     spool(location, {"op": "start", "params": {"train.steps": 4}})
     png = io.BytesIO()
     Image.new("L", (136, 69), color=80).save(png, format="png")
-    grid = storage.join(directory, "trials", "t1", "step_000004", "samples.png")
+    grid = storage.join(directory, "trials", "trial_0001", "step_000004", "samples.png")
     storage.write_bytes(grid, png.getvalue())
     for step in (2, 4):
         spool(location, {"op": "metrics", "step": step, "time": 1_700_000_000_000 + step, "metrics": {"fid": 100.0 - step}})
     spool(location, {"op": "image", "file": grid, "step": 4, "time": 1_700_000_000_004})
     spool(location, {"op": "end", "status": "FINISHED"})
-    assert pending_records(directory) == {"t1": 5}
+    assert pending_records(directory) == {"trial_0001": 5}
     parent = tracking.run("sweep", "s")
     assert SpoolReplayer(tracking, directory, parent).replay_once() and pending_records(directory) == {}
-    run = tracking.client.get_run(tracking.run("trial", "trial-t1", parent, trial="t1"))
+    run = tracking.client.get_run(tracking.run("trial", "trial-trial_0001", parent, trial="trial_0001"))
     assert run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in tracking.client.get_metric_history(run.info.run_id, "fid")] == [(2, 98.0), (4, 96.0)]
     assert [a.path.split("+")[2] for a in tracking.client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")] == ["4"]
+
+
+def test_a_malformed_record_is_skipped_once_with_a_warning_and_the_replay_goes_on(tmp_path, tracking, capsys):
+    path = spooled_trial(tmp_path, steps=(2,))
+    bad = {"metrics-less": {"op": "metrics", "step": 4, "time": 1}, "list": [1, 2], "bogus": {"op": "bogus"},
+           "nan-step": {"op": "metrics", "step": float("nan"), "time": 1, "metrics": {"fid": 1.0}}}
+    for record in bad.values():
+        spool(path, record)
+    spool(path, {"op": "metrics", "step": 8, "time": 1_700_000_000_008, "metrics": {"fid": 92.0}})  # after them: still replayed
+    names = record_names(path)
+    parent = tracking.run("sweep", "s")
+    assert SpoolReplayer(tracking, tmp_path, parent).replay_once() and pending_records(tmp_path) == {}
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 4 and all(w.startswith("[tracking] skipped the spooled record") for w in warnings)
+    assert names[3] in warnings[0] and "op 'metrics' without metrics" in warnings[0]
+    assert "a JSON list" in warnings[1] and "unknown op 'bogus'" in warnings[2] and "bad step" in warnings[3]
+    run = tracking.run("trial", "trial-trial_0001", parent, trial="trial_0001")
+    assert [(m.step, m.value) for m in tracking.client.get_metric_history(run, "fid")] == [(2, 98.0), (8, 92.0)]
+    assert SpoolReplayer(tracking, tmp_path, parent).replay_once()  # a new driver, from the kept place
+    assert capsys.readouterr().err == ""  # warned about once
+
+
+def test_an_image_from_outside_the_sweeps_folder_is_never_uploaded(tmp_path, tracking, capsys):
+    from PIL import Image
+
+    directory = tmp_path / "sweep"
+    path = spooled_trial(directory, steps=())
+    secret = tmp_path / "secret.png"  # any file the driver can read: /etc/passwd, a key
+    Image.new("L", (8, 8), color=200).save(secret)
+    inner = directory / "trials" / "trial_0001" / "step_000008" / "samples.png"
+    inner.parent.mkdir(parents=True)
+    Image.new("L", (8, 8), color=40).save(inner)
+    (directory / "trials" / "link.png").symlink_to(secret)
+    planted = [secret, directory / "trials" / ".." / ".." / "secret.png", directory / "trials" / "link.png"]
+    for step, file in enumerate([*planted, inner], start=2):
+        spool(path, {"op": "image", "file": str(file), "step": step, "time": 1_700_000_000_000 + step})
+    parent = tracking.run("sweep", "s")
+    assert SpoolReplayer(tracking, directory, parent).replay_once() and pending_records(directory) == {}
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 3 and all("lies outside the sweep's folder" in w for w in warnings)
+    run = tracking.run("trial", "trial-trial_0001", parent, trial="trial_0001")
+    assert [a.path.split("+")[2] for a in tracking.client.list_artifacts(run, "images") if a.path.endswith(".png")] == ["5"]
+
+
+def test_an_image_in_object_storage_must_be_under_the_sweeps_prefix():
+    from sweeps.replay import inside
+
+    assert inside("s3://bucket/sweep/", "s3://bucket/sweep/trials/trial_0001/step_000002/samples.png")
+    assert not inside("s3://bucket/sweep", "s3://bucket/sweep-2/trials/trial_0001/samples.png")  # a sibling sharing its prefix
+    assert not inside("s3://bucket/sweep", "s3://bucket/sweep/trials/../../other/key.png")
+    assert not inside("s3://bucket/sweep", "s3://other/sweep/trials/samples.png")
+    assert not inside("s3://bucket/sweep", "/etc/passwd") and not inside("/srv/sweep", "s3://bucket/srv/sweep/x.png")

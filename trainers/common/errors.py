@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import sys
 
+from trainers.common.credentials import redact
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
@@ -52,8 +54,9 @@ USER_ERRORS = (ConfigError, ObjectiveError, OptionError, FileNotFoundError, NotA
 
 def last_line(error: BaseException, with_type: bool = False) -> str:
     """An exception as one line: its message's last non-empty line (where Python, pyarrow and most
-    libraries put the reason), or its type's name when it has no message."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    libraries put the reason), or its type's name when it has no message. Passwords in URIs are
+    redacted: the line goes to output, records and MLflow."""
+    lines = [line for line in redact(str(error)).strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
     return f"{type(error).__name__}: {lines[-1]}" if with_type else lines[-1]
@@ -86,10 +89,10 @@ def report_error(error: BaseException) -> int:
         # The storage filled up (or went read-only) under the sweep: what is written stays consistent
         # (checkpoints and records are written aside and renamed); free space, then --resume.
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-        print(f"acpo: error: the storage folder cannot be written{where}: {last_line(error)[:200]}; "
+        print(f"acpo: error: the storage folder cannot be written{redact(where)}: {last_line(error)[:200]}; "
               "free space (or make it writable) and --resume", file=sys.stderr)
         return 2
     if not isinstance(error, USER_ERRORS):
         raise error
-    print(f"acpo: error: {error}", file=sys.stderr)
+    print(f"acpo: error: {redact(str(error))}", file=sys.stderr)
     return 2

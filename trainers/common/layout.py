@@ -16,7 +16,9 @@
       selection.json                the front, the hypervolume, the confirmation, the champion
       confirmation/<bank>/          per-sample data of the base and each confirmed candidate on the confirmation bank
       pareto.png, pareto.html       the front's plots
-      champion/                     the champion, exported as a diffusers pipeline
+      champions/<export>/           each selection's champion, exported as a diffusers pipeline (<export>: when and which,
+                                    `20261207-101500-1a2b3c`), written whole before champion.json names it
+      champion.json                 which of them is the sweep's champion now (the older ones are removed after the switch)
 
 Every function takes the sweep's folder (or a trial's folder) as a location: a local path or a URI
 (`s3://bucket/prefix`), joined with `storage.join`, so the same names hold on a disk and in object storage.
@@ -24,8 +26,10 @@ Every function takes the sweep's folder (or a trial's folder) as a location: a l
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from trainers.common.errors import ConfigError
 from trainers.common.storage import join, parent
 
 SWEEP_ID = "sweep_id"
@@ -40,7 +44,8 @@ SPOOL, SENT = "tracking", "tracking.sent"  # in a trial's records: one file per 
 BASE_METRICS, BASE_SAMPLES, BASE_PER_SAMPLE = "base_metrics.json", "base_samples.png", "base_per_sample.safetensors"
 SELECTION = "selection.json"
 PARETO_PNG, PARETO_HTML = "pareto.png", "pareto.html"
-CHAMPION = "champion"
+CHAMPIONS, CHAMPION_POINTER = "champions", "champion.json"
+CHAMPION_ARTIFACTS = "champion"  # in the sweep's MLflow parent run: champion/<export>/, one registered version each
 CONFIRMATION = "confirmation"
 # A study's folder: its sweeps under SWEEPS, its report, the screening intervals the report reads (a
 # cache: recomputed when missing) beside the files above (the base's, shared by its sweeps).
@@ -54,6 +59,17 @@ CHECKPOINT_PER_SAMPLE = "per_sample.safetensors"  # the evaluation's per-sample 
 TRAIN_RECORD = "checkpoint_manager_snapshot.json"
 
 Location = str | Path
+# A trial's key names folders: it is read from the Optuna storage and Tune's parameters, so it is checked
+# before any path is built from it (`../x` or `/tmp/x` would leave the sweep's folder).
+TRIAL_KEY_PATTERN = re.compile(r"trial_\d{4,9}")
+
+
+def trial_key(key) -> str:
+    """`key` when it is a trial's key (`trial_0003`), else a one-line ConfigError naming it."""
+    if not isinstance(key, str) or not TRIAL_KEY_PATTERN.fullmatch(key):
+        raise ConfigError(f"{TRIAL_KEY}: {key!r} is not a trial's key (trial_NNNN); a record of this sweep was altered "
+                          "(its Optuna study or a trial's parameters): refused before it names a folder")
+    return key
 
 
 def checkpoint_name(step: int) -> str:
@@ -88,7 +104,7 @@ def trials_dir(directory: Location) -> str:
 
 
 def trial_checkpoints(directory: Location, trial: str) -> str:
-    return join(directory, TRIALS, trial)
+    return join(directory, TRIALS, trial_key(trial))
 
 
 def work_dir(directory: Location) -> str:
@@ -97,15 +113,15 @@ def work_dir(directory: Location) -> str:
 
 def trial_records(directory: Location, trial: str) -> str:
     """A trial's parameters and tracking spool, where the driver reads them."""
-    return join(directory, WORK, trial)
+    return join(directory, WORK, trial_key(trial))
 
 
 def params_file(directory: Location, trial: str) -> str:
-    return join(directory, WORK, trial, PARAMS)
+    return join(directory, WORK, trial_key(trial), PARAMS)
 
 
 def trial_spool(directory: Location, trial: str) -> str:
-    return join(directory, WORK, trial, SPOOL)
+    return join(directory, WORK, trial_key(trial), SPOOL)
 
 
 def sent_file(spool_location: Location) -> str:
@@ -138,8 +154,25 @@ def confirmation_dir(directory: Location) -> str:
     return join(directory, CONFIRMATION)
 
 
-def champion_dir(directory: Location) -> str:
-    return join(directory, CHAMPION)
+def champions_dir(directory: Location) -> str:
+    return join(directory, CHAMPIONS)
+
+
+def champion_dir(directory: Location, export: str) -> str:
+    """One selection's exported champion (`export`: its id, `new_export_id`)."""
+    return join(directory, CHAMPIONS, export)
+
+
+def champion_pointer(directory: Location) -> str:
+    return join(directory, CHAMPION_POINTER)
+
+
+def new_export_id() -> str:
+    """A name no earlier export has: the time (sorts in order) and a random part (two in one second)."""
+    import time
+    import uuid
+
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
 def metrics_glob() -> str:

@@ -7,8 +7,10 @@ endpoint come from the provider's standard settings (for S3: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible server), as for
 Ray and MLflow (boto3).
 
-Writes are whole or not at all: a local file is written beside its place and renamed into it; an
-object store's PUT is atomic. Object stores have no append and no rename: callers that append (the
+Writes are whole or not at all: a local file is written beside its place, flushed to the disk (fsync)
+and renamed into it, and the rename is flushed too (the folder's fsync), so a crash or a power cut
+leaves the old file or the new one, never a truncated one; an object store's PUT is atomic. A file
+that is unreadable all the same (written by hand, or by another tool) is read by `read_json` as absent. Object stores have no append and no rename: callers that append (the
 tracking spool, the Optuna journal) write one object per record instead.
 
 An object store that does not answer (a network error, a 503 / SlowDown) is retried with back-off for
@@ -189,17 +191,52 @@ def write_text(location: str | Path, text: str) -> None:
 
 
 def write_whole(path: Path, write: Callable[[str], object]) -> None:
-    """`write(tmp)` into a temporary file beside the local `path`, then rename it there."""
+    """`write(tmp)` into a temporary file beside the local `path`, flushed to the disk, then renamed there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        sync(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    sync(path.parent)
+
+
+def sync(path: str | Path) -> None:
+    """A local file's bytes, or a folder's entries (a rename into it), flushed to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: str | Path) -> None:
+    """Every file and folder under a local `folder`, and the folder itself, flushed to the disk: before
+    the folder is renamed into place, so the rename never publishes files still in the page cache."""
+    for root, folders, files in os.walk(folder):
+        for entry in files:
+            sync(Path(root) / entry)
+        sync(root)
+
+
+def read_json(location: str | Path, what: str):
+    """The JSON value in `location`, or None when there is none or it cannot be read (cut short, or not
+    JSON), saying so in one line on stderr: the caller computes it again."""
+    import json
+
+    try:
+        return json.loads(read_bytes(location).decode())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError included
+        print(f"[storage] {location}: {what} is unreadable ({type(error).__name__}: cut short?); computed again",
+              file=sys.stderr, flush=True)
+        return None
 
 
 @retried
