@@ -11,6 +11,7 @@ the driver replays into these runs (sweeps/replay.py).
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from sweeps.champion_model import save_champion_model
 from sweeps.selection import params_text
 from sweeps.spool import finite_metrics
 from trainers.common import layout, storage
-from trainers.common.credentials import redact
+from trainers.common.credentials import has_credentials, redact
 from trainers.common.errors import TrackingError  # noqa: F401 - the error of a step that needs MLflow, imported from here
 
 # MLflow limits a tag/param value's length; long config values are cut, not rejected.
@@ -42,6 +43,8 @@ class SweepTracking:
         `sweep_id`: the sweep folder's id; its runs are found by it ("": by name, as a study's run is).
         `tags`: set on every run this creates (a rehearsal's `acpo.weights: random (rehearsal)`)."""
         self.uri, self.sweep, self.experiment, self.sweep_id = tracking_uri, sweep, experiment or sweep, sweep_id
+        if has_credentials(tracking_uri):  # MLflow prints each ended run's link with the URI as given, password and all
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.tags = dict(tags or {})
         # The champion is registered on the sweep's own server: without registry_uri, MLflow would follow a
         # $MLFLOW_REGISTRY_URI left behind by any earlier mlflow.set_registry_uri in this process (found by the tests).

@@ -56,6 +56,29 @@ def postgres(database: str = "mlflow"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def postgres_database(uri: str, name: str) -> str:
+    """A new database `name` on the server of the SQLAlchemy `uri`; returns its URI."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return uri.rsplit("/", 1)[0] + f"/{name}"
+
+
+def database_text(uri: str) -> str:
+    """Every row of every table of the database at `uri`, as text (to search for what must not be stored)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri)
+    with engine.connect() as connection:
+        tables = sqlalchemy.inspect(connection).get_table_names()
+        text = "\n".join(repr(row) for table in tables for row in connection.execute(sqlalchemy.text(f'SELECT * FROM "{table}"')))
+    engine.dispose()
+    return text
+
+
 @contextmanager
 def mlflow_server(backend_store: str, artifacts: str | Path):
     """`mlflow server` on a free loopback port, its artifacts in a folder or object storage (s3://...,

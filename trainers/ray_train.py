@@ -34,11 +34,30 @@ def train_worker(config_dict: dict) -> None:
         return
     # A scratch folder of this worker's own (mkdtemp: mode 0700, a new name each time, so two sweeps of
     # one name, or two users of one node, never share or delete each other's), removed when it ends.
-    scratch = tempfile.mkdtemp(prefix="acpo-scratch-")
+    remove_orphaned_scratch()
+    scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
     try:
         run_worker(config.model_copy(update={"train": config.train.model_copy(update={"output_dir": scratch})}))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+SCRATCH_PREFIX = "acpo-scratch-"
+
+
+def remove_orphaned_scratch() -> None:
+    """This user's scratch folders left on this node by workers that were killed (their process is gone):
+    what they staged was uploaded already, or is lost with the step Ray Train resumes before."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
+        try:
+            if folder.stat().st_uid != os.geteuid() or not pid.isdigit():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # another user's process, or the folder went meanwhile
+            continue
 
 
 def run_worker(config: Config) -> None:

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import stat
+import tempfile
 import threading
 from types import SimpleNamespace
 
@@ -149,10 +150,14 @@ def test_each_worker_stages_checkpoints_in_a_private_folder_removed_at_its_end(m
         seen.append((folder, stat.S_IMODE(os.stat(folder).st_mode)))
 
     monkeypatch.setattr(ray_train, "run_worker", run_worker)
+    orphan = tempfile.mkdtemp(prefix=f"acpo-scratch-{2**22 + 7}-")  # a killed worker's (no such process)
+    alive = tempfile.mkdtemp(prefix=f"acpo-scratch-{os.getpid()}-")  # a running one's
     ray_train.train_worker(config.to_dict())
     ray_train.train_worker(config.to_dict())  # a second sweep of the same name on the same node
     (first, mode), (second, _) = seen
     assert mode == 0o700 and first != second and not os.path.exists(first) and not os.path.exists(second)
+    assert not os.path.exists(orphan) and os.path.isdir(alive)
+    os.rmdir(alive)
 
 
 def test_a_write_is_flushed_to_the_disk_before_and_after_its_rename(tmp_path, monkeypatch):
@@ -174,7 +179,7 @@ def test_a_record_cut_short_is_read_as_absent_and_said_so(tmp_path, capsys, monk
     noise_file.write_text('{"fid": {"mean": 81.')  # a kill mid-write by an older version, or a copy cut short
     assert storage.read_json(noise_file, "the base model's noise") is None
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "base_noise.json: the base model's noise is unreadable" in err[0] and "computed again" in err[0]
+    assert len(err) == 1 and "base_noise.json: unreadable as the base model's noise" in err[0] and "computed again" in err[0]
     assert storage.read_json(tmp_path / "missing.json", "x") is None and capsys.readouterr().err == ""
     # the study measures it again instead of dying on it
     measured = {"fid": {"mean": 80.0, "std": 1.0}}

@@ -59,7 +59,7 @@ def test_a_sweep_on_s3_resumes_after_a_driver_kill_and_writes_nothing_locally(tm
         assert champion["checkpoint"].startswith(f"{folder}/ons3/trials/") and selection["registered"]["version"]
         version = client.get_model_version_by_alias("ons3", "champion")
         parent = client.get_run(selection["mlflow"]["parent_run_id"])
-        assert version.source == f"{parent.info.artifact_uri}/champion"  # the server's artifact store: the bucket
+        assert version.source == f"{parent.info.artifact_uri}/champion/{selection['export']['id']}"  # the bucket, a path of its own
         stored = servers.s3_keys(f"mlflow/{parent.info.experiment_id}/{parent.info.run_id}/artifacts/champion/")
         assert any(key.endswith("/MLmodel") for key in stored) and any(key.endswith(".safetensors") for key in stored)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -68,10 +68,10 @@ def test_a_sweep_on_s3_resumes_after_a_driver_kill_and_writes_nothing_locally(tm
         assert images.shape[0] == 2
 
     keys = servers.s3_keys("sweeps/ons3/")
-    assert {"sweeps/ons3/base_metrics.json", "sweeps/ons3/pareto.html", "sweeps/ons3/champion/model_index.json"} <= set(keys)
+    export = json.loads(storage.read_text(f"{folder}/ons3/champion.json"))["folder"]  # named after it was uploaded whole
+    assert {"sweeps/ons3/base_metrics.json", "sweeps/ons3/pareto.html", f"sweeps/ons3/{export}/model_index.json"} <= set(keys)
     assert sum(key.endswith("/metrics.json") and "/trials/" in key for key in keys) >= 4
     assert any(key.startswith("sweeps/ons3/optuna-journal/") for key in keys)  # the study, resumed from the bucket's journal
     assert any(key.startswith("cache/") for key in servers.s3_keys("cache/"))  # the reference features, cached in the bucket
     assert list(work.iterdir()) == []  # nothing in a local sweep folder
-    scratch = os.path.join(tempfile.gettempdir(), "acpo-scratch")
-    assert not [name for name in (os.listdir(scratch) if os.path.isdir(scratch) else []) if name.startswith("ons3-")]
+    assert not [name for name in os.listdir(tempfile.gettempdir()) if name.startswith("acpo-scratch-")]  # each worker's, removed

@@ -82,6 +82,7 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
     assert version.tags["trial"] == winner["trial"] and version.tags["step"] == str(winner["step"])
     assert float(version.tags["fid"]) == pytest.approx(winner["fid"], abs=1e-4) and "objective.anchor.weight" in str(version.tags)
     assert winner["trial"] in version.description
+    first_files = artifact_hashes(version.source, tmp_path / "v1-before", mlflow_server)  # what version 1 holds as registered
     import pandas as pd
 
     with monkeypatch.context() as env:  # as a user would: the server in the environment, models:/ through its registry
@@ -134,6 +135,27 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
         again = client.get_model_version_by_alias("e2e", "champion")
         assert again.version != version.version and again.tags["confirmed"] == "yes: seed 7, 16 samples"
         assert "[" in again.tags["confirmed_heldout_gain"] and "confirmed_fid_ratio" in again.tags
+
+    # Selected once more under another rule (any FID): a new version with a source of its own, and version 1's
+    # files byte for byte as registered (its MLmodel alone differs on every save, so a rewrite would show).
+    assert acpo(["select", "--sweep", "e2e", "--set", f"sweep.storage_dir={tmp_path}", "--set", f"sweep.tracking_uri={mlflow_server}",
+                 *sum((["--set", item] for item in TINY), []), "--set", "sweep.fid_tolerance=100"]) == 0
+    latest = client.get_model_version_by_alias("e2e", "champion")
+    assert int(latest.version) > int(version.version) and latest.source != version.source
+    assert artifact_hashes(version.source, tmp_path / "v1-after", mlflow_server) == first_files
+    assert artifact_hashes(latest.source, tmp_path / "latest", mlflow_server)["MLmodel"] != first_files["MLmodel"]
+    pointer = json.loads((tmp_path / "e2e" / "champion.json").read_text())
+    assert [p.name for p in (tmp_path / "e2e" / "champions").iterdir()] == [pointer["folder"].split("/")[1]]  # the sweep's own copy: the latest
+
+
+def artifact_hashes(source: str, folder: Path, uri: str) -> dict[str, str]:
+    """A registered version's files as downloaded, each by its sha256."""
+    import hashlib
+
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder), tracking_uri=uri))
+    return {str(p.relative_to(local)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(local.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.integration
@@ -240,9 +262,17 @@ def test_a_killed_driver_resumes_without_duplicates(tmp_path, mlflow_server, dig
     tune_dir = tmp_path / "killed" / "tune"
     for target in [*tune_dir.rglob("*.pkl"), tune_dir / "tuner.pkl", tune_dir / "searcher-state-planted.pkl"]:
         target.write_bytes(planted)
+    # The study's database is junk now and the base model's figures were cut short: --resume sets the first
+    # aside and rebuilds the study from the trials' records, and measures the base again; nothing is lost.
+    (tmp_path / "killed" / "optuna.db").write_bytes(b"not a database" * 1000)
+    base_file = tmp_path / "killed" / "base_metrics.json"
+    base_file.write_text(base_file.read_text()[:20])
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not marker.exists()
+    assert "the Optuna study cannot be opened" in resumed.stderr and "from the trials' records (work/<trial>/params.json)" in resumed.stdout
+    assert "base_metrics.json: unreadable as the base model's figures" in resumed.stderr and json.loads(base_file.read_text())["fid"] > 0
+    assert list((tmp_path / "killed").glob("optuna.db.unreadable-*"))
     # the killed driver's lease is free at once on its machine (its process is gone), and the resume says what it found
     assert f"taking over the sweep from driver pid {driver.pid}" in resumed.stdout and "has ended" in resumed.stdout
     assert "resuming from the sweep's records" in resumed.stdout

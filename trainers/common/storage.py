@@ -234,7 +234,7 @@ def read_json(location: str | Path, what: str):
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError included
-        print(f"[storage] {location}: {what} is unreadable ({type(error).__name__}: cut short?); computed again",
+        print(f"[storage] {location}: unreadable as {what} ({type(error).__name__}: cut short?); computed again",
               file=sys.stderr, flush=True)
         return None
 
