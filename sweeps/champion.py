@@ -8,7 +8,6 @@ can be selected again anywhere its folder is copied (`acpo select --sweep NAME`)
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from trainers.config import Config
 
 
 def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str, config: Config | None = None) -> dict:
-    """Select; export the champion in diffusers layout (to `champion/` in the sweep's storage); log the
+    """Select; export the champion in diffusers layout (to `champions/<export>/` in the sweep's storage); log the
     selection to the sweep's parent run and register the champion with alias `champion`. Records the
     trials left spooled are replayed first. A failure of the selection itself is a `SelectionError`;
     one of MLflow's, a `TrackingError` saying what is safe in storage."""
@@ -59,7 +58,7 @@ def select_and_register(sweep: SweepConfig, directory: str | Path, uri: str, con
 
 def select_and_export(sweep: SweepConfig, directory: str, stage: Path, config: Config | None = None) -> tuple[dict, Path | None, dict | None]:
     """What the selection does without MLflow: `select`, then (when the sweep registers one) the
-    champion exported to `stage/champion`, stored as the sweep's `champion/`, and the settings it
+    champion exported to `stage/champion`, stored as the sweep's `champions/<export>/` (`store_champion`), and the settings it
     was sampled with. Returns (selection, the local export or None, its sampling settings or None)."""
     selection = select(sweep, directory, config)
     champion = selection["champion"]
@@ -84,17 +83,15 @@ def store_champion(local: Path, directory: str, export: str, champion: dict) -> 
 
         tmp = Path(location).with_name(f".{export}.tmp")
         shutil.copytree(local, tmp)
-        storage.sync_tree(tmp)
-        os.replace(tmp, location)
-        storage.sync(Path(location).parent)
+        storage.publish_folder(tmp, Path(location))
     write_json(layout.champion_pointer(directory), {"folder": f"{layout.CHAMPIONS}/{export}", "trial": champion["trial"],
                                                     "step": champion.get("step"), "checkpoint": champion["checkpoint"]})
-    for older in storage.listdir(layout.champions_dir(directory)):
-        if older != export:
-            try:
-                storage.delete(layout.champion_dir(directory, older))
-            except OSError as error:  # the switch is done; an export left behind costs space only
-                print(f"[sweep] an earlier champion export was left in place: {older} ({last_line(error)[:160]})", file=sys.stderr, flush=True)
+    older = [layout.champion_dir(directory, name) for name in storage.listdir(layout.champions_dir(directory)) if name != export]
+    for stale in [*older, layout.legacy_champion_dir(directory)]:
+        try:
+            storage.delete(stale)
+        except OSError as error:  # the switch is done; an export left behind costs space only
+            print(f"[sweep] an earlier champion export was left in place: {stale} ({last_line(error)[:160]})", file=sys.stderr, flush=True)
     return location
 
 

@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from trainers.common.credentials import redacted
 from trainers.common.errors import ConfigError, report_error
 
 
@@ -45,12 +46,14 @@ def cmd_train(args) -> int:
 
     overrides = list(args.overrides) + ([f"train.workers={args.workers}"] if args.workers else [])
     config, _ = load(args.preset, overrides)
+    if not config.train.output_dir:  # "" is a sweep trial's setting: each Ray Train worker's own scratch
+        raise ConfigError("train.output_dir: expected a folder for the run's checkpoints, got ''")
     for line in check_inputs(config):  # every file the config names, opened; before Ray starts
         print(f"[train] not checked before the run: {line}", file=sys.stderr, flush=True)
     if not args.local:
         check_ray_address()
     if args.dry_run:
-        print(json.dumps(config.to_dict(), indent=2))
+        print(json.dumps(redacted(config.to_dict()), indent=2))
         return 0
     from eval.evaluate import Evaluator
     from trainers.models import load_base_model
@@ -90,7 +93,7 @@ def cmd_eval(args) -> int:
         overrides.append(f"eval.sampling_steps=[{args.steps}]")
     config, _ = load(args.preset, overrides)
     if args.dry_run:
-        print(json.dumps(config.to_dict()["eval"], indent=2))
+        print(json.dumps(redacted(config.to_dict()["eval"]), indent=2))
         return 0
     if args.noise:
         return cmd_eval_noise(args, config)

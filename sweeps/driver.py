@@ -290,7 +290,7 @@ def build_tuner(config: Config, sweep: SweepConfig, directory: str, resume: bool
     seed = sweep.seed + asked
     sampler = NSGAIISampler(seed=seed) if sweep.algorithm == "nsga2" else TPESampler(seed=seed, multivariate=True)
     search = OptunaSearch(space=AskSpace(sweep), metric=list(axes), mode=list(axes.values()), sampler=sampler,
-                          study_name=sweep.name, storage=store)
+                          study_name=study.study_name, storage=store)
     print(f"[sweep] {remaining} trials, {concurrency} at a time, {sweep.algorithm}", flush=True)
     return tune.Tuner(
         trainable(config, directory),
@@ -322,10 +322,11 @@ def close_interrupted(sweep: SweepConfig, directory: str, tracking) -> int:
     record it as failed / killed; a --resume reads its records and tells it, or runs it again."""
     import optuna
 
-    from sweeps.search import study_exists, study_storage
+    from sweeps.search import study_exists, study_name, study_storage
 
     interrupted = 0
-    study = optuna.load_study(study_name=sweep.name, storage=study_storage(sweep, directory)) if study_exists(sweep, directory) else None
+    study = (optuna.load_study(study_name=study_name(sweep, directory), storage=study_storage(sweep, directory))
+             if study_exists(sweep, directory) else None)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if study else []:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         interrupted += 1

@@ -217,7 +217,7 @@ class Lease:
                 holder = read(self.directory)
                 if holder is not None and holder.get("token") == self.mine["token"]:
                     storage.delete(self.file)
-        except Exception as error:  # noqa: BLE001 - a lease left behind is freed by its dead pid / stale heartbeat
+        except Exception as error:  # noqa: BLE001 - a lease left behind is freed by its dead pid, or by not changing for STALE_S
             print(f"[sweep] could not remove the lease {self.file}: {last_line(error)[:160]}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "Lease":

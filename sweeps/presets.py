@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from sweeps.dotted import flatten_space, set_values
 from trainers.common.credentials import credentials_message, has_credentials
-from trainers.config import MAX_NESTING, MAX_SAMPLES, Config, ConfigError, Section
+from trainers.config import MAX_NESTING, MAX_SAMPLES, MAX_TRIALS, Config, ConfigError, Section
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -42,7 +42,7 @@ class SweepConfig(Section):
     register_champion: bool = True  # register the champion (a study's per-method sweeps leave it to the study)
     experiment: str = ""  # the MLflow experiment ("" = name; a study's sweeps share the study's)
     parent_run: str = ""  # an MLflow run id the sweep's parent run nests under (a study's run; "" = none)
-    num_samples: int = Field(8, ge=1, le=100_000)  # trials; bounded so a typo fails here, not after days of trials
+    num_samples: int = Field(8, ge=1, le=MAX_TRIALS)  # trials; bounded so a typo fails here, not after days of trials
     algorithm: Literal["tpe", "nsga2"] = "tpe"  # Optuna's sampler
     max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's resources fit
     # The front's fidelity axis (eval/axes.py): fid or kid. Measured on digits (README, "FID or KID"): FID's paired

@@ -65,6 +65,16 @@ class StudyDatabase(RDBStorage):
         return state
 
 
+def study_name(sweep, directory: str) -> str:
+    """The study's name in its storage: the sweep's name in the sweep's own folder; in a database that
+    other sweeps share (a cluster's), the name and the sweep folder's id, so that two sweeps of one name
+    (two studies' `acpo-seed0`) never load each other's trials."""
+    if not database_url(sweep):
+        return sweep.name
+    sweep_id = storage.read_text(layout.sweep_id_file(directory)).strip() if storage.is_file(layout.sweep_id_file(directory)) else ""
+    return f"{sweep.name}-{sweep_id}" if sweep_id else sweep.name
+
+
 def study_storage(sweep, directory: str):
     """The sweep's Optuna storage (see the module's docstring), as OptunaSearch takes it."""
     from optuna.storages import JournalStorage
@@ -81,7 +91,7 @@ def study_exists(sweep, directory: str) -> bool:
     if database_url(sweep):
         import optuna
 
-        return sweep.name in optuna.get_all_study_names(database_url(sweep))
+        return study_name(sweep, directory) in optuna.get_all_study_names(database_url(sweep))
     if storage.is_remote(directory):
         return bool(storage.listdir(layout.optuna_journal(directory)))
     return storage.is_file(layout.optuna_db(directory))
@@ -140,14 +150,21 @@ def open_study(sweep, directory: str, directions: list[str], resume: bool):
     opened (a local `optuna.db` that is not a database any more) is set aside and a new one rebuilt from
     the trials' records (`rebuild`), saying so in one line; a study database the user named, or one that
     fails on a new sweep, is a one-line error naming it."""
+    import sqlite3
+
     import optuna
 
+    name = study_name(sweep, directory)
     try:
         store = study_storage(sweep, directory)
-        return optuna.create_study(study_name=sweep.name, storage=store, load_if_exists=True, directions=directions), store
-    except Exception as error:  # noqa: BLE001 - SQLAlchemy's and SQLite's errors: whatever it is, the file is not a study
-        reason = last_line(getattr(error, "orig", None) or error)[:200]  # SQLAlchemy's own last line is a link
-        if database_url(sweep) or storage.is_remote(directory) or not resume:
+        return optuna.create_study(study_name=name, storage=store, load_if_exists=True, directions=directions), store
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy's, SQLite's, Optuna's: each is one line here
+        cause = getattr(error, "orig", None) or error
+        reason = last_line(cause)[:200]  # SQLAlchemy's own last line is a link
+        # Only a file that is no database (or a corrupt one) is set aside: a locked database, another
+        # Optuna's schema or a permission error is the user's to see, with the file left as it is.
+        corrupt = isinstance(cause, sqlite3.DatabaseError) and not isinstance(cause, sqlite3.OperationalError)
+        if database_url(sweep) or storage.is_remote(directory) or not (resume and corrupt):
             where = f"sweep.optuna_storage: {redact(database_url(sweep))}" if database_url(sweep) else layout.optuna_db(directory)
             raise UnreadableFileError(f"{where}: the Optuna study cannot be opened ({reason})") from None
     unreadable = f"{layout.optuna_db(directory)}.unreadable-{int(time.time())}"
@@ -155,31 +172,37 @@ def open_study(sweep, directory: str, directions: list[str], resume: bool):
     print(f"[sweep] {layout.optuna_db(directory)}: the Optuna study cannot be opened ({reason}); set aside as {unreadable}, "
           "rebuilt from the trials' records", file=sys.stderr, flush=True)
     store = study_storage(sweep, directory)
-    return optuna.create_study(study_name=sweep.name, storage=store, directions=directions), store
+    return optuna.create_study(study_name=name, storage=store, directions=directions), store
 
 
 def rebuild(study, sweep, directory: str) -> int:
     """An empty study (its file lost or set aside) filled again from the trials' records: each key's
     parameters (`work/<key>/params.json`) as a failed trial of the same number, which `reconcile` then
     tells (finished) or asks again (unfinished); numbers without records are kept as failed trials with
-    no key, so a new trial never takes a recorded key. Returns the trials rebuilt."""
+    no key, so a new trial never takes a recorded key (a key numbered past any sweep's trials,
+    `MAX_TRIALS`, is not rebuilt). Returns the trials rebuilt."""
     from optuna.trial import TrialState, create_trial
 
+    from trainers.config import MAX_TRIALS
+
     distributions = {key: distribution(kind, args, step) for key, kind, args, step in AskSpace(sweep).dims}
-    keys = recorded_trials(directory)
-    by_number = {int(key.removeprefix("trial_")): key for key in keys}
+    by_number = {int(key.removeprefix("trial_")): key for key in recorded_trials(directory) if layout.TRIAL_KEY_PATTERN.fullmatch(key)}
+    for number in sorted(n for n in by_number if n >= MAX_TRIALS):
+        print(f"[sweep] {layout.trial_records(directory, by_number.pop(number))}: numbered past any sweep's trials; not rebuilt",
+              file=sys.stderr, flush=True)
     rebuilt = 0
     for number in range(max(by_number, default=-1) + 1):
         key = by_number.get(number)
         params = storage.read_json(layout.params_file(directory, key), "a trial's parameters") if key else None
-        if isinstance(params, dict) and set(params) == set(distributions):
-            study.add_trial(create_trial(params=params, distributions=distributions, state=TrialState.FAIL, user_attrs={TRIAL_KEY: key}))
-            rebuilt += 1
-        else:
+        try:
+            trial = create_trial(params=params, distributions=distributions, state=TrialState.FAIL, user_attrs={TRIAL_KEY: key})
+        except (ValueError, TypeError, AttributeError):  # missing, or not this space's parameters (a value out of range)
             if key:
                 print(f"[sweep] {layout.params_file(directory, key)}: not this sweep's parameters; trial {key} is not rebuilt",
                       file=sys.stderr, flush=True)
-            study.add_trial(create_trial(state=TrialState.FAIL))
+            trial = create_trial(state=TrialState.FAIL)
+        study.add_trial(trial)
+        rebuilt += TRIAL_KEY in trial.user_attrs
     return rebuilt
 
 

@@ -121,9 +121,9 @@ def last_sent(spool_location: str | Path) -> str:
 
 
 def recorded_trials(directory: str | Path) -> list[str]:
-    """The keys of the trials with records in the sweep's folder (`work/<key>/`), in order; an entry not
-    named as a trial's key is no trial's (and never becomes a path)."""
-    return [name for name in storage.listdir(layout.work_dir(directory)) if layout.TRIAL_KEY_PATTERN.fullmatch(name)]
+    """The trials with records in the sweep's folder (`work/<trial>/`), in order; an entry that is no plain
+    folder name is no trial's (and never becomes a path)."""
+    return [name for name in storage.listdir(layout.work_dir(directory)) if layout.FOLDER_NAME_PATTERN.fullmatch(name)]
 
 
 def trial_spools(directory: str | Path) -> dict[str, str]:

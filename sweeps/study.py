@@ -20,7 +20,6 @@ the study's run.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from sweeps import confirm, driver  # `driver.run_sweep`, looked up when called 
 from sweeps.presets import load
 from sweeps.space import pin_searched
 from trainers.common import layout, storage
-from trainers.common.credentials import redacted
+from trainers.common.credentials import redact, redacted
 from trainers.common.errors import last_line
 from trainers.config import ConfigError, Section, validate
 
@@ -166,13 +165,13 @@ def run_study(study: StudyConfig, directory: Path, resume: bool = False) -> dict
                 print(f"[study] {sweep.name}: done before, kept", flush=True)
                 continue
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            for shared in (layout.BASE_METRICS, layout.BASE_SAMPLES, layout.BASE_PER_SAMPLE):
+            # the base figures file last: it marks the base as measured (sweeps/driver.py: evaluate_base)
+            for shared in (layout.BASE_SAMPLES, layout.BASE_PER_SAMPLE, layout.BASE_METRICS):
                 if (directory / shared).is_file():
-                    shutil.copy(directory / shared, sweep_dir / shared)
+                    storage.write_bytes(sweep_dir / shared, (directory / shared).read_bytes())
             if sweep.confirm.top_k:  # the base on this sweep's confirmation bank: measured once per bank, copied
                 target = Path(confirm.base_location(config, sweep, str(sweep_dir)))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(confirmation_base(config, sweep, directory), target)
+                storage.write_bytes(target, confirmation_base(config, sweep, directory).read_bytes())
             print(f"[study] {sweep.name}", flush=True)
             try:
                 driver.run_sweep(config, sweep, resume=driver.holds_sweep(str(sweep_dir)), inputs_checked=True)
@@ -318,7 +317,7 @@ def write_report(study: StudyConfig, directory: Path, failures: dict | None = No
     failed = "".join(f"- {name} failed: {reason}\n" for name, reason in (failures or {}).items())
     missing = [m for m in study.methods if m not in summary]
     text = (f"# Study {study.name}\n\n{len(study.methods)} methods x seeds {study.seeds} x {study.trials} trials each, "
-            f"the same budget: `{' '.join(study.set) or '(the preset)'}` on preset `{study.preset}`.\n\n"
+            f"the same budget: `{redact(' '.join(study.set)) or '(the preset)'}` on preset `{study.preset}`.\n\n"
             + markdown_table(summary, base, noise) + "\n" + (confirmed_table(summary, banks) + "\n" if picks else "")
             + (f"Not confirmed (finished without a confirmation, left out of the second table): {', '.join(unconfirmed)}.\n\n"
                if unconfirmed else "")

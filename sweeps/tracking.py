@@ -94,7 +94,7 @@ class SweepTracking:
     def log_params(self, run_id: str, params: dict) -> None:
         existing = self.client.get_run(run_id).data.params
         # a resumed trial keeps its parameters (MLflow refuses a change); one request per 100 (MLflow's limit)
-        new = [Param(key, str(value)[:_MAX_VALUE]) for key, value in params.items() if key not in existing]
+        new = [Param(key, redact(str(value))[:_MAX_VALUE]) for key, value in params.items() if key not in existing]
         for start in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[start:start + 100])
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainers.common.errors import UnreadableCheckpointError, last_line
-from trainers.common.storage import sync, sync_tree
+from trainers.common.storage import publish_folder
 from trainers.common.layout import CHECKPOINT_CONFIG, CHECKPOINT_METRICS, CHECKPOINT_PER_SAMPLE, CHECKPOINT_SAMPLES
 from trainers.common.layout import CHECKPOINT_GLOB, checkpoint_name  # noqa: F401 - the layout's, imported from here by the trainer
 
@@ -81,11 +80,7 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
             from torchvision.utils import save_image
 
             save_image(samples, tmp / CHECKPOINT_SAMPLES, nrow=8, padding=1)
-        sync_tree(tmp)  # on the disk before the rename publishes it
-        if directory.exists():  # a re-run of the same step after a restart: replace, never merge
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        sync(directory.parent)
+        publish_folder(tmp, directory)  # a re-run of the same step after a restart replaces it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -108,6 +108,7 @@ MAX_BATCH = 65_536  # images per micro-batch, and micro-batches per step
 MAX_SAMPLING_STEPS = 10_000  # denoising steps per sample: 10x DDPM's 1,000
 MAX_TRAIN_STEPS = 10_000_000  # optimizer steps: 5,000x the presets' 2,000
 MAX_WORKERS = 1024  # processes per run (DataLoader readers, data-parallel workers)
+MAX_TRIALS = 100_000  # trials per sweep (sweep.num_samples)
 MAX_LORA_RANK = 8192  # past every hidden width of the supported models: a larger rank is no longer low-rank
 # Levels of nested mappings and lists: presets use under ten. A value that contains itself (a Python
 # caller's, or a YAML alias inside its own anchor) would otherwise recurse until Python gives up.

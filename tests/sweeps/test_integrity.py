@@ -37,6 +37,8 @@ def test_one_rule_redacts_every_kind_of_credential_in_a_uri():
         f"redis://:{SENTINEL}@host:6379": "redis://:***@host:6379",
         f"https://b.s3.amazonaws.com/k?X-Amz-Credential=a&X-Amz-Signature={SENTINEL}": "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***",
         f"mysql://u@h/db?password={SENTINEL}&ssl=1": "mysql://u@h/db?password=***&ssl=1",
+        f"http://u:p@{SENTINEL}@h:5000/x": "http://u:***@h:5000/x",  # an unencoded @ in the password
+        f"s3://AKIA:ab/{SENTINEL}@bucket/sweeps": "s3://AKIA:***@bucket/sweeps",  # a secret key with a /
     }
     for uri, expected in cases.items():
         assert redact(uri) == expected and has_credentials(uri)
@@ -118,10 +120,13 @@ def records(directory, key, params, finished=None):
 
 def test_trial_keys_are_checked_before_they_become_paths(tmp_path):
     directory = str(tmp_path / "sweep")
-    for bad in ("/tmp/x", "../x", "trial_0001/../../x", "", None, "trial_12"):
-        with pytest.raises(ConfigError, match="not a trial's key"):
+    for bad in ("/tmp/x", "../x", "trial_0001/../../x", "..", "", None):
+        with pytest.raises(ConfigError, match="not a trial's folder name"):
             layout.trial_records(directory, bad)
+        with pytest.raises(ConfigError, match="not a trial's key"):
+            layout.trial_key(bad)
     assert layout.params_file(directory, "trial_0003").endswith("work/trial_0003/params.json")
+    assert layout.trial_checkpoints(directory, "run_trial_3ad7f_00000")  # an earlier version's folder, still selectable
     # planted in the Optuna study: --resume refuses in one line, and writes nothing anywhere
     sweep = SweepConfig(name="s", space=SPACE)
     for planted in ("/tmp/x", "../x"):
@@ -202,8 +207,10 @@ def test_a_champion_is_replaced_by_upload_then_switch(tmp_path, monkeypatch):
         (folder / "model_index.json").write_text("{}")
         return folder
 
+    (tmp_path / "sweep" / "champion").mkdir(parents=True)  # an earlier version's one export, replaced in place
     first = champion_module.store_champion(export("one"), directory, "20261207-000000-aaaaaa", {"trial": "trial_0000", "step": 2, "checkpoint": "c0"})
     pointer = json.loads(storage.read_text(layout.champion_pointer(directory)))
+    assert not (tmp_path / "sweep" / "champion").exists()
     assert pointer["folder"] == "champions/20261207-000000-aaaaaa" and (tmp_path / "sweep" / pointer["folder"] / "unet" / "weights.bin").read_text() == "one"
 
     # the next export fails half-way (a killed driver, a store gone): the first stays named and whole
@@ -239,6 +246,8 @@ def test_an_unreadable_optuna_db_is_rebuilt_from_the_trials_records(tmp_path, ca
     study.tell(asked[0][0], [50.0, 0.6])
     records(directory, "trial_0001", params["trial_0001"], finished=(48.0, 0.7))  # finished, its tell lost with the driver
     records(directory, "trial_0003", params["trial_0003"])  # interrupted mid-training; trial_0002 was asked and never started
+    records(directory, "trial_0004", {**params["trial_0003"], "train.steps": 1000})  # not of this space: not rebuilt
+    records(directory, "trial_999999999", params["trial_0003"])  # numbered past any sweep: not rebuilt (nor 10^9 placeholders)
     (tmp_path / "s" / "optuna.db").write_bytes(b"this is not a database" * 100)
 
     with pytest.raises(Exception, match="optuna.db: the Optuna study cannot be opened"):  # a new sweep: refused, nothing rebuilt
@@ -247,8 +256,10 @@ def test_an_unreadable_optuna_db_is_rebuilt_from_the_trials_records(tmp_path, ca
     err = capsys.readouterr().err
     assert "the Optuna study cannot be opened" in err and "rebuilt from the trials' records" in err
     assert [p.name for p in (tmp_path / "s").glob("optuna.db.unreadable-*")]  # set aside, not deleted
-    assert not study.trials and recorded_trials(directory) == ["trial_0000", "trial_0001", "trial_0003"]
-    assert rebuild(study, sweep, directory) == 3
+    assert not study.trials and recorded_trials(directory) == ["trial_0000", "trial_0001", "trial_0003", "trial_0004", "trial_999999999"]
+    assert rebuild(study, sweep, directory) == 3 and len(study.trials) == 5
+    err = capsys.readouterr().err
+    assert "trial_0004/params.json: not this sweep's parameters" in err and "trial_999999999: numbered past any sweep's trials" in err
     counts = reconcile(study, directory, AXES)
     assert counts == {"done": 2, "told": 2, "again": 1}
     complete = {t.user_attrs[layout.TRIAL_KEY]: t.values for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
@@ -256,4 +267,27 @@ def test_an_unreadable_optuna_db_is_rebuilt_from_the_trials_records(tmp_path, ca
     again = study.ask()
     assert AskSpace(sweep)(again)[layout.TRIAL_KEY] == "trial_0003" and again.params == params["trial_0003"]
     new = study.ask()
-    assert AskSpace(sweep)(new)[layout.TRIAL_KEY] not in {"trial_0000", "trial_0001", "trial_0002", "trial_0003"}  # never a recorded key
+    assert AskSpace(sweep)(new)[layout.TRIAL_KEY] not in {"trial_0000", "trial_0001", "trial_0002", "trial_0003", "trial_0004"}  # never a recorded key
+
+
+def test_a_study_that_cannot_be_opened_for_another_reason_is_left_as_it_is(tmp_path):
+    sweep = SweepConfig(name="s", space=SPACE)
+    (tmp_path / "s" / "optuna.db").mkdir(parents=True)  # SQLite cannot open it (as a lock or a permission would fail): not corrupt
+    with pytest.raises(Exception, match="optuna.db: the Optuna study cannot be opened") as raised:
+        open_study(sweep, str(tmp_path / "s"), DIRECTIONS, resume=True)
+    assert len(str(raised.value).splitlines()) == 1 and (tmp_path / "s" / "optuna.db").is_dir()
+    assert not list((tmp_path / "s").glob("optuna.db.unreadable-*"))
+
+
+def test_sweeps_of_one_name_sharing_a_database_keep_their_own_studies(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACPO_OPTUNA_STORAGE", f"sqlite:///{tmp_path}/shared.db")  # a cluster's database, every sweep's
+    sweep = SweepConfig(name="acpo-seed0", space=SPACE)
+    studies = []
+    for study in ("study-a", "study-b"):  # two studies' sweeps of one name
+        directory = tmp_path / study / "acpo-seed0"
+        storage.write_text(layout.sweep_id_file(directory), f"{study}-id\n")
+        opened, _ = open_study(sweep, str(directory), DIRECTIONS, resume=False)
+        opened.enqueue_trial({"objective.anchor.weight": 2.0, "train.steps": 4})
+        studies.append(opened.study_name)
+    assert studies == ["acpo-seed0-study-a-id", "acpo-seed0-study-b-id"]
+    assert [len(optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/shared.db").trials) for name in studies] == [1, 1]

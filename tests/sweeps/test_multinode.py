@@ -70,7 +70,9 @@ def test_trials_train_on_the_worker_nodes(tmp_path, s3, postgres_mlflow, digits_
     assert list(tmp_path.iterdir()) == []
     import optuna
 
-    assert len(optuna.load_study(study_name="multinode", storage=optuna_url).trials) == 2  # the study was in PostgreSQL
+    names = optuna.get_all_study_names(optuna_url)  # the sweep's name and its folder's id: a shared database
+    assert len(names) == 1 and names[0].startswith("multinode-")
+    assert len(optuna.load_study(study_name=names[0], storage=optuna_url).trials) == 2  # the study was in PostgreSQL
     printed = capfd.readouterr()
     assert SENTINEL not in printed.out + printed.err
     assert "mlflow:***@127.0.0.1" in printed.out  # the dry run printed the Optuna URL, redacted

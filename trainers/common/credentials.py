@@ -17,8 +17,9 @@ import re
 from typing import Any
 
 MASK = "***"
-# scheme://user:password@  (the user may be empty: `redis://:password@host`)
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^/@:\s]*:)(?P<secret>[^/@\s]+)@")
+# scheme://user:password@host: the password runs to the authority's last `@` (an unencoded `@` or `/` in a
+# password, which clients accept, is still inside it); the user may be empty (`redis://:password@host`)
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^/@:\s]*:)(?P<secret>\S*?)@(?![^\s/]*@)")
 _QUERY = re.compile(r"(?i)(?P<head>[?&](?:password|passwd|pwd|secret|secret_key|secret_access_key|access_token|token|"
                     r"sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|sas|key)=)(?P<secret>[^&#\s'\"]+)")
 

@@ -59,9 +59,13 @@ CHECKPOINT_PER_SAMPLE = "per_sample.safetensors"  # the evaluation's per-sample 
 TRAIN_RECORD = "checkpoint_manager_snapshot.json"
 
 Location = str | Path
-# A trial's key names folders: it is read from the Optuna storage and Tune's parameters, so it is checked
-# before any path is built from it (`../x` or `/tmp/x` would leave the sweep's folder).
+# A trial's key names folders: read from the Optuna storage or Tune's parameters, it is checked as a key
+# (`trial_key`) before it is used; every path built from a trial's name is checked to stay one plain
+# folder name (`trial_folder`: `../x` or `/tmp/x` would leave the sweep's folder). Names listed from
+# `trials/` or `work/` are folder names already; a sweep of an earlier version named them by Tune's
+# trial id (`run_trial_3ad7f_00000`), which `acpo select` still reads.
 TRIAL_KEY_PATTERN = re.compile(r"trial_\d{4,9}")
+FOLDER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
 def trial_key(key) -> str:
@@ -70,6 +74,13 @@ def trial_key(key) -> str:
         raise ConfigError(f"{TRIAL_KEY}: {key!r} is not a trial's key (trial_NNNN); a record of this sweep was altered "
                           "(its Optuna study or a trial's parameters): refused before it names a folder")
     return key
+
+
+def trial_folder(name) -> str:
+    """`name` when it is a plain folder name for a trial, else a one-line ConfigError naming it."""
+    if not isinstance(name, str) or not FOLDER_NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"{TRIAL_KEY}: {name!r} is not a trial's folder name; refused before it names a folder")
+    return name
 
 
 def checkpoint_name(step: int) -> str:
@@ -104,7 +115,7 @@ def trials_dir(directory: Location) -> str:
 
 
 def trial_checkpoints(directory: Location, trial: str) -> str:
-    return join(directory, TRIALS, trial_key(trial))
+    return join(directory, TRIALS, trial_folder(trial))
 
 
 def work_dir(directory: Location) -> str:
@@ -113,15 +124,15 @@ def work_dir(directory: Location) -> str:
 
 def trial_records(directory: Location, trial: str) -> str:
     """A trial's parameters and tracking spool, where the driver reads them."""
-    return join(directory, WORK, trial_key(trial))
+    return join(directory, WORK, trial_folder(trial))
 
 
 def params_file(directory: Location, trial: str) -> str:
-    return join(directory, WORK, trial_key(trial), PARAMS)
+    return join(directory, WORK, trial_folder(trial), PARAMS)
 
 
 def trial_spool(directory: Location, trial: str) -> str:
-    return join(directory, WORK, trial_key(trial), SPOOL)
+    return join(directory, WORK, trial_folder(trial), SPOOL)
 
 
 def sent_file(spool_location: Location) -> str:
@@ -161,6 +172,11 @@ def champions_dir(directory: Location) -> str:
 def champion_dir(directory: Location, export: str) -> str:
     """One selection's exported champion (`export`: its id, `new_export_id`)."""
     return join(directory, CHAMPIONS, export)
+
+
+def legacy_champion_dir(directory: Location) -> str:
+    """Where an earlier version kept its one export (`champion/`), replaced in place: removed at the next switch."""
+    return join(directory, "champion")
 
 
 def champion_pointer(directory: Location) -> str:

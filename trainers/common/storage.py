@@ -224,6 +224,18 @@ def sync_tree(folder: str | Path) -> None:
         sync(root)
 
 
+def publish_folder(tmp: Path, path: Path) -> None:
+    """A local folder written aside (`tmp`, beside `path`) flushed to the disk and renamed into place, the
+    rename flushed too; a folder already at `path` (the same step written again) is replaced, never merged."""
+    import shutil
+
+    sync_tree(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    sync(path.parent)
+
+
 def read_json(location: str | Path, what: str):
     """The JSON value in `location`, or None when there is none or it cannot be read (cut short, or not
     JSON), saying so in one line on stderr: the caller computes it again."""
