@@ -1,4 +1,4 @@
-"""The GPU check (issue 29): what a first hour on a GPU should establish, in one command and one JSON.
+"""The GPU check: what a first hour on a GPU should establish, in one command and one JSON.
 
     bench/gpu_check.sh --wheels DIR              # on a machine with one GPU: installs from DIR first
     .venv/bin/python bench/gpu_check.py --device cpu --size tiny --out check.json   # here, the tests

@@ -1,4 +1,4 @@
-"""Memory of one training step at Stable Diffusion 1.5's real shape (issue 29): the `sd15` preset in
+"""Memory of one training step at Stable Diffusion 1.5's real shape: the `sd15` preset in
 rehearsal (random weights, trainers/rehearsal.py), one setting changed per row from the preset's own
 (LoRA 16 + anchor + MUSIQ on a sampled x0, DRaFT-1 through the VAE decode, gradient checkpointing,
 bf16 autocast, batch 1), each row in its own process.
