@@ -375,8 +375,22 @@ def fault_corrupt_newest_checkpoint(work: Path, uri: str) -> Outcome:
     weights.write_bytes(weights.read_bytes()[:1000])
     code = finished(start_driver(name, work, uri, 1, extra, log, resume=True))
     text = log.read_text()
-    note = f"corrupted {newest.name}; resumed from an older checkpoint" if "cannot resume from it" in text else f"corrupted {newest.name}"
-    return judged("corrupt newest checkpoint on resume", code, work / name, uri, name, 1, note)
+    # The resumed run reads the corrupted checkpoint, gives way to the older one and writes the step again;
+    # when it resumes past it (the kill landed after a later checkpoint's upload but before Ray Train's
+    # record of it), the corrupted folder stays: broken on purpose, it must then not be the champion.
+    from trainers.checkpoint import verify_checkpoint
+
+    try:
+        verify_checkpoint(newest)
+        rewritten = "; written again" if "cannot resume from it" in text else "; written again (the resume did not report reading it)"
+    except Exception:  # noqa: BLE001 - left as corrupted
+        rewritten = "; left corrupted, not resumed from"
+    note = f"corrupted {newest.name}" + ("; resumed from an older checkpoint" if "cannot resume from it" in text else "") + rewritten
+    outcome = judged("corrupt newest checkpoint on resume", code, work / name, uri, name, 1, note, broken={str(newest)})
+    champion = (json.loads((work / name / "selection.json").read_text()).get("champion") or {}) if code == 0 else {}
+    if champion.get("checkpoint") == str(newest) and "left corrupted" in rewritten:
+        outcome.ok, outcome.detail = False, f"the corrupted {newest.name} was selected as champion; {outcome.detail}"
+    return outcome
 
 
 def fault_corrupt_at_selection(work: Path, uri: str) -> Outcome:
