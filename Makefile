@@ -24,7 +24,7 @@ MLFLOW_URI   := http://127.0.0.1:$(MLFLOW_PORT)
 SWEEP_NAME   ?= digits-acpo-$(shell date +%Y%m%d-%H%M%S)
 # Ray 2.60 clusters require a token (~/.ray/auth_token) once one exists; every ray command here uses it.
 # The head binds every port Ray opens (GCS, raylet, object manager, metrics, client, agents) to 127.0.0.1
-# (torch.distributed's rendezvous store in a training worker is torch's, on all interfaces: README):
+# (torch.distributed's rendezvous store in a training worker is torch's, on all interfaces: docs/reliability.md, "Security"):
 # Ray binds them to the node's IP, and turns 127.0.0.1 into that IP unless cluster mode is off
 # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, ray_constants.ENABLE_RAY_CLUSTER). A one-machine head only.
 export RAY_AUTH_MODE := token
@@ -104,12 +104,12 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 
-# The fault suite (tests/fault_suite.py) through pytest: its injected faults (-m slow), printing its table.
-# Alone, from the repo root: `.venv/bin/python -m tests.fault_suite [--only bad|faults]`.
+# The fault suite (tests/faults/) through pytest: its injected faults (-m slow), printing its table.
+# Alone, from the repo root: `.venv/bin/python -m tests.faults [--only bad|faults]`.
 test-faults: $(STAMP)
 	$(PY) -m pytest -q -s -m slow
 
-# The performance figures of the README (bench/, one script per question, ratios measured side by side):
+# The performance figures of docs/performance.md (bench/, one script per question, ratios measured side by side):
 # ~25 minutes on 2 CPU cores, run alone. On a CUDA machine sd_shape.py runs at Stable Diffusion 1.5 size.
 bench: $(STAMP)
 	$(PY) bench/step_overhead.py

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from assets.degradations import FAMILIES, degrade
+from assets.digits_networks import DigitsClassifier, DigitsHeldoutIQA
 from eval.digits_fid import confident_fraction
 from eval.fidelity import fidelity_metrics
-from assets.digits_networks import DigitsClassifier, DigitsHeldoutIQA
 from eval.quality import QualityModel, load_quality_model
 from eval.sampling import sample_images
-from trainers.image_sets import DigitsDataset, digits_data_hash
 from trainers.ema import Ema
+from trainers.image_sets import DigitsDataset, digits_data_hash
 from trainers.loop import optimizer_step
 from trainers.models import DiffusionModel, build_digits_scheduler, build_digits_unet, count_parameters, save_base_model
 
@@ -260,7 +260,7 @@ def train_base_model(steps: int, seed: int = 0, batch_size: int = 64, lr: float 
         "training": {"steps": steps, "batch_size": batch_size, "optimizer": f"AdamW lr {lr}, warm-up + cosine", "ema_decay": ema_decay,
                      "grad_clip": 1.0, "seed": seed, "seconds": round(time.time() - started, 1)},
     }
-    return DiffusionModel(unet=unet, scheduler=scheduler), card
+    return DiffusionModel(denoiser=unet, scheduler=scheduler), card
 
 
 def base_model_figures(model: DiffusionModel, classifier_path: Path, num_samples: int, sampling_steps: int, seed: int = 0) -> dict:
@@ -269,7 +269,7 @@ def base_model_figures(model: DiffusionModel, classifier_path: Path, num_samples
     from eval.digits_fid import FEATURE_EXTRACTOR_NAME, load_digits_classifier
 
     classifier = load_digits_classifier(classifier_path)
-    samples = sample_images(model.unet, model.scheduler.config, num_samples, steps=sampling_steps, seed=seed)
+    samples = sample_images(model, num_samples, steps=sampling_steps, seed=seed)
     heldout, train = _images01("heldout"), _images01("train")
     fid = lambda a, b: fidelity_metrics(a, b, FEATURE_EXTRACTOR_NAME, str(classifier_path), kid=False)["fid"]  # noqa: E731
     return {

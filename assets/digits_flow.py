@@ -33,11 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from assets.digits_t2i import BAR_GUIDANCE, BAR_PROMPTED_DIGIT, CFG_DROPOUT, PROMPT_MAX_TOKENS, _schedule, build_tokenizer, t2i_figures, \
-    train_vae, vae_figures
-from objectives.context import add_noise, draw_timesteps, training_target
+from assets.digits_t2i import BAR_GUIDANCE, BAR_PROMPTED_DIGIT, CFG_DROPOUT, PROMPT_MAX_TOKENS, _schedule, build_tokenizer, t2i_figures, train_vae, vae_figures
 from trainers.ema import Ema
-from trainers.flow_transformer import FlowTransformer
+from trainers.denoiser.flow_transformer import FlowTransformer
 from trainers.image_sets import DigitsDataset, digits_captions, digits_data_hash
 from trainers.loop import optimizer_step
 from trainers.models import DiffusionModel, count_parameters, save_base_model
@@ -96,7 +94,7 @@ def train_flow_transformer(model: DiffusionModel, steps: int, seed: int, batch_s
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 5)
     data, texts, vae = DigitsDataset("train"), digits_captions("train"), model.vae
-    transformer = model.unet.transformer
+    transformer = model.denoiser.transformer
     with torch.no_grad():
         posterior = vae.encode(data.images).latent_dist  # the data is small: encode once, sample per batch
         mean, std = posterior.mean, posterior.std
@@ -117,10 +115,10 @@ def train_flow_transformer(model: DiffusionModel, steps: int, seed: int, batch_s
         dropped = torch.rand(batch_size, generator=generator) < CFG_DROPOUT
         captions = ["" if drop else texts[i] for i, drop in zip(idx.tolist(), dropped.tolist())]
         noise = torch.randn(x0.shape, generator=generator)
-        t = draw_timesteps(model.scheduler, batch_size, generator)
-        output = model.unet(add_noise(model.scheduler, x0, noise, t), t, encoder_hidden_states=torch.stack([hidden[c] for c in captions]),
+        t = model.process.draw_timesteps(batch_size, generator)
+        output = model.denoiser(model.process.add_noise(x0, noise, t), t, encoder_hidden_states=torch.stack([hidden[c] for c in captions]),
                             pooled_projections=torch.stack([pooled[c] for c in captions])).sample
-        loss = F.mse_loss(output, training_target(model.scheduler, x0, noise, t))
+        loss = F.mse_loss(output, model.process.target(x0, noise, t))
         loss.backward()
         optimizer_step(optimizer, list(parameters.values()), grad_clip=1.0)
         schedule.step()
@@ -130,7 +128,7 @@ def train_flow_transformer(model: DiffusionModel, steps: int, seed: int, batch_s
     ema.copy_to(transformer)
     transformer.eval().requires_grad_(False)
     return {"steps": steps, "batch_size": batch_size, "optimizer": f"AdamW lr {lr}, warm-up + cosine", "ema_decay": ema_decay,
-            "loss": "rectified flow: MSE to eps - x0, t logit-normal(0, 1) (objectives.context.draw_timesteps)",
+            "loss": "rectified flow: MSE to eps - x0, t logit-normal(0, 1) (trainers/denoiser/noise_process.py: draw_timesteps)",
             "cfg_caption_dropout": CFG_DROPOUT, "captions": "trainers.image_sets.digits_captions: 'a [thin|thick] handwritten D'",
             "seed": seed, "seconds": round(time.time() - started, 1)}
 
@@ -149,7 +147,7 @@ def build_digits_flow(out_dir: str | Path, classifier_path: str | Path, budget: 
     log(f"[assets] flow VAE: {budget.vae_steps} steps")
     vae, vae_training = train_vae(budget.vae_steps, seed, log=log, build=build_vae, shift=True)
     torch.manual_seed(seed + 2)
-    model = DiffusionModel(unet=FlowTransformer(build_transformer()), scheduler=build_scheduler(), vae=vae, text_encoder=text_encoder,
+    model = DiffusionModel(denoiser=FlowTransformer(build_transformer()), scheduler=build_scheduler(), vae=vae, text_encoder=text_encoder,
                            tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer)
     log(f"[assets] flow transformer: {budget.transformer_steps} steps")
     transformer_training = train_flow_transformer(model, budget.transformer_steps, seed, log=log)
@@ -162,7 +160,7 @@ def build_digits_flow(out_dir: str | Path, classifier_path: str | Path, budget: 
                  "trained by project code with rectified flow on the digits with captions 'a [thin|thick] handwritten D'"),
         "text_encoders": ("two CLIPTextModelWithProjection, randomly initialised and frozen (never trained); character-level CLIPTokenizer "
                           "built locally; no T5: sample through StableDiffusion3Pipeline with max_sequence_length=0"),
-        "architecture": {"transformer_parameters": count_parameters(model.unet), "vae_parameters": count_parameters(vae),
+        "architecture": {"transformer_parameters": count_parameters(model.denoiser), "vae_parameters": count_parameters(vae),
                          "text_encoder_parameters": count_parameters(text_encoder) + count_parameters(text_encoder_2),
                          "latent": f"{LATENT_CHANNELS}x8x8 for 1x16x16 pixels, 16 tokens of 2x2 patches",
                          "scheduler": {k: v for k, v in model.scheduler.config.items() if not k.startswith("_")}},

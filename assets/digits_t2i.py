@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainers.image_sets import DigitsDataset, digits_captions, digits_data_hash
 from trainers.ema import Ema
+from trainers.image_sets import DigitsDataset, digits_captions, digits_data_hash
 from trainers.loop import optimizer_step
 from trainers.models import DiffusionModel, count_parameters, save_base_model
 
@@ -155,7 +155,7 @@ def train_t2i_unet(vae, text_encoder, tokenizer, steps: int, seed: int, batch_si
     data = DigitsDataset("train")
     texts = digits_captions("train")
     unet, scheduler = build_unet(), build_scheduler()
-    model = DiffusionModel(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    model = DiffusionModel(denoiser=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     with torch.no_grad():
         posterior = vae.encode(data.images).latent_dist  # the data is small: encode once, sample per batch
         mean, std = posterior.mean, posterior.std
@@ -201,8 +201,7 @@ def t2i_figures(model: DiffusionModel, classifier_path: Path, num_samples: int, 
     wanted = torch.arange(num_samples) % 10
     figures = {"sampler": f"{sampler_name} {sampling_steps} steps, {num_samples} samples, prompts 'a handwritten D' for D = 0..9, seed {seed}"}
     for guidance in (1.0, BAR_GUIDANCE):
-        images = sample_images(model.unet, model.scheduler.config, num_samples, steps=sampling_steps, seed=seed, vae=model.vae,
-                               encode_prompt=model.encode_prompt, prompts=prompts, guidance_scale=guidance)
+        images = sample_images(model, num_samples, steps=sampling_steps, seed=seed, prompts=prompts, guidance_scale=guidance)
         agreement = (classifier(images * 2 - 1).argmax(1) == wanted).float().mean().item()
         figures[f"prompted_digit_fraction_guidance_{guidance:g}"] = round(agreement, 4)
         heldout = (DigitsDataset("heldout").images + 1) / 2
@@ -233,7 +232,7 @@ def build_digits_t2i(out_dir: str | Path, classifier_path: str | Path, budget: T
         "what": ("latent text-to-image stand-in with Stable Diffusion's component types (UNet2DConditionModel, AutoencoderKL, "
                  "CLIPTextModel + CLIPTokenizer), trained by project code on the digits with captions 'a [thin|thick] handwritten D'"),
         "text_encoder": "CLIPTextModel, randomly initialised and frozen (never trained); character-level CLIPTokenizer built locally",
-        "architecture": {"unet_parameters": count_parameters(model.unet), "vae_parameters": count_parameters(vae),
+        "architecture": {"unet_parameters": count_parameters(model.denoiser), "vae_parameters": count_parameters(vae),
                          "text_encoder_parameters": count_parameters(text_encoder), "latent": "4x8x8 for 1x16x16 pixels",
                          "scheduler": {k: v for k, v in model.scheduler.config.items() if not k.startswith("_")}},
         "training": {"vae": vae_training, "unet": unet_training},

@@ -142,9 +142,9 @@ class ObjectiveStep:
     The trainable UNet counts its forward calls in `calls`."""
 
     def __init__(self, config, device: torch.device):
-        from trainers.image_sets import captions, training_set
         from objectives.registry import build_objective
         from trainers.data import collate, latent_moments, sample_latents
+        from trainers.image_sets import captions, training_set
         from trainers.loop import objective_env, setup_models
         from trainers.models import load_base_model
 
@@ -171,15 +171,15 @@ class ObjectiveStep:
 
     def run(self) -> float:
         """One forward and backward of the objective (and the optimizer step); seconds, synced."""
-        from objectives.context import StepContext, draw_timesteps
+        from objectives.context import StepContext
 
         self.seed += 1
         generator = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(self.x0.shape, generator=generator).to(self.device)
-        t = draw_timesteps(self.base.scheduler, len(self.x0), generator, self.config.train.timestep_density).to(self.device)
+        t = self.base.process.draw_timesteps(len(self.x0), generator, self.config.train.timestep_density).to(self.device)
         sync(self.device)
         started = time.perf_counter()
-        ctx = StepContext(model=self.model, scheduler=self.base.scheduler, x0=self.x0, noise=noise, t=t, conditioning=self.conditioning,
+        ctx = StepContext(model=self.model, process=self.base.process, x0=self.x0, noise=noise, t=t, conditioning=self.conditioning,
                           prompts=self.prompts, base=self.frozen, vae=self.base.vae, encode_prompt=self.base.encode_prompt,
                           generator=generator)
         with self.autocast:

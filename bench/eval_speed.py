@@ -59,11 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base_model(config.model.base, device)
     evaluator = Evaluator.from_config(config, device)
     steps = settings.sampling_steps[0]
-    encode_prompt = base.encode_prompt if base.text_conditioned else None
 
     def sample():
-        return sample_images(base.unet, base.scheduler.config, samples, steps=steps, sampler=settings.sampler, seed=0, device=device,
-                             vae=base.vae, encode_prompt=encode_prompt, prompts=list(evaluator.prompts), guidance_scale=settings.guidance_scale)
+        return sample_images(base, samples, steps=steps, sampler=settings.sampler, seed=0, device=device, prompts=list(evaluator.prompts),
+                             guidance_scale=settings.guidance_scale)
 
     sample_s, images = timed(sample, device)
     reference, extractor, weights = evaluator.reference, settings.feature_extractor, settings.feature_extractor_weights or None

@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         args.set, args.sampling_steps, args.k, args.repeats = [*args.set, "train.batch_size=4"], 4, [1, 2], 2
     config, _ = load(args.preset, args.set)
     metric = config.objective.get("nr_iqa", {}).get("metric") or config.eval.trained_quality
-    sources = {"one_step": {"x0": "one_step", "t_range": [0, 400]}}
+    sources = {"one_step": {"x0": {"source": "one_step", "t_range": [0, 400]}}}
     for k in args.k:
-        sources[f"rollout K={k}"] = {"x0": "rollout", "sampling_steps": args.sampling_steps, "feedback_steps": k}
-        sources[f"sampled K={k}"] = {"x0": "sampled", "sampling_steps": args.sampling_steps, "feedback_steps": k}
+        sources[f"rollout K={k}"] = {"x0": {"source": "rollout", "sampling_steps": args.sampling_steps, "feedback_steps": k}}
+        sources[f"sampled K={k}"] = {"x0": {"source": "sampled", "sampling_steps": args.sampling_steps, "feedback_steps": k}}
 
     rows = []
     for name, source in sources.items():

@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="at most this many checkpoints per bank (0: all)")
     args = parser.parse_args(argv)
 
+    import json
+
     from eval.evaluate import Evaluator
     from eval.intervals import paired_intervals
     from sweeps.confirm import read_per_sample
     from sweeps.presets import load
-
-    import json
 
     study_file = args.folder / "study.json"
     preset = args.preset or (json.loads(study_file.read_text())["preset"] if study_file.is_file() else "digits")

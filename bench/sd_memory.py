@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 NR_IQA = "{weight: 0.05, metric: musiq, x0: SOURCE}"
-SOURCES = {"sampled": "sampled, sampling_steps: 2, feedback_steps: 1", "one_step": "one_step",
-           "rollout": "rollout, sampling_steps: 2, feedback_steps: 1"}
+SOURCES = {"sampled": "{source: sampled, sampling_steps: 2, feedback_steps: 1}", "one_step": "one_step",
+           "rollout": "{source: rollout, sampling_steps: 2, feedback_steps: 1}"}
 
 
 def objective(source: str = "sampled", anchor: bool = True) -> str:

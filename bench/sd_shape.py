@@ -24,7 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ObjectiveStep, bare_loop, describe, gib, our_steps, peak_tflops, pick_device  # noqa: E402
+from common import (  # noqa: E402
+    ObjectiveStep,
+    bare_loop,
+    describe,
+    gib,
+    our_steps,
+    peak_tflops,
+    pick_device,
+)
 
 from trainers import rehearsal  # noqa: E402
 from trainers.rehearsal import SD15  # noqa: E402
@@ -81,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         quality = "{arch: cnniqa, weights: assets/digits/quality_cnniqa.safetensors}"
         common += [f"eval.heldout_quality={quality}", "eval.extra_quality={}"]
         acpo = "{denoise: 1.0, anchor: 10.0, nr_iqa: {weight: 0.3, metric: " + quality + ", SOURCE}}"
-        objectives = {"denoise": "{denoise: 1.0}", "denoise, no latent cache": "{denoise: 1.0}", "ACPO one_step": acpo.replace("SOURCE", "x0: one_step, t_range: [0, 400]"),
-                      "ACPO rollout": acpo.replace("SOURCE", "x0: rollout, sampling_steps: 20, feedback_steps: 1")}
+        objectives = {"denoise": "{denoise: 1.0}", "denoise, no latent cache": "{denoise: 1.0}", "ACPO one_step": acpo.replace("SOURCE", "x0: {source: one_step, t_range: [0, 400]}"),
+                      "ACPO rollout": acpo.replace("SOURCE", "x0: {source: rollout, sampling_steps: 20, feedback_steps: 1}")}
         finetunes = {"full": ["model.finetune=full"], f"LoRA {args.rank}": ["model.finetune=lora", f"model.lora_rank={args.rank}"]}
         compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
 

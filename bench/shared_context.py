@@ -21,37 +21,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.image_sets import DigitsDataset, images_only  # noqa: E402
 from objectives.context import StepContext  # noqa: E402
 from objectives.registry import Objective, Weight, build_objective  # noqa: E402
+from trainers.image_sets import DigitsDataset, images_only  # noqa: E402
 from trainers.models import load_base_model  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "digits"
 
 
-def count_calls(unet: torch.nn.Module) -> torch.nn.Module:
-    """Counts forward calls in `unet.calls` (a hook, so the UNet keeps its own attributes)."""
-    unet.calls = 0
+def count_calls(denoiser: torch.nn.Module) -> torch.nn.Module:
+    """Counts forward calls in `denoiser.calls` (a hook, so the network keeps its own attributes)."""
+    denoiser.calls = 0
 
     def hook(module, _inputs):
         module.calls += 1
 
-    unet.register_forward_pre_hook(hook)
-    return unet
+    denoiser.register_forward_pre_hook(hook)
+    return denoiser
 
 
 def objective_spec() -> dict:
     cnniqa = {"arch": "cnniqa", "weights": str(ASSETS / "quality_cnniqa.safetensors")}
     heldout = {"arch": "digits_heldout_iqa", "weights": str(ASSETS / "heldout_iqa.safetensors")}
     network = {"network": "digits-classifier", "weights": str(ASSETS / "classifier.safetensors")}
+    LOW = {"source": "one_step", "t_range": [0, 400]}  # noqa: N806 - one x0 source shared by three terms
     return {
         "denoise": 1.0,
         "anchor": 10.0,
-        "nr_iqa": {"weight": 0.3, "metric": cnniqa, "t_range": [0, 400]},
-        "pefl": {"weight": 0.1, "network": network, "x0": "one_step", "t_range": [0, 400]},
+        "nr_iqa": {"weight": 0.3, "metric": cnniqa, "x0": LOW},
+        "pefl": {"weight": 0.1, "network": network, "x0": LOW},
         "lpips_x0": {"weight": 0.1, "metric": network},
         "self_perceptual": 0.1,
-        "decoupled_rewards": {"weight": 0.1, "rewards": {"sharp": {"model": cnniqa}, "clean": {"model": heldout}}, "t_range": [0, 400]},
+        "decoupled_rewards": {"weight": 0.1, "rewards": {"sharp": {"model": cnniqa}, "clean": {"model": heldout}}, "x0": LOW},
     }
 
 
@@ -72,8 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     base_model = load_base_model(ASSETS / "base")
-    model = count_calls(copy.deepcopy(base_model.unet).requires_grad_(True).train())
-    base = count_calls(base_model.unet.requires_grad_(False).eval())
+    model = count_calls(copy.deepcopy(base_model.denoiser).requires_grad_(True).train())
+    base = count_calls(base_model.denoiser.requires_grad_(False).eval())
     objective = build_objective(objective_spec())
     x0 = images_only(DigitsDataset("train"))[: args.batch]
 
@@ -81,7 +82,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, 1000, (len(x0),), generator=generator)
-        return StepContext(model=model, scheduler=base_model.scheduler, x0=x0, noise=noise, t=t, base=base,
+        return StepContext(model=model, process=base_model.process, x0=x0, noise=noise, t=t, base=base,
                            generator=torch.Generator().manual_seed(seed))
 
     results = {}

@@ -26,8 +26,8 @@ from common import bare_loop, describe, median, our_steps, pick_device  # noqa: 
 def measure(preset: str, overrides: list[str], steps: int, warmup: int, repeats: int, device, work: Path, log=print) -> dict:
     """Median seconds per step of: ours (latent cache off), ours (cache on, latent models only), the
     bare loop, the bare loop reading its loss every step."""
-    from trainers.image_sets import training_set
     from sweeps.presets import load
+    from trainers.image_sets import training_set
 
     config, _ = load(preset, overrides)
     latent = (Path(config.model.base) / "vae").is_dir()

@@ -52,10 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="storage folder (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    from tests.fault_suite import MlflowServer  # the fault suite's loopback MLflow server
-
-
     from sweeps.acpo_sweep import main as sweep_main
+    from tests.faults.harness import MlflowServer  # the fault suite's loopback MLflow server
 
     with tempfile.TemporaryDirectory(prefix="sweep-overhead-") as scratch:
         work = args.work or Path(scratch)

@@ -5,7 +5,7 @@ evaluation's libraries (diffusers, torch-fidelity).
 
 The fidelity axis is a choice (`sweep.fidelity`): FID (biased: its level falls with the sample count,
 and at a few hundred samples the bias favours a less diverse model) or KID (unbiased, but wider
-intervals for the same samples: README, "FID or KID"). Every evaluation reports both.
+intervals for the same samples: docs/sweep.md, "FID or KID"). Every evaluation reports both.
 """
 
 QUALITY_AXIS = "heldout_quality"

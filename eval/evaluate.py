@@ -62,7 +62,7 @@ class Evaluator:
     quality: dict[str, QualityModel]  # metric name -> model: trained_quality, heldout_quality, extras
     samples: int = 500
     sampling_steps: tuple[int, ...] = (25,)
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: the model's deterministic sampler (ddim, or euler on a flow model)
     seed: int = 0  # the seed bank: the same noise for every checkpoint and the base, so differences come from the weights alone
     device: str = "cpu"
     prompts: tuple[str, ...] = ()  # text models: cycled over the samples
@@ -101,14 +101,11 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, model) -> Evaluation:
-        """`model`: a diffusion model as `trainers.models.DiffusionModel` holds one (unet, scheduler, and
-        for latent text models vae and encode_prompt). Unconditional models ignore the prompts."""
-        encode_prompt = model.encode_prompt if model.text_conditioned else None
+        """`model`: a `trainers.models.DiffusionModel`. Unconditional models ignore the prompts."""
         metrics, grid, per_sample = {}, None, {}
         for steps in self.sampling_steps:
-            images = sample_images(model.unet, model.scheduler.config, self.samples, steps=steps, sampler=self.sampler, seed=self.seed,
-                                   device=self.device, vae=model.vae, encode_prompt=encode_prompt, prompts=list(self.prompts),
-                                   guidance_scale=self.guidance_scale)
+            images = sample_images(model, self.samples, steps=steps, sampler=self.sampler, seed=self.seed, device=self.device,
+                                   prompts=list(self.prompts), guidance_scale=self.guidance_scale)
             features = extract_features(images, self.feature_extractor, self.feature_extractor_weights, self.device)
             fidelity = features_metrics(features, self.reference_features())
             scores = {}
@@ -117,7 +114,7 @@ class Evaluator:
             if grid is None:
                 grid = images[:64]
             on_device = images.to(self.device)
-            prompted = [self.prompts[i % len(self.prompts)] for i in range(len(images))] if encode_prompt else None  # sample_images' cycling
+            prompted = [self.prompts[i % len(self.prompts)] for i in range(len(images))] if model.text_conditioned else None  # sample_images' cycling
             for name, quality in self.quality.items():
                 if quality.prompt_conditioned and prompted is None:
                     raise ValueError(f"eval: {quality.name} scores images against prompts; this model takes none")

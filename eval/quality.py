@@ -36,7 +36,6 @@ from assets.digits_networks import DigitsHeldoutIQA, DigitsPromptAccuracy, Digit
 from trainers.common.errors import OptionError, UnreadableFileError  # noqa: F401 - callers catch them from here too
 from trainers.common.weights import read_state_dict
 
-
 LOCAL_ARCHS = {"digits_heldout_iqa": DigitsHeldoutIQA, "digits_prompt_agreement": DigitsPromptAgreement,
                "digits_prompt_accuracy": DigitsPromptAccuracy}
 

@@ -27,11 +27,11 @@ Ours, said here:
   discriminator loss this term used before, kept as an option;
 - a short schedule, `sampling_steps: 4, start: 1, stop_low: 2, stop_high: 3` (the few-step regime
   alone: 2-3 forwards a step where the whole schedule takes 10.5 on average), is what the digits
-  studies use for their budget, named there as ours. Measured on digits at 4 sampling steps (README,
-  "Studies"): the paper's version cost about twice the FID of that one for the same held-out gain,
+  studies use for their budget, named there as ours. Measured on digits at 4 sampling steps (docs/studies.md,
+  "UniFL's adversarial feedback"): the paper's version cost about twice the FID of that one for the same held-out gain,
   within noise on three seeds.
 
-On a flow model (SD3, Flux) the schedule is the flow Euler sampler's (`sampler: ddim` names it there) and
+On a flow model (SD3, Flux) the schedule is the flow Euler sampler's (`euler`, its default there; `ddim` is refused) and
 `start` noises the real image along the flow path; ours, as UniFL's models are DDPM-family UNets.
 """
 
@@ -47,7 +47,8 @@ from eval.quality import check_quality_spec
 from objectives.context import StepContext
 from objectives.nr_iqa import load_reward
 from objectives.pefl import rollout_from_real
-from objectives.term import BuildEnv, OptionError, Term, require_number
+from objectives.term import BuildEnv, Term, require_number
+from trainers.common.errors import OptionError
 
 
 class Calibration(nn.Module):
@@ -70,7 +71,7 @@ class Calibration(nn.Module):
         return self.scale * scores + self.shift
 
 
-ROLLOUT_OVER_THE_SCHEDULE = dict(x0="rollout", sampling_steps=20, start=0, stop_low=0, stop_high=19)
+ROLLOUT_OVER_THE_SCHEDULE = dict(sampling_steps=20, start=0, stop_low=0, stop_high=19)
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "logistic") -> torch.Tensor:
@@ -85,21 +86,18 @@ class Adversarial(Term):
     name = "adversarial"
 
     def __init__(self, discriminator="musiq", learning_rate: float = 1e-5, loss: str = "logistic",
-                 x0: str = ROLLOUT_OVER_THE_SCHEDULE["x0"], sampling_steps: int = ROLLOUT_OVER_THE_SCHEDULE["sampling_steps"],
-                 feedback_steps: int = 1, sampler: str = "ddim", stop_low: int | None = ROLLOUT_OVER_THE_SCHEDULE["stop_low"],
-                 stop_high: int | None = ROLLOUT_OVER_THE_SCHEDULE["stop_high"], start: int | None = ROLLOUT_OVER_THE_SCHEDULE["start"],
-                 t_range=None):
+                 x0: str | dict = "rollout"):
         check_quality_spec(discriminator, "discriminator")
         if loss not in ("logistic", "hinge"):
             raise OptionError("loss", f"expected 'logistic' (UniFL's Eq. 6) or 'hinge' (ours, before), got {loss!r}")
         self.loss = loss
         self.discriminator_spec = discriminator
         self.learning_rate = require_number("learning_rate", learning_rate, minimum=1e-12)
-        self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
+        self.source = rollout_from_real(x0, ROLLOUT_OVER_THE_SCHEDULE)
         self.discriminator = self.calibration = self.optimizer = None
 
     def setup(self, env: BuildEnv) -> None:
-        self.source.check(env.num_train_timesteps)
+        self.source.check(env.process)
         reward = load_reward(self.discriminator_spec, env, "discriminator")
         self.discriminator = copy.deepcopy(reward).requires_grad_(True).train()
         self.calibration = Calibration().to(env.device)

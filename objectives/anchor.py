@@ -1,7 +1,7 @@
 """anchor (ACPO, anchor-constrained perceptual optimization): keep the fine-tuned model's noise
 prediction close to the frozen base model's at the same (x_t, t, conditioning).
 
-Both outputs are converted to the noise they imply before comparing (`eps_from_prediction`): for an
+Both outputs are converted to the noise they imply before comparing (`NoiseProcess.eps`): for an
 epsilon model that is the raw output; for a v-prediction or sample-prediction model the raw outputs
 are not noise, and their distance would weight timesteps differently from ACPO's. For a flow model
 (velocity v, flow sigma s) the implied noise is x_t + (1 - s) v, so the anchor is (1 - s)^2 times the
@@ -27,16 +27,17 @@ from __future__ import annotations
 
 import torch
 
-from objectives.context import StepContext, eps_from_prediction
-from objectives.term import OptionError, Term
+from objectives.context import StepContext
+from objectives.term import Term
+from trainers.common.errors import OptionError
 
 PLACES = ("denoise", "feedback", "both")
 
 
-def noise_distance(output, base_output, x_t, t, scheduler) -> torch.Tensor:
+def noise_distance(output, base_output, x_t, t, process) -> torch.Tensor:
     """Per-sample mean squared distance between the noise two model outputs imply at (x_t, t)."""
-    eps = eps_from_prediction(output.float(), x_t.float(), t, scheduler)
-    base_eps = eps_from_prediction(base_output.float(), x_t.float(), t, scheduler)
+    eps = process.eps(output.float(), x_t.float(), t)
+    base_eps = process.eps(base_output.float(), x_t.float(), t)
     return (eps - base_eps).pow(2).flatten(1).mean(dim=1)
 
 
@@ -59,7 +60,7 @@ class Anchor(Term):
         for point in ctx.feedback_points:
             with torch.no_grad():
                 base_output = ctx.base(point.x_t, point.t, **point.conditioning).sample
-            distance = noise_distance(point.output, base_output, point.x_t, point.t, ctx.scheduler)
+            distance = noise_distance(point.output, base_output, point.x_t, point.t, ctx.process)
             distances.append(distance if len(distance) == len(ctx.x0) else distance.mean().expand(len(ctx.x0)))
         return torch.stack(distances).mean(dim=0)
 
@@ -72,4 +73,4 @@ class Anchor(Term):
 
     @staticmethod
     def at_denoise(ctx: StepContext) -> torch.Tensor:
-        return noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.scheduler)
+        return noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.process)

@@ -9,154 +9,25 @@ Spaces: `x0`, `noise`, `x_t` and every `*x0*` result are in the model's space (p
 latents for latent models). `image(x)` maps model space to pixels in [-1, 1], decoding through the
 VAE inside the graph when there is one; quality models then take `(image + 1) / 2`.
 
-Model families: the conversions between a model's output and x0, the noise and the training target
-(below, and `StepContext.target`) are the one place that knows a DDPM-family UNet from a flow
-transformer; terms ask the context for x0, eps and the target (only `denoise` looks at the family, for
-its loss weighting). `t` is an integer timestep for
-the DDPM family and sigma * T (a float from the flow schedule, or an integer drawn in a `t_range`)
-for a flow model: larger is noisier either way, and a term's `t_range` means the same on both.
+The model's kind (DDPM family or flow) is known only to its noise process (`process`:
+trainers/denoiser/noise_process.py), which owns the conversions between a network output, x0, eps and the
+training target, the forward process and the samplers' steps; terms ask the context, or its process,
+and none branches on the kind. `t` is an integer timestep for the DDPM family and sigma * T (a float
+from the flow schedule, or an integer drawn in a `t_range`) for a flow model: larger is noisier either
+way, and a term's `t_range` means the same on both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 import torch
 
-from eval.sampling import decode_latents, is_flow_config, make_sampler
-from objectives.term import OptionError, check_t_range, check_t_range_fits
-
-
-def training_scheduler(scheduler_config):
-    """The scheduler whose forward process noises the training data: DDPM's for the UNet families
-    (whatever sampler the pipeline shipped with), the flow path for flow models."""
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-    return (FlowMatchEulerDiscreteScheduler if is_flow_config(scheduler_config) else DDPMScheduler).from_config(scheduler_config)
-
-
-def prediction_type(scheduler) -> str:
-    """What the model outputs: `epsilon`, `v_prediction` or `sample` (the scheduler's config), or
-    `flow_prediction` (velocity; diffusers' name for it) for a flow model."""
-    return "flow_prediction" if is_flow_config(scheduler.config) else scheduler.config.prediction_type
-
-
-# -- the parameterisation, the one place that knows the model families ------------------------------
-#
-# DDPM family: x_t = sqrt(a) x0 + sqrt(1 - a) eps, a = alphas_cumprod[t], t an integer timestep.
-# Flow family (rectified flow, SD3 / Flux): x_t = (1 - s) x0 + s eps with s = t / T, the flow sigma
-# (t is what the transformer is called with: sigma * 1000, as in diffusers' pipelines), and the model
-# predicts the velocity v = eps - x0, so x0 = x_t - s v and eps = x_t + (1 - s) v.
-
-def _alphas(scheduler, t, like):
-    return scheduler.alphas_cumprod.to(like.device)[t.long()].view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-
-def flow_sigma(scheduler, t, like) -> torch.Tensor:
-    """A flow model's sigma s = t / T at timestep `t`, shaped to broadcast over `like`."""
-    return (t.to(like.device).float() / scheduler.config.num_train_timesteps).view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-
-def add_noise(scheduler, x0, noise, t) -> torch.Tensor:
-    """x_t: the forward process of the model's family at timesteps `t` `[N]`."""
-    if is_flow_config(scheduler.config):
-        s = flow_sigma(scheduler, t, x0)
-        return (1 - s) * x0 + s * noise
-    return scheduler.add_noise(x0, noise, t)
-
-
-def training_target(scheduler, x0, noise, t) -> torch.Tensor:
-    """What the model's output is regressed onto at (x0, noise, t): eps, v, x0, or the flow velocity."""
-    kind = prediction_type(scheduler)
-    if kind == "flow_prediction":
-        return noise - x0
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        alphas = _alphas(scheduler, t, x0)
-        return alphas.sqrt() * noise - (1 - alphas).sqrt() * x0
-    if kind == "sample":
-        return x0
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
-def x0_from_prediction(prediction, x_t, t, scheduler) -> torch.Tensor:
-    """The one-step estimate of x0 from a model output (Tweedie for the DDPM family; x_t - s v for a flow)."""
-    kind = prediction_type(scheduler)
-    if kind == "flow_prediction":
-        return x_t - flow_sigma(scheduler, t, prediction) * prediction
-    alphas = _alphas(scheduler, t, prediction)
-    if kind == "epsilon":
-        return (x_t - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
-    if kind == "v_prediction":
-        return alphas.sqrt() * x_t - (1 - alphas).sqrt() * prediction
-    if kind == "sample":
-        return prediction
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
-def eps_from_prediction(prediction, x_t, t, scheduler) -> torch.Tensor:
-    """The noise a model output implies at (x_t, t)."""
-    kind = prediction_type(scheduler)
-    if kind == "flow_prediction":
-        return x_t + (1 - flow_sigma(scheduler, t, prediction)) * prediction
-    alphas = _alphas(scheduler, t, prediction)
-    if kind == "epsilon":
-        return prediction
-    if kind == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0
-        return alphas.sqrt() * prediction + (1 - alphas).sqrt() * x_t
-    if kind == "sample":
-        return (x_t - alphas.sqrt() * prediction) / (1 - alphas).sqrt()
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
-FLOW_SIGMA_MIN = 1e-3  # prediction_from_x0 divides by s: at s = 0 (t = 0) any velocity gives the same x0
-
-
-def prediction_from_x0(x0, x_t, t, scheduler) -> torch.Tensor:
-    """The model output of the model's prediction type that implies clean image `x0` at (x_t, t)."""
-    kind = prediction_type(scheduler)
-    if kind == "flow_prediction":  # v = eps - x0 with eps = (x_t - (1 - s) x0) / s
-        return (x_t - x0) / flow_sigma(scheduler, t, x0).clamp(min=FLOW_SIGMA_MIN)
-    alphas = _alphas(scheduler, t, x0)
-    eps = (x_t - alphas.sqrt() * x0) / (1 - alphas).sqrt()
-    if kind == "epsilon":
-        return eps
-    if kind == "v_prediction":
-        return alphas.sqrt() * eps - (1 - alphas).sqrt() * x0
-    if kind == "sample":
-        return x0
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
-# Samplers a feedback term's rollout or sample may run: the ones whose state is the sample itself (`euler` on a
-# DDPM model keeps it scaled by its sigma); on a flow model `ddim` is the flow Euler sampler (eval/sampling.py)
-ROLLOUT_SAMPLERS = ("ddim", "dpm_solver")
-TIMESTEP_DENSITIES = ("auto", "uniform", "logit_normal", "mode")
-
-
-def check_timestep_density(scheduler, density: str) -> None:
-    if density not in TIMESTEP_DENSITIES:
-        raise OptionError("timestep_density", f"expected one of {', '.join(TIMESTEP_DENSITIES)}, got {density!r}")
-    if density not in ("auto", "uniform") and not is_flow_config(scheduler.config):
-        raise OptionError("timestep_density", f"{density!r} is for flow models; a DDPM-family model draws t uniformly")
-
-
-def draw_timesteps(scheduler, n: int, generator: torch.Generator, density: str = "auto") -> torch.Tensor:
-    """The denoise step's timesteps `[n]`, as each family trains: DDPM uniform over the integer
-    timesteps; a flow model as diffusers' SD3 and Flux training scripts draw them (`auto`:
-    logit-normal(0, 1); `mode` with scale 1.29; `uniform`): u from that density indexes the
-    scheduler's training sigmas (shifted by its `shift`, unless it shifts by resolution as Flux does)."""
-    check_timestep_density(scheduler, density)
-    if not is_flow_config(scheduler.config):
-        return torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    u = compute_density_for_timestep_sampling("logit_normal" if density == "auto" else density, n, logit_mean=0.0, logit_std=1.0,
-                                              mode_scale=1.29, generator=generator)
-    table = training_scheduler(scheduler.config).timesteps  # descending sigma * T, as the scripts index it
-    return table[(u * len(table)).long().clamp(max=len(table) - 1)]
+from eval.sampling import decode_latents
+from objectives.term import check_t_range, check_t_range_fits
+from trainers.common.errors import OptionError
+from trainers.denoiser.noise_process import ROLLOUT_SAMPLERS, NoiseProcess
 
 
 @dataclass(eq=False)
@@ -164,7 +35,7 @@ class StepContext:
     """x0, noise: `[N, C, H, W]` in model space; t: `[N]` timesteps (integers for the DDPM family, sigma * T for a flow model)."""
 
     model: torch.nn.Module  # the trainable denoiser; called as model(x_t, t, **conditioning).sample
-    scheduler: object  # the training scheduler (`training_scheduler`): DDPMScheduler, or FlowMatchEulerDiscreteScheduler
+    process: NoiseProcess  # the model's noise process: its forward process, parameterisation and samplers
     x0: torch.Tensor
     noise: torch.Tensor
     t: torch.Tensor
@@ -183,12 +54,8 @@ class StepContext:
 
     # -- the step's own forward passes ------------------------------------------------------------
     @property
-    def prediction_type(self) -> str:
-        return prediction_type(self.scheduler)
-
-    @property
     def num_train_timesteps(self) -> int:
-        return self.scheduler.config.num_train_timesteps
+        return self.process.num_train_timesteps
 
     @property
     def sampler_model(self) -> torch.nn.Module:
@@ -197,12 +64,12 @@ class StepContext:
 
     @cached_property
     def x_t(self) -> torch.Tensor:
-        return add_noise(self.scheduler, self.x0, self.noise, self.t)
+        return self.process.add_noise(self.x0, self.noise, self.t)
 
     @cached_property
     def target(self) -> torch.Tensor:
-        """What the denoise loss regresses the prediction onto (`training_target`)."""
-        return training_target(self.scheduler, self.x0, self.noise, self.t)
+        """What the denoise loss regresses the prediction onto (`NoiseProcess.target`)."""
+        return self.process.target(self.x0, self.noise, self.t)
 
     @cached_property
     def prediction(self) -> torch.Tensor:
@@ -220,7 +87,7 @@ class StepContext:
     @cached_property
     def x0_estimate(self) -> torch.Tensor:
         """One-step (Tweedie) x0 from the shared prediction at the step's own t; carries gradients."""
-        return x0_from_prediction(self.prediction, self.x_t, self.t, self.scheduler)
+        return self.process.x0(self.prediction, self.x_t, self.t)
 
     # -- shared generated x0, keyed by how it was made --------------------------------------------
     def draw(self, *shape, low=0, high=None, integers=False) -> torch.Tensor:
@@ -241,10 +108,10 @@ class StepContext:
         key = ("one_step", tuple(t_range))
         if key not in self._cache:
             t = self.draw(len(self.x0), low=t_range[0], high=t_range[1], integers=True)
-            x_t = add_noise(self.scheduler, self.x0, self.noise, t)
+            x_t = self.process.add_noise(self.x0, self.noise, t)
             prediction = self.model(x_t, t, **self.conditioning).sample
             self._record(x_t, t, prediction, self.conditioning)
-            self._cache[key] = x0_from_prediction(prediction, x_t, t, self.scheduler)
+            self._cache[key] = self.process.x0(prediction, x_t, t)
         return self._cache[key]
 
     def default_t_range(self) -> tuple[int, int]:
@@ -253,7 +120,7 @@ class StepContext:
         about 650x at t near T on the digits cosine schedule, 1x at T/2."""
         return (0, self.num_train_timesteps // 2)
 
-    def sampled(self, steps: int, feedback_steps: int, sampler: str = "ddim", prompts: tuple[str, ...] | None = None) -> torch.Tensor:
+    def sampled(self, steps: int, feedback_steps: int, sampler: str | None = None, prompts: tuple[str, ...] | None = None) -> torch.Tensor:
         """x0 sampled from pure noise in `steps` sampler steps, gradients kept only through the last
         `feedback_steps` of them (truncated backprop: ReFL, DRaFT-K). The earlier steps run without
         a graph, so memory is that of `feedback_steps` forwards. `prompts` (text models) replaces the
@@ -262,7 +129,7 @@ class StepContext:
         if key not in self._cache:
             conditioning = self.conditioning if prompts is None else self.encode_prompt(list(prompts))
             n = len(self.x0) if prompts is None else len(prompts)
-            scheduler = make_sampler(self.scheduler.config, sampler, latent_size=self.x0.shape[-1])
+            scheduler = self.process.sampler(sampler, latent_size=self.x0.shape[-1])
             scheduler.set_timesteps(steps)
             x = self.draw(n, *self.x0.shape[1:]) * scheduler.init_noise_sigma
             for i, t in enumerate(scheduler.timesteps):
@@ -270,12 +137,12 @@ class StepContext:
                     model_input = scheduler.scale_model_input(x, t)
                     output = self.sampler_model(model_input, t.to(x.device).expand(n), **conditioning).sample
                     self._record(model_input, t.to(x.device).expand(n), output, conditioning)
-                    x = scheduler.step(output.float(), t, x).prev_sample  # fp32 path under autocast
+                    x = self.process.step(scheduler, output, t, x)  # fp32 path under autocast
             self._cache[key] = x
         return self._cache[key]
 
     def rollout(self, steps: int, stop_low: int, stop_high: int, start: int | None, feedback_steps: int = 1,
-                sampler: str = "ddim", prompts: tuple[str, ...] | None = None) -> torch.Tensor:
+                sampler: str | None = None, prompts: tuple[str, ...] | None = None) -> torch.Tensor:
         """x0 from a partial rollout of a `steps`-step sampler schedule, as ReFL and UniFL make it:
         from pure noise (`start` None: ImageReward's ReFL) or from the batch's real x0 noised to step
         `start` of the schedule (UniFL's PeFL and adversarial feedback), denoised without a graph to a
@@ -289,7 +156,7 @@ class StepContext:
             if prompts is not None and start is not None:
                 raise ValueError("a rollout from the real image keeps the batch's captions: prompts need a rollout from noise")
             conditioning = self.conditioning if prompts is None else self.encode_prompt(list(prompts))
-            scheduler = make_sampler(self.scheduler.config, sampler, latent_size=self.x0.shape[-1])
+            scheduler = self.process.sampler(sampler, latent_size=self.x0.shape[-1])
             scheduler.set_timesteps(steps)
             timesteps = scheduler.timesteps.to(self.x0.device)
             stop = int(self.draw(1, low=stop_low, high=stop_high + 1, integers=True))
@@ -297,7 +164,7 @@ class StepContext:
             if start is None:
                 x = self.draw(n, *self.x0.shape[1:]) * scheduler.init_noise_sigma
             else:  # the forward process to the schedule's step `start`: what the sampler would hold there
-                x = add_noise(self.scheduler, self.x0, self.draw(n, *self.x0.shape[1:]), timesteps[start].expand(n))
+                x = self.process.add_noise(self.x0, self.draw(n, *self.x0.shape[1:]), timesteps[start].expand(n))
             for i in range(first, stop + 1):
                 t = timesteps[i]
                 with torch.set_grad_enabled(i > stop - feedback_steps):
@@ -305,8 +172,8 @@ class StepContext:
                     output = self.sampler_model(model_input, t.expand(n), **conditioning).sample
                     self._record(model_input, t.expand(n), output, conditioning)
                     if i < stop:
-                        x = scheduler.step(output.float(), t, x).prev_sample  # fp32 path under autocast
-            self._cache[key] = x0_from_prediction(output, x, t.expand(n), self.scheduler)
+                        x = self.process.step(scheduler, output, t, x)  # fp32 path under autocast
+            self._cache[key] = self.process.x0(output, x, t.expand(n))
         return self._cache[key]
 
     def _record(self, x_t, t, output, conditioning) -> None:
@@ -368,45 +235,67 @@ class FeedbackPoint:
 
 @dataclass(frozen=True)
 class X0Source:
-    """How a feedback term gets its clean image:
+    """How a feedback term gets its clean image (a term's `x0` option: a source name, or a mapping of
+    `source` and its settings):
     - `one_step`: Tweedie at t drawn in `t_range` (default [0, T/2): `StepContext.default_t_range`);
     - `sampled`: `sampling_steps` sampler steps from noise, gradients through the last `feedback_steps`
       (DRaFT-K; AlignProp);
     - `rollout`: a partial rollout of a `sampling_steps` schedule stopped at a random step in
       [`stop_low`, `stop_high`] (default: the last quarter of the schedule, ReFL's 30..39 of 40), from
       noise (ReFL) or from the real image noised to step `start` (UniFL), gradients through the last
-      `feedback_steps` forwards."""
+      `feedback_steps` forwards.
+    `sampler` (sampled, rollout): the model's deterministic one by default (ddim, or euler on a flow model)."""
 
     kind: str = "one_step"
     t_range: tuple[int, int] | None = None
     sampling_steps: int = 20
     feedback_steps: int = 1
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: the model's deterministic sampler (ddim, or euler on a flow model)
     stop_low: int | None = None
     stop_high: int | None = None
     start: int | None = None
 
     @classmethod
-    def from_options(cls, x0="one_step", t_range=None, sampling_steps=20, feedback_steps=1, sampler="ddim", stop_low=None,
-                     stop_high=None, start=None) -> "X0Source":
-        """Validated construction; errors are `OptionError`s naming the option."""
-        if x0 not in ("one_step", "sampled", "rollout"):
-            raise OptionError("x0", f"expected 'one_step', 'sampled' or 'rollout', got {x0!r}")
+    def from_options(cls, x0="one_step", rollout_defaults: dict | None = None, default_source: str = "one_step") -> "X0Source":
+        """Validated construction from a term's `x0` option; errors are `OptionError`s naming the option
+        (`x0.sampling_steps`). `rollout_defaults`: a term's own settings for a rollout (UniFL's), under
+        what the option sets; `default_source`: the term's source when the mapping names none."""
+        if isinstance(x0, str):
+            x0 = {"source": x0}
+        if not isinstance(x0, dict):
+            raise OptionError("x0", f"expected a source ({', '.join(X0_SOURCES)}) or a mapping with `source`, got {x0!r}")
+        unknown = sorted(set(x0) - {"source", *X0_SETTINGS})
+        if unknown:
+            raise OptionError(f"x0.{unknown[0]}", f"unknown option (known: source, {', '.join(X0_SETTINGS)})")
+        source = x0.get("source", default_source)
+        if source not in X0_SOURCES:
+            raise OptionError("x0.source", f"expected one of {', '.join(X0_SOURCES)}, got {source!r}")
+        settings = {**(rollout_defaults or {}), **x0} if source == "rollout" else dict(x0)
+        settings.pop("source", None)
+        try:
+            return cls._validated(source, **settings)
+        except OptionError as error:
+            raise OptionError(f"x0.{error.option}", error.message) from None
+
+    @classmethod
+    def _validated(cls, source, t_range=None, sampling_steps=20, feedback_steps=1, sampler=None, stop_low=None, stop_high=None,
+                   start=None) -> "X0Source":
         t_range = check_t_range(t_range)
-        if t_range is not None and x0 != "one_step":
-            raise OptionError("t_range", "only applies to x0: one_step")
+        if t_range is not None and source != "one_step":
+            raise OptionError("t_range", "only applies to source: one_step")
         for name, value in (("sampling_steps", sampling_steps), ("feedback_steps", feedback_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(name, f"expected an integer >= 1, got {value!r}")
         if feedback_steps > sampling_steps:
             raise OptionError("feedback_steps", f"{feedback_steps} is more than sampling_steps ({sampling_steps})")
-        if sampler not in ROLLOUT_SAMPLERS:
-            raise OptionError("sampler", f"expected one of {', '.join(ROLLOUT_SAMPLERS)}, got {sampler!r}")
-        if x0 != "rollout":
+        known = sorted(set(sum(ROLLOUT_SAMPLERS.values(), ())))
+        if sampler is not None and sampler not in known:  # which of them fits the model: `check`, once it is known
+            raise OptionError("sampler", f"expected one of {', '.join(known)}, got {sampler!r}")
+        if source != "rollout":
             for name, value in (("stop_low", stop_low), ("stop_high", stop_high), ("start", start)):
                 if value is not None:
-                    raise OptionError(name, "only applies to x0: rollout")
-            return cls(x0, t_range, sampling_steps, feedback_steps, sampler)
+                    raise OptionError(name, "only applies to source: rollout")
+            return cls(source, t_range, sampling_steps, feedback_steps, sampler)
         stop_low = (3 * sampling_steps) // 4 if stop_low is None else stop_low
         stop_high = sampling_steps - 1 if stop_high is None else stop_high
         for name, value in (("stop_low", stop_low), ("stop_high", stop_high), ("start", start if start is not None else 0)):
@@ -418,7 +307,15 @@ class X0Source:
             raise OptionError("start", f"{start} is after stop_low ({stop_low}): the rollout must start before it stops")
         if feedback_steps > stop_low - (start or 0) + 1:
             raise OptionError("feedback_steps", f"{feedback_steps} is more than the {stop_low - (start or 0) + 1} steps of the shortest rollout")
-        return cls(x0, None, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
+        return cls(source, None, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
 
-    def check(self, num_train_timesteps: int) -> None:
-        check_t_range_fits(self.t_range, num_train_timesteps)
+    def check(self, process: NoiseProcess) -> None:
+        """What only the model can tell: the t range fits its timesteps, the sampler samples it."""
+        check_t_range_fits(self.t_range, process.num_train_timesteps, "x0.t_range")
+        problem = process.sampler_problem(self.sampler, rollout=True) if self.sampler is not None else None
+        if problem:
+            raise OptionError("x0.sampler", problem)
+
+
+X0_SOURCES = ("one_step", "sampled", "rollout")
+X0_SETTINGS = tuple(f.name for f in fields(X0Source) if f.name != "kind")

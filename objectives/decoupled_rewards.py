@@ -31,7 +31,7 @@ unsaturated, diverse prompts (`objectives/prompt_pool.py`). `x0: one_step`, or a
 noised real image (`start`, as the digits study shares PeFL's), score the batch's own x0 against its
 captions; neither takes `prompts`.
 
-On a flow model (SD3, Flux) the rollout runs the flow Euler sampler (`sampler: ddim` names it there); ours,
+On a flow model (SD3, Flux) the rollout runs the flow Euler sampler (`euler`, its default there; `ddim` is refused); ours,
 as UniFL's and ReFL's models are DDPM-family UNets.
 """
 
@@ -43,15 +43,14 @@ from eval.quality import check_quality_spec
 from objectives.context import StepContext, X0Source
 from objectives.nr_iqa import auto_target, check_target_reference, load_reward, quality_loss
 from objectives.prompt_pool import PromptPool, read_prompts
-from objectives.term import BuildEnv, OptionError, Term, require_number
+from objectives.term import BuildEnv, Term, require_number
+from trainers.common.errors import OptionError
 
 
 class DecoupledRewards(Term):
     name = "decoupled_rewards"
 
-    def __init__(self, rewards=None, x0: str = "rollout", t_range=None, sampling_steps: int = 20, feedback_steps: int = 1,
-                 sampler: str = "ddim", stop_low: int | None = None, stop_high: int | None = None, start: int | None = None,
-                 prompts=None, prompts_per_step: int = 4, prompt_order: str = "random", saturation: float = 0.0,
+    def __init__(self, rewards=None, x0: str | dict = "rollout", prompts=None, prompts_per_step: int = 4, prompt_order: str = "random", saturation: float = 0.0,
                  target_reference: str = "data"):
         if not isinstance(rewards, dict) or not rewards:
             raise OptionError("rewards", "expected a mapping of reward name -> {model, weight, target}")
@@ -65,7 +64,7 @@ class DecoupledRewards(Term):
             if target != "auto":
                 target = require_number(f"{option}.target", target, minimum=float("-inf"), allow_none=True)
             self.rewards[name] = {"model": spec["model"], "weight": require_number(f"{option}.weight", spec.get("weight", 1.0)), "target": target}
-        self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
+        self.source = X0Source.from_options(x0, default_source="rollout")
         if prompt_order not in ("random", "ranked"):
             raise OptionError("prompt_order", f"expected 'random' (UniFL) or 'ranked' (ours), got {prompt_order!r}")
         self.prompt_order, self.prompts = prompt_order, None
@@ -87,7 +86,7 @@ class DecoupledRewards(Term):
         self.models = {}
 
     def setup(self, env: BuildEnv) -> None:
-        self.source.check(env.num_train_timesteps)
+        self.source.check(env.process)
         if self.prompts is not None and not env.text_conditioned:
             raise OptionError("prompts", "the base model is not text-conditioned; prompts need one")
         self.models = {name: load_reward(r["model"], env, f"rewards.{name}.model") for name, r in self.rewards.items()}

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from objectives.context import StepContext, flow_sigma
-from objectives.term import BuildEnv, OptionError, Term, require_number
+from objectives.context import StepContext
+from objectives.term import BuildEnv, Term, require_number
+from trainers.common.errors import OptionError
 
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 
@@ -26,7 +27,7 @@ class Denoise(Term):
         self.weighting = weighting
 
     def setup(self, env: BuildEnv) -> None:
-        flow = env.prediction_type == "flow_prediction"
+        flow = env.process.flow
         if flow and self.min_snr_gamma > 0:
             raise OptionError("min_snr_gamma", "is for DDPM-family models; a flow model takes `weighting` (sigma_sqrt, cosmap)")
         if not flow and self.weighting != "none":
@@ -35,12 +36,8 @@ class Denoise(Term):
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         """Per-sample loss `[N]`: mean squared error against the target of the model's prediction type."""
         loss = (ctx.prediction.float() - ctx.target.float()).pow(2).mean(dim=(1, 2, 3))
-        kind = ctx.prediction_type
-        if kind == "flow_prediction" and self.weighting != "none":
-            loss = loss * compute_loss_weighting_for_sd3(self.weighting, flow_sigma(ctx.scheduler, ctx.t, loss)).to(loss.device)
+        if self.weighting != "none":  # a flow model's (setup refuses it on a DDPM-family one)
+            loss = loss * compute_loss_weighting_for_sd3(self.weighting, ctx.process.flow_sigma(ctx.t, loss)).to(loss.device)
         elif self.min_snr_gamma > 0:
-            alphas = ctx.scheduler.alphas_cumprod.to(ctx.x0.device)[ctx.t]
-            snr = alphas / (1 - alphas)
-            weight = torch.clamp(snr, max=self.min_snr_gamma) / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[kind]
-            loss = loss * weight
+            loss = loss * ctx.process.min_snr_weight(ctx.t, self.min_snr_gamma)
         return loss

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from objectives.term import OptionError
+from trainers.common.errors import OptionError
 
 FEATURE_NETWORKS = ("vgg16", "digits-classifier")
 LPIPS_MIN_SIZE = 64  # images smaller than this are upsampled (bilinear) before LPIPS

@@ -26,8 +26,9 @@ import torch
 
 from eval.quality import QualityModel, check_quality_spec
 from objectives.context import StepContext, X0Source
-from objectives.term import BuildEnv, OptionError, Term, require_number
+from objectives.term import BuildEnv, Term, require_number
 from trainers.common import storage
+from trainers.common.errors import OptionError
 from trainers.common.keys import ContentKey
 
 
@@ -83,18 +84,16 @@ def quality_loss(score: torch.Tensor, lower_better: bool, target: float | None) 
 class NrIqa(Term):
     name = "nr_iqa"
 
-    def __init__(self, metric="musiq", target: float | str | None = None, x0: str = "one_step", t_range=None,
-                 sampling_steps: int = 20, feedback_steps: int = 1, sampler: str = "ddim", stop_low: int | None = None,
-                 stop_high: int | None = None, start: int | None = None, target_reference: str = "data"):
+    def __init__(self, metric="musiq", target: float | str | None = None, x0: str | dict = "one_step", target_reference: str = "data"):
         check_quality_spec(metric, "metric")
         self.metric_spec = metric
         self.target = target if target == "auto" else require_number("target", target, minimum=float("-inf"), allow_none=True)
         self.target_reference = check_target_reference(target_reference)
-        self.source = X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
+        self.source = X0Source.from_options(x0)
         self.quality = None
 
     def setup(self, env: BuildEnv) -> None:
-        self.source.check(env.num_train_timesteps)
+        self.source.check(env.process)
         self.quality = load_reward(self.metric_spec, env, "metric")
         if self.target == "auto":
             self.target = auto_target(self.quality, self.metric_spec, env, self.target_reference, "target")

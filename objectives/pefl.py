@@ -17,7 +17,7 @@ is not said: we read relu1_2, relu2_2, relu3_3 and relu4_3, the usual style taps
 digits classifier's convolutions. UniFL's main variant, the structure loss (Eq. 4, instance
 segmentation), is the separate term `pefl_segmentation`.
 
-On a flow model (SD3, Flux) the schedule is the flow Euler sampler's (`sampler: ddim` names it there) and
+On a flow model (SD3, Flux) the schedule is the flow Euler sampler's (`euler`, its default there; `ddim` is refused) and
 `start` noises the real image along the flow path; ours, as UniFL's models are DDPM-family UNets.
 """
 
@@ -27,9 +27,10 @@ import torch
 
 from objectives.context import StepContext, X0Source
 from objectives.networks import check_network_spec, load_feature_network
-from objectives.term import BuildEnv, OptionError, Term, require_number
+from objectives.term import BuildEnv, Term, require_number
+from trainers.common.errors import OptionError
 
-ROLLOUT_FROM_REAL = dict(x0="rollout", sampling_steps=20, start=10, stop_low=15, stop_high=19)
+ROLLOUT_FROM_REAL = dict(sampling_steps=20, start=10, stop_low=15, stop_high=19)
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
@@ -39,37 +40,33 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     return flat @ flat.transpose(1, 2) / (c * h * w)
 
 
-def rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range) -> X0Source:
-    """The X0Source of a UniFL feedback term: a rollout from the noised real image (`ROLLOUT_FROM_REAL`
-    unless the options say otherwise) or a one-step x0 (the rollout defaults then do not apply).
+def rollout_from_real(x0, rollout_defaults: dict = ROLLOUT_FROM_REAL) -> X0Source:
+    """The X0Source of a UniFL feedback term: a rollout from the noised real image (`rollout_defaults`
+    unless the option says otherwise) or a one-step x0 (the rollout defaults then do not apply).
     A sampled x0, or a rollout from pure noise, has no real image to compare with."""
-    if x0 == "sampled":
-        raise OptionError("x0", "a sampled x0 has no real image to compare with: use rollout (UniFL) or one_step")
-    if x0 != "rollout":
-        stop_low = stop_high = start = None
-    elif start is None:
-        raise OptionError("start", "a UniFL feedback term compares x0 with the real image it came from: the rollout must start from it")
-    return X0Source.from_options(x0, t_range, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start)
+    source = X0Source.from_options(x0, rollout_defaults, default_source="rollout")
+    if source.kind == "sampled":
+        raise OptionError("x0.source", "a sampled x0 has no real image to compare with: use rollout (UniFL) or one_step")
+    if source.kind == "rollout" and source.start is None:
+        raise OptionError("x0.start", "a UniFL feedback term compares x0 with the real image it came from: the rollout must start from it")
+    return source
 
 
 class Pefl(Term):
     name = "pefl"
 
-    def __init__(self, network="vgg16", style_weight: float = 1.0, content_weight: float = 0.0, x0: str = ROLLOUT_FROM_REAL["x0"],
-                 sampling_steps: int = ROLLOUT_FROM_REAL["sampling_steps"], feedback_steps: int = 1, sampler: str = "ddim",
-                 stop_low: int | None = ROLLOUT_FROM_REAL["stop_low"], stop_high: int | None = ROLLOUT_FROM_REAL["stop_high"],
-                 start: int | None = ROLLOUT_FROM_REAL["start"], t_range=None):
+    def __init__(self, network="vgg16", style_weight: float = 1.0, content_weight: float = 0.0, x0: str | dict = "rollout"):
         check_network_spec(network, "network")
         self.network_spec = network
         self.style_weight = require_number("style_weight", style_weight)
         self.content_weight = require_number("content_weight", content_weight)
         if self.content_weight == 0 and self.style_weight == 0:
             raise OptionError("style_weight", "style_weight and content_weight are both 0: the term would be empty")
-        self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
+        self.source = rollout_from_real(x0)
         self.network = None
 
     def setup(self, env: BuildEnv) -> None:
-        self.source.check(env.num_train_timesteps)
+        self.source.check(env.process)
         self.network = load_feature_network(self.network_spec, env.device, "network")
 
     def __call__(self, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -26,29 +26,27 @@ import torch
 import torch.nn.functional as F
 
 from objectives.context import StepContext
-from objectives.pefl import ROLLOUT_FROM_REAL, rollout_from_real
+from objectives.pefl import rollout_from_real
 from objectives.segmenters import check_segmenter_spec, load_segmenter
-from objectives.term import BuildEnv, OptionError, Term
+from objectives.term import BuildEnv, Term
+from trainers.common.errors import OptionError
 
 
 class PeflSegmentation(Term):
     name = "pefl_segmentation"
 
-    def __init__(self, segmenter="deeplabv3_resnet50", x0: str = ROLLOUT_FROM_REAL["x0"],
-                 sampling_steps: int = ROLLOUT_FROM_REAL["sampling_steps"], feedback_steps: int = 1, sampler: str = "ddim",
-                 stop_low: int | None = ROLLOUT_FROM_REAL["stop_low"], stop_high: int | None = ROLLOUT_FROM_REAL["stop_high"],
-                 start: int | None = ROLLOUT_FROM_REAL["start"], t_range=None, masks: str = "segmenter"):
+    def __init__(self, segmenter="deeplabv3_resnet50", x0: str | dict = "rollout", masks: str = "segmenter"):
         check_segmenter_spec(segmenter, "segmenter")
         if masks not in ("segmenter", "data"):
             raise OptionError("masks", f"expected 'data' (the data set's label images, UniFL's) or 'segmenter' (its own labels), got {masks!r}")
         self.masks_from = masks
         self.needs_masks = masks == "data"
         self.segmenter_spec = segmenter
-        self.source = rollout_from_real(x0, sampling_steps, feedback_steps, sampler, stop_low, stop_high, start, t_range)
+        self.source = rollout_from_real(x0)
         self.segmenter = None
 
     def setup(self, env: BuildEnv) -> None:
-        self.source.check(env.num_train_timesteps)
+        self.source.check(env.process)
         self.segmenter = load_segmenter(self.segmenter_spec, env.device, "segmenter")
 
     def masks(self, ctx: StepContext) -> torch.Tensor:

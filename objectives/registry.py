@@ -13,7 +13,7 @@ import torch
 
 from objectives.adversarial import Adversarial
 from objectives.anchor import Anchor
-from objectives.context import StepContext
+from objectives.context import X0_SETTINGS, StepContext
 from objectives.decoupled_rewards import DecoupledRewards
 from objectives.denoise import Denoise
 from objectives.lpips_x0 import LpipsX0
@@ -21,7 +21,8 @@ from objectives.nr_iqa import NrIqa
 from objectives.pefl import Pefl
 from objectives.pefl_segmentation import PeflSegmentation
 from objectives.self_perceptual import SelfPerceptual
-from objectives.term import BuildEnv, ObjectiveError, OptionError
+from objectives.term import BuildEnv
+from trainers.common.errors import ObjectiveError, OptionError
 
 TERMS = {
     "denoise": Denoise,
@@ -201,6 +202,10 @@ def _term_options(spec: dict, prefix: str):
         options = {"weight": options} if not isinstance(options, dict) else dict(options)
         accepted = term_options(name)
         unknown = sorted(set(options) - accepted)
+        moved = [key for key in unknown if key in X0_SETTINGS and "x0" in accepted]
+        if moved:  # how a rollout or a one-step x0 is made was a term's own options, and is now its `x0`'s
+            raise ObjectiveError(f"{prefix}.{name}.{moved[0]}: moved into {prefix}.{name}.x0 "
+                                 f"(x0: {{source: {options.get('x0', '...') if isinstance(options.get('x0'), str) else '...'}, {moved[0]}: ...}})")
         if unknown:
             raise ObjectiveError(f"{prefix}.{name}.{unknown[0]}: unknown option (known: {', '.join(sorted(accepted))})")
         yield name, Weight.from_options(options, f"{prefix}.{name}"), options

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from assets.digits_networks import DigitsSegmenter
-from objectives.term import OptionError
+from trainers.common.errors import OptionError
 
 TORCHVISION_SEGMENTERS = ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "lraspp_mobilenet_v3_large")
 DIGITS_SEGMENTER = "digits-segmenter"

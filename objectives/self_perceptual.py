@@ -18,7 +18,7 @@ the predicted x0 is taken at every t, as for v-prediction (a flow's x0 = x_t - s
 velocity error by s <= 1).
 
 The paper trains on this loss *instead of* the diffusion MSE. `sweeps/presets/digits-self-perceptual.yaml`
-runs it that way (`denoise: 0`); the README's example and the digits study keep `denoise: 1.0` beside
+runs it that way (`denoise: 0`); docs/methods.md's example and the digits study keep `denoise: 1.0` beside
 it (ours: the study compares each method as an addition to plain fine-tuning).
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from objectives.context import StepContext, add_noise
+from objectives.context import StepContext
 from objectives.term import BuildEnv, Term, check_t_range, check_t_range_fits
 
 
@@ -46,13 +46,13 @@ class SelfPerceptual(Term):
         """`x0_t_range` as set, else by prediction type: every t (the paper) unless the model predicts epsilon."""
         if self.x0_t_range is not None:
             return self.x0_t_range
-        return ctx.default_t_range() if ctx.prediction_type == "epsilon" else (0, ctx.num_train_timesteps)
+        return ctx.default_t_range() if ctx.process.prediction == "epsilon" else (0, ctx.num_train_timesteps)
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         lo, hi = self.t_range or (0, ctx.num_train_timesteps)
         t_prime = ctx.draw(len(ctx.x0), low=lo, high=hi, integers=True)
         noise = ctx.draw(*ctx.x0.shape)  # one noise for both sides: only x0 differs
-        predicted = ctx.base_features(add_noise(ctx.scheduler, ctx.one_step(self.x0_range(ctx)), noise, t_prime), t_prime)
+        predicted = ctx.base_features(ctx.process.add_noise(ctx.one_step(self.x0_range(ctx)), noise, t_prime), t_prime)
         with torch.no_grad():
-            target = ctx.base_features(add_noise(ctx.scheduler, ctx.x0, noise, t_prime), t_prime)
+            target = ctx.base_features(ctx.process.add_noise(ctx.x0, noise, t_prime), t_prime)
         return (predicted.float() - target.float()).pow(2).flatten(1).mean(dim=1)

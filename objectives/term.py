@@ -28,10 +28,10 @@ What a term needs and owns is declared on the term itself (the defaults below: n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
-from dataclasses import dataclass
-
-from trainers.common.errors import ObjectiveError, OptionError  # noqa: F401 - the terms' error types
+from trainers.common.errors import OptionError
+from trainers.denoiser.noise_process import NoiseProcess
 
 
 class Term:
@@ -76,12 +76,16 @@ class BuildEnv:
     device: str = "cpu"
     model_channels: int = 1  # channels of x0 in model space (latent channels for latent models)
     image_channels: int = 1  # channels of decoded images
-    num_train_timesteps: int = 1000
-    prediction_type: str = "epsilon"  # the model's output (objectives.context.prediction_type): `flow_prediction` for flow models
+    # the model's noise process (trainers/denoiser/noise_process.py): its kind, timesteps, prediction and samplers
+    process: NoiseProcess = field(default_factory=lambda: NoiseProcess({"num_train_timesteps": 1000, "prediction_type": "epsilon"}))
     text_conditioned: bool = False  # the model takes encoder_hidden_states (prompts can be chosen)
     reference: object = None  # () -> (training images [N, C, H, W] in [0, 1], their captions or None): `target: auto`
     resolution: int = 16  # image resolution in pixels (a folder of preferred samples is read at it)
     cache_dir: str | None = None  # computed reward targets are cached here (None: the fidelity cache's folder)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.process.num_train_timesteps
 
 
 def require_number(option: str, value, minimum: float = 0.0, allow_none: bool = False):

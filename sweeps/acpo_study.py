@@ -20,9 +20,8 @@ from pathlib import Path
 from sweeps.driver import sweep_dir
 from sweeps.study import check_study, method_sweep, read_study, run_study
 from trainers.common.credentials import redacted
-from trainers.common.errors import report_error
+from trainers.common.errors import ConfigError, report_error
 from trainers.common.storage import is_remote
-from trainers.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

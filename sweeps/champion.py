@@ -136,7 +136,6 @@ def select(sweep: SweepConfig, directory: str | Path, config: Config | None = No
     the screening figures choose (the old rule: highest held-out quality within the FID tolerance),
     and the rule says the choice was not confirmed. The front's fidelity axis is `sweep.fidelity`."""
     from eval.axes import front_axes
-
     from sweeps.front_plots import front_figure, plot_front
     from sweeps.selection import Fidelity, hypervolume, pareto_front, select_champion
 
@@ -176,7 +175,6 @@ def select(sweep: SweepConfig, directory: str | Path, config: Config | None = No
                  "unreadable": unreadable}
     if config is not None:
         from eval.evaluate import Evaluator
-
         from sweeps.confirm import confirm, screening_intervals
         from sweeps.selection import screening_order
 
@@ -255,7 +253,7 @@ def export_champion(checkpoint: str, out: Path) -> Path:
 
     with storage.local_copy(checkpoint) as local:
         model = load_checkpoint_model(local, weights_dtype="fp32")
-        merge_lora(model.unet)
+        merge_lora(model.denoiser)
         save_base_model(model, out)
         (out / layout.CHECKPOINT_METRICS).write_bytes((local / layout.CHECKPOINT_METRICS).read_bytes())
     return out

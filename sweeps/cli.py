@@ -40,9 +40,8 @@ DIGITS_NOTE = ("(digits preset: classifier FID, not Inception FID; trained and h
 
 
 def cmd_train(args) -> int:
-    from sweeps.presets import load
-
     from sweeps.preflight import check_inputs, check_ray_address
+    from sweeps.presets import load
 
     overrides = list(args.overrides) + ([f"train.workers={args.workers}"] if args.workers else [])
     config, _ = load(args.preset, overrides)
@@ -185,6 +184,9 @@ def cmd_select(args) -> int:
     config, sweep = load(args.preset, [*args.overrides, f"sweep.name={args.sweep}"])
     directory = sweep_dir(sweep)
     require_sweep(directory)
+    if args.dry_run:  # the selection registers a model version: a dry run stops before it
+        print(json.dumps(redacted({"sweep": sweep.model_dump(), "folder": str(directory)}), indent=2))
+        return 0
     uri = tracking_uri(sweep)
     with Lease(directory):  # not while a driver runs the sweep (it selects at its end)
         selection = select_and_register(sweep, directory, uri, config)
@@ -194,7 +196,7 @@ def cmd_select(args) -> int:
 
 def cmd_assets_build(args) -> int:
     from assets.build import ASSET_FILES, AssetBudget, build_digits_assets
-    from trainers.config import ConfigError
+    from trainers.common.errors import ConfigError
 
     only = args.only.split(",") if args.only else None
     unknown = sorted(set(only or []) - set(ASSET_FILES))
@@ -222,15 +224,19 @@ def cmd_prompts_select(args) -> int:
     from objectives.prompt_pool import read_prompts
     from objectives.prompt_select import load_filter, min_words, select_prompts, text_embedder
     from sweeps.presets import load
-    from trainers.config import ConfigError
+    from trainers.common.errors import ConfigError
     from trainers.models import load_base_model
 
     config, _ = load(args.preset, args.overrides)
+    if args.size < 1 or not 0 < args.threshold <= 1:
+        raise ConfigError("--size must be >= 1 and --threshold in (0, 1]")
+    if args.dry_run:  # what would be read and written, nothing loaded
+        print(json.dumps(redacted({"model.base": config.model.base, "in": args.input, "out": args.out, "size": args.size,
+                                   "seed": args.seed, "threshold": args.threshold}), indent=2))
+        return 0
     base = load_base_model(config.model.base, weights_dtype=config.model.weights_dtype)
     if not base.text_conditioned:
         raise ConfigError(f"model.base: {config.model.base} has no text encoder: prompt selection embeds prompts with it")
-    if args.size < 1 or not 0 < args.threshold <= 1:
-        raise ConfigError("--size must be >= 1 and --threshold in (0, 1]")
     try:
         candidates = read_prompts(args.input)
         keep = load_filter(args.filter) if args.filter else min_words

@@ -25,8 +25,8 @@ from pathlib import Path
 from sweeps.presets import SweepConfig
 from trainers.common import layout, storage
 from trainers.common.credentials import redact
-from trainers.common.errors import last_line
-from trainers.config import Config, ConfigError
+from trainers.common.errors import ConfigError, last_line
+from trainers.config import Config
 
 
 def run_sweep(config: Config, sweep: SweepConfig, resume: bool = False, inputs_checked: bool = False) -> dict:

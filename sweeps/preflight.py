@@ -24,9 +24,9 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from trainers.config import Config, ConfigError
 from trainers.common.credentials import redact
-from trainers.common.errors import last_line
+from trainers.common.errors import ConfigError, last_line
+from trainers.config import Config
 
 PROBE_SECONDS = 5.0
 
@@ -48,8 +48,8 @@ def _checked(field: str, load, *args):
 def check_inputs(config: Config) -> list[str]:
     """Open every file the config names; returns what was left unchecked (hub ids), one line each."""
     from eval.fidelity import _extractor
-    from trainers.image_sets import reference_images, training_set
     from eval.quality import load_quality_model
+    from trainers.image_sets import reference_images, training_set
     from trainers.models import load_base_model
 
     unchecked = []
@@ -86,6 +86,9 @@ def check_inputs(config: Config) -> list[str]:
 
         check_writable("data.cache_dir", Path(data.cache_dir or DEFAULT_LATENT_CACHE))
     if base is not None:
+        from trainers.loop import check_against_model
+
+        check_against_model(config, base)
         check_objective(config, base)
     else:
         unchecked.append("objective: built when the run starts (it needs the base model)")
@@ -109,7 +112,8 @@ def check_writable(field: str, folder: Path) -> None:
 
 def check_objective(config: Config, base) -> None:
     """Build the objective as the trainer does: term weights files load, t ranges fit the scheduler."""
-    from objectives.registry import ObjectiveError, build_objective
+    from objectives.registry import build_objective
+    from trainers.common.errors import ObjectiveError
     from trainers.loop import objective_env
 
     try:

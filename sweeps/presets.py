@@ -20,7 +20,8 @@ from pydantic import Field, field_validator
 
 from sweeps.dotted import flatten_space, set_values
 from trainers.common.credentials import credentials_message, has_credentials
-from trainers.config import MAX_NESTING, MAX_SAMPLES, MAX_TRIALS, Config, ConfigError, Section
+from trainers.common.errors import ConfigError
+from trainers.config import MAX_NESTING, MAX_SAMPLES, MAX_TRIALS, Config, Section
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -45,7 +46,7 @@ class SweepConfig(Section):
     num_samples: int = Field(8, ge=1, le=MAX_TRIALS)  # trials; bounded so a typo fails here, not after days of trials
     algorithm: Literal["tpe", "nsga2"] = "tpe"  # Optuna's sampler
     max_concurrent: int = Field(0, ge=0)  # 0: as many trials as the cluster's resources fit
-    # The front's fidelity axis (eval/axes.py): fid or kid. Measured on digits (README, "FID or KID"): FID's paired
+    # The front's fidelity axis (eval/axes.py): fid or kid. Measured on digits (docs/sweep.md, "FID or KID"): FID's paired
     # interval is ~5x narrower at equal samples, so FID is the default; KID is unbiased at small sample counts.
     fidelity: Literal["fid", "kid"] = "fid"
     fid_tolerance: float = Field(0.1, ge=0)  # champion rule: FID <= base FID * (1 + tolerance) (confirmed: its 95% upper bound)

@@ -21,7 +21,8 @@ import math
 import sys
 
 from sweeps.dotted import DISTRIBUTIONS, set_values
-from trainers.config import Config, ConfigError
+from trainers.common.errors import ConfigError
+from trainers.config import Config
 
 
 def _distribution(key: str, spec):

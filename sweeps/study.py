@@ -31,8 +31,8 @@ from sweeps.presets import load
 from sweeps.space import pin_searched
 from trainers.common import layout, storage
 from trainers.common.credentials import redact, redacted
-from trainers.common.errors import last_line
-from trainers.config import ConfigError, Section, validate
+from trainers.common.errors import ConfigError, last_line
+from trainers.config import Section, validate
 
 STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 CONFIRMATION_BANKS = 1000  # study seed s confirms on seed bank 1000 + s (the screening's is eval.seed, 0)

@@ -15,11 +15,11 @@ import os
 import time
 from pathlib import Path
 
-import sweeps.mlflow_settings  # noqa: F401 - before mlflow is imported
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import sweeps.mlflow_settings  # noqa: F401 - before mlflow is imported
 from sweeps.champion_model import save_champion_model
 from sweeps.selection import params_text
 from sweeps.spool import finite_metrics

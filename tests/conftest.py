@@ -5,7 +5,6 @@ download at import. Loopback stays open for the local Ray and MLflow servers tha
 """
 
 import os
-import socket
 
 import pytest
 
@@ -34,45 +33,9 @@ os.environ["ACPO_REHEARSAL_CACHE"] = _SESSION_FOLDERS[2]
 # sqlite file in the working directory) writes here instead of into the checkout.
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_FOLDERS[1]}/mlflow.db"
 
-_LOCAL_HOSTS = {"localhost", "::1", "0.0.0.0", ""}
+from tests.offline_guard import install_offline_guard  # noqa: E402
 
-
-class NetworkAccessInTests(RuntimeError):
-    pass
-
-
-def _is_local(host) -> bool:
-    host = str(host)
-    return host in _LOCAL_HOSTS or host.startswith("127.") or host.startswith("/")
-
-
-_connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-
-
-def _guard(address):
-    if isinstance(address, tuple) and not _is_local(address[0]):
-        raise NetworkAccessInTests(f"a test tried to reach {address[0]}:{address[1]}; tests must run offline")
-
-
-def _guarded_connect(self, address):
-    _guard(address)
-    return _connect(self, address)
-
-
-def _guarded_connect_ex(self, address):
-    _guard(address)
-    return _connect_ex(self, address)
-
-
-def _guarded_getaddrinfo(host, *args, **kwargs):
-    if host is not None and not _is_local(host if isinstance(host, str) else host.decode()):
-        raise NetworkAccessInTests(f"a test tried to resolve {host!r}; tests must run offline")
-    return _getaddrinfo(host, *args, **kwargs)
-
-
-socket.socket.connect = _guarded_connect
-socket.socket.connect_ex = _guarded_connect_ex
-socket.getaddrinfo = _guarded_getaddrinfo
+install_offline_guard()
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ def base_figures(digits_assets, heldout01):
     classifier_path = digits_assets / "classifier.safetensors"
     classifier = load_digits_classifier(classifier_path)
     base = load_base_model(digits_assets / "base")
-    samples = sample_images(base.unet, base.scheduler.config, 200, steps=50, seed=1)
+    samples = sample_images(base, 200, steps=50, seed=1)
     noise = torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     train01 = (DigitsDataset("train").images + 1) / 2
 
@@ -103,13 +103,12 @@ def test_digits_t2i_draws_the_prompted_digit_at_guidance_3(t2i_assets, digits_as
     """The bar: >= 80% of samples prompted "a handwritten D" are classified as D, recomputed from the
     committed files on 200 samples (the card's figure is on 500)."""
     model = load_base_model(t2i_assets / "base")
-    assert type(model.unet).__name__ == "UNet2DConditionModel" and type(model.vae).__name__ == "AutoencoderKL"
+    assert type(model.denoiser).__name__ == "UNet2DConditionModel" and type(model.vae).__name__ == "AutoencoderKL"
     assert type(model.text_encoder).__name__ == "CLIPTextModel" and model.resolution == 16 and model.channels == 1
     classifier = load_digits_classifier(digits_assets / "classifier.safetensors")
     prompts = [f"a handwritten {d}" for d in range(10)]
     with torch.no_grad():
-        images = sample_images(model.unet, model.scheduler.config, 200, steps=25, seed=1, vae=model.vae,
-                               encode_prompt=model.encode_prompt, prompts=prompts, guidance_scale=3.0)
+        images = sample_images(model, 200, steps=25, seed=1, prompts=prompts, guidance_scale=3.0)
         agreement = (classifier(images * 2 - 1).argmax(1) == torch.arange(200) % 10).float().mean().item()
     card = json.loads((t2i_assets / "base" / "card.json").read_text())
     assert agreement >= 0.8 and card["figures"]["prompted_digit_fraction_guidance_3"] >= 0.8
@@ -126,16 +125,16 @@ def test_digits_flow_draws_the_prompted_digit_at_guidance_3_and_its_fid_is_the_c
 
     folder = digits_assets.parent / "digits-flow" / "base"
     model = load_base_model(folder)
-    assert type(model.unet.transformer).__name__ == "SD3Transformer2DModel" and model.family == "sd3"
+    assert type(model.denoiser.transformer).__name__ == "SD3Transformer2DModel" and model.pipeline_kind == "sd3"
     assert type(model.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and model.vae.config.latent_channels == 16
     assert type(model.text_encoder_2).__name__ == "CLIPTextModelWithProjection" and model.text_encoder_3 is None
     classifier = load_digits_classifier(digits_assets / "classifier.safetensors")
     prompts = [f"a handwritten {d}" for d in range(10)]
     card = json.loads((folder / "card.json").read_text())
     with torch.no_grad():
-        guided = sample_images(model.unet, model.scheduler.config, 200, steps=25, seed=1, vae=model.vae, encode_prompt=model.encode_prompt,
+        guided = sample_images(model, 200, steps=25, seed=1,
                                prompts=prompts, guidance_scale=3.0)
-        plain = sample_images(model.unet, model.scheduler.config, 500, steps=25, seed=0, vae=model.vae, encode_prompt=model.encode_prompt,
+        plain = sample_images(model, 500, steps=25, seed=0,
                               prompts=prompts)
     agreement = (classifier(guided * 2 - 1).argmax(1) == torch.arange(200) % 10).float().mean().item()
     assert agreement >= 0.8 and card["figures"]["prompted_digit_fraction_guidance_3"] >= 0.8

@@ -32,7 +32,7 @@ def test_quick_rebuild_writes_every_asset_and_card(tmp_path):
     for arch, name in (("cnniqa", "quality_cnniqa"), ("digits_heldout_iqa", "heldout_iqa")):
         assert load_quality_model({"arch": arch, "weights": str(out / f"{name}.safetensors")})(x).shape == (8,)
     base = load_base_model(out / "base")
-    images = sample_images(base.unet, base.scheduler.config, 4, steps=2)
+    images = sample_images(base, 4, steps=2)
     assert images.shape == (4, 1, 16, 16) and 0 <= images.min() and images.max() <= 1
 
 
@@ -53,7 +53,7 @@ def test_quick_t2i_rebuild_loads_as_a_stable_diffusion_pipeline(tmp_path, digits
     assert card["data"]["data_hash"] == digits_data_hash() and "prompted_digit_fraction_guidance_3" in card["figures"]
     model = load_base_model(out / "base")
     assert model.text_conditioned and model.latent
-    images = sample_images(model.unet, model.scheduler.config, 4, steps=2, vae=model.vae, encode_prompt=model.encode_prompt,
+    images = sample_images(model, 4, steps=2,
                            prompts=["a thick handwritten 7"], guidance_scale=3.0)
     assert images.shape == (4, 1, 16, 16)
 

@@ -8,7 +8,8 @@ from PIL import Image
 from sweeps.cli import main
 from sweeps.presets import PRESETS_DIR, load, read_preset, read_yaml_mapping
 from trainers.common.errors import UnreadableFileError
-from trainers.config import Config, ConfigError
+from trainers.config import Config
+from trainers.common.errors import ConfigError
 from trainers.image_sets import ImageFolderDataset
 
 STUDIES_DIR = PRESETS_DIR.parent / "studies"

@@ -1,4 +1,4 @@
-"""The fault suite of tests/fault_suite.py as tests. Every bad input a hostile-but-fair user tried
+"""The fault suite of tests/faults/ as tests. Every bad input a hostile-but-fair user tried
 fails in one line before Ray starts, leaving nothing behind (integration tier, ~2 minutes); every
 injected fault is survived with nothing lost (`-m slow`: real sweeps, MLflow down for 5 minutes, the
 S3 store refusing connections for 60 s, a second driver, a full disk; ~17 minutes, run by CI after `make test`)."""
@@ -7,14 +7,15 @@ import os
 
 import pytest
 
-from tests import fault_suite as faults
+from tests.faults.catalogue import run_bad_inputs, run_faults
+from tests.faults.harness import MlflowServer, report, totals
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = faults.MlflowServer(tmp_path_factory.mktemp("faults-mlflow")).start()
+    server = MlflowServer(tmp_path_factory.mktemp("faults-mlflow")).start()
     yield server
     server.stop()
 
@@ -22,7 +23,7 @@ def server(tmp_path_factory):
 def test_every_bad_input_fails_in_one_line_before_ray_and_leaves_nothing(tmp_path, server, digits_assets):
     import ray
 
-    outcomes = faults.run_bad_inputs(tmp_path, server.uri)
+    outcomes = run_bad_inputs(tmp_path, server.uri)
     unclean = [(o.name, o.detail) for o in outcomes if not o.ok]
     assert len(outcomes) >= 37 and not unclean, unclean
     assert not ray.is_initialized()
@@ -31,9 +32,9 @@ def test_every_bad_input_fails_in_one_line_before_ray_and_leaves_nothing(tmp_pat
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="the read-only and full-disk cases mount a tmpfs")
 def test_every_fault_is_survived_with_nothing_lost(tmp_path, server, digits_assets):
-    outcomes = faults.run_faults(tmp_path, server, outage=300)
-    faults.report(outcomes)  # shown with `pytest -s` (make test-faults): the suite's table
-    print(faults.totals([], outcomes))
+    outcomes = run_faults(tmp_path, server, outage=300)
+    report(outcomes)  # shown with `pytest -s` (make test-faults): the suite's table
+    print(totals([], outcomes))
     failed = [(o.name, o.detail) for o in outcomes if not o.ok]
     assert len(outcomes) == 8 and not failed, failed
     assert sum(o.lost_trials + o.lost_metrics + o.lost_checkpoints for o in outcomes) == 0

@@ -16,6 +16,7 @@ from pathlib import Path
 LAYERS = [
     ("bottom", ("trainers.common",)),  # storage, keys, weights, seeds, errors, layout: nothing else of ours
     ("data", ("trainers.image_sets", "assets.digits_networks", "assets.degradations", "assets")),
+    ("denoiser", ("trainers.denoiser",)),  # the network call and the noise process: what evaluation and the terms ask
     ("eval", ("eval",)),  # evaluation and the frozen scorers
     ("objectives", ("objectives",)),
     ("trainers", ("trainers",)),  # the rest of trainers/

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import free_port, mlflow_server
-from tests.sweeps.test_sweep import sweep_args
+from tests.sweeps.tiny_sweep import sweep_args
 from trainers.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -60,7 +60,7 @@ def test_stop_ends_what_services_started_and_nothing_else(tmp_path, digits_asset
 
         record = Path(get_ray_address_file(None))  # `ray start` wrote it; a head ended by a signal leaves it behind
         assert not (record.is_file() and record.read_text().strip() == "127.0.0.1:6379"), "the stopped head's record is left"
-        # The README's "the sweep without `ray job submit`" after `make stop`; the record planted as a head
+        # docs/demo.md's "A sweep started without `ray job submit`" after `make stop`; the record planted as a head
         # ended by a crash (not `make stop`) leaves it: ray.init would retry that address for ~15 minutes.
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text("127.0.0.1:6379\n")

@@ -3,7 +3,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import NetworkAccessInTests
+from tests.offline_guard import NetworkAccessInTests
 
 
 def test_a_download_fails_loudly():

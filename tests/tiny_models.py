@@ -35,7 +35,7 @@ def build_tiny_sd(image_channels: int = 1, resolution: int = 16, seed: int = 0) 
                               prediction_type="epsilon", steps_offset=1, clip_sample=False)  # Stable Diffusion's schedule
     for module in (vae, text_encoder):
         module.requires_grad_(False).eval()
-    return DiffusionModel(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    return DiffusionModel(denoiser=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 def build_tiny_flow(family: str = "sd3", resolution: int = 16, seed: int = 0):
@@ -45,7 +45,7 @@ def build_tiny_flow(family: str = "sd3", resolution: int = 16, seed: int = 0):
     channels and a shift, and the flow scheduler. Returns (DiffusionModel, conditioning for 1 sample)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 
-    from trainers.flow_transformer import FlowTransformer
+    from trainers.denoiser.flow_transformer import FlowTransformer
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=16, block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -64,4 +64,4 @@ def build_tiny_flow(family: str = "sd3", resolution: int = 16, seed: int = 0):
                                              axes_dims_rope=(2, 2, 4))
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
         conditioning = {"encoder_hidden_states": torch.randn(1, 5, 32), "pooled_projections": torch.randn(1, 24)}
-    return DiffusionModel(unet=FlowTransformer(transformer, sample_size=latent), scheduler=scheduler, vae=vae), conditioning
+    return DiffusionModel(denoiser=FlowTransformer(transformer, sample_size=latent), scheduler=scheduler, vae=vae), conditioning

@@ -31,9 +31,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainers.common.errors import UnreadableCheckpointError, last_line
+from trainers.common.layout import (  # noqa: F401 - the layout's, imported from here by the trainer
+    CHECKPOINT_CONFIG,
+    CHECKPOINT_GLOB,
+    CHECKPOINT_METRICS,
+    CHECKPOINT_PER_SAMPLE,
+    CHECKPOINT_SAMPLES,
+    checkpoint_name,
+)
 from trainers.common.storage import publish_folder
-from trainers.common.layout import CHECKPOINT_CONFIG, CHECKPOINT_METRICS, CHECKPOINT_PER_SAMPLE, CHECKPOINT_SAMPLES
-from trainers.common.layout import CHECKPOINT_GLOB, checkpoint_name  # noqa: F401 - the layout's, imported from here by the trainer
 
 if TYPE_CHECKING:
     from trainers.models import DiffusionModel
@@ -47,7 +53,7 @@ def _lora_settings(model_config) -> dict:
 def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module, base: DiffusionModel, config, optimizer,
                      ema=None, objective=None, world_size: int = 1, metrics: dict | None = None, samples=None,
                      per_sample: dict[str, torch.Tensor] | None = None) -> Path:
-    from objectives.lpips_x0 import CascadedDenoiser
+    from trainers.denoiser.cascade import CascadedDenoiser
     from trainers.models import save_base_model
 
     directory = Path(directory)
@@ -64,7 +70,7 @@ def write_checkpoint(directory: str | Path, *, step: int, model: torch.nn.Module
             if isinstance(denoiser, CascadedDenoiser):
                 denoiser.save(tmp / "model" / "cascade")
         else:
-            save_base_model(dataclasses.replace(base, unet=denoiser), tmp / "model")
+            save_base_model(dataclasses.replace(base, denoiser=denoiser), tmp / "model")
         if ema is not None:
             save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -139,7 +145,7 @@ def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = T
     """A checkpoint as a ready-to-sample model: the full pipeline, or the base with the adapter
     loaded; with `use_ema` and an EMA file, the averaged weights; with a `cascade/`, the Cas-DM head.
     A LoRA checkpoint's base loads in the dtype it trained on, or in `weights_dtype` when given."""
-    from objectives.lpips_x0 import CascadedDenoiser, core_denoiser
+    from trainers.denoiser.cascade import CascadedDenoiser, core_denoiser
     from trainers.lora import add_lora
     from trainers.models import load_base_model
 
@@ -151,17 +157,17 @@ def load_checkpoint_model(directory: str | Path, device="cpu", use_ema: bool = T
     if adapter.is_file():
         settings = json.loads(adapter.read_text())
         model = load_base_model(settings["base"], device, weights_dtype or settings.get("weights_dtype", "fp32"))
-        add_lora(model.unet, settings["rank"], settings["alpha"], settings["targets"])
-        model.unet.load_state_dict(load_file(model_dir / "adapter_model.safetensors", device=str(device)), strict=False)
+        add_lora(model.denoiser, settings["rank"], settings["alpha"], settings["targets"])
+        model.denoiser.load_state_dict(load_file(model_dir / "adapter_model.safetensors", device=str(device)), strict=False)
         if (model_dir / "cascade").is_dir():
-            model.unet = CascadedDenoiser.load(model_dir / "cascade", model.unet, model.scheduler.config)
+            model.denoiser = CascadedDenoiser.load(model_dir / "cascade", model.denoiser, model.scheduler.config)
     else:
         model = load_base_model(model_dir, device)
     ema_file = directory / "ema.safetensors"
     if use_ema and ema_file.is_file():
         weights = load_file(ema_file, device=str(device))
-        missing, unexpected = core_denoiser(model.unet).load_state_dict(weights, strict=False)
+        missing, unexpected = core_denoiser(model.denoiser).load_state_dict(weights, strict=False)
         if unexpected:
             raise ValueError(f"checkpoint {directory}: the EMA does not match the model ({len(unexpected)} unexpected weights)")
-    model.unet.requires_grad_(False).eval()
+    model.denoiser.requires_grad_(False).eval()
     return model

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainers.common.credentials import credentials_message, has_credentials, redact
-from trainers.common.errors import ConfigError, last_line  # noqa: F401 - the config's error, as callers import it
+from trainers.common.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,7 +202,8 @@ class EvalConfig(Section):
     seed: int = 0
     resamples: int = Field(1000, ge=100, le=MAX_RESAMPLES)  # paired-bootstrap resamples behind every interval (eval/intervals.py)
     sampling_steps: list[Annotated[int, Field(gt=0, le=MAX_SAMPLING_STEPS)]] = Field(default_factory=lambda: [25], min_length=1)  # one row of figures per step count
-    sampler: Literal["ddim", "dpm_solver", "euler"] = "ddim"  # a flow model: ddim and euler are its Euler sampler (eval/sampling.py)
+    # None: the model's deterministic sampler (ddim; euler on a flow model, which refuses ddim: trainers/denoiser/noise_process.py)
+    sampler: Literal["ddim", "dpm_solver", "euler"] | None = None
     reference: str = "digits:heldout"  # "digits:heldout", an image folder, or "hf:NAME[:SPLIT]" (data.image_column)
     feature_extractor: str = "digits-classifier"  # torch-fidelity extractor name (inception-v3-compat online)
     feature_extractor_weights: str = "assets/digits/classifier.safetensors"  # only for extractors that need local weights
@@ -267,7 +268,8 @@ class Config(Section):
         weights file, the CLIP-score metric exists, the objective's terms and options are valid.
         Builds no model; imports eval/ and objectives/ (and pyiqa's metric list)."""
         from eval.quality import OptionError, check_quality_spec, pyiqa_metric_names
-        from objectives.registry import ObjectiveError, validate_objective
+        from objectives.registry import validate_objective
+        from trainers.common.errors import ObjectiveError
 
         evaluation = self.eval
         for name, spec in evaluation.quality_specs().items():

@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from trainers.common.errors import ConfigError
 from trainers.common.keys import ContentKey
-from trainers.common.storage import write_whole
 from trainers.common.seeds import derive_seed
-from trainers.config import ConfigError
+from trainers.common.storage import write_whole
 
 LATENT_CACHE_VERSION = "1"  # bump when what the cache holds changes
 

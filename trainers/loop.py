@@ -28,16 +28,17 @@ import torch.distributed as dist
 
 from eval.evaluate import Evaluator
 from eval.intervals import per_sample_tensors
-from trainers.image_sets import WithMasks, captioned_images, captions, data_masks, training_set
-from trainers.common import storage
-from trainers.common.seeds import derive_seed
-from objectives.context import StepContext, check_timestep_density, draw_timesteps, prediction_type
+from objectives.context import StepContext
 from objectives.registry import Objective, build_objective
-from objectives.term import BuildEnv, OptionError
+from objectives.term import BuildEnv
 from trainers.checkpoint import checkpoint_name, read_checkpoint, write_checkpoint
-from trainers.config import Config, ConfigError
+from trainers.common import storage
+from trainers.common.errors import ConfigError, OptionError
+from trainers.common.seeds import derive_seed
+from trainers.config import Config
 from trainers.data import PromptCache, batch_loader, cached_latents, latent_moments, sample_latents
 from trainers.ema import Ema
+from trainers.image_sets import WithMasks, captioned_images, captions, data_masks, training_set
 from trainers.lora import AdaptersDisabled, add_lora
 from trainers.models import DiffusionModel, load_base_model
 
@@ -78,13 +79,13 @@ def setup_models(config: Config, base: DiffusionModel, objective: Objective):
     """The trainable model, starting as an exact copy of the frozen base, and the frozen base the
     terms see (None when no term reads it). With LoRA the copy carries the adapters and the base is
     the same network with adapters disabled: one set of base weights in memory."""
-    base.unet.requires_grad_(False).eval()
+    base.denoiser.requires_grad_(False).eval()
     if config.model.finetune == "lora":
-        model = add_lora(base.unet, config.model.lora_rank, config.model.lora_alpha or None, config.model.lora_targets)
+        model = add_lora(base.denoiser, config.model.lora_rank, config.model.lora_alpha or None, config.model.lora_targets)
         frozen = AdaptersDisabled(model)
     else:
-        model = copy.deepcopy(base.unet).requires_grad_(True)
-        frozen = base.unet if objective.needs_base else None
+        model = copy.deepcopy(base.denoiser).requires_grad_(True)
+        frozen = base.denoiser if objective.needs_base else None
     model.train()
     if config.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -106,10 +107,7 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
 
     # The base model, the objective, the trainable model and the frozen base.
     base = load_base_model(config.model.base, device, config.model.weights_dtype)
-    try:  # which densities apply depends on the model's family: known once it is loaded
-        check_timestep_density(base.scheduler, settings.timestep_density)
-    except OptionError as error:
-        raise ConfigError(f"train.{error}") from None
+    check_against_model(config, base)
     if base.channels != data.channels or base.resolution != data.resolution:
         raise ConfigError(f"data: base model takes {base.channels}x{base.resolution}x{base.resolution} images, "
                           f"data.channels/resolution say {data.channels}x{data.resolution}")
@@ -173,8 +171,8 @@ def train(config: Config, report=print_report, rank: int = 0, world_size: int = 
             else:
                 x0 = images
             noise = torch.randn(x0.shape, generator=generator).to(device)
-            t = draw_timesteps(base.scheduler, len(x0), generator, settings.timestep_density).to(device)
-            ctx = StepContext(model=model, scheduler=base.scheduler, x0=x0, noise=noise, t=t, conditioning=conditioning, prompts=prompts,
+            t = base.process.draw_timesteps(len(x0), generator, settings.timestep_density).to(device)
+            ctx = StepContext(model=model, process=base.process, x0=x0, noise=noise, t=t, conditioning=conditioning, prompts=prompts,
                               base=frozen, vae=base.vae, encode_prompt=base.encode_prompt, generator=generator,
                               rollout_model=rollout_model, masks=masks)
             with autocast:
@@ -234,10 +232,19 @@ def peak_memory(device: torch.device) -> dict:
     return {"memory/rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: kB
 
 
+def check_against_model(config: Config, base: DiffusionModel) -> None:
+    """What only the loaded model can tell of the config: the timestep density fits its kind, the sampler samples it."""
+    try:
+        base.process.check_density(config.train.timestep_density)
+    except OptionError as error:
+        raise ConfigError(f"train.{error}") from None
+    if config.eval.sampler is not None:
+        base.process.check_sampler(config.eval.sampler, "eval.sampler")
+
+
 def objective_env(config: Config, base: DiffusionModel, device) -> BuildEnv:
     """What the objective's terms are built against: the base model's shapes and scheduler, the data."""
-    return BuildEnv(device=str(device), model_channels=base.model_channels, image_channels=base.channels,
-                    num_train_timesteps=base.scheduler.config.num_train_timesteps, prediction_type=prediction_type(base.scheduler),
+    return BuildEnv(device=str(device), model_channels=base.model_channels, image_channels=base.channels, process=base.process,
                     text_conditioned=base.text_conditioned,
                     reference=lambda: captioned_images(config.data, base.text_conditioned), resolution=base.resolution,
                     cache_dir=config.eval.cache_dir or None)
@@ -246,6 +253,6 @@ def objective_env(config: Config, base: DiffusionModel, device) -> BuildEnv:
 def eval_model(model: torch.nn.Module, base: DiffusionModel, ema: Ema | None, objective: Objective) -> DiffusionModel:
     """What evaluation samples from: the trained weights, or their EMA (in a copy, training goes on),
     with every module a term adds to the model (the Cas-DM head)."""
-    unet = ema.copy_to(copy.deepcopy(model)) if ema is not None else model
-    unet = objective.wrap_for_sampling(unet, base.scheduler.config)
-    return dataclasses.replace(base, unet=unet)
+    denoiser = ema.copy_to(copy.deepcopy(model)) if ema is not None else model
+    denoiser = objective.wrap_for_sampling(denoiser, base.scheduler.config)
+    return dataclasses.replace(base, denoiser=denoiser)

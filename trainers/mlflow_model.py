@@ -32,7 +32,7 @@ class ChampionSampler(PythonModel):
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_base_model(context.artifacts["pipeline"], device=self.device)
-        self.settings = {"sampler": "ddim", "guidance_scale": 1.0, "prompts": [], **(context.model_config or {})}
+        self.settings = {"sampler": None, "guidance_scale": 1.0, "prompts": [], **(context.model_config or {})}
 
     def predict(self, context, model_input, params=None):
         import numpy as np
@@ -49,8 +49,7 @@ class ChampionSampler(PythonModel):
             prompts = [prompt] if isinstance(prompt, str) and prompt else self.settings["prompts"]
             if model.text_conditioned and not prompts:
                 raise ValueError("prompt: this is a text-to-image model and no prompt was given")
-            images = sample_images(model.unet, model.scheduler.config, count, steps=steps, sampler=self.settings["sampler"], seed=seed,
-                                   device=self.device, vae=model.vae, encode_prompt=model.encode_prompt if model.text_conditioned else None,
+            images = sample_images(model, count, steps=steps, sampler=self.settings["sampler"], seed=seed, device=self.device,
                                    prompts=prompts, guidance_scale=float(self.settings["guidance_scale"]))
             out.append((images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
         return np.concatenate(out)

@@ -18,8 +18,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DMode
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from objectives.context import training_scheduler
-from trainers.flow_transformer import FlowTransformer
+from trainers.denoiser.cascade import CascadedDenoiser, core_denoiser
+from trainers.denoiser.flow_transformer import FlowTransformer
+from trainers.denoiser.noise_process import NoiseProcess, training_scheduler
 
 # The digits base model: ~1.1M parameters, 16x16 grayscale, one attention level at 8x8.
 DIGITS_UNET_CONFIG = dict(
@@ -42,12 +43,14 @@ transformers_logging.disable_progress_bar()  # and the text encoder's "Loading w
 
 @dataclass
 class DiffusionModel:
-    """A denoiser and the noise scheduler it was trained with; for latent text-to-image models
-    (Stable Diffusion) also the VAE, the text encoders and their tokenizers. `unet` is the denoiser: a
-    UNet, or a flow transformer behind `FlowTransformer` (SD3, Flux), called the same way."""
+    """A denoiser and the noise scheduler it trains with; for latent text-to-image models (Stable
+    Diffusion) also the VAE, the text encoders and their tokenizers. The denoiser is a UNet, or a flow
+    transformer behind `FlowTransformer` (SD3, Flux), with or without Cas-DM's head (`CascadedDenoiser`),
+    each called `denoiser(x_t, t, **conditioning).sample`; `process` (trainers/denoiser/noise_process.py) is what
+    its output means, how data is noised and how it samples."""
 
-    unet: torch.nn.Module
-    scheduler: object  # objectives.context.training_scheduler: DDPMScheduler, or FlowMatchEulerDiscreteScheduler
+    denoiser: torch.nn.Module
+    scheduler: object  # the training scheduler (noise_process.training_scheduler): DDPMScheduler, or FlowMatchEulerDiscreteScheduler
     vae: torch.nn.Module | None = None
     text_encoder: torch.nn.Module | None = None
     tokenizer: object = None
@@ -55,13 +58,18 @@ class DiffusionModel:
     tokenizer_2: object = None
     text_encoder_3: torch.nn.Module | None = None  # SD3's T5 (optional there: None drops it)
     tokenizer_3: object = None
+    # the scheduler the base shipped (its model_index.json's, with its config: SD 1.5's PNDMScheduler),
+    # which an export carries so that the pipeline's defaults sample as the base's did; None: `scheduler`
+    sampling_scheduler: object = None
+
+    @functools.cached_property
+    def process(self) -> NoiseProcess:
+        return NoiseProcess(self.scheduler.config)
 
     @property
-    def family(self) -> str:
+    def pipeline_kind(self) -> str:
         """Which diffusers pipeline this model is: ddpm, sd, sdxl, sd3 or flux."""
-        from objectives.lpips_x0 import core_denoiser
-
-        denoiser = core_denoiser(self.unet)
+        denoiser = core_denoiser(self.denoiser)
         if isinstance(denoiser, FlowTransformer):
             return "flux" if denoiser.flux else "sd3"
         if self.text_encoder_2 is not None:
@@ -79,17 +87,17 @@ class DiffusionModel:
     @property
     def channels(self) -> int:
         """Image channels (what the data must have)."""
-        return self.vae.config.in_channels if self.latent else self.unet.config.in_channels
+        return self.vae.config.in_channels if self.latent else self.denoiser.config.in_channels
 
     @property
     def model_channels(self) -> int:
-        """Channels of x0 in the UNet's space (latent channels for latent models)."""
-        return self.unet.config.in_channels
+        """Channels of x0 in the denoiser's space (latent channels for latent models)."""
+        return self.denoiser.config.in_channels
 
     @property
     def resolution(self) -> int:
         """Image resolution in pixels."""
-        size = self.unet.config.sample_size
+        size = self.denoiser.config.sample_size
         size = size if isinstance(size, int) else size[0]
         return size * self.vae_scale_factor if self.latent else size
 
@@ -98,10 +106,10 @@ class DiffusionModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.latent else 1
 
     def encode_prompt(self, prompts: list[str]) -> dict:
-        """Prompts -> the UNet's conditioning kwargs; the text encoder is frozen, so no graph."""
+        """Prompts -> the denoiser's conditioning kwargs; the text encoder is frozen, so no graph."""
         if not self.text_conditioned:
             return {}
-        if self.family in ("sd3", "flux"):
+        if isinstance(core_denoiser(self.denoiser), FlowTransformer):
             return self._encode_flow_prompt(prompts)
         ids = self._ids(self.tokenizer, prompts)
         with torch.no_grad():
@@ -122,11 +130,11 @@ class DiffusionModel:
         T5 width, T5's tokens after them, both pooled outputs; Flux T5's tokens and CLIP's pooled output.
         Without SD3's T5 the pipeline would append 256 zero tokens; this model appends none (`t5_tokens`)."""
         with torch.no_grad():
-            if self.family == "flux":
-                hidden, pooled, _text_ids = self.text_pipeline.encode_prompt(list(prompts), prompt_2=None, device=self.unet.device,
+            if self.pipeline_kind == "flux":
+                hidden, pooled, _text_ids = self.text_pipeline.encode_prompt(list(prompts), prompt_2=None, device=self.denoiser.device,
                                                                              max_sequence_length=self.t5_tokens)
             else:
-                hidden, _, pooled, _ = self.text_pipeline.encode_prompt(list(prompts), prompt_2=None, prompt_3=None, device=self.unet.device,
+                hidden, _, pooled, _ = self.text_pipeline.encode_prompt(list(prompts), prompt_2=None, prompt_3=None, device=self.denoiser.device,
                                                                         do_classifier_free_guidance=False, max_sequence_length=self.t5_tokens)
         return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
 
@@ -134,20 +142,18 @@ class DiffusionModel:
     def t5_tokens(self) -> int:
         """How many T5 tokens a flow model's prompts take: the pipelines' defaults (SD3 256, Flux 512), and
         none for an SD3 model without T5 (diffusers would pad 256 zero tokens; `digits-flow` trains without them)."""
-        if self.family == "flux":
+        if self.pipeline_kind == "flux":
             return 512
         return 256 if self.text_encoder_3 is not None else 0
 
     @functools.cached_property
     def text_pipeline(self):
         """The model's diffusers pipeline over its own modules (nothing copied): what encodes its prompts."""
-        from objectives.lpips_x0 import core_denoiser
-
-        return pipeline_of(dataclasses.replace(self, unet=core_denoiser(self.unet)))
+        return pipeline_of(dataclasses.replace(self, denoiser=core_denoiser(self.denoiser)))
 
     def _ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.unet.device)
+                         return_tensors="pt").input_ids.to(self.denoiser.device)
 
 
 def build_digits_unet(**overrides) -> UNet2DModel:
@@ -167,7 +173,7 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu", 
 
     Local folders must exist and hold `model_index.json`; anything else is treated as a hub id, which
     needs network access (offline, `from_pretrained` fails with its own error, re-raised with the id).
-    A folder with a `cascade/` subfolder (a Cas-DM model: `objectives/lpips_x0.py`) loads as the UNet
+    A folder with a `cascade/` subfolder (a Cas-DM model: `trainers/denoiser/cascade.py`) loads as the network
     wrapped with its cascaded x0 head, which then takes part in every sampling step. This is the one
     call that loads an exported champion: `load_base_model(folder)`. (Plain
     `DiffusionPipeline.from_pretrained(folder)` also loads it, without the cascade.) `weights_dtype`
@@ -191,18 +197,17 @@ def load_base_model(path_or_id: str | Path, device: str | torch.device = "cpu", 
         raise FileNotFoundError(f"could not load base model {source!r}: {first}") from None
     if not (hasattr(pipe, "unet") or hasattr(pipe, "transformer")) or not hasattr(pipe, "scheduler"):
         raise ValueError(f"base model {source!r} has no unet or transformer, or no scheduler (got {type(pipe).__name__})")
-    unet = pipe.unet.to(device) if hasattr(pipe, "unet") else FlowTransformer(pipe.transformer.to(device))
-    # Training noises with the family's forward process (DDPM's, or the flow path) whatever sampler the pipeline shipped with.
+    denoiser = pipe.unet.to(device) if hasattr(pipe, "unet") else FlowTransformer(pipe.transformer.to(device))
+    # Training noises with the model's forward process (DDPM's, or the flow path) whatever sampler the pipeline
+    # shipped with; that one is kept for the export.
     scheduler = training_scheduler(pipe.scheduler.config)
     frozen = {name: getattr(pipe, name, None) for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
     for module in frozen.values():
         if module is not None:
             module.to(device).requires_grad_(False).eval()
     if looks_local and (local / "cascade").is_dir():
-        from objectives.lpips_x0 import CascadedDenoiser
-
-        unet = CascadedDenoiser.load(local / "cascade", unet, scheduler.config)
-    return DiffusionModel(unet=unet, scheduler=scheduler, tokenizer=getattr(pipe, "tokenizer", None),
+        denoiser = CascadedDenoiser.load(local / "cascade", denoiser, scheduler.config)
+    return DiffusionModel(denoiser=denoiser, scheduler=scheduler, sampling_scheduler=pipe.scheduler, tokenizer=getattr(pipe, "tokenizer", None),
                           tokenizer_2=getattr(pipe, "tokenizer_2", None), tokenizer_3=getattr(pipe, "tokenizer_3", None), **frozen)
 
 
@@ -217,49 +222,49 @@ def absent_components(folder: Path) -> dict:
 
 
 def save_base_model(model: DiffusionModel, path: str | Path) -> Path:
-    """Write a diffusers pipeline folder of the model's family (`pipeline_of`: DDPMPipeline,
-    StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline),
-    weights as safetensors, and a Cas-DM head as `cascade/`; `load_base_model` reads it back."""
-    from objectives.lpips_x0 import CascadedDenoiser, core_denoiser
-
+    """Write a diffusers pipeline folder of the model's kind (`pipeline_of`: DDPMPipeline,
+    StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline) with the
+    scheduler the base shipped, weights as safetensors, and a Cas-DM head as `cascade/`; `load_base_model`
+    reads it back."""
     path = Path(path)
-    pipe = pipeline_of(dataclasses.replace(model, unet=core_denoiser(model.unet)))
+    pipe = pipeline_of(dataclasses.replace(model, denoiser=core_denoiser(model.denoiser)))
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # an absent T5 is saved as absent, with a warning per checkpoint otherwise
     try:
         pipe.save_pretrained(path, safe_serialization=True)
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    if isinstance(model.unet, CascadedDenoiser):
-        model.unet.save(path / "cascade")
+    if isinstance(model.denoiser, CascadedDenoiser):
+        model.denoiser.save(path / "cascade")
     return path
 
 
 def pipeline_of(model: DiffusionModel):
-    """The diffusers pipeline of the model's family over its modules (the denoiser without a Cas-DM head)."""
-    family, unet = model.family, model.unet
-    if family == "sd3":
+    """The diffusers pipeline of the model's kind over its modules (the denoiser without a Cas-DM head) and
+    the scheduler the base shipped (`sampling_scheduler`; the training one for a model built here)."""
+    kind, network, scheduler = model.pipeline_kind, model.denoiser, model.sampling_scheduler or model.scheduler
+    if kind == "sd3":
         from diffusers import StableDiffusion3Pipeline
 
-        return StableDiffusion3Pipeline(transformer=unet.transformer, scheduler=model.scheduler, vae=model.vae, text_encoder=model.text_encoder,
+        return StableDiffusion3Pipeline(transformer=network.transformer, scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder,
                                         tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
                                         text_encoder_3=model.text_encoder_3, tokenizer_3=model.tokenizer_3)
-    if family == "flux":
+    if kind == "flux":
         from diffusers import FluxPipeline
 
-        return FluxPipeline(transformer=unet.transformer, scheduler=model.scheduler, vae=model.vae, text_encoder=model.text_encoder,
+        return FluxPipeline(transformer=network.transformer, scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder,
                             tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2)
-    if family == "sdxl":
+    if kind == "sdxl":
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
-                                         tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=unet, scheduler=model.scheduler)
-    if family == "sd":
+                                         tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=network, scheduler=scheduler)
+    if kind == "sd":
         from diffusers import StableDiffusionPipeline
 
-        return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet,
-                                       scheduler=model.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return DDPMPipeline(unet=unet, scheduler=model.scheduler)
+        return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=network,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return DDPMPipeline(unet=network, scheduler=scheduler)
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

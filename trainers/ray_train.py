@@ -15,14 +15,17 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend  # ray 2.60, pinned
+from ray.train.torch.config import (  # ray 2.60, pinned
+    _set_torch_distributed_env_vars,
+    _TorchBackend,
+)
 
-from trainers.common.storage import resolve
 from trainers.common.errors import TrainingError, UnreadableCheckpointError, root_message
 from trainers.common.layout import CHECKPOINT_GLOB
+from trainers.common.storage import resolve
 from trainers.config import Config
 
 
@@ -240,7 +243,7 @@ def _join_on_loopback(backend: str, port: int, world_rank: int, world_size: int,
 
 def check_resources(config: Config) -> None:
     """Fail in one line, instead of waiting forever, when the cluster cannot place the workers."""
-    from trainers.config import ConfigError
+    from trainers.common.errors import ConfigError
 
     settings = config.train
     cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)

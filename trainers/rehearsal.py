@@ -40,6 +40,10 @@ FLUX = "black-forest-labs/FLUX.1-dev"
 
 _SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                      prediction_type="epsilon", steps_offset=1, clip_sample=False)
+# The scheduler each hub model ships in its model_index.json (its class, and the settings beyond the training
+# schedule's), which a rehearsal's base carries as the hub's does, and so its export: SD 1.5 PNDM, SDXL Euler.
+_SD15_SHIPPED = ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=False))
+_SDXL_SHIPPED = ("EulerDiscreteScheduler", dict(timestep_spacing="leading", interpolation_type="linear"))
 
 ARCHITECTURES = {
     SD15: {
@@ -53,6 +57,7 @@ ARCHITECTURES = {
         "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                      hidden_act="quick_gelu", projection_dim=768),
         "scheduler": _SD_SCHEDULER,
+        "shipped_scheduler": _SD15_SHIPPED,
     },
     "tiny": {  # SD 1.5's block types and depth pattern, narrow, at 64 px
         "resolution": 64,
@@ -66,6 +71,7 @@ ARCHITECTURES = {
         "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                      hidden_act="quick_gelu"),
         "scheduler": _SD_SCHEDULER,
+        "shipped_scheduler": _SD15_SHIPPED,
     },
     SDXL: {  # two text encoders (CLIP ViT-L and OpenCLIP bigG, penultimate layers concatenated), size conditioning
         "resolution": 1024,
@@ -82,6 +88,7 @@ ARCHITECTURES = {
         "text_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
                        hidden_act="gelu", projection_dim=1280),
         "scheduler": _SD_SCHEDULER,
+        "shipped_scheduler": _SDXL_SHIPPED,
     },
     "tiny-xl": {  # SDXL's block types, two text encoders and size conditioning, narrow, at 64 px
         "resolution": 64,
@@ -98,6 +105,7 @@ ARCHITECTURES = {
         "text_2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                        hidden_act="gelu", projection_dim=32),
         "scheduler": _SD_SCHEDULER,
+        "shipped_scheduler": _SDXL_SHIPPED,
     },
     SD3: {  # MMDiT-X: joint text/image blocks, the first 13 with a second self-attention; two CLIPs with projection
         # (the T5-XXL encoder is left out, as SD3's pipeline allows: its sentencepiece tokenizer is on the hub only)
@@ -170,7 +178,7 @@ def build(name: str, seed: int = 0, device: str | torch.device = "cpu"):
     from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trainers.flow_transformer import FlowTransformer
+    from trainers.denoiser.flow_transformer import FlowTransformer
     from trainers.models import DiffusionModel
 
     if name not in ARCHITECTURES:
@@ -179,9 +187,16 @@ def build(name: str, seed: int = 0, device: str | torch.device = "cpu"):
     torch.manual_seed(seed)
     flow = "transformer" in spec
     scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler)(**spec["scheduler"])
+    if "shipped_scheduler" in spec:
+        import diffusers
+
+        class_name, settings = spec["shipped_scheduler"]
+        shipped = getattr(diffusers, class_name).from_config({**scheduler.config, **settings})
+    else:  # the pixel DDPM and SD3 ship their training scheduler
+        shipped = scheduler
     with torch.device(device):
         if "text" not in spec:  # a pixel DDPM
-            return DiffusionModel(unet=UNet2DModel(**spec["unet"]), scheduler=scheduler)
+            return DiffusionModel(denoiser=UNet2DModel(**spec["unet"]), scheduler=scheduler, sampling_scheduler=shipped)
         tokenizer = clip_tokenizer(spec["text"]["max_position_embeddings"])
 
         def text_config(options):
@@ -198,10 +213,10 @@ def build(name: str, seed: int = 0, device: str | torch.device = "cpu"):
             from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
             kind = SD3Transformer2DModel if "pos_embed_max_size" in spec["transformer"] else FluxTransformer2DModel
-            unet = FlowTransformer(kind(**spec["transformer"]))
+            denoiser = FlowTransformer(kind(**spec["transformer"]))
         else:
-            unet = UNet2DConditionModel(**spec["unet"])
-        return DiffusionModel(unet=unet, scheduler=scheduler, vae=AutoencoderKL(**spec["vae"]),
+            denoiser = UNet2DConditionModel(**spec["unet"])
+        return DiffusionModel(denoiser=denoiser, scheduler=scheduler, sampling_scheduler=shipped, vae=AutoencoderKL(**spec["vae"]),
                               text_encoder=text_encoder.requires_grad_(False).eval(), tokenizer=tokenizer, **second)
 
 
@@ -245,14 +260,15 @@ def staged_base(name: str, resolution: int, seed: int = 0) -> Path:
     do not depend on it: SD 1.5's widths at 64 px are the tests' cheap real shape)."""
     from trainers.models import save_base_model
 
-    path = cache_root() / f"{_slug(name)}-{resolution}px-random-seed{seed}"
+    # "-shipped": a folder an earlier version cached carries the training scheduler, not the one the hub's ships
+    path = cache_root() / f"{_slug(name)}-{resolution}px-random-seed{seed}-shipped"
     if not (path / "model_index.json").is_file():
         if name == FLUX:
             raise ConfigError(f"model.base: {FLUX} is not rehearsed here: it needs its T5-XXL encoder, whose tokenizer is on the hub only, "
                               "and 48 GB for its fp32 weights (ARCHITECTURES counts its parameters)")
         model = build(name, seed)
-        denoiser = model.unet.transformer if model.family in ("sd3", "flux") else model.unet
-        denoiser.register_to_config(sample_size=resolution // model.vae_scale_factor if model.latent else resolution)
+        network = getattr(model.denoiser, "transformer", model.denoiser)  # a FlowTransformer's diffusers model, or the UNet
+        network.register_to_config(sample_size=resolution // model.vae_scale_factor if model.latent else resolution)
         with _written(path) as partial:
             save_base_model(model, partial)
     return path

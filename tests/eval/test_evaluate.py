@@ -12,7 +12,7 @@ from eval.quality import load_quality_model
 from eval.sampling import sample_images
 from sweeps.cli import main
 from sweeps.presets import load
-from trainers.models import build_digits_scheduler, build_digits_unet
+from trainers.models import DiffusionModel, build_digits_scheduler, build_digits_unet
 
 
 def test_blurred_samples_score_worse_on_every_quality_model(digits_assets):
@@ -30,14 +30,14 @@ def test_blurred_samples_score_worse_on_every_quality_model(digits_assets):
 
 def test_sampling_is_seeded_and_rank_sharded():
     torch.manual_seed(0)
-    unet, scheduler = build_digits_unet(block_out_channels=(8, 16, 16), norm_num_groups=4), build_digits_scheduler()
-    whole = sample_images(unet, scheduler.config, 10, steps=2, batch_size=3, seed=5)
-    again = sample_images(unet, scheduler.config, 10, steps=2, batch_size=3, seed=5)
-    parts = [sample_images(unet, scheduler.config, 10, steps=2, batch_size=3, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    model = DiffusionModel(denoiser=build_digits_unet(block_out_channels=(8, 16, 16), norm_num_groups=4), scheduler=build_digits_scheduler())
+    whole = sample_images(model, 10, steps=2, batch_size=3, seed=5)
+    again = sample_images(model, 10, steps=2, batch_size=3, seed=5)
+    parts = [sample_images(model, 10, steps=2, batch_size=3, seed=5, rank=r, world_size=2) for r in (0, 1)]
     assert whole.shape == (10, 1, 16, 16) and 0 <= whole.min() and whole.max() <= 1
     assert torch.equal(whole, again)
     assert torch.equal(torch.cat([parts[0][:3], parts[1][:3], parts[0][3:6], parts[1][3:]]), whole)  # batches 0,1,2,3 interleaved
-    assert not torch.equal(whole, sample_images(unet, scheduler.config, 10, steps=2, batch_size=3, seed=6))
+    assert not torch.equal(whole, sample_images(model, 10, steps=2, batch_size=3, seed=6))
 
 
 def test_reward_gap_counts_relative_improvements_in_each_models_direction():
@@ -114,15 +114,15 @@ def test_acpo_eval_bad_input_is_one_line(args, message, capsys):
 
 def test_guidance_and_clip_score_follow_the_prompts(tiny_text_model):
     model = tiny_text_model
-    common = dict(steps=2, batch_size=3, seed=1, vae=model.vae, encode_prompt=model.encode_prompt)
-    plain = sample_images(model.unet, model.scheduler.config, 5, prompts=["", ""], **common)
+    common = dict(steps=2, batch_size=3, seed=1)
+    plain = sample_images(model, 5, prompts=["", ""], **common)
     # Guidance against the empty prompt changes nothing when the prompt is empty (cond = uncond) ...
-    assert torch.allclose(sample_images(model.unet, model.scheduler.config, 5, prompts=["", ""], guidance_scale=4.0, **common),
+    assert torch.allclose(sample_images(model, 5, prompts=["", ""], guidance_scale=4.0, **common),
                           plain, atol=1e-5)
     # ... and does change the images of a real prompt.
     prompted = dict(prompts=["a digit 3", "a digit 7"], **common)
-    assert not torch.allclose(sample_images(model.unet, model.scheduler.config, 5, guidance_scale=4.0, **prompted),
-                              sample_images(model.unet, model.scheduler.config, 5, **prompted), atol=1e-4)
+    assert not torch.allclose(sample_images(model, 5, guidance_scale=4.0, **prompted),
+                              sample_images(model, 5, **prompted), atol=1e-4)
 
     seen = []
 
@@ -175,7 +175,7 @@ def test_one_seed_scheme_separates_streams_indices_and_ranks():
 
 
 def test_corrupt_weight_files_are_one_line_naming_the_file(tmp_path, capsys, digits_assets):
-    from objectives.lpips_x0 import CascadedDenoiser, CascadedX0Head
+    from trainers.denoiser.cascade import CascadedDenoiser, CascadedX0Head
     from trainers.models import load_base_model, save_base_model
 
     bad = tmp_path / "reward.safetensors"
@@ -186,7 +186,7 @@ def test_corrupt_weight_files_are_one_line_naming_the_file(tmp_path, capsys, dig
     assert len(err) == 1 and err[0].startswith("acpo: error: ") and f"{bad}: not a readable weights file" in err[0]
 
     model = load_base_model(digits_assets / "base")
-    model.unet = CascadedDenoiser(model.unet, CascadedX0Head(1), model.scheduler.config)
+    model.denoiser = CascadedDenoiser(model.denoiser, CascadedX0Head(1), model.scheduler.config)
     folder = save_base_model(model, tmp_path / "casdm")
     (folder / "cascade" / "config.json").write_text('{"channels": 1')  # truncated
     assert main(["eval", "--checkpoint", str(folder), "--no-base", "--samples", "8", "--steps", "1"]) == 2

@@ -84,7 +84,7 @@ def test_base_model_fid_lies_between_real_and_noise(splits, digits_assets):
 
     weights = str(digits_assets / "classifier.safetensors")
     base = load_base_model(digits_assets / "base")
-    samples = sample_images(base.unet, base.scheduler.config, 500, steps=20, seed=0)
+    samples = sample_images(base, 500, steps=20, seed=0)
     # Against the held-out split, which the base never trained on (against train its samples score
     # below real held-out images: it has seen those very digits), with set sizes alike, because FID's
     # bias grows as sets shrink (297 vs 297 real images scores ~118).

@@ -6,15 +6,7 @@ import torch
 
 from eval.intervals import PerSample, one_sided_p, paired_intervals, per_sample_from_tensors, per_sample_tensors
 from eval.fidelity import features_metrics
-
-D = 6
-REFERENCE = torch.randn(297, D, generator=torch.Generator().manual_seed(99))
-
-
-def draw(n: int, seed: int, shift: float = 0.3, gain: float = 0.0) -> PerSample:
-    """A stand-in "model": features N(shift, I) (FID against the N(0, I) reference > 0), quality N(0.9 + gain, 0.05)."""
-    g = torch.Generator().manual_seed(seed)
-    return PerSample(torch.randn(n, D, generator=g) + shift, {"heldout_quality": 0.9 + gain + 0.05 * torch.randn(n, generator=g)})
+from tests.stand_in_samples import REFERENCE, draw
 
 
 def test_values_are_the_evaluations_figures():
@@ -32,7 +24,7 @@ def test_difference_of_two_draws_of_one_model_covers_zero_at_the_nominal_rate():
     """Two models that are the same distribution (each sample drawn afresh): the 95% interval of the
     difference covers 0 (and the FID ratio's covers 1) in about 95% of repetitions; and a real
     difference is excluded. (At 200 samples the FID ratio's interval covers 1 in only ~83% here, the
-    bootstrap underestimating FID's spread at small N; from 600 on it is nominal: the README says so.)"""
+    bootstrap underestimating FID's spread at small N; from 600 on it is nominal: docs/sweep.md says so.)"""
     repetitions, covered_gain, covered_ratio = 40, 0, 0
     for r in range(repetitions):
         intervals = paired_intervals(draw(600, 2 * r), REFERENCE, draw(600, 2 * r + 1), resamples=200, seed=r, with_kid=False).figures

@@ -3,8 +3,10 @@ import torch
 
 from objectives.context import StepContext
 from objectives.denoise import Denoise
-from objectives.registry import ObjectiveError, build_objective
+from objectives.registry import build_objective
+from trainers.common.errors import ObjectiveError
 from trainers.models import build_digits_scheduler, build_digits_unet
+from trainers.denoiser.noise_process import NoiseProcess
 
 
 class CountingModel(torch.nn.Module):
@@ -23,7 +25,7 @@ def _context(model, prediction_type="epsilon", n=4):
     torch.manual_seed(0)
     scheduler = build_digits_scheduler()
     scheduler.register_to_config(prediction_type=prediction_type)
-    return StepContext(model=model, scheduler=scheduler, x0=torch.rand(n, 1, 16, 16) * 2 - 1,
+    return StepContext(model=model, process=NoiseProcess(scheduler.config), x0=torch.rand(n, 1, 16, 16) * 2 - 1,
                        noise=torch.randn(n, 1, 16, 16), t=torch.tensor([5, 200, 600, 990][:n]))
 
 
@@ -46,7 +48,7 @@ def test_denoise_is_per_sample_and_trains_the_model(unet):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_denoise_is_zero_for_a_perfect_prediction(prediction_type):
     ctx = _context(None, prediction_type)
-    alphas = ctx.scheduler.alphas_cumprod[ctx.t].view(-1, 1, 1, 1)
+    alphas = ctx.process.scheduler.alphas_cumprod[ctx.t].view(-1, 1, 1, 1)
     target = {"epsilon": ctx.noise, "sample": ctx.x0, "v_prediction": alphas.sqrt() * ctx.noise - (1 - alphas).sqrt() * ctx.x0}[prediction_type]
     ctx.__dict__["prediction"] = target.clone()  # what a perfect model would output
     assert Denoise()(ctx).abs().max() < 1e-10

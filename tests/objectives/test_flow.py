@@ -3,57 +3,67 @@ SD3-shaped model, the anchor's zero, the flow rollout, the flow samplers, and a 
 transformer training a LoRA step with the anchor and a reward."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from eval.sampling import make_sampler, sample_images
-from objectives.context import (StepContext, X0Source, add_noise, draw_timesteps, eps_from_prediction, prediction_from_x0, prediction_type,
-                                training_target, x0_from_prediction)
+from eval.sampling import sample_images
+from objectives.context import StepContext, X0Source
 from objectives.registry import build_objective
 from objectives.term import BuildEnv
-from tests.objectives.test_terms import specs, term_specs  # noqa: F401 - specs is a fixture
+from tests.objectives.term_specs import term_specs
 from tests.tiny_models import build_tiny_flow
 from trainers.lora import AdaptersDisabled, add_lora
+from trainers.denoiser.noise_process import NoiseProcess
 
 FLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def prompted(model, conditioning):
+    """`model` as sampling sees it, its prompts encoded as `conditioning` (the tiny models have no text encoders)."""
+    from types import SimpleNamespace
+
+    encode = lambda prompts: {k: v.expand(len(prompts), *v.shape[1:]) for k, v in conditioning.items()}  # noqa: E731
+    return SimpleNamespace(denoiser=model.denoiser, vae=model.vae, process=model.process, text_conditioned=True, encode_prompt=encode)
 
 
 def flow_context(model, base, x0, conditioning, seed=0, **kwargs):
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=generator)
-    t = draw_timesteps(kwargs["scheduler"], len(x0), generator)
+    kwargs["process"] = NoiseProcess(kwargs.pop("scheduler").config)
+    t = kwargs["process"].draw_timesteps(len(x0), generator)
     return StepContext(x0=x0, noise=noise, t=t, generator=generator, model=model, base=base,
                        conditioning={k: v.expand(len(x0), *v.shape[1:]) for k, v in conditioning.items()}, **kwargs)
 
 
 def test_the_flow_parameterisation_recovers_x0_eps_and_the_target_from_the_velocity():
     model, _ = build_tiny_flow("sd3")
-    scheduler = model.scheduler
-    assert prediction_type(scheduler) == "flow_prediction"
+    process = model.process
+    assert process.prediction == "flow_prediction"
     x0, eps = torch.full((2, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), -1.0)
     t = torch.tensor([250.0, 800.0])  # s = 0.25, 0.8
     s = torch.tensor([0.25, 0.8]).view(-1, 1, 1, 1)
-    x_t = add_noise(scheduler, x0, eps, t)
+    x_t = process.add_noise(x0, eps, t)
     torch.testing.assert_close(x_t, ((1 - s) * 0.5 + s * -1.0).expand_as(x0))  # by hand: 0.125, -0.7
-    velocity = training_target(scheduler, x0, eps, t)
+    velocity = process.target(x0, eps, t)
     torch.testing.assert_close(velocity, torch.full_like(x0, -1.5))  # eps - x0
-    torch.testing.assert_close(x0_from_prediction(velocity, x_t, t, scheduler), x0)
-    torch.testing.assert_close(eps_from_prediction(velocity, x_t, t, scheduler), eps)
-    torch.testing.assert_close(prediction_from_x0(x0, x_t, t, scheduler), velocity)
+    torch.testing.assert_close(process.x0(velocity, x_t, t), x0)
+    torch.testing.assert_close(process.eps(velocity, x_t, t), eps)
+    torch.testing.assert_close(process.from_x0(x0, x_t, t), velocity)
     # a wrong velocity gives the x0 and eps it implies: x0 = x_t - s v, eps = x_t + (1 - s) v
     wrong = torch.zeros_like(x0)
-    torch.testing.assert_close(x0_from_prediction(wrong, x_t, t, scheduler), x_t)
-    torch.testing.assert_close(eps_from_prediction(wrong, x_t, t, scheduler), x_t)
+    torch.testing.assert_close(process.x0(wrong, x_t, t), x_t)
+    torch.testing.assert_close(process.eps(wrong, x_t, t), x_t)
 
 
 def test_flow_timesteps_are_drawn_logit_normal_and_shifted_as_the_sd3_script_does():
     model, _ = build_tiny_flow("sd3")  # shift 3
-    t = draw_timesteps(model.scheduler, 4000, torch.Generator().manual_seed(0))
+    t = model.process.draw_timesteps(4000, torch.Generator().manual_seed(0))
     assert t.dtype.is_floating_point and 0 < t.min() and t.max() <= 1000
     # logit-normal(0, 1) has its median at u = 0.5; shift 3 moves it to sigma = 3 * 0.5 / (1 + 2 * 0.5) = 0.75
     assert t.median().item() == pytest.approx(750, abs=25)
-    uniform = draw_timesteps(model.scheduler, 4000, torch.Generator().manual_seed(0), "uniform")
+    uniform = model.process.draw_timesteps(4000, torch.Generator().manual_seed(0), "uniform")
     assert uniform.median().item() == pytest.approx(750, abs=40)  # shifted uniform: median at 3 * 0.5 / 2
     assert (t > 900).float().mean() < (uniform > 900).float().mean()  # logit-normal thins the ends
 
@@ -61,13 +71,14 @@ def test_flow_timesteps_are_drawn_logit_normal_and_shifted_as_the_sd3_script_doe
 def test_the_ddpm_draw_is_unchanged():
     from trainers.models import build_digits_scheduler
 
-    drawn = draw_timesteps(build_digits_scheduler(), 8, torch.Generator().manual_seed(3))
+    process = NoiseProcess(build_digits_scheduler().config)
+    drawn = process.draw_timesteps(8, torch.Generator().manual_seed(3))
     assert torch.equal(drawn, torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="timestep_density: .logit_normal. is for flow models"):
-        draw_timesteps(build_digits_scheduler(), 8, torch.Generator(), "logit_normal")
+        process.draw_timesteps(8, torch.Generator(), "logit_normal")
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+@pytest.mark.parametrize("sampler", ["euler", "dpm_solver"])
 def test_flow_sampling_with_a_perfect_velocity_lands_on_the_image(sampler):
     """A model that knows x0 outputs the velocity (x_t - x0) / s at every step; the flow samplers must
     then end on x0 (the path is straight), whatever the step count."""
@@ -81,16 +92,16 @@ def test_flow_sampling_with_a_perfect_velocity_lands_on_the_image(sampler):
             return type("Out", (), {"sample": (x - target) / s})()
 
     model, _ = build_tiny_flow("sd3")
-    sampler_config = model.scheduler.config
+    oracle = dataclasses.replace(model, denoiser=Oracle(), vae=None)
     for steps in (4, 10):
-        latents = sample_images(Oracle(), sampler_config, 2, steps=steps, sampler=sampler, seed=0)  # pixel space: [0, 1] of the clamp
+        latents = sample_images(oracle, 2, steps=steps, sampler=sampler, seed=0)  # pixel space: [0, 1] of the clamp
         torch.testing.assert_close(latents, ((target.clamp(-1, 1) + 1) / 2).expand(2, -1, -1, -1), atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver"])
+@pytest.mark.parametrize("sampler", ["euler", "dpm_solver"])
 def test_flux_dynamic_shift_follows_the_latent_size(sampler):
     model, _ = build_tiny_flow("flux")
-    small, large = (make_sampler(model.scheduler.config, sampler, latent_size=size) for size in (8, 128))
+    small, large = (model.process.sampler(sampler, latent_size=size) for size in (8, 128))
     small.set_timesteps(4), large.set_timesteps(4)
     assert large.sigmas[1] > small.sigmas[1]  # more patches: more time at high noise, as FluxPipeline shifts
 
@@ -108,14 +119,14 @@ def latents():
                                   "decoupled_rewards", "decoupled_rewards_rollout", "adversarial", "adversarial_rollout"])
 def test_every_term_trains_a_flow_transformer(case, specs, latents):
     base_model, conditioning = build_tiny_flow("sd3")
-    base = base_model.unet.requires_grad_(False)
+    base = base_model.denoiser.requires_grad_(False)
     model = copy.deepcopy(base).requires_grad_(True)
     with torch.no_grad():  # drifted a little, so the anchor is not at its 0
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     name = case.removesuffix("_sampled").removesuffix("_rollout")
     options = term_specs(specs)[case]
-    env = BuildEnv(model_channels=16, image_channels=1, prediction_type="flow_prediction")
+    env = BuildEnv(model_channels=16, image_channels=1, process=NoiseProcess(build_tiny_flow("sd3")[0].scheduler.config))
     objective = build_objective({name: {"weight": 1.0, **options}}, env)
     ctx = flow_context(model, base, latents, conditioning, scheduler=base_model.scheduler, vae=base_model.vae,
                        rollout_model=objective.wrap_for_rollouts(model, base_model.scheduler.config))
@@ -132,10 +143,10 @@ def test_every_term_trains_a_flow_transformer(case, specs, latents):
 
 def test_the_flow_anchor_is_zero_at_the_base_and_positive_after_one_step(specs, latents):
     base_model, conditioning = build_tiny_flow("sd3")
-    model = add_lora(base_model.unet, 4, targets=FLOW_LORA_TARGETS)
+    model = add_lora(base_model.denoiser, 4, targets=FLOW_LORA_TARGETS)
     frozen = AdaptersDisabled(model)
     objective = build_objective({"anchor": 1.0, "nr_iqa": {"weight": 1.0, "metric": specs["cnniqa"]}},
-                                BuildEnv(model_channels=16, image_channels=1, prediction_type="flow_prediction"))
+                                BuildEnv(model_channels=16, image_channels=1, process=NoiseProcess(build_tiny_flow("sd3")[0].scheduler.config)))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
 
     def step_context(seed):
@@ -164,11 +175,11 @@ def test_a_flow_rollout_stops_in_its_window_with_gradients_in_the_last_steps(lat
             calls.append((t.detach().clone(), torch.is_grad_enabled()))
             return self.module(x, t, **kwargs)
 
-    source = X0Source.from_options("rollout", sampling_steps=8, stop_low=5, stop_high=6, feedback_steps=2)
+    source = X0Source.from_options({"source": "rollout", "sampling_steps": 8, "stop_low": 5, "stop_high": 6, "feedback_steps": 2})
     stops = set()
     for seed in range(8):
         calls.clear()
-        ctx = flow_context(Recording(base_model.unet), None, latents, conditioning, seed=seed, scheduler=base_model.scheduler)
+        ctx = flow_context(Recording(base_model.denoiser), None, latents, conditioning, seed=seed, scheduler=base_model.scheduler)
         x0 = ctx.generated(source)
         stop = len(calls) - 1
         assert 5 <= stop <= 6 and [grad for _, grad in calls] == [False] * (stop - 1) + [True, True]
@@ -180,11 +191,11 @@ def test_a_flow_rollout_stops_in_its_window_with_gradients_in_the_last_steps(lat
 
 def test_a_tiny_flux_transformer_trains_a_lora_step_with_the_anchor_and_a_reward_and_samples(specs, latents):
     model, conditioning = build_tiny_flow("flux")
-    unet = add_lora(model.unet, 4, targets=FLOW_LORA_TARGETS + ["ff_context.net.0.proj", "ff_context.net.2"])
+    unet = add_lora(model.denoiser, 4, targets=FLOW_LORA_TARGETS + ["ff_context.net.0.proj", "ff_context.net.2"])
     frozen = AdaptersDisabled(unet)
-    objective = build_objective({"denoise": 1.0, "anchor": 1.0, "nr_iqa": {"weight": 1.0, "metric": specs["cnniqa"], "x0": "sampled",
-                                                                           "sampling_steps": 2}},
-                                BuildEnv(model_channels=16, image_channels=1, prediction_type="flow_prediction"))
+    objective = build_objective({"denoise": 1.0, "anchor": 1.0, "nr_iqa": {"weight": 1.0, "metric": specs["cnniqa"],
+                                                                           "x0": {"source": "sampled", "sampling_steps": 2}}},
+                                BuildEnv(model_channels=16, image_channels=1, process=NoiseProcess(build_tiny_flow("sd3")[0].scheduler.config)))
     trainable = [p for p in unet.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
@@ -194,16 +205,14 @@ def test_a_tiny_flux_transformer_trains_a_lora_step_with_the_anchor_and_a_reward
     total.backward()
     optimizer.step()
     assert any(not torch.equal(p, b) for p, b in zip(trainable, before))
-    images = sample_images(unet, model.scheduler.config, 2, steps=2, seed=0, vae=model.vae,
-                           encode_prompt=lambda prompts: {k: v.expand(len(prompts), *v.shape[1:]) for k, v in conditioning.items()},
-                           prompts=["a", "b"])
+    images = sample_images(prompted(dataclasses.replace(model, denoiser=unet), conditioning), 2, steps=2, seed=0, prompts=["a", "b"])
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
 
 
-def test_the_family_is_read_from_the_scheduler_class_not_its_keys():
+def test_the_kind_is_read_from_the_scheduler_class_not_its_keys():
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    from eval.sampling import is_flow_config
+    from trainers.denoiser.noise_process import is_flow_config
 
     # DPM-Solver's and UniPC's configs carry use_dynamic_shifting and flow_shift: an SD 1.5 that ships one is still a DDPM model
     assert not any(is_flow_config(kind().config) for kind in (DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler))
@@ -216,7 +225,7 @@ def test_flux_sampling_steps_are_fluxpipelines():
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
     model, _ = build_tiny_flow("flux")
-    ours = make_sampler(model.scheduler.config, "ddim", latent_size=128)  # 1024 px: 4096 patches
+    ours = model.process.sampler("euler", latent_size=128)  # 1024 px: 4096 patches
     ours.set_timesteps(28)
     theirs = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
     retrieve_timesteps(theirs, 28, "cpu", sigmas=np.linspace(1.0, 1 / 28, 28), mu=calculate_shift(4096))  # as FluxPipeline.__call__
@@ -226,19 +235,23 @@ def test_flux_sampling_steps_are_fluxpipelines():
 
 def test_a_cascade_samples_on_bf16_weights():
     """model.weights_dtype: bf16: sampling hands the fp32 Cas-DM head bf16 tensors; it computes in fp32."""
-    from objectives.lpips_x0 import CascadedDenoiser, CascadedX0Head
+    from trainers.denoiser.cascade import CascadedDenoiser, CascadedX0Head
 
     model, conditioning = build_tiny_flow("sd3")
-    model.unet.to(torch.bfloat16)
-    cascade = CascadedDenoiser(model.unet, CascadedX0Head(16), model.scheduler.config)
-    images = sample_images(cascade, model.scheduler.config, 2, steps=2, vae=model.vae.to(torch.bfloat16),
-                           encode_prompt=lambda prompts: {k: v.expand(len(prompts), *v.shape[1:]).bfloat16() for k, v in conditioning.items()},
-                           prompts=["a"])
+    model.denoiser.to(torch.bfloat16)
+    cascade = CascadedDenoiser(model.denoiser, CascadedX0Head(16), model.scheduler.config)
+    model = dataclasses.replace(model, denoiser=cascade, vae=model.vae.to(torch.bfloat16))
+    images = sample_images(prompted(model, {k: v.bfloat16() for k, v in conditioning.items()}), 2, steps=2, prompts=["a"])
     assert images.shape == (2, 1, 16, 16) and images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
-def test_rollouts_refuse_a_sampler_whose_state_is_not_the_sample():
-    from objectives.term import OptionError
+def test_rollouts_refuse_a_sampler_whose_state_is_not_the_sample_or_that_names_another_kind():
+    from trainers.common.errors import OptionError
+    from trainers.models import build_digits_scheduler
 
-    with pytest.raises(OptionError, match="sampler: expected one of ddim, dpm_solver, got 'euler'"):
-        X0Source.from_options("sampled", sampler="euler")
+    with pytest.raises(OptionError, match="x0.sampler: expected one of ddim, dpm_solver for this ddpm model, got 'euler'"):
+        X0Source.from_options({"source": "sampled", "sampler": "euler"}).check(NoiseProcess(build_digits_scheduler().config))
+    with pytest.raises(OptionError, match="x0.sampler: ddim is a DDPM-family sampler; this flow model samples with euler"):
+        X0Source.from_options({"source": "sampled", "sampler": "ddim"}).check(build_tiny_flow("sd3")[0].process)
+    with pytest.raises(OptionError, match="x0.sampler: expected one of ddim, dpm_solver, euler, got 'heun'"):
+        X0Source.from_options({"source": "sampled", "sampler": "heun"})

@@ -9,10 +9,13 @@ import torch
 from trainers.image_sets import DigitsDataset, images_only
 from eval.quality import QualityModel, load_quality_model
 from objectives.context import StepContext
-from objectives.registry import TERMS, ObjectiveError, build_objective, validate_objective
+from objectives.registry import TERMS, build_objective, validate_objective
+from trainers.common.errors import ObjectiveError
 from objectives.term import BuildEnv
+from tests.objectives.term_specs import term_specs
 from trainers.lora import AdaptersDisabled, add_lora
 from trainers.models import build_digits_scheduler, build_digits_unet
+from trainers.denoiser.noise_process import NoiseProcess
 
 
 class Counting(torch.nn.Module):
@@ -38,15 +41,6 @@ class Counting(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def specs(digits_assets):
-    cnniqa = {"arch": "cnniqa", "weights": str(digits_assets / "quality_cnniqa.safetensors")}
-    heldout = {"arch": "digits_heldout_iqa", "weights": str(digits_assets / "heldout_iqa.safetensors")}
-    network = {"network": "digits-classifier", "weights": str(digits_assets / "classifier.safetensors")}
-    segmenter = {"network": "digits-segmenter", "weights": str(digits_assets / "segmenter.safetensors")}
-    return {"cnniqa": cnniqa, "heldout": heldout, "network": network, "segmenter": segmenter}
-
-
-@pytest.fixture(scope="module")
 def digits():
     return images_only(DigitsDataset("train"))[:6]
 
@@ -60,27 +54,8 @@ def make_context(model, base, x0, seed=0, **kwargs):
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, 1000, (len(x0),), generator=generator)
-    return StepContext(model=model, scheduler=kwargs.pop("scheduler", build_digits_scheduler()), x0=x0, noise=noise, t=t,
+    return StepContext(model=model, process=NoiseProcess(kwargs.pop("scheduler", build_digits_scheduler()).config), x0=x0, noise=noise, t=t,
                        base=base, generator=generator, **kwargs)
-
-
-def term_specs(specs):
-    return {
-        "denoise": {},
-        "anchor": {},
-        "nr_iqa": {"metric": specs["cnniqa"], "t_range": [0, 400]},
-        "nr_iqa_sampled": {"metric": specs["cnniqa"], "x0": "sampled", "sampling_steps": 3, "feedback_steps": 1},
-        "lpips_x0": {"metric": specs["network"]},
-        "self_perceptual": {},
-        "pefl": {"network": specs["network"], "x0": "one_step"},
-        "pefl_rollout": {"network": specs["network"]},  # UniFL's default: a rollout from the noised real image
-        "pefl_segmentation": {"segmenter": specs["segmenter"]},
-        "decoupled_rewards": {"rewards": {"sharp": {"model": specs["cnniqa"]}, "clean": {"model": specs["heldout"], "weight": 0.5}},
-                              "x0": "one_step"},
-        "decoupled_rewards_rollout": {"rewards": {"sharp": {"model": specs["cnniqa"]}}, "sampling_steps": 4},  # UniFL's: ReFL's rollout from noise
-        "adversarial": {"discriminator": specs["cnniqa"], "x0": "one_step", "t_range": [0, 500]},
-        "adversarial_rollout": {"discriminator": specs["cnniqa"]},
-    }
 
 
 @pytest.mark.parametrize("case", ["denoise", "anchor", "nr_iqa", "nr_iqa_sampled", "lpips_x0", "self_perceptual", "pefl", "pefl_rollout",
@@ -127,13 +102,14 @@ def test_shared_pieces_are_computed_once_per_step(specs, digits):
     assert base.calls == 3  # anchor's prediction once; self_perceptual's two feature passes
 
     model.grad_modes.clear()
-    objective = build_objective({"denoise": 1.0, "nr_iqa": s["nr_iqa"], "pefl": {**s["pefl"], "t_range": [0, 400]},
-                                 "decoupled_rewards": {**s["decoupled_rewards"], "t_range": [0, 400]}})
+    low = {"source": "one_step", "t_range": [0, 400]}
+    objective = build_objective({"denoise": 1.0, "nr_iqa": s["nr_iqa"], "pefl": {**s["pefl"], "x0": low},
+                                 "decoupled_rewards": {**s["decoupled_rewards"], "x0": low}})
     objective(make_context(model, None, digits))
     assert model.calls == 2  # the step's own t, plus one forward at t in [0, 400) shared by three terms
 
     model.grad_modes.clear()
-    sampled = {"x0": "sampled", "sampling_steps": 4, "feedback_steps": 2}
+    sampled = {"x0": {"source": "sampled", "sampling_steps": 4, "feedback_steps": 2}}
     objective = build_objective({"nr_iqa": {"metric": specs["cnniqa"], **sampled},
                                  "decoupled_rewards": {**s["decoupled_rewards"], **sampled}})
     objective(make_context(model, None, digits))
@@ -295,7 +271,7 @@ def test_the_anchor_acts_where_it_is_told(specs, digits):
     from objectives.anchor import noise_distance
 
     base, model = tiny_unet().requires_grad_(False), tiny_unet(1)
-    nr_iqa = {"metric": specs["cnniqa"], "t_range": [0, 400]}
+    nr_iqa = {"metric": specs["cnniqa"], "x0": {"t_range": [0, 400]}}
     for at in ("denoise", "feedback", "both"):
         objective = build_objective({"anchor": {"weight": 1.0, "at": at}, "nr_iqa": nr_iqa})  # listed first, run after
         ctx = make_context(model, base, digits)
@@ -303,8 +279,8 @@ def test_the_anchor_acts_where_it_is_told(specs, digits):
         [point] = ctx.feedback_points  # NR-IQA's one-step forward, at its low t
         assert (point.t < 400).all() and point.output.requires_grad
         with torch.no_grad():
-            at_feedback = noise_distance(point.output, base(point.x_t, point.t).sample, point.x_t, point.t, ctx.scheduler)
-            at_denoise = noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.scheduler)
+            at_feedback = noise_distance(point.output, base(point.x_t, point.t).sample, point.x_t, point.t, ctx.process)
+            at_denoise = noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t, ctx.process)
         assert not torch.allclose(at_feedback, at_denoise)
         expected = {"denoise": at_denoise, "feedback": at_feedback, "both": (at_denoise + at_feedback) / 2}[at]
         assert parts["anchor"].item() == pytest.approx(expected.mean().item(), rel=1e-5)
@@ -313,7 +289,7 @@ def test_the_anchor_acts_where_it_is_told(specs, digits):
     _, parts = build_objective({"denoise": 1.0, "anchor": {"at": "feedback"}})(ctx)
     with torch.no_grad():
         assert parts["anchor"].item() == pytest.approx(noise_distance(ctx.prediction, ctx.base_prediction, ctx.x_t, ctx.t,
-                                                                      ctx.scheduler).mean().item(), rel=1e-5)
+                                                                      ctx.process).mean().item(), rel=1e-5)
     with pytest.raises(ObjectiveError, match=r"objective.anchor.at: expected one of denoise, feedback, both"):
         validate_objective({"anchor": {"at": "everywhere"}})
 
@@ -321,7 +297,7 @@ def test_the_anchor_acts_where_it_is_told(specs, digits):
 def test_the_cascade_is_built_on_a_bounded_estimate():
     # near t ~ T the estimate is amplified noise: the head sees it bounded and the cascade starts from
     # it bounded, so the head's MSE is not that noise's (which no correction can undo)
-    from objectives.lpips_x0 import LATENT_RANGE, CascadedX0Head, cascaded_x0
+    from trainers.denoiser.cascade import LATENT_RANGE, CascadedX0Head, cascaded_x0
 
     head, seen = CascadedX0Head(4, width=8), []
     head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[1]))
@@ -337,7 +313,7 @@ def test_with_lpips_x0_the_other_terms_roll_out_through_the_cascade(specs, digit
     # training and sampling must see the same denoiser: Cas-DM's head sits in every rollout step
     model = tiny_unet(1)
     objective = build_objective({"denoise": 1.0, "lpips_x0": {"metric": specs["network"]},
-                                 "pefl": {"network": specs["network"], "sampling_steps": 6, "start": 2, "stop_low": 4, "stop_high": 5}})
+                                 "pefl": {"network": specs["network"], "x0": {"sampling_steps": 6, "start": 2, "stop_low": 4, "stop_high": 5}}})
     head = objective.terms["lpips_x0"][1].head
     with torch.no_grad():  # a head that is not the identity, so going through it shows in x0
         head.net[-1].weight.normal_(0, 0.1)
@@ -366,20 +342,24 @@ def test_objective_logs_every_term_and_part(specs, digits):
     ({"anchor": -1.0}, r"objective.anchor.weight: expected a number >= 0"),
     ({"perceptual": 1.0}, r"objective.perceptual: unknown term"),
     ({"nr_iqa": {"metric": "not_a_metric"}}, r"objective.nr_iqa.metric: unknown quality model 'not_a_metric'"),
-    ({"nr_iqa": {"metric": "musiq", "t_range": [400, 0]}}, r"objective.nr_iqa.t_range: expected \[lo, hi\]"),
-    ({"nr_iqa": {"metric": "musiq", "t_range": [0]}}, r"objective.nr_iqa.t_range"),
-    ({"nr_iqa": {"metric": "musiq", "x0": "sampled", "sampling_steps": 2, "feedback_steps": 3}}, r"objective.nr_iqa.feedback_steps"),
+    ({"nr_iqa": {"metric": "musiq", "x0": {"t_range": [400, 0]}}}, r"objective.nr_iqa.x0.t_range: expected \[lo, hi\]"),
+    ({"nr_iqa": {"metric": "musiq", "x0": {"t_range": [0]}}}, r"objective.nr_iqa.x0.t_range"),
+    ({"nr_iqa": {"metric": "musiq", "x0": {"source": "sampled", "sampling_steps": 2, "feedback_steps": 3}}}, r"objective.nr_iqa.x0.feedback_steps"),
+    ({"nr_iqa": {"metric": "musiq", "x0": "one_step", "t_range": [0, 400]}},
+     r"^objective.nr_iqa.t_range: moved into objective.nr_iqa.x0 \(x0: \{source: one_step, t_range: ...\}\)$"),
+    ({"nr_iqa": {"metric": "musiq", "x0": {"source": "rollout", "stop": 3}}}, r"objective.nr_iqa.x0.stop: unknown option"),
+    ({"nr_iqa": {"metric": "musiq", "x0": "tweedie"}}, r"objective.nr_iqa.x0.source: expected one of one_step, sampled, rollout"),
     ({"nr_iqa": {"metric": {"arch": "cnniqa", "weights": "missing.safetensors"}}}, r"objective.nr_iqa.metric.weights: file not found"),
     ({"pefl": {"network": "resnet9000"}}, r"objective.pefl.network: unknown network"),
     ({"pefl_segmentation": {"segmenter": "solo"}}, r"objective.pefl_segmentation.segmenter: unknown segmentation network 'solo'"),
-    ({"pefl": {"network": "vgg16", "x0": "sampled"}}, r"objective.pefl.x0: a sampled x0 has no real image"),
+    ({"pefl": {"network": "vgg16", "x0": "sampled"}}, r"objective.pefl.x0.source: a sampled x0 has no real image"),
     ({"decoupled_rewards": {"rewards": {"c": {"model": "musiq", "target": "high"}}}}, r"objective.decoupled_rewards.rewards.c.target"),
     ({"decoupled_rewards": {"rewards": {"c": {"model": "musiq"}}, "prompt_order": "best"}}, r"objective.decoupled_rewards.prompt_order"),
     ({"decoupled_rewards": {"rewards": {}}}, r"objective.decoupled_rewards.rewards"),
     ({"aesthetic": {"rewards": {}}}, r"objective.aesthetic: renamed to objective.decoupled_rewards"),
     ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq", "weight": -1}}}}, r"objective.decoupled_rewards.rewards.color.weight"),
     ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq"}}, "x0": "one_step", "prompts": ["a cat"]}}, r"objective.decoupled_rewards.prompts: .*x0: rollout from noise"),
-    ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq"}}, "x0": "rollout", "start": 2, "prompts": ["a cat"]}}, r"objective.decoupled_rewards.prompts: .*no start"),
+    ({"decoupled_rewards": {"rewards": {"color": {"model": "musiq"}}, "x0": {"source": "rollout", "start": 2}, "prompts": ["a cat"]}}, r"objective.decoupled_rewards.prompts: .*no start"),
     ({"adversarial": {"discriminator": "musiq", "learning_rate": 0}}, r"objective.adversarial.learning_rate"),
 ])
 def test_bad_terms_fail_at_validation_naming_the_field(spec, message):
@@ -388,8 +368,8 @@ def test_bad_terms_fail_at_validation_naming_the_field(spec, message):
 
 
 def test_t_range_beyond_the_schedule_fails_when_built(specs):
-    with pytest.raises(ObjectiveError, match=r"objective.nr_iqa.t_range: upper end 2000 exceeds the model's 1000"):
-        build_objective({"nr_iqa": {"metric": specs["cnniqa"], "t_range": [0, 2000]}}, BuildEnv(num_train_timesteps=1000))
+    with pytest.raises(ObjectiveError, match=r"objective.nr_iqa.x0.t_range: upper end 2000 exceeds the model's 1000"):
+        build_objective({"nr_iqa": {"metric": specs["cnniqa"], "x0": {"t_range": [0, 2000]}}}, BuildEnv())
 
 
 def test_prompts_need_a_text_model(specs, tmp_path):
@@ -402,7 +382,8 @@ def test_prompts_need_a_text_model(specs, tmp_path):
 
 
 def test_bad_objective_in_a_config_fails_at_load(specs):
-    from trainers.config import Config, ConfigError
+    from trainers.config import Config
+    from trainers.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"objective.nr_iqa.metric: unknown quality model"):
         Config.from_dict({"objective": {"denoise": 1.0, "nr_iqa": {"metric": "nope"}}}).check_references()
@@ -423,7 +404,7 @@ class Recording(torch.nn.Module):
 def test_rollout_from_noise_has_gradients_in_the_last_steps_and_a_random_stop_in_the_window(digits):
     from objectives.context import X0Source
 
-    source = X0Source.from_options("rollout", sampling_steps=10, stop_low=6, stop_high=8, feedback_steps=2)
+    source = X0Source.from_options({"source": "rollout", "sampling_steps": 10, "stop_low": 6, "stop_high": 8, "feedback_steps": 2})
     stops = set()
     for seed in range(12):
         model = Recording(tiny_unet())
@@ -437,10 +418,9 @@ def test_rollout_from_noise_has_gradients_in_the_last_steps_and_a_random_stop_in
 
 
 def test_rollout_from_the_real_image_starts_at_the_image_noised_to_start(digits):
-    from eval.sampling import make_sampler
     from objectives.context import X0Source
 
-    source = X0Source.from_options("rollout", sampling_steps=10, start=3, stop_low=7, stop_high=7)
+    source = X0Source.from_options({"source": "rollout", "sampling_steps": 10, "start": 3, "stop_low": 7, "stop_high": 7})
     model = Recording(tiny_unet())
     ctx = make_context(model, None, digits, seed=5)
     ctx.generated(source)
@@ -450,23 +430,23 @@ def test_rollout_from_the_real_image_starts_at_the_image_noised_to_start(digits)
     torch.randint(0, 1000, (len(digits),), generator=generator)
     torch.randint(7, 8, (1,), generator=generator)
     noise = torch.randn(digits.shape, generator=generator)
-    schedule = make_sampler(ctx.scheduler.config, "ddim")
+    schedule = ctx.process.sampler("ddim")
     schedule.set_timesteps(10)
     first_input, first_t, _ = model.calls[0]
     assert torch.equal(first_t, schedule.timesteps[3].expand(len(digits)))
-    torch.testing.assert_close(first_input, ctx.scheduler.add_noise(digits, noise, schedule.timesteps[3].expand(len(digits))))
+    torch.testing.assert_close(first_input, ctx.process.scheduler.add_noise(digits, noise, schedule.timesteps[3].expand(len(digits))))
     assert [grad for _, _, grad in model.calls] == [False] * 4 + [True]  # steps 3..7, the last with gradients
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"x0": "rollout", "sampling_steps": 10, "stop_low": 9, "stop_high": 8}, r"stop_low: 9 is above stop_high"),
-    ({"x0": "rollout", "sampling_steps": 10, "stop_high": 10}, r"stop_high: expected a step index 0..9"),
-    ({"x0": "rollout", "sampling_steps": 10, "start": 8, "stop_low": 7}, r"start: 8 is after stop_low"),
-    ({"x0": "one_step", "start": 3}, r"start: only applies to x0: rollout"),
+    ({"source": "rollout", "sampling_steps": 10, "stop_low": 9, "stop_high": 8}, r"x0.stop_low: 9 is above stop_high"),
+    ({"source": "rollout", "sampling_steps": 10, "stop_high": 10}, r"x0.stop_high: expected a step index 0..9"),
+    ({"source": "rollout", "sampling_steps": 10, "start": 8, "stop_low": 7}, r"x0.start: 8 is after stop_low"),
+    ({"source": "one_step", "start": 3}, r"x0.start: only applies to source: rollout"),
 ])
 def test_bad_rollout_options_name_the_field(options, message, specs):
     with pytest.raises(ObjectiveError, match=r"objective.nr_iqa." + message):
-        validate_objective({"nr_iqa": {"metric": specs["cnniqa"], **options}})
+        validate_objective({"nr_iqa": {"metric": specs["cnniqa"], "x0": options}})
 
 
 def test_one_step_without_a_range_stays_in_the_safe_half(specs, digits):
@@ -487,9 +467,9 @@ def test_anchor_compares_noise_predictions(prediction_type):
         return lambda x_t, t, **_: type("Out", (), {"sample": outputs[which]})()
 
     anchor = TERMS["anchor"]()
-    ctx = StepContext(model=constant("model"), base=constant("model"), scheduler=scheduler, x0=x0, noise=noise, t=t)
+    ctx = StepContext(model=constant("model"), base=constant("model"), process=NoiseProcess(scheduler.config), x0=x0, noise=noise, t=t)
     assert anchor(ctx).item() == 0.0  # the base itself: 0, whatever the prediction type
-    ctx = StepContext(model=constant("model"), base=constant("base"), scheduler=scheduler, x0=x0, noise=noise, t=t)
+    ctx = StepContext(model=constant("model"), base=constant("base"), process=NoiseProcess(scheduler.config), x0=x0, noise=noise, t=t)
     a = scheduler.alphas_cumprod[300].item()
     # by hand: eps = v * sqrt(a) + x_t * sqrt(1-a) for v; eps = (x_t - sqrt(a) x0) / sqrt(1-a) for sample
     expected = {"epsilon": 0.2 ** 2, "v_prediction": a * 0.2 ** 2, "sample": a / (1 - a) * 0.2 ** 2}[prediction_type]
@@ -498,7 +478,7 @@ def test_anchor_compares_noise_predictions(prediction_type):
 
 def test_a_staged_weight_is_zero_before_its_step_and_costs_no_forward(specs, digits):
     objective = build_objective({"denoise": 1.0, "nr_iqa": {"weight": 0.5, "from_step": 3, "metric": specs["cnniqa"],
-                                                              "t_range": [0, 400]}})
+                                                              "x0": {"t_range": [0, 400]}}})
     for step, forwards in ((2, 1), (3, 2)):
         model = Recording(tiny_unet())
         total, parts = objective(make_context(model, None, digits), step)

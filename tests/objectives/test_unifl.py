@@ -16,9 +16,11 @@ from objectives.nr_iqa import mean_reward
 from objectives.adversarial import Adversarial
 from objectives.context import StepContext
 from objectives.prompt_select import remove_near_duplicates, select_prompts, text_embedder
-from objectives.registry import ObjectiveError, build_objective, validate_objective
+from objectives.registry import build_objective, validate_objective
+from trainers.common.errors import ObjectiveError
 from objectives.term import BuildEnv
 from trainers.models import build_digits_scheduler, load_base_model
+from trainers.denoiser.noise_process import NoiseProcess
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +40,21 @@ def context(model, x0, seed=0, **kwargs):
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, 1000, (len(x0),), generator=generator)
-    return StepContext(model=model, scheduler=build_digits_scheduler(), x0=x0, noise=noise, t=t, generator=generator, **kwargs)
+    return StepContext(model=model, process=NoiseProcess(build_digits_scheduler().config), x0=x0, noise=noise, t=t, generator=generator, **kwargs)
 
 
 def test_pefl_style_variant_is_gram_only_by_default_on_a_rollout_from_the_real_image(specs, real, digits_assets):
     term = build_objective({"pefl": {"network": specs["network"]}}).terms["pefl"][1]
     assert (term.source.kind, term.source.start) == ("rollout", 10)  # UniFL: from the noised real image
-    assert set(term(context(load_base_model(digits_assets / "base").unet, real[:4]))) == {"style"}
+    assert set(term(context(load_base_model(digits_assets / "base").denoiser, real[:4]))) == {"style"}
     with_content = build_objective({"pefl": {"network": specs["network"], "content_weight": 1.0}}).terms["pefl"][1]
-    assert set(with_content(context(load_base_model(digits_assets / "base").unet, real[:4]))) == {"style", "content"}
-    with pytest.raises(ObjectiveError, match=r"objective.pefl.start: .*the rollout must start from it"):
-        validate_objective({"pefl": {"network": specs["network"], "start": None}})
+    assert set(with_content(context(load_base_model(digits_assets / "base").denoiser, real[:4]))) == {"style", "content"}
+    with pytest.raises(ObjectiveError, match=r"objective.pefl.x0.start: .*the rollout must start from it"):
+        validate_objective({"pefl": {"network": specs["network"], "x0": {"start": None}}})
 
 
 def test_pefl_segmentation_lowers_the_segmentation_loss_of_rolled_out_x0(specs, real, digits_assets):
-    model = load_base_model(digits_assets / "base").unet.requires_grad_(True).train()
+    model = load_base_model(digits_assets / "base").denoiser.requires_grad_(True).train()
     term = build_objective({"pefl_segmentation": {"segmenter": specs["segmenter"]}}).terms["pefl_segmentation"][1]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-5)
 
@@ -93,7 +95,7 @@ def test_masks_from_the_data_are_what_the_structure_loss_scores_against(specs, r
     masks = data_masks(config.data)
     train = DigitsDataset("train")
     assert torch.equal(masks, digit_masks((train.images + 1) / 2, train.labels.long()))  # the segmenter's training masks
-    model = load_base_model(digits_assets / "base").unet
+    model = load_base_model(digits_assets / "base").denoiser
     own = build_objective({"pefl_segmentation": {"segmenter": specs["segmenter"]}}).terms["pefl_segmentation"][1]
     ground = build_objective({"pefl_segmentation": {"segmenter": specs["segmenter"], "masks": "data"}}).terms["pefl_segmentation"][1]
     assert ground.needs_masks and not own.needs_masks
@@ -142,8 +144,8 @@ def test_the_trainer_hands_the_data_masks_to_the_structure_loss(digits_assets, t
     monkeypatch.setattr(PeflSegmentation, "masks", lambda self, ctx: (seen.append(ctx.masks), original(self, ctx))[1])
     config, _ = load("digits", ["train.steps=2", "train.batch_size=8", "eval.samples=8", "eval.sampling_steps=[2]",
                                 f"train.output_dir={tmp_path}/run",
-                                f"objective={{denoise: 1.0, pefl_segmentation: {{masks: data, sampling_steps: 4, start: 1, stop_low: 2, "
-                                f"stop_high: 3, segmenter: {{network: digits-segmenter, weights: {digits_assets}/segmenter.safetensors}}}}}}"])
+                                f"objective={{denoise: 1.0, pefl_segmentation: {{masks: data, x0: {{sampling_steps: 4, start: 1, stop_low: 2, "
+                                f"stop_high: 3}}, segmenter: {{network: digits-segmenter, weights: {digits_assets}/segmenter.safetensors}}}}}}"])
     result = train(config)
     assert len(seen) == 2 and all(m is not None and m.shape == (8, 16, 16) and m.max() <= 10 and (m > 0).any() for m in seen)
     assert "loss/pefl_segmentation" in result["metrics"]
@@ -169,7 +171,7 @@ def test_adversarial_generator_gradient_is_not_negligible_on_a_0_to_100_metric(d
     with torch.no_grad():
         scores = load_quality_model(metric)((real + 1) / 2)
     assert scores.mean() > 40  # the metric is on MUSIQ's scale
-    model = load_base_model(digits_assets / "base").unet.requires_grad_(True)
+    model = load_base_model(digits_assets / "base").denoiser.requires_grad_(True)
     objective = build_objective({"denoise": 1.0, "adversarial": {"discriminator": metric}})
     ctx = context(model, real)
     _, parts = objective(ctx)
@@ -227,8 +229,8 @@ def test_the_adversarial_rollout_trains_every_step_of_a_20_step_schedule(specs, 
 
 
 def test_discriminator_learns_real_from_generated_and_round_trips(specs, real):
-    term = build_objective({"adversarial": {"discriminator": specs["cnniqa"], "learning_rate": 1e-3, "x0": "one_step",
-                                            "t_range": [0, 1000]}}).terms["adversarial"][1]
+    term = build_objective({"adversarial": {"discriminator": specs["cnniqa"], "learning_rate": 1e-3,
+                                            "x0": {"source": "one_step", "t_range": [0, 1000]}}}).terms["adversarial"][1]
     torch.manual_seed(0)
     from diffusers import UNet2DModel
 
@@ -372,7 +374,7 @@ def test_decoupled_rewards_roll_out_from_their_prompts_as_refl_does(specs, real)
     # UniFL's decoupled feedback follows ReFL: from noise, conditioned on the drawn prompts, to a stop in the last quarter
     pool = ["a handwritten 1", "a thick handwritten 22", "a very thin handwritten 333"]
     spec = {"decoupled_rewards": {"rewards": {"sharp": {"model": specs["cnniqa"]}}, "prompts": pool, "prompts_per_step": 2,
-                                  "sampling_steps": 8}}
+                                  "x0": {"sampling_steps": 8}}}
     term = build_objective(spec, BuildEnv(text_conditioned=True)).terms["decoupled_rewards"][1]
     assert (term.source.kind, term.source.start, term.source.stop_low, term.source.stop_high) == ("rollout", None, 6, 7)
     stops = set()

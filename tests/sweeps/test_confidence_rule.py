@@ -8,7 +8,7 @@ from eval.fidelity import features_metrics, fid_from_features
 from eval.intervals import PerSample
 from sweeps.confirm import judge
 from sweeps.selection import Fidelity, confident_champion, holm, pareto_front, screening_order, select_champion
-from tests.eval.test_intervals import REFERENCE, draw
+from tests.stand_in_samples import REFERENCE, draw
 
 REFERENCE_STATISTICS = fid_features_to_statistics(REFERENCE)
 TOLERANCE = Fidelity("fid", 0.1)

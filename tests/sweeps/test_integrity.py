@@ -20,7 +20,7 @@ from sweeps.search import AskSpace, open_study, rebuild, reconcile, study_storag
 from sweeps.spool import recorded_trials, spool
 from trainers.common import layout, storage
 from trainers.common.credentials import has_credentials, redact, redacted
-from trainers.config import ConfigError
+from trainers.common.errors import ConfigError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SENTINEL = "s3ntinel-Pa55"

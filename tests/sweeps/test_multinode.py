@@ -14,7 +14,7 @@ import pytest
 from types import SimpleNamespace
 
 from tests.servers import database_text, mlflow_server, postgres, postgres_database
-from tests.sweeps.test_sweep import sweep_args
+from tests.sweeps.tiny_sweep import sweep_args
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import pytest
 
 from trainers.common import storage
 from tests import servers
-from tests.sweeps.test_sweep import runs_of, sweep_args
+from tests.sweeps.tiny_sweep import runs_of, sweep_args
 from trainers.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration

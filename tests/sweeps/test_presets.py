@@ -7,7 +7,8 @@ import pytest
 
 from sweeps.cli import main
 from sweeps.presets import PRESETS_DIR, apply_overrides, load, preset_names, read_preset
-from trainers.config import PROJECT_ROOT, Config, ConfigError
+from trainers.config import PROJECT_ROOT, Config
+from trainers.common.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", preset_names())

@@ -20,7 +20,7 @@ from sweeps.search import AskSpace, StoreJournal, reconcile, study_exists, study
 from sweeps.spool import spool
 from trainers.common import layout, storage
 from trainers.common.errors import UnreadableFileError
-from trainers.config import ConfigError
+from trainers.common.errors import ConfigError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 AXES = {"fid": "min", "heldout_quality": "max"}

@@ -38,10 +38,10 @@ def finished_sweep(tmp_path_factory, digits_assets):
     data.pop("sweep", None)
     config = Config.from_dict(data)
     base = load_base_model(str(weights))
-    optimizer = torch.optim.AdamW(base.unet.parameters())
+    optimizer = torch.optim.AdamW(base.denoiser.parameters())
     folder = root / "sweep"
     for trial, step, fid, quality, kid in FIGURES:
-        write_checkpoint(f"{layout.trial_checkpoints(folder, trial)}/{layout.checkpoint_name(step)}", step=step, model=base.unet,
+        write_checkpoint(f"{layout.trial_checkpoints(folder, trial)}/{layout.checkpoint_name(step)}", step=step, model=base.denoiser,
                          base=base, config=config, optimizer=optimizer,
                          metrics={"step": step, "fid": fid, "kid": kid, "heldout_quality": quality, "trained_quality": quality})
         params = layout.params_file(folder, trial)
@@ -90,7 +90,7 @@ def test_select_runs_on_a_sweep_folder_moved_elsewhere(finished_sweep, tmp_path)
     stored_champion = moved / json.loads((moved / "champion.json").read_text())["folder"]  # champions/<export>/, named once whole
     assert exported is not None and (stored_champion / "model_index.json").is_file()
     assert json.loads((stored_champion / "metrics.json").read_text())["fid"] == 52.0
-    assert load_checkpoint_model(stored_champion).unet is not None
+    assert load_checkpoint_model(stored_champion).denoiser is not None
     stored = json.loads((moved / "trials" / "trial_0001" / "step_000004" / "config.json").read_text())["eval"]
     assert settings == {"sampler": stored["sampler"], "guidance_scale": stored["guidance_scale"], "prompts": [],
                         "steps": stored["sampling_steps"][0]}

@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from sweeps.acpo_study import main, read_study
-from tests.sweeps.test_sweep import mlflow_server  # noqa: F401 - the module's MLflow server fixture
 
 TINY = ["train.steps=2", "train.batch_size=8", "train.eval_every=1", "eval.samples=16", "sweep.confirm.samples=16", "eval.resamples=100", "eval.sampling_steps=[2]", "train.cpus_per_worker=1"]
 
@@ -27,7 +26,7 @@ def tiny_study(tmp_path, uri, methods=("baseline", "acpo"), name="tiny"):
 
 
 @pytest.mark.integration
-def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_assets, monkeypatch):  # noqa: F811
+def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_assets, monkeypatch):
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -141,7 +140,7 @@ def test_tiny_study_runs_tracks_and_reports(tmp_path, mlflow_server, digits_asse
 
 
 @pytest.mark.integration
-def test_a_study_name_taken_in_mlflow_is_refused_before_anything_runs(tmp_path, mlflow_server, capsys):  # noqa: F811
+def test_a_study_name_taken_in_mlflow_is_refused_before_anything_runs(tmp_path, mlflow_server, capsys):
     """A study whose folder is gone but whose MLflow experiment holds its runs: every sweep of a new
     one would fail on its name there, one by one; it is refused in one line, nothing written."""
     import ray

@@ -14,28 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import servers
+from tests.sweeps.tiny_sweep import TINY, runs_of, sweep_args
 from trainers.config import PROJECT_ROOT
-
-TINY = ["train.batch_size=8", "train.eval_every=2", "eval.samples=16", "sweep.confirm.samples=16", "sweep.confirm.top_k=0", "eval.resamples=100", "eval.sampling_steps=[2]", "train.cpus_per_worker=1",
-        "sweep.space.train.steps={randint: [2, 4], step: 2}"]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlflow")
-    with servers.mlflow_server(f"sqlite:///{folder}/mlflow.db", folder / "artifacts") as uri:
-        yield uri
-
-
-def sweep_args(name, storage, uri, samples=3):
-    return ["--name", name, "--num-samples", str(samples), "--set", f"sweep.storage_dir={storage}", "--set", f"sweep.tracking_uri={uri}",
-            *sum((["--set", item] for item in TINY), [])]
-
-
-def runs_of(client, name):
-    experiment = client.get_experiment_by_name(name)
-    return client.search_runs([experiment.experiment_id], max_results=100)
 
 
 @pytest.mark.integration
@@ -94,7 +74,7 @@ def test_tiny_sweep_tracks_selects_and_registers(tmp_path, mlflow_server, digits
     local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "download"), tracking_uri=mlflow_server)
     champion = load_base_model(Path(local) / "artifacts" / "champion")  # the plain diffusers folder inside the MLflow model
     with torch.no_grad():
-        out = champion.unet(torch.randn(2, 1, 16, 16), torch.tensor([10, 500])).sample
+        out = champion.denoiser(torch.randn(2, 1, 16, 16), torch.tensor([10, 500])).sample
     assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
     assert selection["evaluated"] >= 3  # every trial's checkpoints at steps 2 and (some) 4
     within = [r for r in selection["front"] if r["fid"] <= selection["base"]["fid"] * 1.1]
@@ -167,7 +147,7 @@ def test_a_cas_dm_champion_samples_with_its_head_from_the_registry(tmp_path, mlf
     import ray
     from mlflow.tracking import MlflowClient
 
-    from objectives.lpips_x0 import CascadedDenoiser
+    from trainers.denoiser.cascade import CascadedDenoiser
     from sweeps.acpo_sweep import main
     from trainers.models import load_base_model
 
@@ -194,9 +174,9 @@ def test_a_cas_dm_champion_samples_with_its_head_from_the_registry(tmp_path, mlf
         mlflow.set_registry_uri(None)
         os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri(None) leaves the variable it set
     champion = load_base_model(Path(local) / "artifacts" / "champion")
-    assert isinstance(champion.unet, CascadedDenoiser)
+    assert isinstance(champion.denoiser, CascadedDenoiser)
     with torch.no_grad():
-        out = champion.unet(torch.randn(2, 1, 16, 16), torch.tensor([10, 500])).sample
+        out = champion.denoiser(torch.randn(2, 1, 16, 16), torch.tensor([10, 500])).sample
     assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
 
 
@@ -333,7 +313,7 @@ def test_dry_run_prints_config_and_space(capsys):
 def test_storage_and_tracking_defaults_for_a_plain_ray_job(tmp_path, monkeypatch, mlflow_server):
     import sweeps.driver as driver
     from sweeps.presets import SweepConfig
-    from trainers.config import ConfigError
+    from trainers.common.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

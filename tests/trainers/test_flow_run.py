@@ -17,14 +17,15 @@ SEGMENTER = {"network": "digits-segmenter", "weights": "assets/digits/segmenter.
 # One objective per term (the anchor beside a reward: at the base its gradient is 0, so alone it moves nothing).
 OBJECTIVES = {
     "denoise": {"denoise": 1.0},
-    "anchor+nr_iqa": {"anchor": 10.0, "nr_iqa": {"weight": 1.0, "metric": CNNIQA, "t_range": [0, 400]}},
-    "nr_iqa_sampled": {"nr_iqa": {"weight": 1.0, "metric": CNNIQA, "x0": "sampled", "sampling_steps": 4}},
+    "anchor+nr_iqa": {"anchor": 10.0, "nr_iqa": {"weight": 1.0, "metric": CNNIQA, "x0": {"t_range": [0, 400]}}},
+    "nr_iqa_sampled": {"nr_iqa": {"weight": 1.0, "metric": CNNIQA, "x0": {"source": "sampled", "sampling_steps": 4}}},
     "lpips_x0": {"lpips_x0": {"weight": 1.0, "metric": CLASSIFIER}},
     "self_perceptual": {"self_perceptual": 1.0},
     "pefl": {"pefl": {"weight": 1.0, "network": CLASSIFIER}},
     "pefl_segmentation": {"pefl_segmentation": {"weight": 1.0, "segmenter": SEGMENTER, "masks": "data"}},
-    "decoupled_rewards": {"decoupled_rewards": {"weight": 1.0, "rewards": {"sharp": {"model": CNNIQA}}, "sampling_steps": 4}},
-    "adversarial": {"adversarial": {"weight": 1.0, "discriminator": CNNIQA, "sampling_steps": 4, "start": 1, "stop_low": 2, "stop_high": 3}},
+    "decoupled_rewards": {"decoupled_rewards": {"weight": 1.0, "rewards": {"sharp": {"model": CNNIQA}}, "x0": {"sampling_steps": 4}}},
+    "adversarial": {"adversarial": {"weight": 1.0, "discriminator": CNNIQA,
+                                    "x0": {"sampling_steps": 4, "start": 1, "stop_low": 2, "stop_high": 3}}},
 }
 EVAL = ["eval.samples=40", "eval.sampling_steps=[10]", "eval.resamples=100", "train.batch_size=16", "train.learning_rate=1.0e-3"]
 
@@ -45,11 +46,11 @@ def test_every_term_trains_the_flow_stand_in_and_changes_its_samples(case, tmp_p
     assert losses, metrics
     assert (metrics["fid@10"], metrics["heldout_quality@10"]) != (base_figures["fid@10"], base_figures["heldout_quality@10"])
     if case == "lpips_x0":  # the head is part of the model: the checkpoint reloads with it around the transformer
-        from objectives.lpips_x0 import CascadedDenoiser
+        from trainers.denoiser.cascade import CascadedDenoiser
         from trainers.checkpoint import load_checkpoint_model
 
         model = load_checkpoint_model(tmp_path / case / "checkpoints" / "step_000002")
-        assert isinstance(model.unet, CascadedDenoiser) and model.family == "sd3"
+        assert isinstance(model.denoiser, CascadedDenoiser) and model.pipeline_kind == "sd3"
 
 
 @pytest.mark.integration
@@ -92,9 +93,9 @@ def test_bf16_base_weights_train_fp32_adapters_and_evaluate(tmp_path, capsys):
     adapters = load_file(out / "checkpoints" / "step_000002" / "model" / "adapter_model.safetensors")
     assert adapters and {t.dtype for t in adapters.values()} == {torch.float32}  # trained in fp32
     model = load_checkpoint_model(out / "checkpoints" / "step_000002")
-    frozen = {p.dtype for name, p in model.unet.named_parameters() if "lora_" not in name}
+    frozen = {p.dtype for name, p in model.denoiser.named_parameters() if "lora_" not in name}
     assert frozen == {torch.bfloat16} and model.vae.dtype == torch.bfloat16 and model.text_encoder.dtype == torch.bfloat16
-    assert {p.dtype for name, p in model.unet.named_parameters() if "lora_" in name} == {torch.float32}  # reloaded as trained
+    assert {p.dtype for name, p in model.denoiser.named_parameters() if "lora_" in name} == {torch.float32}  # reloaded as trained
 
 
 def test_a_flow_density_on_a_ddpm_model_fails_in_one_line_before_training(tmp_path, capsys):

@@ -13,7 +13,7 @@ from sweeps.presets import load
 from tests.servers import free_port
 from tests.tiny_models import build_tiny_sd
 from trainers.checkpoint import load_checkpoint_model
-from trainers.config import ConfigError
+from trainers.common.errors import ConfigError
 from trainers.data import ShardedBatchSampler, batch_loader
 from trainers.loop import train
 from trainers.models import DiffusionModel, build_digits_scheduler, build_digits_unet, save_base_model
@@ -33,7 +33,7 @@ def test_resume_is_exact(tmp_path, digits_assets):
     """Resumed at step 2, across the adversarial term's stage boundary (it starts at step 3), with the
     batches read by DataLoader worker processes."""
     objective = ("objective={denoise: 1.0, anchor: 2.0, nr_iqa: {weight: 0.3, metric: {arch: cnniqa, weights: "
-                 f"{digits_assets}/quality_cnniqa.safetensors}}, t_range: [0, 400]}}, adversarial: {{weight: 0.1, from_step: 3, discriminator: "
+                 f"{digits_assets}/quality_cnniqa.safetensors}}, x0: {{t_range: [0, 400]}}}}, adversarial: {{weight: 0.1, from_step: 3, discriminator: "
                  f"{{arch: cnniqa, weights: {digits_assets}/quality_cnniqa.safetensors}}, x0: one_step}}}}")
     common = ["train.steps=4", "train.eval_every=2", "train.ema_decay=0.9", objective, "data.workers=2"]
     straight = train(small_config(tmp_path / "a", *common), report=lambda *_: None)
@@ -65,7 +65,7 @@ def test_checkpoints_are_complete_and_load_for_sampling(tmp_path, digits_assets)
     assert all(c is not None for _, c in reports)
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary folders left behind
     model = load_checkpoint_model(reports[-1][1])
-    assert model.unet(torch.zeros(1, 1, 16, 16), torch.tensor([10])).sample.shape == (1, 1, 16, 16)
+    assert model.denoiser(torch.zeros(1, 1, 16, 16), torch.tensor([10])).sample.shape == (1, 1, 16, 16)
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pkl"))
 
 
@@ -125,7 +125,7 @@ def tiny_sd(tmp_path_factory):
 def test_latent_text_model_lora_changes_only_the_adapters(tmp_path, tiny_sd, digits_assets):
     config = small_config(tmp_path, "train.steps=3", "model.finetune=lora", f"model.base={tiny_sd}", "train.learning_rate=1e-2",
                           f"objective={{denoise: 1.0, anchor: 1.0, nr_iqa: {{weight: 0.5, metric: {{arch: cnniqa, weights: "
-                          f"{digits_assets}/quality_cnniqa.safetensors}}, t_range: [0, 400]}}}}")
+                          f"{digits_assets}/quality_cnniqa.safetensors}}, x0: {{t_range: [0, 400]}}}}}}")
     reports = []
     result = train(config, report=lambda m, c=None: reports.append((m, c)))
     before = load_file(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")
@@ -179,7 +179,7 @@ def test_cpu_bf16_autocast_runs_the_gpu_dtype_path(tmp_path, tiny_sd, digits_ass
     config = small_config(tmp_path, "train.steps=2", "model.finetune=lora", f"model.base={tiny_sd}", "train.learning_rate=1e-2",
                           f"train.mixed_precision={precision}",
                           f"objective={{denoise: 1.0, anchor: 1.0, nr_iqa: {{weight: 0.5, metric: {{arch: cnniqa, weights: "
-                          f"{digits_assets}/quality_cnniqa.safetensors}}, x0: sampled, sampling_steps: 3, feedback_steps: 1}}}}")
+                          f"{digits_assets}/quality_cnniqa.safetensors}}, x0: {{source: sampled, sampling_steps: 3, feedback_steps: 1}}}}}}")
     dtypes, forward = set(), UNet2DConditionModel.forward
 
     def recording(self, *args, **kwargs):  # every UNet call, trained or frozen (evaluation samples without autocast)
@@ -242,7 +242,7 @@ def test_cas_dm_head_reaches_the_samples_checkpoints_and_export(tmp_path, digits
     exported folder sample the same images, bit for bit."""
     from eval.evaluate import Evaluator
     from eval.sampling import sample_images
-    from objectives.lpips_x0 import CascadedDenoiser
+    from trainers.denoiser.cascade import CascadedDenoiser
     from sweeps.champion import export_champion
     from trainers.models import load_base_model
 
@@ -259,12 +259,12 @@ def test_cas_dm_head_reaches_the_samples_checkpoints_and_export(tmp_path, digits
     checkpoint = reports[-1][1]
     from_checkpoint = load_checkpoint_model(checkpoint)
     exported = load_base_model(export_champion(checkpoint, tmp_path / "champion"))
-    assert isinstance(from_checkpoint.unet, CascadedDenoiser) and isinstance(exported.unet, CascadedDenoiser)
-    head = from_checkpoint.unet.head.net[-1].weight
+    assert isinstance(from_checkpoint.denoiser, CascadedDenoiser) and isinstance(exported.denoiser, CascadedDenoiser)
+    head = from_checkpoint.denoiser.head.net[-1].weight
     assert head[:1].abs().sum() > 0 and head[1:].abs().sum() > 0  # the correction and the blend weight r_t both learned (init 0)
 
     def samples(model, sampler="ddim"):
-        return sample_images(model.unet, model.scheduler.config, 16, steps=4, seed=3, sampler=sampler)
+        return sample_images(model, 16, steps=4, seed=3, sampler=sampler)
 
     for sampler in ("ddim", "dpm_solver"):  # both samplers step from the cascaded x0
         assert torch.equal(samples(from_checkpoint, sampler), samples(exported, sampler))

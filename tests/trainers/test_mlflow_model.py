@@ -32,7 +32,7 @@ def test_pyfunc_predict_samples_what_the_evaluation_samples(saved, digits_assets
     images = model.predict(pd.DataFrame({"num_images": [3, 2], "steps": [4, 4], "seed": [7, 8]}))
     assert images.shape == (5, 16, 16, 1) and images.dtype.name == "uint8"
     base = load_base_model(digits_assets / "base")
-    expected = sample_images(base.unet, base.scheduler.config, 3, steps=4, seed=7)
+    expected = sample_images(base, 3, steps=4, seed=7)
     assert torch.equal(torch.from_numpy(images[:3]).permute(0, 3, 1, 2), (expected * 255).round().to(torch.uint8))
     other_seed = torch.from_numpy(images[3:]).permute(0, 3, 1, 2)
     assert not torch.equal(other_seed, (expected[:2] * 255).round().to(torch.uint8))

@@ -20,11 +20,11 @@ def test_save_load_roundtrip_is_exact_and_safetensors_only(tmp_path):
     assert not any(name.endswith((".bin", ".pkl", ".pt")) for name in files)
     loaded = load_base_model(path)
     x, t = torch.randn(3, 1, 16, 16), torch.tensor([1, 500, 999])
-    saved, restored = model.unet.state_dict(), loaded.unet.state_dict()
+    saved, restored = model.denoiser.state_dict(), loaded.denoiser.state_dict()
     assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
-    model.unet.eval()  # same mode, same kernels
+    model.denoiser.eval()  # same mode, same kernels
     with torch.no_grad():
-        torch.testing.assert_close(model.unet(x, t).sample, loaded.unet(x, t).sample, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.denoiser(x, t).sample, loaded.denoiser(x, t).sample, rtol=0, atol=1e-6)
     assert loaded.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     assert (loaded.channels, loaded.resolution) == (1, 16)
 

@@ -16,8 +16,8 @@ def test_the_architectures_have_the_published_parameter_counts():
     # Stable Diffusion 1.5's UNet, VAE and CLIP ViT-L/14 text encoder, and the LSUN-256 DDPM, as the
     # hub's checkpoints hold them (a wrong block type, width or vocabulary changes the count)
     sd15 = rehearsal.build(rehearsal.SD15, device="meta")
-    assert (count(sd15.unet), count(sd15.vae), count(sd15.text_encoder)) == (859_520_964, 83_653_863, 123_060_480)
-    assert count(rehearsal.build(rehearsal.CHURCH256, device="meta").unet) == 113_673_219
+    assert (count(sd15.denoiser), count(sd15.vae), count(sd15.text_encoder)) == (859_520_964, 83_653_863, 123_060_480)
+    assert count(rehearsal.build(rehearsal.CHURCH256, device="meta").denoiser) == 113_673_219
 
 
 def test_the_flow_architectures_are_the_published_configs():
@@ -25,11 +25,11 @@ def test_the_flow_architectures_are_the_published_configs():
     # 16-channel VAE; FLUX.1-dev's 19 + 38 blocks with guidance embedding (the "12B" of its card: 11.9B).
     # The counts are those of the published configs: a wrong width, depth or block kind changes them.
     sd3 = rehearsal.build(rehearsal.SD3, device="meta")
-    assert sd3.family == "sd3" and type(sd3.unet.transformer).__name__ == "SD3Transformer2DModel"
-    assert (count(sd3.unet), count(sd3.vae), count(sd3.text_encoder), count(sd3.text_encoder_2)) == (
+    assert sd3.pipeline_kind == "sd3" and type(sd3.denoiser.transformer).__name__ == "SD3Transformer2DModel"
+    assert (count(sd3.denoiser), count(sd3.vae), count(sd3.text_encoder), count(sd3.text_encoder_2)) == (
         2_243_171_520, 83_819_683, 123_650_304, 694_659_840)  # CLIP-L with its projection; bigG as SDXL's
     flux = rehearsal.build(rehearsal.FLUX, device="meta")
-    assert flux.family == "flux" and count(flux.unet) == 11_901_408_320 and flux.unet.transformer.config.guidance_embeds
+    assert flux.pipeline_kind == "flux" and count(flux.denoiser) == 11_901_408_320 and flux.denoiser.transformer.config.guidance_embeds
 
 
 def test_flux_is_not_staged_on_this_machine(tmp_path, monkeypatch):
@@ -59,7 +59,7 @@ def test_a_built_model_saves_and_loads_as_a_base_model(tmp_path):
     conditioning = model.encode_prompt(["a church at dusk"])
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        assert model.unet(x, torch.tensor([10]), **conditioning).sample.shape == x.shape
+        assert model.denoiser(x, torch.tensor([10]), **conditioning).sample.shape == x.shape
     with pytest.raises(KeyError, match="no rehearsal architecture for 'sdxl'"):
         rehearsal.build("sdxl")
 
@@ -73,10 +73,10 @@ def test_an_sd3_shaped_build_saves_loads_and_samples_through_its_pipeline_encode
     folder = save_base_model(rehearsal.build("tiny-sd3"), tmp_path / "tiny-sd3")
     assert '"StableDiffusion3Pipeline"' in (folder / "model_index.json").read_text()
     model = load_base_model(folder)
-    assert model.family == "sd3" and model.resolution == 64 and model.text_encoder_3 is None
+    assert model.pipeline_kind == "sd3" and model.resolution == 64 and model.text_encoder_3 is None
     conditioning = model.encode_prompt(["a church at dusk", ""])
     assert conditioning["encoder_hidden_states"].shape == (2, 77, 64) and conditioning["pooled_projections"].shape == (2, 64)
-    images = sample_images(model.unet, model.scheduler.config, 2, steps=2, vae=model.vae, encode_prompt=model.encode_prompt,
+    images = sample_images(model, 2, steps=2,
                            prompts=["a church at dusk"], guidance_scale=5.0)
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
 
@@ -138,7 +138,7 @@ def test_the_random_inception_separates_image_sets_and_is_never_unpickled(tmp_pa
 
 def test_a_rehearsal_of_a_hub_model_without_an_architecture_is_a_one_line_error():
     from sweeps.presets import load
-    from trainers.config import ConfigError
+    from trainers.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^model.base: no rehearsal architecture for 'someone/else'"):
         load("sd15", ["model.rehearsal=true", "model.base=someone/else"])
@@ -146,7 +146,7 @@ def test_a_rehearsal_of_a_hub_model_without_an_architecture_is_a_one_line_error(
 
 def test_sdxl_has_its_published_parameter_counts():
     sdxl = rehearsal.build(rehearsal.SDXL, device="meta")
-    assert (count(sdxl.unet), count(sdxl.text_encoder), count(sdxl.text_encoder_2)) == (2_567_463_684, 123_060_480, 694_659_840)
+    assert (count(sdxl.denoiser), count(sdxl.text_encoder), count(sdxl.text_encoder_2)) == (2_567_463_684, 123_060_480, 694_659_840)
 
 
 def test_an_sdxl_shaped_rehearsal_trains_samples_and_exports_as_sdxl(tmp_path):
@@ -163,7 +163,7 @@ def test_an_sdxl_shaped_rehearsal_trains_samples_and_exports_as_sdxl(tmp_path):
                               "train.gradient_accumulation=1", "data.workers=0", "train.use_gpu=false", "eval.samples=3",
                               "eval.sampling_steps=[2]", "eval.resamples=100", f"eval.trained_quality={cnniqa}",
                               f"eval.heldout_quality={cnniqa}", "eval.extra_quality={}", "eval.clip_score=''", "model.lora_rank=2",
-                              f"objective={{denoise: 1.0, anchor: 1.0, nr_iqa: {{weight: 0.5, metric: {cnniqa}, x0: sampled, sampling_steps: 2}}}}",
+                              f"objective={{denoise: 1.0, anchor: 1.0, nr_iqa: {{weight: 0.5, metric: {cnniqa}, x0: {{source: sampled, sampling_steps: 2}}}}}}",
                               f"train.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'latents'}"])
     base = load_base_model(config.model.base)
     conditioning = base.encode_prompt(["a church", "a fox"])

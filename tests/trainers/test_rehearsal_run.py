@@ -14,7 +14,7 @@ import torch
 pytestmark = pytest.mark.integration
 
 FAST = ["model.rehearsal=true", "data.resolution=64", "train.steps=2", "train.batch_size=1", "train.gradient_accumulation=1",
-        "objective.nr_iqa.sampling_steps=2", "eval.samples=3", "eval.sampling_steps=[2]", "eval.resamples=100", "data.workers=0"]
+        "objective.nr_iqa.x0.sampling_steps=2", "eval.samples=3", "eval.sampling_steps=[2]", "eval.resamples=100", "data.workers=0"]
 
 
 @pytest.fixture(scope="module")

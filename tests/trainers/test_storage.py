@@ -61,7 +61,7 @@ def test_the_reference_feature_cache_lives_in_object_storage(s3, digits_assets, 
 
 def test_an_unusable_bucket_is_one_line_naming_the_field(s3):
     from sweeps.preflight import check_object_storage
-    from trainers.config import ConfigError
+    from trainers.common.errors import ConfigError
 
     check_object_storage(f"{s3}/fine", "sweep.storage_dir")
     with pytest.raises(ConfigError, match=r"^sweep.storage_dir: cannot write to s3://no-such-bucket/x \(.*bucket does not exist"):
