@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The rehearsal's settings: the sd15 preset at its resolution, cut to 2 steps and a token evaluation.
 REHEARSAL = ["model.rehearsal=true", "train.steps=2", "train.batch_size=1", "train.gradient_accumulation=1",
-             "objective.nr_iqa.sampling_steps=2", "eval.samples=3", "eval.sampling_steps=[2]", "eval.resamples=100", "data.workers=0"]
+             "objective.nr_iqa.x0.sampling_steps=2", "eval.samples=3", "eval.sampling_steps=[2]", "eval.resamples=100", "data.workers=0"]
 SIZES = {"sd15": [], "tiny": ["model.base=tiny", "data.resolution=64"]}
 
 

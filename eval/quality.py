@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from assets.digits_networks import DigitsHeldoutIQA, DigitsPromptAccuracy, DigitsPromptAgreement
-from trainers.common.errors import OptionError, UnreadableFileError  # noqa: F401 - callers catch them from here too
+from trainers.common.errors import OptionError
 from trainers.common.weights import read_state_dict
 
 LOCAL_ARCHS = {"digits_heldout_iqa": DigitsHeldoutIQA, "digits_prompt_agreement": DigitsPromptAgreement,

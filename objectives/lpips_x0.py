@@ -72,11 +72,11 @@ class LpipsX0(Term):
     def load_state_dict(self, state):
         self.head.load_state_dict(state["head"])
 
-    def wrap_for_sampling(self, unet: nn.Module, scheduler_config) -> nn.Module:
-        return CascadedDenoiser(unet, self.head, scheduler_config)
+    def wrap_for_sampling(self, denoiser: nn.Module, scheduler_config) -> nn.Module:
+        return CascadedDenoiser(denoiser, self.head, scheduler_config)
 
-    def wrap_for_rollouts(self, unet: nn.Module, scheduler_config) -> nn.Module:
-        return CascadedDenoiser(unet, self.head, scheduler_config, train_head=False)
+    def wrap_for_rollouts(self, denoiser: nn.Module, scheduler_config) -> nn.Module:
+        return CascadedDenoiser(denoiser, self.head, scheduler_config, train_head=False)
 
     def x0(self, ctx: StepContext) -> torch.Tensor:
         """The cascaded x0 at the step's (x_t, t), from the eps-module's detached estimate."""

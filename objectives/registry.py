@@ -161,17 +161,17 @@ class Objective:
         for _, _, term in self.active(step):
             term.own_step(sync)
 
-    def wrap_for_sampling(self, unet, scheduler_config):
+    def wrap_for_sampling(self, denoiser, scheduler_config):
         """The denoiser sampling uses: the model with every module a term adds to it."""
         for _, term in self._terms():
-            unet = term.wrap_for_sampling(unet, scheduler_config)
-        return unet
+            denoiser = term.wrap_for_sampling(denoiser, scheduler_config)
+        return denoiser
 
-    def wrap_for_rollouts(self, unet, scheduler_config):
+    def wrap_for_rollouts(self, denoiser, scheduler_config):
         """The denoiser the terms' training-time rollouts call (`StepContext.rollout_model`)."""
         for _, term in self._terms():
-            unet = term.wrap_for_rollouts(unet, scheduler_config)
-        return unet
+            denoiser = term.wrap_for_rollouts(denoiser, scheduler_config)
+        return denoiser
 
     def state_dict(self) -> dict:
         return {name: state for name, term in self._terms() if (state := term.state_dict())}

@@ -19,9 +19,9 @@ What a term needs and owns is declared on the term itself (the defaults below: n
   `own_step(sync)` then steps that optimizer once per optimizer step, calling `sync(parameters)`
   before it so workers stay identical;
 - `state_dict()` / `load_state_dict(state)`: what a checkpoint must hold to resume the term exactly;
-- `wrap_for_sampling(unet, scheduler_config)`: the denoiser that samples, when the term adds a module
+- `wrap_for_sampling(denoiser, scheduler_config)`: the denoiser that samples, when the term adds a module
   to the model (Cas-DM): a term must never train something the samples do not see;
-- `wrap_for_rollouts(unet, scheduler_config)`: the same denoiser as the other terms' training-time
+- `wrap_for_rollouts(denoiser, scheduler_config)`: the same denoiser as the other terms' training-time
   rollouts call it (Cas-DM: the cascade, its head not trained by them).
 """
 
@@ -58,15 +58,15 @@ class Term:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def wrap_for_sampling(self, unet, scheduler_config):
+    def wrap_for_sampling(self, denoiser, scheduler_config):
         """A term that adds a module to the model (Cas-DM's cascaded x0 head) adds it to sampling
         here: the denoiser that sampling, evaluation, checkpoints and the export use."""
-        return unet
+        return denoiser
 
-    def wrap_for_rollouts(self, unet, scheduler_config):
+    def wrap_for_rollouts(self, denoiser, scheduler_config):
         """The denoiser other terms' rollouts and samples call during training: the sampling one,
         with whatever the term alone trains kept out of their gradients."""
-        return unet
+        return denoiser
 
 
 @dataclass

@@ -267,9 +267,9 @@ class Config(Section):
         """What types cannot say: every quality model is a pyiqa metric or an architecture with its
         weights file, the CLIP-score metric exists, the objective's terms and options are valid.
         Builds no model; imports eval/ and objectives/ (and pyiqa's metric list)."""
-        from eval.quality import OptionError, check_quality_spec, pyiqa_metric_names
+        from eval.quality import check_quality_spec, pyiqa_metric_names
         from objectives.registry import validate_objective
-        from trainers.common.errors import ObjectiveError
+        from trainers.common.errors import ObjectiveError, OptionError
 
         evaluation = self.eval
         for name, spec in evaluation.quality_specs().items():

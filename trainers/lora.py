@@ -17,17 +17,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 
 
-def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None, targets=DEFAULT_TARGETS) -> torch.nn.Module:
+def add_lora(denoiser: torch.nn.Module, rank: int = 4, alpha: float | None = None, targets=DEFAULT_TARGETS) -> torch.nn.Module:
     """Inject LoRA adapters in place; afterwards only adapter weights require grad. lora_B starts at
     zero, so the adapted model starts equal to the base."""
-    unet.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets)), unet)
-    for name, parameter in unet.named_parameters():
+    denoiser.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets)), denoiser)
+    for name, parameter in denoiser.named_parameters():
         parameter.requires_grad_("lora_" in name)
     # peft makes adapters in the base layer's dtype: on bf16 weights (model.weights_dtype) they are fp32 anyway, in
     # training and when a checkpoint is loaded back, as diffusers' LoRA scripts keep them
-    cast_training_params(unet, torch.float32)
-    return unet
+    cast_training_params(denoiser, torch.float32)
+    return denoiser
 
 
 class AdaptersDisabled(torch.nn.Module):
@@ -54,12 +54,12 @@ class AdaptersDisabled(torch.nn.Module):
                 p.requires_grad_(trainable[id(p)])
 
 
-def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+def merge_lora(denoiser: torch.nn.Module) -> torch.nn.Module:
     """Fold the adapters into the base weights and drop the LoRA layers, in place: a plain UNet
     again, which saves in diffusers layout (for exporting a LoRA champion)."""
-    for name, module in list(unet.named_modules()):
+    for name, module in list(denoiser.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()
             parent_name, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.get_base_layer())
-    return unet
+            setattr(denoiser.get_submodule(parent_name) if parent_name else denoiser, child, module.get_base_layer())
+    return denoiser

@@ -24,6 +24,7 @@ and MLflow carry. Staged files are cached under $ACPO_REHEARSAL_CACHE (~/.cache/
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -260,8 +261,9 @@ def staged_base(name: str, resolution: int, seed: int = 0) -> Path:
     do not depend on it: SD 1.5's widths at 64 px are the tests' cheap real shape)."""
     from trainers.models import save_base_model
 
-    # "-shipped": a folder an earlier version cached carries the training scheduler, not the one the hub's ships
-    path = cache_root() / f"{_slug(name)}-{resolution}px-random-seed{seed}-shipped"
+    path = cache_root() / f"{_slug(name)}-{resolution}px-random-seed{seed}"
+    if (path / "model_index.json").is_file() and not ships_its_scheduler(path, name):
+        shutil.rmtree(path)  # cached by an earlier version, with the training scheduler: built again
     if not (path / "model_index.json").is_file():
         if name == FLUX:
             raise ConfigError(f"model.base: {FLUX} is not rehearsed here: it needs its T5-XXL encoder, whose tokenizer is on the hub only, "
@@ -272,6 +274,17 @@ def staged_base(name: str, resolution: int, seed: int = 0) -> Path:
         with _written(path) as partial:
             save_base_model(model, partial)
     return path
+
+
+def ships_its_scheduler(folder: Path, name: str) -> bool:
+    """The cached base names the scheduler class the hub model ships (`shipped_scheduler`, else the training one)."""
+    spec = ARCHITECTURES.get(name, {})
+    expected = spec["shipped_scheduler"][0] if "shipped_scheduler" in spec else (
+        "FlowMatchEulerDiscreteScheduler" if "transformer" in spec else "DDPMScheduler")
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("scheduler", [None, None])[1] == expected
+    except (OSError, ValueError, AttributeError, IndexError, TypeError):
+        return False
 
 
 def staged_images(data, captions: list[str], count: int = REFERENCE_IMAGES) -> Path:

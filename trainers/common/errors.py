@@ -17,11 +17,11 @@ class ConfigError(ValueError):
 
 
 class ObjectiveError(ValueError):
-    """A bad objective config; the message names the field (`objective.nr_iqa.t_range: ...`)."""
+    """A bad objective config; the message names the field (`objective.nr_iqa.x0.t_range: ...`)."""
 
 
 class OptionError(ValueError):
-    """A bad option of one term or model spec; `option` is its name (`t_range`, `metric.weights`)."""
+    """A bad option of one term or model spec; `option` is its name (`x0.t_range`, `metric.weights`)."""
 
     def __init__(self, option: str, message: str):
         super().__init__(f"{option}: {message}")

@@ -3,7 +3,7 @@
 A model's denoiser (a UNet, an SD3 / Flux transformer behind `FlowTransformer`, with or without Cas-DM's
 cascade: `trainers/denoiser/cascade.py`) is called one way, `denoiser(x_t, t, **conditioning).sample`. What its
 output means, how data is noised, how timesteps are drawn and how a sampler steps is this module's
-`NoiseProcess`, built once from the model's scheduler config (`NoiseProcess.of`). The loss terms, the
+`NoiseProcess`, built once from the model's scheduler config (`DiffusionModel.process`). The loss terms, the
 training loop, evaluation, rollouts and the export ask it; none of them branches on the model's kind.
 
 Kinds (`NoiseProcess.kind`, read once from the scheduler config: `is_flow_config`):
@@ -119,10 +119,6 @@ class NoiseProcess:
         self.prediction = "flow_prediction" if self.kind == "flow" else self.config.prediction_type
         if self.prediction not in ("flow_prediction", "epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {self.prediction!r}")
-
-    @classmethod
-    def of(cls, scheduler_config) -> "NoiseProcess":
-        return cls(scheduler_config)
 
     @property
     def flow(self) -> bool:
