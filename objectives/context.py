@@ -27,7 +27,7 @@ import torch
 from eval.sampling import decode_latents
 from objectives.term import check_t_range, check_t_range_fits
 from trainers.common.errors import OptionError
-from trainers.denoiser.noise_process import ROLLOUT_SAMPLERS, NoiseProcess
+from trainers.denoiser.noise_process import SAMPLERS, NoiseProcess
 
 
 @dataclass(eq=False)
@@ -288,9 +288,8 @@ class X0Source:
                 raise OptionError(name, f"expected an integer >= 1, got {value!r}")
         if feedback_steps > sampling_steps:
             raise OptionError("feedback_steps", f"{feedback_steps} is more than sampling_steps ({sampling_steps})")
-        known = sorted(set(sum(ROLLOUT_SAMPLERS.values(), ())))
-        if sampler is not None and sampler not in known:  # which of them fits the model: `check`, once it is known
-            raise OptionError("sampler", f"expected one of {', '.join(known)}, got {sampler!r}")
+        if sampler is not None and sampler not in SAMPLERS:  # which of them fits the model: `check`, once it is known
+            raise OptionError("sampler", f"expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if source != "rollout":
             for name, value in (("stop_low", stop_low), ("stop_high", stop_high), ("start", start)):
                 if value is not None:

@@ -204,8 +204,8 @@ def _term_options(spec: dict, prefix: str):
         unknown = sorted(set(options) - accepted)
         moved = [key for key in unknown if key in X0_SETTINGS and "x0" in accepted]
         if moved:  # how a rollout or a one-step x0 is made was a term's own options, and is now its `x0`'s
-            raise ObjectiveError(f"{prefix}.{name}.{moved[0]}: moved into {prefix}.{name}.x0 "
-                                 f"(x0: {{source: {options.get('x0', '...') if isinstance(options.get('x0'), str) else '...'}, {moved[0]}: ...}})")
+            source = options["x0"] if isinstance(options.get("x0"), str) else "..."
+            raise ObjectiveError(f"{prefix}.{name}.{moved[0]}: moved into {prefix}.{name}.x0 (x0: {{source: {source}, {moved[0]}: ...}})")
         if unknown:
             raise ObjectiveError(f"{prefix}.{name}.{unknown[0]}: unknown option (known: {', '.join(sorted(accepted))})")
         yield name, Weight.from_options(options, f"{prefix}.{name}"), options
